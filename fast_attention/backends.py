@@ -1,0 +1,140 @@
+"""Backend registry and resolution.
+
+A backend is a module with the same set of functions (the backend interface, below), each a pure function of
+validated tensors. The op layer (fast_attention/ops/) calls them; nothing else does.
+
+Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, H, L, D) tensors of any strides):
+    softmax_forward(x) -> y
+    softmax_backward(y, dy) -> dx
+    layer_norm_forward(x, weight|None, bias|None, eps) -> (y, mean fp32 (M,), rstd fp32 (M,))
+    layer_norm_backward(dy, x, weight|None, mean, rstd, has_bias) -> (dx, dweight|None, dbias|None)
+    rms_norm_forward(x, weight|None, eps) -> (y, rstd fp32 (M,))
+    rms_norm_backward(dy, x, weight|None, rstd) -> (dx, dweight|None)
+    attention_forward(q, k, v, mask|None, is_causal, scale, dropout_p, seed) -> (out, lse fp32 (B, H, Lq))
+    attention_backward(dout, q, k, v, out, lse, mask|None, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
+    attention_weights(q, k, lse, mask|None, is_causal, scale) -> probabilities fp32 (B, H, Lq, Lk)
+    unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
+
+`mask` is None, or a bool / float tensor expanded (stride 0, never copied) to (B, H, Lq, Lk). K and V may have
+fewer heads than Q (grouped-query attention): H % Hkv == 0, query head h reads key head h // (H // Hkv).
+`seed` is an int; the same seed gives the same dropout mask.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+NAMES = ("cuda", "triton", "reference")  # in order of preference
+
+# Triton's interpreter must be chosen before triton is imported; we read the choice once, as triton does.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_MODULES = {
+    "reference": "fast_attention.reference",
+    "triton": "fast_attention.kernels",
+    "cuda": "fast_attention.cuda_backend",
+}
+_loaded: dict[str, object] = {}
+_load_errors: dict[str, str] = {}
+_default: str | None = None
+
+
+def _module(name: str):
+    if name not in _loaded and name not in _load_errors:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as e:  # a missing triton or an unbuilt extension: the backend is just unavailable
+            _load_errors[name] = f"{type(e).__name__}: {e}"
+            if name == "cuda" and torch.cuda.is_available():
+                warnings.warn(f"fast_attention: the CUDA backend is not available ({_load_errors[name]})")
+    return _loaded.get(name)
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "triton":
+        return device.type == "cuda" or TRITON_INTERPRET
+    return device.type == "cuda"
+
+
+def available_backends() -> list[str]:
+    """Backends usable now on this machine, from "reference", "triton" and "cuda", fastest first."""
+    gpu = torch.cuda.is_available()
+    usable = []
+    for name in NAMES:
+        if name == "cuda" and not gpu:
+            continue
+        if name == "triton" and not (gpu or TRITON_INTERPRET):
+            continue
+        if _module(name) is not None:
+            usable.append(name)
+    return usable
+
+
+def _check_name(name: str) -> None:
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(repr(n) for n in NAMES)} or None, got {name!r}")
+
+
+class use_backend:
+    """Set the default backend: `fa.use_backend("triton")`, or `with fa.use_backend("reference"): ...`.
+
+    `use_backend(None)` restores automatic choice. As a context manager it restores the previous default on exit.
+    """
+
+    def __init__(self, name: str | None):
+        if name is not None:
+            _check_name(name)
+        global _default
+        self._previous = _default
+        _default = name
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global _default
+        _default = self._previous
+        return False
+
+
+def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
+    """The backend that runs `op` on `device`: the one asked for (or an error saying why it cannot), or the
+    fastest that can."""
+    asked = backend if backend is not None else _default
+    if asked is not None:
+        _check_name(asked)
+        reason = why_not(asked, op, device, **args)
+        if reason is not None:
+            raise (NotImplementedError if reason.startswith("unsupported:") else RuntimeError)(
+                f"fast_attention.{op}: backend={asked!r} cannot run this call: {reason.removeprefix('unsupported: ')}"
+            )
+        return asked
+    for name in NAMES:
+        if why_not(name, op, device, **args) is None:
+            return name
+    raise AssertionError("the reference backend runs every call")
+
+
+def why_not(name: str, op: str, device: torch.device, **args) -> str | None:
+    """None when backend `name` can run `op` with `args` on `device`, else the reason."""
+    if not _runs_on(name, device):
+        if name == "triton":
+            return (f"it runs on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 is set before import; "
+                    f"the inputs are on {device}")
+        return f"it runs on CUDA tensors and the inputs are on {device}"
+    module = _module(name)
+    if module is None:
+        return f"it is not available here ({_load_errors.get(name)})"
+    reason = module.unsupported(op, **args)
+    return None if reason is None else "unsupported: " + reason
+
+
+def get(name: str):
+    """The backend module (after resolve() chose it)."""
+    return _module(name)

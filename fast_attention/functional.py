@@ -1,0 +1,86 @@
+"""The functional API: torch's signatures and semantics, plus `backend=` (None: the fastest backend that can run
+the call on the inputs' device; see fast_attention/backends.py)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .ops import attention as _attention
+from .ops import norms as _norms
+from .ops import softmax as _softmax
+
+
+def softmax(input: Tensor, dim: int = -1, *, backend: str | None = None) -> Tensor:
+    """torch.softmax(input, dim), computed in fp32 and returned in input's dtype."""
+    dim = _softmax.check(input, dim)
+    name = backends.resolve("softmax", backend, input.device, input=input)
+    return _softmax.softmax(input, dim, name)
+
+
+def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
+    """torch.nn.functional.layer_norm: normalize over the trailing `normalized_shape` dims (fp32 statistics)."""
+    shape = _norms.check("layer_norm", input, normalized_shape, weight, bias)
+    name = backends.resolve("layer_norm", backend, input.device, input=input, weight=weight, bias=bias)
+    return _norms.layer_norm(input, shape, weight, bias, float(eps), name)[0]
+
+
+def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
+             backend: str | None = None) -> Tensor:
+    """torch.nn.functional.rms_norm: x / sqrt(mean(x^2) + eps) * weight; eps=None means finfo(input.dtype).eps."""
+    shape = _norms.check("rms_norm", input, normalized_shape, weight)
+    eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
+    name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
+    return _norms.rms_norm(input, shape, weight, eps, name)[0]
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention, fused: never builds the Lq x Lk matrix (on the kernel
+    backends).
+
+    query (B, H, Lq, E) or (N, Lq, E); key (B, Hkv, Lk, E); value (B, Hkv, Lk, Ev) -> (B, H, Lq, Ev).
+    With enable_gqa, H must be a multiple of Hkv and query head h attends with key/value head h // (H // Hkv).
+    attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
+    is_causal: top-left aligned, as torch; with Lq=2, Lk=5 the kept entries are::
+
+        1 0 0 0 0
+        1 1 0 0 0
+
+    Rows where every key is masked give zeros (torch >= 2.5 does the same). Dropout draws its seed from torch's
+    default generator, so torch.manual_seed makes it reproducible.
+    """
+    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)[0]
+
+
+def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value: Tensor,
+                                              attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                                              is_causal: bool = False, scale: float | None = None,
+                                              enable_gqa: bool = False, *, backend: str | None = None
+                                              ) -> tuple[Tensor, Tensor]:
+    """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
+    (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. The probabilities carry no gradient."""
+    out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    q4, k4, mask, is_causal, scale = args
+    weights = _attention.attention_weights(q4, k4, lse, mask, is_causal, scale, name)
+    return out, weights.squeeze(0) if query.dim() == 3 else weights
+
+
+def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    scale = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"fast_attention.scaled_dot_product_attention: gradients with respect to a float "
+                                  f"attn_mask are not supported; pass attn_mask.detach()")
+    three_d = query.dim() == 3
+    q, k, v = (t.unsqueeze(0) for t in (query, key, value)) if three_d else (query, key, value)
+    name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
+                            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
+    else:
+        seed = torch.zeros((), dtype=torch.int64)
+    out, lse = _attention.scaled_dot_product_attention(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale,
+                                                       seed, name)
+    return (out.squeeze(0) if three_d else out), lse, (q, k, attn_mask, bool(is_causal), scale), name

@@ -1,0 +1,34 @@
+"""Input checks shared by the op boundaries: one message style, naming the argument and what was expected."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float(name: str, t: Tensor, op: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fast_attention.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOATS:
+        raise TypeError(f"fast_attention.{op}: {name} must be a floating-point tensor "
+                        f"(float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"fast_attention.{op}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"all tensors must be on the same device")
+
+
+def rows(x: Tensor, dim: int) -> Tensor:
+    """x as a contiguous (M, N) matrix whose rows run along `dim`."""
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
+
+
+def unrows(y2d: Tensor, like: Tensor, dim: int) -> Tensor:
+    """The inverse of rows(): a contiguous tensor shaped like `like`."""
+    return y2d.reshape(like.movedim(dim, -1).shape).movedim(-1, dim).contiguous()

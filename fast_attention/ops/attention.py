@@ -1,0 +1,151 @@
+"""fast_attention::scaled_dot_product_attention (forward saves the fp32 logsumexp), its backward, and
+fast_attention::attention_weights (the probabilities, rebuilt from the logsumexp, for need_weights=True).
+
+Inside the ops every tensor is 4-D: query (B, H, Lq, E), key (B, Hkv, Lk, E), value (B, Hkv, Lk, Ev),
+attn_mask broadcastable to (B, H, Lq, Lk); the backends get the mask expanded to that shape (stride 0, no copy).
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._checks import check_float, check_same_device
+
+OP = "scaled_dot_product_attention"
+
+
+def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> float:
+    """Validate torch SDPA's arguments; return the softmax scale."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_float(name, t, OP)
+        if t.dim() not in (3, 4):
+            raise ValueError(f"fast_attention.{OP}: {name} must be 3-D (N, L, E) or 4-D (B, H, L, E), "
+                             f"got shape {tuple(t.shape)}")
+    if not query.dim() == key.dim() == value.dim():
+        raise ValueError(f"fast_attention.{OP}: query, key and value must have the same number of dims, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"fast_attention.{OP}: query, key and value must have the same dtype, got "
+                        f"{query.dtype}, {key.dtype} and {value.dtype}")
+    check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)
+    if not query.shape[0] == key.shape[0] == value.shape[0]:
+        raise ValueError(f"fast_attention.{OP}: query, key and value must have the same batch size (dim 0), got "
+                         f"{query.shape[0]}, {key.shape[0]} and {value.shape[0]}")
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"fast_attention.{OP}: key's head dim (last dim) must equal query's, got {key.shape[-1]} "
+                         f"and {query.shape[-1]}")
+    if value.shape[-2] != key.shape[-2]:
+        raise ValueError(f"fast_attention.{OP}: value must have as many positions (dim -2) as key, got "
+                         f"{value.shape[-2]} and {key.shape[-2]}")
+    if query.dim() == 4:
+        H, Hk, Hv = query.shape[1], key.shape[1], value.shape[1]
+        if Hk != Hv:
+            raise ValueError(f"fast_attention.{OP}: key and value must have the same number of heads, got {Hk} "
+                             f"and {Hv}")
+        if H != Hk and not enable_gqa:
+            raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hk}; pass "
+                             f"enable_gqa=True for grouped-query attention")
+        if H % Hk != 0:
+            raise ValueError(f"fast_attention.{OP}: with enable_gqa the number of query heads ({H}) must be "
+                             f"divisible by the number of key/value heads ({Hk})")
+    elif query.shape[0] != key.shape[0]:
+        raise ValueError(f"fast_attention.{OP}: 3-D query and key must have the same dim 0")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            raise TypeError(f"fast_attention.{OP}: attn_mask must be bool or have query's dtype ({query.dtype}), "
+                            f"got {attn_mask.dtype}")
+        weights_shape = (*query.shape[:-1], key.shape[-2])
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, weights_shape) != weights_shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"fast_attention.{OP}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast "
+                             f"to the attention weights' shape {tuple(weights_shape)}") from None
+        if is_causal:
+            raise ValueError(f"fast_attention.{OP}: pass either attn_mask or is_causal=True, not both (as torch)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"fast_attention.{OP}: dropout_p must be in [0, 1), got {dropout_p}")
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+
+def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optional[Tensor]:
+    if attn_mask is None:
+        return None
+    B, H, Lq, _ = query.shape
+    return attn_mask.expand(B, H, Lq, key.shape[-2])
+
+
+def _empty_result(query, key, value):
+    B, H, Lq, _ = query.shape
+    out = query.new_zeros(B, H, Lq, value.shape[-1])
+    lse = query.new_full((B, H, Lq), float("-inf"), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fast_attention::scaled_dot_product_attention", mutates_args=())
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                                 dropout_p: float, is_causal: bool, scale: float, seed: Tensor,
+                                 backend: str) -> tuple[Tensor, Tensor]:
+    if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
+        return _empty_result(query, key, value)
+    return backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
+                                                   is_causal, scale, dropout_p, int(seed))
+
+
+@scaled_dot_product_attention.register_fake
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend):
+    B, H, Lq, _ = query.shape
+    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
+def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                                          lse: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                                          scale: float, seed: Tensor, backend: str
+                                          ) -> tuple[Tensor, Tensor, Tensor]:
+    if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    return backends.get(backend).attention_backward(grad_out, query, key, value, out, lse,
+                                                    expand_mask(attn_mask, query, key), is_causal, scale,
+                                                    dropout_p, int(seed))
+
+
+@scaled_dot_product_attention_backward.register_fake
+def _(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed, backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+                                                       ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
+def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                      scale: float, backend: str) -> Tensor:
+    """softmax(scale * q k^T + mask) as float32 (B, H, Lq, Lk), from the forward's logsumexp; masked rows are 0."""
+    B, H, Lq, _ = query.shape
+    if query.numel() == 0 or key.shape[-2] == 0:
+        return query.new_zeros(B, H, Lq, key.shape[-2], dtype=torch.float32)
+    return backends.get(backend).attention_weights(query, key, lse, expand_mask(attn_mask, query, key), is_causal,
+                                                   scale)
+
+
+@attention_weights.register_fake
+def _(query, key, lse, attn_mask, is_causal, scale, backend):
+    B, H, Lq, _ = query.shape
+    return query.new_empty(B, H, Lq, key.shape[-2], dtype=torch.float32)

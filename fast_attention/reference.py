@@ -1,0 +1,203 @@
+"""The reference: plain PyTorch for every op, readable first. It is the oracle every test compares against, and
+the `"reference"` backend (any device, any dtype; it computes in float32, or float64 for float64 inputs)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The oracle: differentiable with torch.autograd, same signatures and semantics as torch.
+# ----------------------------------------------------------------------------------------------------------
+def softmax(input: Tensor, dim: int = -1) -> Tensor:
+    shifted = input - input.amax(dim, keepdim=True).nan_to_num(neginf=0.0)  # rows of only -inf stay NaN, as torch
+    e = shifted.exp()
+    return e / e.sum(dim, keepdim=True)
+
+
+def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = input.mean(dims, keepdim=True)
+    var = (input - mean).square().mean(dims, keepdim=True)  # biased, as torch
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def rms_norm(input: Tensor, normalized_shape, weight=None, eps: float | None = None) -> Tensor:
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps  # torch's default
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    out = input * torch.rsqrt(input.square().mean(dims, keepdim=True) + eps)
+    return out if weight is None else out * weight
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, dropout_mask: Tensor | None = None) -> Tensor:
+    """torch SDPA, written out. query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev).
+
+    Rows where every key is masked give zeros (torch >= 2.5). `dropout_mask` (bool, broadcastable to the weights,
+    True = keep) replaces the random draw, so a test can hand in the mask a kernel used.
+    """
+    Lq, Lk = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale  # (..., Lq, Lk)
+    if is_causal:
+        keep = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()  # top-left aligned
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    row_max = scores.amax(-1, keepdim=True)
+    dead = torch.isneginf(row_max)  # every key masked: the row gives zeros
+    weights = (scores - row_max.masked_fill(dead, 0.0)).exp()
+    weights = weights / weights.sum(-1, keepdim=True).masked_fill(dead, 1.0)
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(weights) >= dropout_p
+        weights = weights * dropout_mask / (1.0 - dropout_p)
+    return weights @ value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backend interface (see fast_attention/backends.py): the same math, with the saved statistics.
+# ----------------------------------------------------------------------------------------------------------
+def unsupported(op: str, **args) -> str | None:
+    return None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def softmax_forward(x: Tensor) -> Tensor:
+    return torch.softmax(x.to(_compute_dtype(x)), dim=-1).to(x.dtype)
+
+
+def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
+    y32, dy32 = y.to(_compute_dtype(y)), dy.to(_compute_dtype(y))
+    return (y32 * (dy32 - (y32 * dy32).sum(-1, keepdim=True))).to(dy.dtype)
+
+
+def layer_norm_forward(x: Tensor, weight, bias, eps: float):
+    x32 = x.to(_compute_dtype(x))
+    mean = x32.mean(-1)
+    rstd = torch.rsqrt((x32 - mean[:, None]).square().mean(-1) + eps)
+    y = (x32 - mean[:, None]) * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype), mean.float(), rstd.float()
+
+
+def layer_norm_backward(dy: Tensor, x: Tensor, weight, mean: Tensor, rstd: Tensor, has_bias: bool):
+    ct = _compute_dtype(x)
+    x32, dy32 = x.to(ct), dy.to(ct)
+    xhat = (x32 - mean.to(ct)[:, None]) * rstd.to(ct)[:, None]
+    g = dy32 if weight is None else dy32 * weight.to(ct)
+    dx = rstd.to(ct)[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = None if weight is None else (dy32 * xhat).sum(0).to(weight.dtype)
+    dbias = (dy32.sum(0).to(weight.dtype if weight is not None else x.dtype)) if has_bias else None
+    return dx.to(x.dtype), dweight, dbias
+
+
+def rms_norm_forward(x: Tensor, weight, eps: float):
+    x32 = x.to(_compute_dtype(x))
+    rstd = torch.rsqrt(x32.square().mean(-1) + eps)
+    y = x32 * rstd[:, None]
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    return y.to(x.dtype), rstd.float()
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight, rstd: Tensor):
+    ct = _compute_dtype(x)
+    x32, dy32, r = x.to(ct), dy.to(ct), rstd.to(ct)[:, None]
+    xhat = x32 * r
+    g = dy32 if weight is None else dy32 * weight.to(ct)
+    dx = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    dweight = None if weight is None else (dy32 * xhat).sum(0).to(weight.dtype)
+    return dx.to(x.dtype), dweight
+
+
+def dropout_mask(seed: int, p: float, shape, device) -> Tensor:
+    """The reference backend's dropout mask (True = keep): torch's CPU generator seeded with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(shape, generator=g) >= p).to(device)
+
+
+def _repeat_kv(t: Tensor, heads: int) -> Tensor:
+    return t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _probabilities(q, k, mask, is_causal, scale, lse=None):
+    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk); rows with every key masked are zeros."""
+    s = _scores(q, k, mask, is_causal, scale)
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+    return (s - lse[..., None].to(s.dtype)).exp().nan_to_num(0.0), lse
+
+
+def _scores(q, k, mask, is_causal, scale):
+    ct = _compute_dtype(q)
+    B, H, Lq, _ = q.shape
+    s = (q.to(ct) @ _repeat_kv(k.to(ct), H).transpose(-2, -1)) * scale
+    if is_causal:
+        s = s.masked_fill(~torch.ones(Lq, k.shape[-2], dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(ct)
+    return s
+
+
+def _dropout_scale(q, k, dropout_p, seed):
+    """keep / (1 - p) as a (B, H, Lq, Lk) tensor, or None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    B, H, Lq, _ = q.shape
+    keep = dropout_mask(seed, dropout_p, (B, H, Lq, k.shape[-2]), q.device)
+    return keep.to(_compute_dtype(q)) / (1.0 - dropout_p)
+
+
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    p, lse = _probabilities(q, k, mask, is_causal, scale)
+    drop = _dropout_scale(q, k, dropout_p, seed)
+    if drop is not None:
+        p = p * drop
+    out = p @ _repeat_kv(v.to(p.dtype), q.shape[1])
+    return out.to(q.dtype), lse.float()
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form; dropout's mask is drawn again from the seed."""
+    ct = _compute_dtype(q)
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    p, _ = _probabilities(q, k, mask, is_causal, scale, lse)
+    do, o = dout.to(ct), out.to(ct)
+    drop = _dropout_scale(q, k, dropout_p, seed)
+    p_dropped = p if drop is None else p * drop
+    dv = p_dropped.transpose(-2, -1) @ do  # (B, H, Lk, Ev)
+    dp = do @ _repeat_kv(v.to(ct), H).transpose(-2, -1)
+    if drop is not None:
+        dp = dp * drop
+    ds = p * (dp - (do * o).sum(-1, keepdim=True))
+    dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
+    dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
+    fold = lambda g: g.reshape(B, Hkv, H // Hkv, Lk, g.shape[-1]).sum(2)  # noqa: E731  (GQA: sum each group)
+    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+
+
+def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
+    return _probabilities(q, k, mask, is_causal, scale, lse)[0].float()

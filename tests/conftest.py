@@ -1,0 +1,38 @@
+"""Test setup: Triton's interpreter on machines without a GPU, and the `backend` / `device` fixtures."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported (fast_attention imports it), so the Triton backend runs on the CPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fast_attention as fa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    return f"fast_attention backends: {fa.available_backends()} on {DEVICE}"
+
+
+@pytest.fixture(params=fa.available_backends())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # Fresh random inputs every run; the seed is printed so a failure can be replayed.
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch.manual_seed({seed})")  # shown with a failure, to replay it
+    yield seed
