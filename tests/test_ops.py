@@ -1,0 +1,213 @@
+"""The op layer: custom-op registration (opcheck), torch.compile, backend resolution and bad input."""
+import pytest
+import torch
+
+import fast_attention as fa
+from fast_attention import backends, reference
+from fast_attention.ops import attention as attention_op
+
+OPS = torch.ops.fast_attention
+
+
+def _softmax_case(device):
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    return OPS.softmax.default, (x, 1)
+
+
+def _layer_norm_case(device):
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    w = torch.randn(17, device=device, requires_grad=True)
+    b = torch.randn(17, device=device, requires_grad=True)
+    return OPS.layer_norm.default, (x, [17], w, b, 1e-5)
+
+
+def _rms_norm_case(device):
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    w = torch.randn(17, device=device, requires_grad=True)
+    return OPS.rms_norm.default, (x, [17], w, 1e-6)
+
+
+def _attention_case(device):
+    q = torch.randn(1, 2, 5, 16, device=device, requires_grad=True)
+    k = torch.randn(1, 2, 7, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 2, 7, 16, device=device, requires_grad=True)
+    mask = torch.randn(1, 1, 5, 7, device=device)
+    return OPS.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False, 0.25, torch.tensor(0))
+
+
+@pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case],
+                         ids=["softmax", "layer_norm", "rms_norm", "attention"])
+def test_opcheck(case, backend, device):
+    op, args = case(device)
+    torch.library.opcheck(op, (*args, backend))
+
+
+def test_profiler_shows_ops(backend, device):
+    x = torch.randn(4, 8, device=device)
+    q = torch.randn(1, 2, 4, 16, device=device)
+    with torch.profiler.profile() as prof:
+        fa.softmax(x, backend=backend)
+        fa.layer_norm(x, (8,), backend=backend)
+        fa.rms_norm(x, (8,), backend=backend)
+        fa.scaled_dot_product_attention(q, q, q, backend=backend)
+    names = {e.name for e in prof.events()}
+    for op in ("softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"):
+        assert f"fast_attention::{op}" in names
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.weight = torch.nn.Parameter(torch.randn(16))
+        self.bias = torch.nn.Parameter(torch.randn(16))
+
+    def forward(self, x):  # x (B, H, L, 16)
+        h = fa.layer_norm(x, (16,), self.weight, self.bias, backend=self.backend)
+        h = fa.rms_norm(h, (16,), self.weight, backend=self.backend)
+        h = fa.scaled_dot_product_attention(h, h, h, is_causal=True, backend=self.backend)
+        return fa.softmax(h, dim=-2, backend=self.backend)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, device, compiler):
+    torch._dynamo.reset()
+    block = _Block(backend).to(device)
+    x = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
+    eager = block(x)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
+    out = compiled(x)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g, g_eager)
+
+
+def test_compile_dropout_is_seeded(backend, device):
+    torch._dynamo.reset()
+    q = torch.randn(1, 2, 6, 16, device=device)
+    f = torch.compile(lambda q: fa.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend=backend),
+                      fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    a = f(q)
+    torch.manual_seed(1)
+    b = f(q)
+    c = f(q)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------ backend choice
+def test_available_backends():
+    names = fa.available_backends()
+    assert "reference" in names
+    assert names == [n for n in backends.NAMES if n in names]  # fastest first
+    if backends.TRITON_INTERPRET or torch.cuda.is_available():
+        assert "triton" in names
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(ValueError, match="'cuda', 'triton', 'reference'"):
+        fa.softmax(torch.randn(3), backend="tpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fa.use_backend("tpu")
+
+
+def test_use_backend_sets_default_and_restores():
+    x = torch.randn(2, 3)
+    with fa.use_backend("reference"):
+        with torch.profiler.profile() as prof:
+            fa.softmax(x)
+        assert backends._default == "reference"
+    assert backends._default is None
+    assert any(e.name == "fast_attention::softmax" for e in prof.events())
+
+
+def test_auto_choice_falls_back_for_float64(device):
+    x = torch.randn(3, 5, dtype=torch.float64, device=device)
+    assert backends.resolve("softmax", None, x.device, input=x) == "reference"
+    torch.testing.assert_close(fa.softmax(x), torch.softmax(x, -1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="backend='cuda'.*CUDA tensors"):
+        fa.softmax(torch.randn(3), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fa.softmax(torch.arange(6)), TypeError, "input must be a floating-point tensor"),
+    (lambda: fa.softmax(torch.randn(2, 3), dim=2), IndexError, "dim must be in"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (4,)), ValueError, "normalized_shape"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), torch.randn(4)), ValueError, "weight must have shape"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), None, torch.randn(2)), ValueError, "bias must have shape"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), torch.ones(3, dtype=torch.int32)), TypeError, "weight"),
+    (lambda: fa.rms_norm(torch.randint(0, 3, (2, 3)), (3,)), TypeError, "input"),
+    (lambda: fa.rms_norm(torch.randn(2, 3), (2, 3, 1)), ValueError, "normalized_shape"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), torch.randn(3, device="meta")), ValueError, "weight is on meta"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def _qkv(B=1, H=2, Lq=4, Lk=6, D=16, Hkv=None, dtype=torch.float32):
+    Hkv = H if Hkv is None else Hkv
+    return (torch.randn(B, H, Lq, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype),
+            torch.randn(B, Hkv, Lk, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("args, kwargs, error, match", [
+    ((_qkv()[0], torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)), {}, ValueError, "same batch size"),
+    ((_qkv()[0], torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)), {}, ValueError, "key's head dim"),
+    ((_qkv()[0], *_qkv(Hkv=1)[1:]), {}, ValueError, "enable_gqa=True"),
+    ((torch.randn(1, 3, 4, 16), *_qkv(Hkv=2)[1:]), {"enable_gqa": True}, ValueError, "divisible"),
+    ((_qkv()[0], _qkv()[1], _qkv(dtype=torch.float16)[2]), {}, TypeError, "same dtype"),
+    (_qkv(), {"attn_mask": torch.ones(3, 6, dtype=torch.bool)}, ValueError, "attn_mask of shape"),
+    (_qkv(), {"attn_mask": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "attn_mask must be bool"),
+    (_qkv(), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ((torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)), {}, ValueError, "query must be 3-D"),
+    ((_qkv()[0], _qkv()[1], torch.randn(1, 2, 5, 16)), {}, ValueError, "value must have as many positions"),
+])
+def test_attention_bad_input(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fa.scaled_dot_product_attention(*args, **kwargs)
+
+
+def test_attention_mask_grad_is_refused():
+    q, k, v = _qkv()
+    mask = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        fa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])
+def test_empty_tensors_behave_as_torch(backend, shape):
+    x = torch.randn(shape, requires_grad=True)
+    y = fa.softmax(x, dim=-1, backend=backend)
+    assert y.shape == torch.softmax(x, -1).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    if shape[-1] > 0:
+        w = torch.randn(shape[-1], requires_grad=True)
+        out = fa.layer_norm(x, (shape[-1],), w, backend=backend)
+        torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (shape[-1],), w))
+        out.sum().backward()
+        torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+def test_reference_oracle_matches_torch():
+    # The oracle is what every other test trusts: check it against torch itself, in float64.
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    torch.testing.assert_close(reference.softmax(x, 1), torch.softmax(x, 1))
+    w, b = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(reference.layer_norm(x, (4, 7), w, b), torch.nn.functional.layer_norm(x, (4, 7), w, b))
+    torch.testing.assert_close(reference.rms_norm(x, (7,), w[0]), torch.nn.functional.rms_norm(x, (7,), w[0]))
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64) for _ in range(3))
+    kv2 = (k[:, :2], v[:, :2])
+    for kwargs in ({}, {"is_causal": True}, {"attn_mask": torch.rand(5, 5) > 0.3},
+                   {"attn_mask": torch.randn(2, 1, 5, 5, dtype=torch.float64)}, {"scale": 0.3}):
+        torch.testing.assert_close(reference.scaled_dot_product_attention(q, k, v, **kwargs),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs))
+    torch.testing.assert_close(reference.scaled_dot_product_attention(q, *kv2, enable_gqa=True),
+                               torch.nn.functional.scaled_dot_product_attention(q, *kv2, enable_gqa=True))
