@@ -3,6 +3,11 @@ semantics, as torch custom ops (`fast_attention::*`) with autograd and torch.com
 from . import ops  # noqa: F401  (registers the custom ops)
 from .backends import available_backends, use_backend
 from .functional import layer_norm, rms_norm, scaled_dot_product_attention, softmax
+from . import nn
+from .swap import SwapReport, swap, unswap
+from . import hf as _hf
+
+_hf.install()  # attn_implementation="fast_attention" in Hugging Face transformers, without importing it
 
 __version__ = "0.1.0"
 
@@ -12,5 +17,7 @@ __all__ = [
     "rms_norm",
     "scaled_dot_product_attention",
     "softmax",
+    "swap",
+    "unswap",
     "use_backend",
 ]

@@ -1,0 +1,173 @@
+"""Hugging Face transformers integration: the attention function registered as `attn_implementation=
+"fast_attention"`, and what swap() needs to switch a built model and recognize its RMSNorm modules.
+
+transformers stays optional and is never imported here: importing it takes seconds. If it is already imported
+when fast_attention is, we register at once; otherwise a one-shot import hook registers right after
+`transformers.modeling_utils` (which defines the registry) finishes importing, so either import order works.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import sys
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+NAME = "fast_attention"
+_TRIGGER = "transformers.modeling_utils"
+_registered = False
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function signature, computed by fast_attention.scaled_dot_product_attention.
+
+    query (B, H, Lq, D), key and value (B, Hkv, Lk, D) with H a multiple of Hkv (grouped-query attention runs
+    without repeating key/value); attention_mask None, or bool (True = attend) / float (added) broadcastable to
+    (B, H, Lq, Lk) -> (attn_output (B, Lq, H, D), None). No attention weights: like "sdpa", ask for "eager" to
+    get them.
+    """
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"fast_attention: transformers' `{unsupported}` is not supported; use "
+                                      f"attn_implementation='eager' for this model")
+    Lq, Lk = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # transformers' mask function returns None exactly when the mask is causal (or absent) and can be dropped;
+    # a single query row attends every cached key, so it is never causal
+    is_causal = bool(is_causal) and attention_mask is None and Lq > 1
+    if is_causal and Lk > Lq:
+        # prefill into an empty static cache: the keys past Lq are unused slots, and torch's top-left causal
+        # alignment is only right without them
+        key, value = key[:, :, :Lq], value[:, :, :Lq]
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask = _add_position_bias(position_bias, attention_mask, is_causal, Lq, key.shape[2])
+        is_causal = False
+    if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+        attention_mask = attention_mask.to(query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=is_causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _add_position_bias(bias: Tensor, mask: Tensor | None, is_causal: bool, Lq: int, Lk: int) -> Tensor:
+    """One additive mask (B or 1, H, Lq, Lk) from a learned position bias and the attention mask."""
+    bias = bias[..., :Lk]
+    if mask is None and is_causal:
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=bias.device).tril()
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask
+
+
+def register() -> bool:
+    """Register "fast_attention" in transformers' attention and mask registries (idempotent); False when
+    transformers is not installed or too old to have them."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(NAME, attention_forward)
+    # our kernel takes SDPA's masks (bool, True = attend; None when causal alone), so reuse transformers' builder
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+    return True
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of transformers.modeling_utils so register() runs after it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        sys.meta_path.remove(self)  # one shot; also keeps the search below from finding us again
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader)
+                return spec
+        return None
+
+
+class _Loader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):  # get_source, get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        register()
+
+
+def install() -> None:
+    """Called on `import fast_attention`."""
+    if _TRIGGER in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What swap() needs
+# ----------------------------------------------------------------------------------------------------------
+def is_model(module: torch.nn.Module) -> bool:
+    """A transformers PreTrainedModel (duck-typed, so transformers is not imported)."""
+    return callable(getattr(module, "set_attn_implementation", None)) and hasattr(module, "config")
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def set_attn_implementation(model: torch.nn.Module, name: str) -> bool:
+    """Switch a built model (and its sub-models) to attention implementation `name`; False when the model does
+    not dispatch through transformers' AttentionInterface."""
+    if name == NAME and not register():
+        return False
+    model.set_attn_implementation(name)
+    return attn_implementation(model) == name
+
+
+def rms_norm_eps(module: torch.nn.Module) -> float | None:
+    """eps of a transformers RMSNorm (class name ending in "RMSNorm", a `weight` Parameter and a float
+    `variance_epsilon` or `eps`), else None."""
+    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, torch.nn.RMSNorm):
+        return None
+    if not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
+        return None
+    for attr in ("variance_epsilon", "eps"):
+        eps = getattr(module, attr, None)
+        if isinstance(eps, float):
+            return eps
+    return None
+
+
+def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
+    """Whether module(x) == x / sqrt(mean(x^2) + eps) * weight on a probe input: some RMSNorms differ (Gemma
+    scales by 1 + weight), and those must be left alone. The probe uses its own generator, not torch's."""
+    weight = module.weight
+    if weight.is_meta:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32).to(weight.device)
+    with torch.no_grad():
+        got = module(x).float()
+        want = torch.nn.functional.rms_norm(x, tuple(weight.shape), weight.float(), eps)
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
