@@ -146,7 +146,9 @@ def _probabilities(q, k, mask, is_causal, scale, lse=None):
     """P = softmax(scores) in the compute dtype (B, H, Lq, Lk); rows with every key masked are zeros."""
     s = _scores(q, k, mask, is_causal, scale)
     if lse is None:
-        lse = torch.logsumexp(s, dim=-1)
+        # softmax itself, not exp(s - lse): in a row masked with finfo.min everywhere, lse == s (log(Lk) is below
+        # the float spacing there) and exp(s - lse) would be 1, where torch gives uniform weights 1 / Lk.
+        return torch.softmax(s, dim=-1).nan_to_num(0.0), torch.logsumexp(s, dim=-1)
     return (s - lse[..., None].to(s.dtype)).exp().nan_to_num(0.0), lse
 
 
