@@ -1,0 +1,250 @@
+"""fast_attention.swap / unswap: torch.nn.Transformer and TransformerEncoder in train and eval mode, and tiny
+Hugging Face BERT, GPT-2 and Llama models, give the original's outputs after swap() while the profiler shows
+fast_attention's ops (and not torch's fused paths); unswap() restores the original modules."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tolerance import assert_close
+from torch import nn
+
+import fast_attention as fa
+
+
+def profiled(fn):
+    """fn() under torch's profiler -> (result, set of op names)."""
+    with torch.profiler.profile() as prof:
+        result = fn()
+    return result, {e.name for e in prof.events()}
+
+
+def assert_ran_ours(names, *ops):
+    for op in ("scaled_dot_product_attention",) + ops:
+        assert f"fast_attention::{op}" in names, f"fast_attention::{op} did not run"
+    bypass = {n for n in names if "_transformer_encoder_layer_fwd" in n or "_native_multi_head_attention" in n}
+    assert not bypass, f"torch's fused path ran: {bypass}"
+
+
+def tiny_transformer(batch_first):
+    return nn.Transformer(d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=24,
+                          dropout=0.0, batch_first=batch_first)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_swap_transformer_matches_original(backend, batch_first, mode):
+    model = tiny_transformer(batch_first)
+    original = copy.deepcopy(model)
+    reference = copy.deepcopy(model).double()
+    for m in (model, original, reference):
+        m.train(mode == "train")
+    report = fa.swap(model, backend=backend)
+    assert len(report.replaced) == 4 + 2 * 2 + 3 + 2  # attentions, encoder and decoder layer norms, final norms
+    src, tgt = torch.randn(2, 7, 16), torch.randn(2, 5, 16)
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 5:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+
+    def run(m, dtype=torch.float32):
+        return m(src.to(dtype), tgt.to(dtype), tgt_mask=causal.to(dtype), tgt_is_causal=True,
+                 src_key_padding_mask=pad, memory_key_padding_mask=pad)
+
+    grad = torch.no_grad() if mode == "eval" else torch.enable_grad()
+    with grad:
+        ours, names = profiled(lambda: run(model))
+        assert_close(ours, run(original), run(reference, torch.float64))
+    assert_ran_ours(names, "layer_norm")
+    if mode == "train":
+        dy = torch.randn(ours.shape)
+        grads = []
+        for m, out in ((model, ours), (original, run(original)), (reference, run(reference, torch.float64))):
+            (out * dy.to(out.dtype)).sum().backward()
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        for name in grads[0]:
+            assert_close(grads[0][name], grads[1][name], grads[2][name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_swap_transformer_encoder_with_padding(backend, mode):
+    """Eval mode with a padding mask is where torch converts to nested tensors and takes its fused layer path;
+    after swap neither may happen. torch's nested path zeroes padded positions, so only real tokens compare."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16)).train(mode == "train")
+    original, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fa.swap(model, backend=backend)
+    adjusted = {(e.name, e.reason.split()[0]) for e in report.adjusted}
+    assert {("", "use_nested_tensor"), ("layers.0", "activation_relu_or_gelu"),
+            ("layers.1", "activation_relu_or_gelu")} <= adjusted
+    x = torch.randn(3, 6, 16)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, 4:] = True
+    pad[2, 1:] = True
+    real = ~pad
+    with torch.no_grad():
+        ours, names = profiled(lambda: model(x, src_key_padding_mask=pad))
+        assert_close(ours[real], original(x, src_key_padding_mask=pad)[real],
+                     reference(x.double(), src_key_padding_mask=pad)[real])
+    assert_ran_ours(names, "layer_norm")
+    assert not ours.is_nested
+
+
+def test_swap_keeps_parameters_state_dict_and_modes(backend):
+    model = tiny_transformer(batch_first=True).double()
+    model.decoder.train(False)  # mixed modes must survive
+    params = dict(model.named_parameters())
+    keys = list(model.state_dict().keys())
+    modes = {n: m.training for n, m in model.named_modules()}
+    fa.swap(model, backend=backend)
+    assert list(model.state_dict().keys()) == keys
+    for name, p in model.named_parameters():
+        assert p is params[name], f"{name} is not the original Parameter"
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(m.backend == backend for m in model.modules() if isinstance(m, fa.nn.LayerNorm))
+    model.load_state_dict(copy.deepcopy(model.state_dict()))  # strict: same keys and shapes
+
+
+def test_unswap_restores(backend):
+    model = tiny_transformer(batch_first=True).eval()
+    originals = {n: m for n, m in model.named_modules()}
+    flags = [layer.activation_relu_or_gelu for layer in model.encoder.layers], model.encoder.use_nested_tensor
+    swapped = fa.swap(model, backend=backend)
+    assert isinstance(model.encoder.layers[0].self_attn, fa.nn.MultiheadAttention)
+    report = fa.unswap(model)
+    assert len(report.replaced) == len(swapped.replaced)
+    for name, module in model.named_modules():
+        assert module is originals[name], f"{name} was not restored"
+    assert ([layer.activation_relu_or_gelu for layer in model.encoder.layers],
+            model.encoder.use_nested_tensor) == flags
+    _, names = profiled(lambda: model(torch.randn(2, 4, 16), torch.randn(2, 3, 16)))
+    assert not any(n.startswith("fast_attention::") for n in names)
+
+
+def test_unswap_turns_directly_built_modules_into_torch():
+    model = nn.Sequential(fa.nn.LayerNorm(6), fa.nn.Softmax(-1))
+    weight = model[0].weight
+    fa.unswap(model)
+    assert type(model[0]) is nn.LayerNorm and type(model[1]) is nn.Softmax and model[0].weight is weight
+
+
+def test_swap_skips_what_it_cannot_replace_and_reports_it():
+    class ScaledLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class OnePlusRMSNorm(nn.Module):  # Gemma's formula: scales by 1 + weight, so not a plain RMSNorm
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+
+    shared = nn.LayerNorm(6)
+    model = nn.Sequential(ScaledLayerNorm(6), OnePlusRMSNorm(6), shared, nn.Sequential(shared))
+    state = torch.get_rng_state()
+    report = fa.swap(model)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe of OnePlusRMSNorm used its own generator
+    assert [(e.name, e.type) for e in report.skipped] == [("0", "ScaledLayerNorm"), ("1", "OnePlusRMSNorm")]
+    assert "own forward" in report.skipped[0].reason and "probe" in report.skipped[1].reason
+    assert isinstance(model[2], fa.nn.LayerNorm) and model[3][0] is model[2]  # one replacement, in both places
+    text = str(report)
+    assert "skipped  0 (ScaledLayerNorm)" in text and "replaced 2 (LayerNorm)" in text
+    assert [e.name for e in fa.swap(nn.LayerNorm(4)).skipped] == [""]  # the root has no parent to put it in
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fa.swap(model, backend="nope")
+
+
+def test_swap_keeps_hooks():
+    model = nn.Sequential(nn.LayerNorm(6))
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    fa.swap(model)
+    model(torch.randn(2, 6))
+    handle.remove()
+    model(torch.randn(2, 6))
+    assert seen == [fa.nn.LayerNorm]
+
+
+# ---------------------------------------------------------------------------------------------------- Hugging Face
+HF_CONFIGS = {
+    "bert": ("BertForMaskedLM", "BertConfig", dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=48,
+                                                    max_position_embeddings=16)),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=16,
+                                                   bos_token_id=1, eos_token_id=2)),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,  # GQA
+                                                      intermediate_size=48, max_position_embeddings=16)),
+}
+NORM_OP = {"bert": "layer_norm", "gpt2": "layer_norm", "llama": "rms_norm"}
+
+
+def hf_model(kind, **config_kwargs):
+    transformers = pytest.importorskip("transformers")
+    model_cls, config_cls, kwargs = HF_CONFIGS[kind]
+    config = getattr(transformers, config_cls)(**kwargs, **config_kwargs)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("kind", sorted(HF_CONFIGS))
+def test_swap_hugging_face_model(backend, kind, padding):
+    model = hf_model(kind)
+    original, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    report = fa.swap(model, backend=backend)
+    assert model.config._attn_implementation == "fast_attention"
+    assert [e.type for e in report.adjusted] == [type(model).__name__]
+    assert len(report.replaced) == {"bert": 6, "gpt2": 5, "llama": 5}[kind]  # every LayerNorm / RMSNorm
+    ids = torch.randint(3, 100, (2, 7))
+    mask = None
+    if padding:  # left padding for the decoders, right padding for BERT; both give HF a 4-D mask
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, slice(5, None) if kind == "bert" else slice(0, 2)] = 0
+    with torch.no_grad():
+        ours, names = profiled(lambda: model(input_ids=ids, attention_mask=mask).logits)
+        theirs = original(input_ids=ids, attention_mask=mask).logits
+        ref = reference(input_ids=ids, attention_mask=mask).logits
+    real = slice(None) if mask is None else mask.bool()
+    assert_close(ours[real], theirs[real], ref[real])
+    assert_ran_ours(names, NORM_OP[kind])
+    fa.unswap(model)
+    assert model.config._attn_implementation == original.config._attn_implementation
+    assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_attn_implementation_at_construction(backend, kind):
+    model = hf_model(kind, attn_implementation="fast_attention")
+    assert model.config._attn_implementation == "fast_attention"
+    sdpa = hf_model(kind)
+    sdpa.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad(), fa.use_backend(backend):
+        ours, names = profiled(lambda: model(input_ids=ids).logits)
+        torch.testing.assert_close(ours, sdpa(input_ids=ids).logits)
+    assert "fast_attention::scaled_dot_product_attention" in names
+
+
+def test_hugging_face_registration_in_either_import_order():
+    """transformers imported before fast_attention: registered at import; after: by the import hook (the
+    order the rest of this test session uses)."""
+    pytest.importorskip("transformers")
+    code = textwrap.dedent("""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        import fast_attention
+        config = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8, bos_token_id=1,
+                            eos_token_id=2, attn_implementation="fast_attention")
+        assert GPT2LMHeadModel(config).config._attn_implementation == "fast_attention"
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
