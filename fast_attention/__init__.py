@@ -12,6 +12,7 @@ _hf.install()  # attn_implementation="fast_attention" in Hugging Face transforme
 __version__ = "0.1.0"
 
 __all__ = [
+    "SwapReport",
     "available_backends",
     "layer_norm",
     "rms_norm",

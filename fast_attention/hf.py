@@ -8,6 +8,7 @@ when fast_attention is, we register at once; otherwise a one-shot import hook re
 from __future__ import annotations
 
 import importlib.abc
+import importlib.util
 import sys
 
 import torch
@@ -120,8 +121,9 @@ def install() -> None:
     """Called on `import fast_attention`."""
     if _TRIGGER in sys.modules:
         register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    elif importlib.util.find_spec("transformers") is not None:
+        if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+            sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 # ----------------------------------------------------------------------------------------------------------
