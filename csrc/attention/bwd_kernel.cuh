@@ -1,0 +1,280 @@
+// Flash attention backward, deterministic (no atomics), in three kernels:
+//   1. delta = rowsum(dO * O) per query row (fp32).
+//   2. dK, dV: one block per (64 keys, batch, kv head). Each warp owns 16 keys and walks every query tile of
+//      every query head of its group (GQA folds into the loop, so no K/V repeat and no cross-block sum):
+//        P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+//   3. dQ: one block per (64 queries, batch, head), walking the key tiles: dQ += dS K.
+// Kernels 2 and 3 both recompute S and P from the saved lse: twice the Q K^T work of a one-pass backward
+// with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and dS are rounded
+// to the input dtype only as mma operands (as in the forward's P V).
+#pragma once
+
+#include "kernel_traits.h"
+#include "primitives.cuh"
+
+namespace fa {
+
+// One warp per query row.
+template <typename T, int D>
+__global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttentionParams p) {
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * 4 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  const int row = r % p.q_len;
+  const int64_t bh = r / p.q_len;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const T* o = static_cast<const T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = lane; c < D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+  acc = warp_reduce(acc, SumOp());
+  if (lane == 0) p.delta[r] = acc;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  using Tr = AttnTraits<D>;
+  constexpr int BN = Tr::kBwdN, BM = Tr::kBwdM, P = Tr::kPitch, NT = Tr::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + BN * P;
+  T* sQ = sV + BN * P;
+  T* sdO = sQ + BM * P;
+  float* sLse = reinterpret_cast<float*>(sdO + BM * P);  // lse * log2(e); +inf where the row has no keys
+  float* sDelta = sLse + BM;
+
+  const int n_blocks = (p.k_len + BN - 1) / BN;
+  const int n0 = (blockIdx.x % n_blocks) * BN;
+  const int bhk = blockIdx.x / n_blocks;
+  const int b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int group = p.heads / p.kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0, p.k_len);
+  load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
+  cp_async_commit();
+
+  const int key_lo = n0 + warp * 16 + lane / 4;  // this thread's keys: key_lo and key_lo + 8
+  const float scale2 = p.scale * kLog2e;
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  // Causal: queries before n0 see none of this block's keys.
+  const int m_begin = p.causal ? (n0 / BM) * BM : 0;
+
+  for (int g = 0; g < group; ++g) {
+    const int h = hk * group + g;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+    const float* lse = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
+    const float* delta = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
+    for (int m0 = m_begin; m0 < p.q_len; m0 += BM) {
+      load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
+      load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
+      cp_async_commit();
+      for (int t = threadIdx.x; t < BM; t += NT) {
+        const bool in = m0 + t < p.q_len;
+        const float l = in ? lse[m0 + t] : -kInf;
+        sLse[t] = l == -kInf ? kInf : l * kLog2e;
+        sDelta[t] = in ? delta[m0 + t] : 0.f;
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+
+      float s[BM / 8][4] = {};  // S^T: 16 keys x BM queries per warp
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sK + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+        for (int np = 0; np < BM / 16; ++np) {
+          uint32_t bq[4];
+          ldmatrix_x4(bq, sQ + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+          mma_16816<T>(s[2 * np], a, bq[0], bq[1]);
+          mma_16816<T>(s[2 * np + 1], a, bq[2], bq[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = nt * 8 + (lane % 4) * 2 + (e & 1);
+          const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, m0 + qi, key_lo + (e / 2) * 8);
+          s[nt][e] = exp2f(x - sLse[qi]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t bd[4];
+          ldmatrix_x4_trans(bd, sdO + (kk * 16 + bt_row(lane)) * P + dp * 16 + bt_col(lane));
+          mma_16816<T>(dv[2 * dp], a, bd[0], bd[1]);
+          mma_16816<T>(dv[2 * dp + 1], a, bd[2], bd[3]);
+        }
+      }
+
+      float dpt[BM / 8][4] = {};  // dP^T = V dO^T
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sV + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+        for (int np = 0; np < BM / 16; ++np) {
+          uint32_t bd[4];
+          ldmatrix_x4(bd, sdO + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+          mma_16816<T>(dpt[2 * np], a, bd[0], bd[1]);
+          mma_16816<T>(dpt[2 * np + 1], a, bd[2], bd[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= dpt[nt][e] - sDelta[nt * 8 + (lane % 4) * 2 + (e & 1)];
+      }
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        uint32_t a[4];
+        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t bq[4];
+          ldmatrix_x4_trans(bq, sQ + (kk * 16 + bt_row(lane)) * P + dp * 16 + bt_col(lane));
+          mma_16816<T>(dk[2 * dp], a, bq[0], bq[1]);
+          mma_16816<T>(dk[2 * dp + 1], a, bq[2], bq[3]);
+        }
+      }
+      __syncthreads();  // every warp is done with this Q / dO tile before the next overwrites it
+    }
+  }
+  cp_async_wait<0>();  // the K / V copy, when no query tile was visited
+
+  T* dk_out = static_cast<T*>(p.dk) + (static_cast<int64_t>(b) * p.kv_heads + hk) * p.k_len * D;
+  T* dv_out = static_cast<T*>(p.dv) + (static_cast<int64_t>(b) * p.kv_heads + hk) * p.k_len * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int key = key_lo + i * 8;
+    if (key >= p.k_len) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int64_t at = static_cast<int64_t>(key) * D + dt * 8 + (lane % 4) * 2;
+      store2<T>(dk_out + at, dk[dt][2 * i] * p.scale, dk[dt][2 * i + 1] * p.scale);
+      store2<T>(dv_out + at, dv[dt][2 * i], dv[dt][2 * i + 1]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  using Tr = AttnTraits<D>;
+  constexpr int BM = Tr::kDqM, BN = Tr::kDqN, P = Tr::kPitch, NT = Tr::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + BM * P;
+  T* sK = sdO + BM * P;
+  T* sV = sK + BN * P;
+
+  const int m_blocks = (p.q_len + BM - 1) / BM;
+  const int m0 = (blockIdx.x % m_blocks) * BM;
+  const int bh = blockIdx.x / m_blocks;
+  const int b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
+  load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
+  cp_async_commit();
+
+  const int row_lo = m0 + warp * 16 + lane / 4;
+  const float scale2 = p.scale * kLog2e;
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row_lo + i * 8;
+    const bool in = row < p.q_len;
+    const float l = in ? p.lse[static_cast<int64_t>(bh) * p.q_len + row] : -kInf;
+    lse2[i] = l == -kInf ? kInf : l * kLog2e;
+    delta[i] = in ? p.delta[static_cast<int64_t>(bh) * p.q_len + row] : 0.f;
+  }
+  float dq[D / 8][4] = {};
+
+  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
+  for (int n0 = 0; n0 < n_end; n0 += BN) {
+    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0, p.k_len);
+    load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float s[BN / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sQ + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, sK + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+        mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+        mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+    float dp[BN / 8][4] = {};  // dP = dO V^T
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, sdO + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bv[4];
+        ldmatrix_x4(bv, sV + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+        mma_16816<T>(dp[2 * np], a, bv[0], bv[1]);
+        mma_16816<T>(dp[2 * np + 1], a, bv[2], bv[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e / 2;
+        const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
+        const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + i * 8, col);
+        s[nt][e] = exp2f(x - lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < D / 16; ++dt) {
+        uint32_t bk[4];
+        ldmatrix_x4_trans(bk, sK + (kk * 16 + bt_row(lane)) * P + dt * 16 + bt_col(lane));
+        mma_16816<T>(dq[2 * dt], a, bk[0], bk[1]);
+        mma_16816<T>(dq[2 * dt + 1], a, bk[2], bk[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* dq_out = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.q_len * D;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int row = row_lo + i * 8;
+    if (row >= p.q_len) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      store2<T>(dq_out + static_cast<int64_t>(row) * D + dt * 8 + (lane % 4) * 2, dq[dt][2 * i] * p.scale,
+                dq[dt][2 * i + 1] * p.scale);
+  }
+}
+
+}  // namespace fa

@@ -1,0 +1,52 @@
+// Parameters and launchers of fused attention. One plain struct describes a call (pointers, int64 strides in
+// elements, sizes, flags); the binding fills it, the launchers pick the compiled instantiation.
+//
+// Shapes: q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H % Hkv == 0 (query head h reads kv head h / (H / Hkv)).
+// Preconditions the binding guarantees: dtype float16 or bfloat16, D in kHeadDims, last dim contiguous, every
+// other stride and every base 16-byte aligned (so tiles load with 16-byte cp.async), sizes positive.
+#pragma once
+
+#include "../common/launch.h"
+
+namespace fa {
+
+// The head dims with a compiled kernel. Each costs one forward and one backward instantiation per dtype
+// (about 5 s of nvcc per arch each). 256 is left out: its fp32 output tile alone is 128 registers per thread
+// with these 64-row tiles, so it needs its own tile shapes.
+constexpr int kHeadDims[] = {32, 64, 96, 128};
+
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+
+struct AttentionParams {
+  DType dtype;
+  int batch, heads, kv_heads, q_len, k_len, head_dim;
+  float scale;  // softmax scale (1 / sqrt(D) by default); scores are scale * q . k
+  bool causal;  // top-left aligned: query i sees keys j <= i
+
+  const void *q, *k, *v;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+
+  // (B, H, Lq, Lk) read through strides (0 where broadcast): bool (True keeps) or additive in q's dtype.
+  MaskKind mask_kind;
+  const void* mask;
+  int64_t mask_batch_stride, mask_head_stride, mask_q_stride, mask_k_stride;
+
+  void* out;  // (B, H, Lq, D)
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  float* lse;  // (B, H, Lq) contiguous, natural log; -inf for a row with every key masked
+
+  // backward
+  const void* dout;  // (B, H, Lq, D)
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  float* delta;  // (B, H, Lq) contiguous workspace: rowsum(dout * out)
+  void *dq, *dk, *dv;  // contiguous, shaped like q, k, v
+  float* weights;      // attention_weights: (B, H, Lq, Lk) contiguous float32
+};
+
+int attention_forward(const AttentionParams& p, cudaStream_t stream);
+int attention_backward(const AttentionParams& p, cudaStream_t stream);
+int attention_weights(const AttentionParams& p, cudaStream_t stream);
+
+}  // namespace fa

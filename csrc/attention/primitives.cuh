@@ -1,0 +1,146 @@
+// Warp-level building blocks of the attention kernels, as inline PTX for sm_80+: ldmatrix (shared memory to
+// mma fragments), mma.sync m16n8k16 with fp32 accumulators, and cp.async 16-byte copies global -> shared.
+//
+// Fragment layout of mma.m16n8k16 (g = lane / 4, c = lane % 4), which the kernels rely on:
+//   A (16x16, row-major):  a0 = (g, 2c..2c+1)  a1 = (g+8, 2c..)  a2 = (g, 2c+8..)  a3 = (g+8, 2c+8..)
+//   B (16x8, k x n):       b0 = (k 2c..2c+1, n g)  b1 = (k 2c+8.., n g)
+//   C (16x8, fp32):        c0, c1 = (g, 2c), (g, 2c+1)   c2, c3 = (g+8, 2c), (g+8, 2c+1)
+// So the C fragments of two adjacent n-tiles, packed to 16 bits, are exactly an A fragment: the probabilities
+// P computed by one mma feed the next (P V) without leaving registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../common/device.cuh"
+#include "flash.h"
+
+namespace fa {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as two 16-bit values in one register, `lo` in the low half (the lower column of a fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// The A fragment of columns 16kk..16kk+15 from C fragments (n-tiles 2kk and 2kk+1) of a 16-row tile.
+template <typename T>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = pack2<T>(lo[0], lo[1]);
+  a[1] = pack2<T>(lo[2], lo[3]);
+  a[2] = pack2<T>(hi[0], hi[1]);
+  a[3] = pack2<T>(hi[2], hi[3]);
+}
+
+// 16 bytes global -> shared, asynchronously; `valid` false zero-fills the destination and reads nothing.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Wait until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// A ROWS x D tile (rows row0.. of a (L, D) matrix with row pitch `row_stride`) into shared memory with pitch
+// D + 8; rows at or past `len` become zeros. `base` is the matrix start, a valid address for the zero-fill.
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int row0, int len) {
+  constexpr int kChunks = D / 8;  // 16-byte pieces per row
+  static_assert((ROWS * kChunks) % THREADS == 0, "every thread copies the same number of pieces");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
+    const int i = threadIdx.x + it * THREADS;
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    const bool valid = row0 + r < len;
+    cp_async_16(smem + r * (D + 8) + c, valid ? base + (row0 + r) * row_stride + c : base, valid);
+  }
+}
+
+// ldmatrix addresses (row, column offsets within a 16x16 block) for each lane:
+//   A operand from a row-major [row][k] tile:                     row lane%16,                col (lane/16)*8
+//   B operand from an [n][k] tile (k contiguous), two n-tiles:    row lane%8 + (lane/16)*8,   col ((lane/8)%2)*8
+//   B operand from a [k][n] tile (n contiguous), .trans, two n-tiles: row lane%8 + ((lane/8)%2)*8, col (lane/16)*8
+__device__ __forceinline__ int a_row(int lane) { return lane % 16; }
+__device__ __forceinline__ int a_col(int lane) { return (lane / 16) * 8; }
+__device__ __forceinline__ int bn_row(int lane) { return lane % 8 + (lane / 16) * 8; }
+__device__ __forceinline__ int bn_col(int lane) { return ((lane / 8) % 2) * 8; }
+__device__ __forceinline__ int bt_row(int lane) { return lane % 8 + ((lane / 8) % 2) * 8; }
+__device__ __forceinline__ int bt_col(int lane) { return (lane / 16) * 8; }
+
+// The score of (query row, key col) in log2 units (x is already scale * log2(e) * q.k), or -inf where masked:
+// past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value.
+template <typename T>
+__device__ __forceinline__ float masked_score(const AttentionParams& p, float x, int b, int h, int row, int col) {
+  if (row >= p.q_len || col >= p.k_len || (p.causal && col > row)) return -kInf;
+  if (p.mask_kind == MaskKind::kNone) return x;
+  const int64_t at = b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride +
+                     col * p.mask_k_stride;
+  if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
+  return x + to_float(static_cast<const T*>(p.mask)[at]) * kLog2e;
+}
+
+// Two adjacent elements of one output row, as one 4-byte store.
+template <typename T>
+__device__ __forceinline__ void store2(T* dst, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(dst) = pack2<T>(lo, hi);
+}
+
+}  // namespace fa

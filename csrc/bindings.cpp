@@ -1,0 +1,436 @@
+// fast_attention._C: the op boundary of the CUDA backend. Validates tensors once (device, dtype, shapes,
+// layout), allocates outputs and workspaces, fills a params struct and calls a launcher on torch's current
+// stream. Compiled by the host C++ compiler against torch's headers only; the kernels live in the nvcc-built
+// objects behind common/launch.h, attention/flash.h and rows/rows.h.
+#include <torch/extension.h>
+
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "attention/flash.h"
+#include "rows/rows.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------------------------------------ checks
+void check_cuda(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fast_attention._C.", op, ": ", name, " must be a CUDA tensor, got a tensor on ",
+              t.device(), " (the cuda backend runs on CUDA tensors only)");
+}
+
+void check_same_device(const Tensor& t, const Tensor& first, const char* op, const char* name,
+                       const char* first_name) {
+  check_cuda(t, op, name);
+  TORCH_CHECK(t.device() == first.device(), "fast_attention._C.", op, ": ", name, " is on ", t.device(),
+              " but ", first_name, " is on ", first.device());
+}
+
+fa::DType row_dtype(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return fa::DType::kFloat32;
+    case at::kHalf: return fa::DType::kFloat16;
+    case at::kBFloat16: return fa::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fast_attention._C.", op, ": ", name,
+                       " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+fa::DType attention_dtype(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "fast_attention._C.", op,
+                   ": ", name, " must be float16 or bfloat16 (the tensor-core kernels' inputs), got ",
+                   t.scalar_type());
+  return t.scalar_type() == at::kHalf ? fa::DType::kFloat16 : fa::DType::kBFloat16;
+}
+
+void check_same_dtype(const Tensor& t, const Tensor& first, const char* op, const char* name,
+                      const char* first_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), "fast_attention._C.", op, ": ", name, " has dtype ",
+                   t.scalar_type(), " but ", first_name, " has ", first.scalar_type());
+}
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The kernels read 16-byte vectors from 16-byte aligned rows' base: a contiguous tensor whose storage starts
+// aligned (a fresh copy in the rare case of a view that starts mid-vector).
+Tensor aligned_contiguous(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return aligned16(c) ? c : c.clone(at::MemoryFormat::Contiguous);
+}
+
+// Attention tiles load with 16-byte cp.async from any (batch, head, row): the last dim contiguous and every
+// other stride a multiple of 8 elements. Otherwise a contiguous copy.
+Tensor attention_layout(const Tensor& t) {
+  bool ok = t.stride(3) == 1 && aligned16(t);
+  for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void check_rows(const Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "fast_attention._C.", op, ": ", name, " must be a 2-D (rows, cols) matrix, got ",
+                    x.dim(), " dims");
+}
+
+void check_stat(const Tensor& s, const Tensor& x, const char* op, const char* name) {
+  check_same_device(s, x, op, name, "x");
+  TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "fast_attention._C.", op, ": ", name, " must be float32, got ",
+                   s.scalar_type());
+  TORCH_CHECK_VALUE(s.numel() == x.size(0), "fast_attention._C.", op, ": ", name, " must have one value per row (",
+                    x.size(0), "), got ", s.numel());
+}
+
+// Weights and biases reach the kernels as float32, whatever their dtype: one conversion of `cols` values.
+Tensor param_f32(const OptTensor& w, const Tensor& x, const char* op, const char* name) {
+  if (!w.has_value()) return Tensor();
+  check_same_device(*w, x, op, name, "x");
+  TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), "fast_attention._C.", op, ": ", name,
+                   " must be a floating-point tensor, got ", w->scalar_type());
+  TORCH_CHECK_VALUE(w->numel() == x.size(1), "fast_attention._C.", op, ": ", name, " must have ", x.size(1),
+                    " elements (one per column), got ", w->numel());
+  return w->to(at::kFloat).contiguous();
+}
+
+float* f32_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+cudaStream_t current_stream(const Tensor& t) {
+  return static_cast<cudaStream_t>(
+      c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle());
+}
+
+void check_launch(int error, const char* op) {
+  TORCH_CHECK(error == 0, "fast_attention._C.", op, ": CUDA error: ", fa::error_string(error));
+}
+
+// ------------------------------------------------------------------------------------------------ softmax
+Tensor softmax_forward(const Tensor& x_in) {
+  constexpr const char* op = "softmax_forward";
+  check_cuda(x_in, op, "x");
+  check_rows(x_in, op, "x");
+  fa::SoftmaxParams p{};
+  p.dtype = row_dtype(x_in, op, "x");
+  c10::DeviceGuard guard(x_in.device());
+  const Tensor x = aligned_contiguous(x_in);
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return y;
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.x = x.data_ptr();
+  p.out = y.data_ptr();
+  Tensor ws;
+  if (const int64_t n = fa::softmax_workspace_floats(p)) {
+    ws = at::empty({n}, x.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+  check_launch(fa::softmax_forward(p, current_stream(x)), op);
+  return y;
+}
+
+Tensor softmax_backward(const Tensor& y_in, const Tensor& dy_in) {
+  constexpr const char* op = "softmax_backward";
+  check_cuda(y_in, op, "y");
+  check_same_device(dy_in, y_in, op, "dy", "y");
+  check_rows(y_in, op, "y");
+  TORCH_CHECK_VALUE(dy_in.sizes() == y_in.sizes(), "fast_attention._C.", op, ": dy must have y's shape ",
+                    y_in.sizes(), ", got ", dy_in.sizes());
+  fa::SoftmaxParams p{};
+  p.dtype = row_dtype(y_in, op, "y");
+  check_same_dtype(dy_in, y_in, op, "dy", "y");
+  c10::DeviceGuard guard(y_in.device());
+  const Tensor y = aligned_contiguous(y_in), dy = aligned_contiguous(dy_in);
+  Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  if (y.numel() == 0) return dx;
+  p.rows = y.size(0);
+  p.cols = y.size(1);
+  p.x = y.data_ptr();
+  p.dy = dy.data_ptr();
+  p.out = dx.data_ptr();
+  Tensor ws;
+  if (const int64_t n = fa::softmax_workspace_floats(p)) {
+    ws = at::empty({n}, y.options().dtype(at::kFloat));
+    p.workspace = ws.data_ptr<float>();
+  }
+  check_launch(fa::softmax_backward(p, current_stream(y)), op);
+  return dx;
+}
+
+// ------------------------------------------------------------------------------------- LayerNorm, RMSNorm
+std::tuple<Tensor, Tensor, Tensor> norm_forward(const Tensor& x_in, const OptTensor& weight, const OptTensor& bias,
+                                                double eps, bool rms, const char* op) {
+  check_cuda(x_in, op, "x");
+  check_rows(x_in, op, "x");
+  fa::NormParams p{};
+  p.dtype = row_dtype(x_in, op, "x");
+  c10::DeviceGuard guard(x_in.device());
+  const Tensor w = param_f32(weight, x_in, op, "weight");
+  const Tensor b = param_f32(bias, x_in, op, "bias");
+  const Tensor x = aligned_contiguous(x_in);
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor mean = rms ? Tensor() : at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {y, mean, rstd};
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.rms = rms;
+  p.eps = static_cast<float>(eps);
+  p.x = x.data_ptr();
+  p.weight = f32_ptr(w);
+  p.bias = f32_ptr(b);
+  p.out = y.data_ptr();
+  p.mean = f32_ptr(mean);
+  p.rstd = f32_ptr(rstd);
+  check_launch(fa::norm_forward(p, current_stream(x)), op);
+  return {y, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const OptTensor& weight,
+                                                      const OptTensor& bias, double eps) {
+  return norm_forward(x, weight, bias, eps, false, "layer_norm_forward");
+}
+
+std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& weight, double eps) {
+  auto [y, mean, rstd] = norm_forward(x, weight, std::nullopt, eps, true, "rms_norm_forward");
+  return {y, rstd};
+}
+
+// dweight / dbias come back as float32 (or undefined when not asked for); the Python side casts them to the
+// parameter's dtype.
+std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
+                                                 const OptTensor& mean_in, const Tensor& rstd_in, bool need_dbias,
+                                                 bool rms, const char* op) {
+  check_cuda(x_in, op, "x");
+  check_same_device(dy_in, x_in, op, "dy", "x");
+  check_rows(x_in, op, "x");
+  TORCH_CHECK_VALUE(dy_in.sizes() == x_in.sizes(), "fast_attention._C.", op, ": dy must have x's shape ",
+                    x_in.sizes(), ", got ", dy_in.sizes());
+  fa::NormParams p{};
+  p.dtype = row_dtype(x_in, op, "x");
+  check_same_dtype(dy_in, x_in, op, "dy", "x");
+  if (mean_in.has_value()) check_stat(*mean_in, x_in, op, "mean");
+  check_stat(rstd_in, x_in, op, "rstd");
+  c10::DeviceGuard guard(x_in.device());
+  const Tensor w = param_f32(weight, x_in, op, "weight");
+  const Tensor x = aligned_contiguous(x_in), dy = aligned_contiguous(dy_in);
+  const Tensor mean = mean_in.has_value() ? mean_in->contiguous() : Tensor();
+  const Tensor rstd = rstd_in.contiguous();
+  Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dw = w.defined() ? at::zeros({x.size(1)}, f32) : Tensor();
+  Tensor db = need_dbias ? at::zeros({x.size(1)}, f32) : Tensor();
+  if (x.numel() == 0) return {dx, dw, db};
+  p.rows = x.size(0);
+  p.cols = x.size(1);
+  p.rms = rms;
+  p.x = x.data_ptr();
+  p.dy = dy.data_ptr();
+  p.weight = f32_ptr(w);
+  p.out = dx.data_ptr();
+  p.mean = rms ? nullptr : f32_ptr(mean);
+  p.rstd = f32_ptr(rstd);
+  p.dweight = f32_ptr(dw);
+  p.dbias = f32_ptr(db);
+  Tensor ws;
+  if (dw.defined() || db.defined()) {
+    ws = at::empty({fa::norm_workspace_floats(p)}, f32);
+    p.workspace = ws.data_ptr<float>();
+  }
+  check_launch(fa::norm_backward(p, current_stream(x)), op);
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                                                       const Tensor& mean, const Tensor& rstd, bool need_dbias) {
+  constexpr const char* op = "layer_norm_backward";
+  check_cuda(mean, op, "mean");
+  return norm_backward(dy, x, weight, mean, rstd, need_dbias, false, op);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weight,
+                                             const Tensor& rstd) {
+  auto [dx, dw, db] = norm_backward(dy, x, weight, std::nullopt, rstd, false, true, "rms_norm_backward");
+  return {dx, dw};
+}
+
+// ------------------------------------------------------------------------------------------------ attention
+struct AttentionInputs {
+  Tensor q, k, v, mask;
+};
+
+// Checks shared by the attention entry points; fills the sizes, q/k/v and mask fields of `p`.
+AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, const Tensor& k_in,
+                                 const OptTensor& v_in, const OptTensor& mask_in, bool causal, double scale,
+                                 const char* op, bool tiled) {
+  check_cuda(q_in, op, "query");
+  check_same_device(k_in, q_in, op, "key", "query");
+  if (v_in.has_value()) check_same_device(*v_in, q_in, op, "value", "query");
+  if (mask_in.has_value()) check_same_device(*mask_in, q_in, op, "attn_mask", "query");
+  p.dtype = attention_dtype(q_in, op, "query");
+  check_same_dtype(k_in, q_in, op, "key", "query");
+  if (v_in.has_value()) check_same_dtype(*v_in, q_in, op, "value", "query");
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && (!v_in.has_value() || v_in->dim() == 4),
+                    "fast_attention._C.", op, ": query, key and value must be 4-D (B, H, L, D)");
+  const int64_t B = q_in.size(0), H = q_in.size(1), Lq = q_in.size(2), D = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), Lk = k_in.size(2);
+  TORCH_CHECK_VALUE(k_in.size(0) == B && k_in.size(3) == D, "fast_attention._C.", op, ": key must be (", B,
+                    ", Hkv, Lk, ", D, "), got ", k_in.sizes());
+  if (v_in.has_value())
+    TORCH_CHECK_VALUE(v_in->sizes() == k_in.sizes(), "fast_attention._C.", op,
+                      ": value must have key's shape (the same head dim as query), got ", v_in->sizes(), " and ",
+                      k_in.sizes());
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "fast_attention._C.", op, ": query's heads (", H,
+                    ") must be a multiple of key's heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(Lq < INT32_MAX && Lk < INT32_MAX && B * H < INT32_MAX, "fast_attention._C.", op,
+                    ": sequence lengths and batch * heads must be below 2^31");
+  if (tiled) {
+    bool known = false;
+    for (int d : fa::kHeadDims) known = known || d == D;
+    TORCH_CHECK_VALUE(known, "fast_attention._C.", op, ": head dim ", D,
+                      " has no compiled kernel; supported head dims: 32, 64, 96, 128");
+  }
+  p.batch = static_cast<int>(B);
+  p.heads = static_cast<int>(H);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(Lq);
+  p.k_len = static_cast<int>(Lk);
+  p.head_dim = static_cast<int>(D);
+  p.scale = static_cast<float>(scale);
+  p.causal = causal;
+
+  AttentionInputs in;
+  in.q = tiled ? attention_layout(q_in) : q_in.contiguous();
+  in.k = tiled ? attention_layout(k_in) : k_in.contiguous();
+  p.q = in.q.data_ptr();
+  p.q_batch_stride = in.q.stride(0), p.q_head_stride = in.q.stride(1), p.q_row_stride = in.q.stride(2);
+  p.k = in.k.data_ptr();
+  p.k_batch_stride = in.k.stride(0), p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(2);
+  if (v_in.has_value()) {
+    in.v = attention_layout(*v_in);
+    p.v = in.v.data_ptr();
+    p.v_batch_stride = in.v.stride(0), p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(2);
+  }
+  p.mask_kind = fa::MaskKind::kNone;
+  if (mask_in.has_value()) {
+    const Tensor& m = *mask_in;
+    TORCH_CHECK_TYPE(m.scalar_type() == at::kBool || m.scalar_type() == q_in.scalar_type(), "fast_attention._C.", op,
+                     ": attn_mask must be bool or have query's dtype, got ", m.scalar_type());
+    TORCH_CHECK_VALUE(m.dim() == 4 && m.size(0) == B && m.size(1) == H && m.size(2) == Lq && m.size(3) == Lk,
+                      "fast_attention._C.", op, ": attn_mask must be expanded to (B, H, Lq, Lk) = (", B, ", ", H,
+                      ", ", Lq, ", ", Lk, "), got ", m.sizes());
+    TORCH_CHECK_VALUE(!causal, "fast_attention._C.", op, ": pass attn_mask or causal, not both");
+    in.mask = m;  // read through its strides (0 where broadcast), never copied
+    p.mask_kind = m.scalar_type() == at::kBool ? fa::MaskKind::kBool : fa::MaskKind::kAdditive;
+    p.mask = m.data_ptr();
+    p.mask_batch_stride = m.stride(0), p.mask_head_stride = m.stride(1);
+    p.mask_q_stride = m.stride(2), p.mask_k_stride = m.stride(3);
+  }
+  return in;
+}
+
+void check_lse(const Tensor& lse, const fa::AttentionParams& p, const Tensor& q, const char* op) {
+  check_same_device(lse, q, op, "lse", "query");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "fast_attention._C.", op, ": lse must be float32, got ",
+                   lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.q_len,
+                    "fast_attention._C.", op, ": lse must be (B, H, Lq) = (", p.batch, ", ", p.heads, ", ", p.q_len,
+                    "), got ", lse.sizes());
+}
+
+std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                             const OptTensor& mask, bool causal, double scale) {
+  constexpr const char* op = "attention_forward";
+  fa::AttentionParams p{};
+  check_cuda(q, op, "query");
+  c10::DeviceGuard guard(q.device());
+  const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
+  Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
+  Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.k_len == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  p.out = out.data_ptr();
+  p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  check_launch(fa::attention_forward(p, current_stream(q)), op);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const OptTensor& mask, bool causal, double scale) {
+  constexpr const char* op = "attention_backward";
+  fa::AttentionParams p{};
+  check_cuda(q, op, "query");
+  check_same_device(dout, q, op, "dout", "query");
+  check_same_device(out, q, op, "out", "query");
+  c10::DeviceGuard guard(q.device());
+  const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
+  check_lse(lse, p, q, op);
+  check_same_dtype(dout, q, op, "dout", "query");
+  check_same_dtype(out, q, op, "out", "query");
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
+                    ": dout and out must have query's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 || p.k_len == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  const Tensor d = attention_layout(dout), o = attention_layout(out), l = lse.contiguous();
+  Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  p.dout = d.data_ptr();
+  p.do_batch_stride = d.stride(0), p.do_head_stride = d.stride(1), p.do_row_stride = d.stride(2);
+  p.out = o.data_ptr();
+  p.o_batch_stride = o.stride(0), p.o_head_stride = o.stride(1), p.o_row_stride = o.stride(2);
+  p.lse = l.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  check_launch(fa::attention_backward(p, current_stream(q)), op);
+  return {dq, dk, dv};
+}
+
+Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& lse, const OptTensor& mask, bool causal,
+                         double scale) {
+  constexpr const char* op = "attention_weights";
+  fa::AttentionParams p{};
+  check_cuda(q, op, "query");
+  c10::DeviceGuard guard(q.device());
+  const AttentionInputs in = attention_inputs(p, q, k, std::nullopt, mask, causal, scale, op, false);
+  check_lse(lse, p, q, op);
+  Tensor weights = at::empty({p.batch, p.heads, p.q_len, p.k_len}, q.options().dtype(at::kFloat));
+  if (weights.numel() == 0) return weights;
+  const Tensor l = lse.contiguous();
+  p.lse = l.data_ptr<float>();
+  p.weights = weights.data_ptr<float>();
+  check_launch(fa::attention_weights(p, current_stream(q)), op);
+  return weights;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fast_attention's CUDA kernels. Use them through fast_attention (backend='cuda').";
+  m.def("softmax_forward", &softmax_forward, "softmax over the last dim of x (rows, cols)", py::arg("x"));
+  m.def("softmax_backward", &softmax_backward, "dx from the forward's output y and dy", py::arg("y"),
+        py::arg("dy"));
+  m.def("layer_norm_forward", &layer_norm_forward, "-> (y, mean fp32, rstd fp32)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_backward", &layer_norm_backward, "-> (dx, dweight fp32 | None, dbias fp32 | None)",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("need_dbias"));
+  m.def("rms_norm_forward", &rms_norm_forward, "-> (y, rstd fp32)", py::arg("x"), py::arg("weight"),
+        py::arg("eps"));
+  m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight fp32 | None)", py::arg("dy"), py::arg("x"),
+        py::arg("weight"), py::arg("rstd"));
+  m.def("attention_forward", &attention_forward, "-> (out, lse fp32 (B, H, Lq))", py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
+  m.def("attention_backward", &attention_backward, "-> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("out"), py::arg("lse"), py::arg("attn_mask"),
+        py::arg("is_causal"), py::arg("scale"));
+  m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
+        py::arg("key"), py::arg("lse"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
+  m.attr("head_dims") = py::make_tuple(32, 64, 96, 128);
+}

@@ -1,0 +1,147 @@
+// Device helpers shared by every kernel: dtype conversion, warp and block reductions, and the split of one row
+// into 16-byte vectors plus scalar edges. Included only by .cu files.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace fa {
+
+constexpr float kInf = INFINITY;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v, Op op) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Every thread of the block gets the result. The reduction tree depends only on blockDim, so the result is
+// bitwise reproducible. blockDim.x must be a multiple of 32; `scratch` holds 32 floats.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v, Op op, float identity, float* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_reduce(v, op);
+  __syncthreads();  // the previous call's readers are done with scratch
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : identity;
+  return warp_reduce(v, op);
+}
+
+// One row of n elements starting `offset` elements after a 16-byte aligned base, split as: `head` scalars up
+// to the first 16-byte boundary, `nvec` whole vectors of V elements, then `tail` scalars. The head and tail
+// (fewer than 2V <= 14 elements, so at most one per thread of a >= 32-thread block) are the "edges".
+struct RowSplit {
+  int64_t nvec;
+  int head, tail;
+
+  __device__ RowSplit(int64_t offset, int64_t n, int V) {
+    const int misaligned = static_cast<int>(offset % V);
+    head = misaligned ? V - misaligned : 0;
+    if (head > n) head = static_cast<int>(n);
+    nvec = (n - head) / V;
+    tail = static_cast<int>(n - head - nvec * V);
+  }
+  // The column of the edge scalar owned by thread t, or -1.
+  __device__ int64_t edge_col(int t, int V) const {
+    if (t < head) return t;
+    if (t < head + tail) return head + nvec * V + (t - head);
+    return -1;
+  }
+};
+
+// A slice of one row held in fp32 registers: vectors vec0 + threadIdx.x + k * blockDim.x (k < MAXV) of the
+// row's body and, when `edges`, this thread's edge scalar. Slots past the row are never visited by each().
+template <typename T, int MAXV>
+struct RowTile {
+  static constexpr int V = 16 / sizeof(T);
+  float v[MAXV][V];
+  float e;
+
+  __device__ __forceinline__ void load(const T* row, const RowSplit& s, int64_t vec0, bool edges) {
+    const T* body = row + s.head;
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (vi < s.nvec) {
+        alignas(16) T buf[V];
+        *reinterpret_cast<uint4*>(buf) = __ldg(reinterpret_cast<const uint4*>(body + vi * V));
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[k][j] = to_float(buf[j]);
+      }
+    }
+    if (edges) {
+      const int64_t c = s.edge_col(threadIdx.x, V);
+      if (c >= 0) e = to_float(row[c]);
+    }
+  }
+
+  __device__ __forceinline__ void store(T* row, const RowSplit& s, int64_t vec0, bool edges) const {
+    T* body = row + s.head;
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (vi < s.nvec) {
+        alignas(16) T buf[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j) buf[j] = from_float<T>(v[k][j]);
+        *reinterpret_cast<uint4*>(body + vi * V) = *reinterpret_cast<const uint4*>(buf);
+      }
+    }
+    if (edges) {
+      const int64_t c = s.edge_col(threadIdx.x, V);
+      if (c >= 0) row[c] = from_float<T>(e);
+    }
+  }
+};
+
+// f(value_a&, value_b&, column) over the valid slots of one tile, or of two tiles with the same layout.
+template <typename T, int MAXV, typename F>
+__device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, RowTile<T, MAXV>& b, const RowSplit& s, int64_t vec0,
+                                         bool edges, F f) {
+  constexpr int V = RowTile<T, MAXV>::V;
+#pragma unroll
+  for (int k = 0; k < MAXV; ++k) {
+    const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (vi < s.nvec) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) f(a.v[k][j], b.v[k][j], s.head + vi * V + j);
+    }
+  }
+  if (edges) {
+    const int64_t c = s.edge_col(threadIdx.x, V);
+    if (c >= 0) f(a.e, b.e, c);
+  }
+}
+
+template <typename T, int MAXV, typename F>
+__device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges, F f) {
+  for_each(a, a, s, vec0, edges, [&](float& x, float&, int64_t c) { f(x, c); });
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace fa

@@ -1,0 +1,111 @@
+"""The CUDA C++ backend: the kernels of csrc/ (module `fast_attention._C`) behind the backend interface of
+fast_attention/backends.py.
+
+Importing this module fails when the extension was not built (no nvcc at install time, or
+FAST_ATTENTION_SKIP_CUDA=1); the registry then lists the backend as unavailable. _C validates its tensors and
+runs on torch's current stream; this module adds what is Python-side policy: which calls the kernels support
+(`unsupported`) and the parameter gradients' dtype (the kernels return them in float32).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+HEAD_DIMS: tuple[int, ...] = tuple(_C.head_dims)  # attention head dims with a compiled kernel
+_ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+_MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix and bf16 mma.sync
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _row_reason(x: Tensor) -> str | None:
+    if x.dtype not in _ROW_DTYPES:
+        return f"its row kernels take float32, float16 or bfloat16 inputs, got {_name(x.dtype)}"
+    return None
+
+
+def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False) -> str | None:
+    if query.dtype not in _ATTENTION_DTYPES:
+        return (f"its attention kernels take float16 or bfloat16 (tensor-core inputs), got {_name(query.dtype)}; "
+                f"use backend='triton' or 'reference' for {_name(query.dtype)}")
+    if query.shape[-1] not in HEAD_DIMS:
+        return (f"head dim {query.shape[-1]} has no compiled attention kernel (compiled head dims: "
+                f"{', '.join(map(str, HEAD_DIMS))})")
+    if value.shape[-1] != query.shape[-1]:
+        return (f"its attention kernels need value's head dim ({value.shape[-1]}) to equal query's "
+                f"({query.shape[-1]})")
+    if dropout_p > 0.0:
+        return f"its attention kernels do not implement dropout (dropout_p must be 0, got {dropout_p})"
+    if query.is_cuda:
+        capability = torch.cuda.get_device_capability(query.device)
+        if capability < _MIN_CAPABILITY:
+            return (f"its attention kernels need compute capability 8.0 or newer (cp.async, bf16 mma.sync); "
+                    f"{query.device} is sm_{capability[0]}{capability[1]}")
+    return None
+
+
+def unsupported(op: str, **args) -> str | None:
+    """None when the CUDA kernels can run `op` with these arguments, else why not."""
+    if op == "softmax":
+        return _row_reason(args["input"])
+    if op in ("layer_norm", "rms_norm"):
+        return _row_reason(args["input"])
+    if op == "scaled_dot_product_attention":
+        return _attention_reason(**args)
+    return f"it has no kernel for {op}"
+
+
+# ---------------------------------------------------------------------------------------------- softmax
+def softmax_forward(x: Tensor) -> Tensor:
+    return _C.softmax_forward(x)
+
+
+def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
+    if dy.dtype != y.dtype:
+        return _C.softmax_backward(y, dy.to(y.dtype)).to(dy.dtype)
+    return _C.softmax_backward(y, dy)
+
+
+# ------------------------------------------------------------------------------------ LayerNorm, RMSNorm
+def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    return tuple(_C.layer_norm_forward(x, weight, bias, eps))
+
+
+def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool):
+    dx, dw, db = _C.layer_norm_backward(dy.to(x.dtype), x, weight, mean, rstd, has_bias)
+    param_dtype = x.dtype if weight is None else weight.dtype
+    return dx, (None if weight is None else dw.to(weight.dtype)), (db.to(param_dtype) if has_bias else None)
+
+
+def rms_norm_forward(x: Tensor, weight: Tensor | None, eps: float):
+    return tuple(_C.rms_norm_forward(x, weight, eps))
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor):
+    dx, dw = _C.rms_norm_backward(dy.to(x.dtype), x, weight, rstd)
+    return dx, (None if weight is None else dw.to(weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def _no_dropout(dropout_p: float) -> None:
+    if dropout_p > 0.0:  # unsupported() routes these calls elsewhere; reaching here is a caller's bug
+        raise NotImplementedError("fast_attention cuda backend: attention dropout is not implemented")
+
+
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    _no_dropout(dropout_p)
+    return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale))
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    _no_dropout(dropout_p)
+    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, lse, mask, is_causal, scale))
+
+
+def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
+    return _C.attention_weights(q, k, lse, mask, is_causal, scale)

@@ -1,0 +1,302 @@
+"""The CUDA C++ backend (csrc/, fast_attention._C, fast_attention/cuda_backend.py).
+
+On any machine: the extension imports when it was built, every _C entry point rejects CPU tensors naming the
+argument, backend="cuda" on CPU tensors is a clear error, and unsupported() explains what the kernels skip.
+On a GPU: every kernel against the float64 reference under tests/tolerance.py's rule, forward and gradients,
+with odd sizes, non-contiguous inputs, the long-row paths, masks, GQA, and against the Triton backend.
+"""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fast_attention as fa
+from fast_attention import reference
+from fast_attention.functional import scaled_dot_product_attention_with_weights
+from tolerance import assert_close
+
+BUILT = importlib.util.find_spec("fast_attention._C") is not None
+NOT_BUILT = "fast_attention._C was not built (no nvcc at install time, FAST_ATTENTION_SKIP_CUDA=1, or not installed)"
+GPU = torch.cuda.is_available() and BUILT and "cuda" in fa.available_backends()
+needs_built = pytest.mark.skipif(not BUILT, reason=NOT_BUILT)
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU and the built extension")
+
+
+# ------------------------------------------------------------------------------------------ any machine
+@needs_built
+def test_extension_imports_and_backend_module_loads():
+    from fast_attention import _C, cuda_backend
+
+    for name in ("softmax_forward", "softmax_backward", "layer_norm_forward", "layer_norm_backward",
+                 "rms_norm_forward", "rms_norm_backward", "attention_forward", "attention_backward",
+                 "attention_weights"):
+        assert callable(getattr(_C, name)), name
+    assert 64 in cuda_backend.HEAD_DIMS and 128 in cuda_backend.HEAD_DIMS
+
+
+def _cpu_calls():
+    x = torch.randn(3, 5)
+    q = torch.randn(1, 2, 4, 64, dtype=torch.float16)
+    lse = torch.zeros(1, 2, 4)
+    return {
+        "softmax_forward": (("x",), lambda C: C.softmax_forward(x)),
+        "softmax_backward": (("y",), lambda C: C.softmax_backward(x, x)),
+        "layer_norm_forward": (("x",), lambda C: C.layer_norm_forward(x, None, None, 1e-5)),
+        "layer_norm_backward": (("mean", "x"), lambda C: C.layer_norm_backward(x, x, None, x[:, 0], x[:, 0], False)),
+        "rms_norm_forward": (("x",), lambda C: C.rms_norm_forward(x, None, 1e-5)),
+        "rms_norm_backward": (("x",), lambda C: C.rms_norm_backward(x, x, None, x[:, 0])),
+        "attention_forward": (("query",), lambda C: C.attention_forward(q, q, q, None, False, 0.125)),
+        "attention_backward": (("query",), lambda C: C.attention_backward(q, q, q, q, q, lse, None, False, 0.125)),
+        "attention_weights": (("query",), lambda C: C.attention_weights(q, q, lse, None, False, 0.125)),
+    }
+
+
+@needs_built
+@pytest.mark.parametrize("name", sorted(_cpu_calls()))
+def test_cpu_tensors_are_rejected_naming_the_argument(name):
+    from fast_attention import _C
+
+    names, call = _cpu_calls()[name]
+    with pytest.raises(RuntimeError, match=rf"fast_attention\._C\.{name}: ({'|'.join(names)}) must be a CUDA "
+                                           rf"tensor, got a tensor on cpu"):
+        call(_C)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_is_not_available_without_a_gpu():
+    assert "cuda" not in fa.available_backends()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+@pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"])
+def test_backend_cuda_on_cpu_tensors_is_a_clear_error(op):
+    x = torch.randn(2, 3, 8, 64, dtype=torch.float16)
+    call = {
+        "softmax": lambda: fa.softmax(x, backend="cuda"),
+        "layer_norm": lambda: fa.layer_norm(x, (64,), backend="cuda"),
+        "rms_norm": lambda: fa.rms_norm(x, (64,), backend="cuda"),
+        "scaled_dot_product_attention": lambda: fa.scaled_dot_product_attention(x, x, x, backend="cuda"),
+    }[op]
+    with pytest.raises(RuntimeError, match=rf"fast_attention\.{op}: backend='cuda' cannot run this call: it runs "
+                                           rf"on CUDA tensors and the inputs are on cpu"):
+        call()
+
+
+@needs_built
+def test_unsupported_gives_reasons():
+    from fast_attention import cuda_backend
+
+    def attn(E=64, Ev=None, dtype=torch.float16, dropout_p=0.0):
+        q = torch.empty(1, 2, 3, E, dtype=dtype)
+        v = torch.empty(1, 2, 3, Ev or E, dtype=dtype)
+        return cuda_backend.unsupported("scaled_dot_product_attention", query=q, key=q, value=v, attn_mask=None,
+                                        dropout_p=dropout_p, is_causal=False)
+
+    assert attn() is None and attn(E=128, dtype=torch.bfloat16) is None
+    assert "float16 or bfloat16" in attn(dtype=torch.float32)
+    assert "head dim 80" in attn(E=80)
+    assert "value's head dim (32)" in attn(Ev=32)
+    assert "dropout" in attn(dropout_p=0.1)
+    x64 = torch.empty(2, 3, dtype=torch.float64)
+    assert "float64" in cuda_backend.unsupported("softmax", input=x64)
+    assert "float64" in cuda_backend.unsupported("layer_norm", input=x64, weight=None, bias=None)
+    assert "float64" in cuda_backend.unsupported("rms_norm", input=x64, weight=None)
+    assert cuda_backend.unsupported("softmax", input=x64.float()) is None
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+LOW = [torch.float16, torch.bfloat16]
+ROW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rows, cols): odd widths (misaligned rows: scalar head and tail), and rows longer than one block's
+# registers (the multi-block softmax and the chunked norms).
+ROW_SHAPES = [(1, 1), (7, 33), (37, 1000), (4, 4096 + 3), (3, 20000), (2, 70001)]
+
+
+def _grad(fn, inputs, grad_out):
+    out = fn(*inputs)
+    return out, torch.autograd.grad(out, [t for t in inputs if t is not None and t.requires_grad], grad_out)
+
+
+def _leaves(*tensors, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_() for t in tensors]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+def test_softmax_matches_reference(dtype, shape):
+    x = torch.randn(shape, device="cuda") * 4
+    dy = torch.randn(shape, device="cuda")
+    ours, g_ours = _grad(lambda t: fa.softmax(t, -1, backend="cuda"), _leaves(x, dtype=dtype), dy.to(dtype))
+    base, g_base = _grad(lambda t: torch.softmax(t, -1), _leaves(x, dtype=dtype), dy.to(dtype))
+    ref, g_ref = _grad(lambda t: reference.softmax(t, -1), _leaves(x, dtype=torch.float64), dy.double())
+    assert_close(ours, base, ref, "softmax")
+    assert_close(g_ours[0], g_base[0], g_ref[0], "softmax dx")
+
+
+@needs_gpu
+def test_softmax_non_contiguous_other_dim_and_masked_rows():
+    x = torch.randn(6, 40, 9, device="cuda", dtype=torch.float16).transpose(0, 2)  # (9, 40, 6), dim=1 strided
+    x[0, :, 0] = float("-inf")  # a row of only -inf: NaN, as torch
+    ours, base = fa.softmax(x, 1, backend="cuda"), torch.softmax(x, 1)
+    assert_close(ours, base, reference.softmax(x.double(), 1), "softmax")
+    assert torch.isnan(ours[0, :, 0]).all()
+
+
+def _norm_case(kind, dtype, shape, affine):
+    rows, cols = shape
+    x = torch.randn(rows, cols, device="cuda") * 3 + 1
+    w = torch.randn(cols, device="cuda") if affine else None
+    b = torch.randn(cols, device="cuda") if affine and kind == "layer_norm" else None
+    dy = torch.randn(rows, cols, device="cuda")
+    if kind == "layer_norm":
+        ours_fn = lambda x, w, b: fa.layer_norm(x, (cols,), w, b, 1e-5, backend="cuda")  # noqa: E731
+        torch_fn = lambda x, w, b: F.layer_norm(x, (cols,), w, b, 1e-5)  # noqa: E731
+        ref_fn = lambda x, w, b: reference.layer_norm(x, (cols,), w, b, 1e-5)  # noqa: E731
+    else:
+        ours_fn = lambda x, w, b: fa.rms_norm(x, (cols,), w, 1e-6, backend="cuda")  # noqa: E731
+        torch_fn = lambda x, w, b: F.rms_norm(x, (cols,), w, 1e-6)  # noqa: E731
+        ref_fn = lambda x, w, b: reference.rms_norm(x, (cols,), w, 1e-6)  # noqa: E731
+    ours = _grad(ours_fn, _leaves(x, w, b, dtype=dtype), dy.to(dtype))
+    base = _grad(torch_fn, _leaves(x, w, b, dtype=dtype), dy.to(dtype))
+    ref = _grad(ref_fn, _leaves(x, w, b, dtype=torch.float64), dy.double())
+    return ours, base, ref
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_norms_match_reference(kind, dtype, shape, affine):
+    (ours, g_ours), (base, g_base), (ref, g_ref) = _norm_case(kind, dtype, shape, affine)
+    assert_close(ours, base, ref, kind)
+    for name, a, b, r in zip(("dx", "dweight", "dbias"), g_ours, g_base, g_ref):
+        # a parameter gradient sums over every row: scale the floor with the row count
+        floor = None if name == "dx" else 2e-3 * shape[0] ** 0.5 * max(1.0, r.abs().max().item())
+        assert_close(a, b, r, f"{kind} {name}", floor=floor if dtype != torch.float32 else None)
+
+
+@needs_gpu
+def test_norm_parameter_gradients_are_deterministic():
+    x = torch.randn(3001, 257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    first = torch.autograd.grad(fa.layer_norm(x, (257,), w, b, backend="cuda"), (x, w, b), dy)
+    second = torch.autograd.grad(fa.layer_norm(x, (257,), w, b, backend="cuda"), (x, w, b), dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def _attention_inputs(dtype, B, H, Hkv, Lq, Lk, E, layout="contiguous"):
+    if layout == "bshd":  # (B, L, H, E) memory viewed as (B, H, L, E), as models produce it
+        q = torch.randn(B, Lq, H, E, device="cuda", dtype=dtype).transpose(1, 2)
+        k = torch.randn(B, Lk, Hkv, E, device="cuda", dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, Lk, Hkv, E, device="cuda", dtype=dtype).transpose(1, 2)
+    else:
+        q, k, v = (torch.randn(B, h, L, E, device="cuda", dtype=dtype) for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+    return q, k, v
+
+
+def _check_attention(q, k, v, mask=None, is_causal=False, gqa=False, against="torch"):
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device="cuda", dtype=q.dtype)
+
+    def ours_fn(q, k, v):
+        return fa.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa, backend="cuda")
+
+    def base_fn(q, k, v):
+        if against == "triton":
+            return fa.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa,
+                                                   backend="triton")
+        return F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
+
+    def ref_fn(q, k, v):
+        m = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+        return reference.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, enable_gqa=gqa)
+
+    ours, g_ours = _grad(ours_fn, _leaves(q, k, v), dout)
+    base, g_base = _grad(base_fn, _leaves(q, k, v), dout)  # same dtype: the error budget
+    ref, g_ref = _grad(ref_fn, _leaves(q, k, v, dtype=torch.float64), dout.double())
+    assert_close(ours, base, ref, "out")
+    for name, a, b, r in zip(("dq", "dk", "dv"), g_ours, g_base, g_ref):
+        assert_close(a, b, r, name)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E", [32, 64, 96, 128])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (97, 111), (128, 64), (200, 333)])
+def test_attention_matches_reference(dtype, E, is_causal, Lq, Lk):
+    _check_attention(*_attention_inputs(dtype, 2, 3, 3, Lq, Lk, E), is_causal=is_causal)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+def test_attention_gqa_strided_inputs(dtype):
+    _check_attention(*_attention_inputs(dtype, 2, 8, 2, 77, 130, 64, layout="bshd"), is_causal=True, gqa=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+def test_attention_key_padding_mask_with_fully_masked_rows(dtype):
+    q, k, v = _attention_inputs(dtype, 2, 4, 4, 65, 90, 128)
+    keep = torch.rand(2, 1, 65, 90, device="cuda") > 0.3  # broadcast over heads: read with stride 0
+    keep[0, :, 3] = False  # every key masked: the row gives zeros
+    _check_attention(q, k, v, mask=keep)
+    out = fa.scaled_dot_product_attention(q, k, v, keep, backend="cuda")
+    assert torch.equal(out[0, :, 3], torch.zeros_like(out[0, :, 3]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+def test_attention_additive_mask(dtype):
+    q, k, v = _attention_inputs(dtype, 1, 2, 2, 50, 70, 64)
+    bias = (torch.randn(1, 2, 50, 70, device="cuda") * 2).to(dtype)
+    bias[..., :5] = float("-inf")
+    _check_attention(q, k, v, mask=bias)
+
+
+@needs_gpu
+def test_attention_backward_is_deterministic():
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(torch.bfloat16, 2, 8, 2, 300, 300, 64))
+    dout = torch.randn_like(q)
+    grads = [torch.autograd.grad(fa.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                                 backend="cuda"), (q, k, v), dout) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_attention_weights_match_reference(is_causal):
+    q, k, v = _attention_inputs(torch.float16, 2, 2, 2, 37, 53, 64)
+    _, weights = scaled_dot_product_attention_with_weights(q, k, v, is_causal=is_causal, backend="cuda")
+    ref = reference._probabilities(q.double(), k.double(), None, is_causal, 0.125)[0]
+    base = reference._probabilities(q, k, None, is_causal, 0.125)[0]  # float32 math on the float16 inputs
+    assert_close(weights, base, ref, "weights", floor=2e-3)
+
+
+@needs_gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fa.available_backends(), reason="needs triton")
+@pytest.mark.parametrize("dtype", LOW)
+def test_cuda_agrees_with_triton(dtype):
+    _check_attention(*_attention_inputs(dtype, 2, 4, 4, 129, 129, 64), is_causal=True, against="triton")
+    x = torch.randn(33, 1029, device="cuda", dtype=dtype)
+    ref = reference.softmax(x.double())
+    assert_close(fa.softmax(x, backend="cuda"), fa.softmax(x, backend="triton"), ref, "softmax vs triton")
+    w = torch.randn(1029, device="cuda", dtype=dtype)
+    assert_close(fa.layer_norm(x, (1029,), w, backend="cuda"), fa.layer_norm(x, (1029,), w, backend="triton"),
+                 reference.layer_norm(x.double(), (1029,), w.double()), "layer_norm vs triton")
+
+
+@needs_gpu
+def test_profiler_shows_the_cuda_ops():
+    x = torch.randn(4, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.profiler.profile() as prof:
+        fa.softmax(x, backend="cuda")
+        fa.scaled_dot_product_attention(x[None], x[None], x[None], backend="cuda")
+    names = {e.name for e in prof.events()}
+    assert "fast_attention::softmax" in names and "fast_attention::scaled_dot_product_attention" in names
