@@ -1,0 +1,135 @@
+"""Decoding: a few new queries (Lq 1..16) against a long KV cache, forward only, with grouped-query attention
+(Llama-style 32 query heads over 8 key/value heads, D 128). Reading the cache dominates, so GB/s is the figure
+to watch (TFLOP/s is shown too). fast_attention's backends against torch SDPA (each kernel, enable_gqa=True), the
+reference under torch.compile, and flash-attn / xformers when installed.
+
+No mask: each new query attends to the whole cache (a verify step of speculative decoding would add a small
+mask over the last Lq keys; the work differs by at most Lq/Lk).
+Run alone: `python -m bench --suite decoding` or `python bench/bench_decoding.py [--quick]`.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import fast_attention as fa
+from bench.bench_attention import SDPA_KERNELS, attention_flops
+from bench.harness import (DEVICE, Case, Check, Mode, Suite, compiled, directed, dtype_name, optional_import,
+                           reference, timed_backends, triplets)
+
+
+def cases(mode: Mode) -> list:
+    if mode.gpu:
+        dtype, B, H, Hkv, D = torch.bfloat16, 4, 32, 8, 128
+        queries = (1, 16) if mode.quick else (1, 2, 4, 8, 16)
+        caches = (4096, 32768) if mode.quick else (1024, 4096, 16384, 32768)
+    else:
+        dtype, B, H, Hkv, D = torch.float32, 1, 8, 2, 64
+        queries, caches = (1, 16), (1024, 4096)
+    out = []
+    for Lq in queries:
+        for Lk in caches:
+            # q and out are (B, H, Lq, D); k and v are (B, Hkv, Lk, D).
+            moved = (2 * B * H * Lq * D + 2 * B * Hkv * Lk * D) * dtype.itemsize
+            out.append(Case({"Lq": Lq, "Lk": Lk, "B": B, "H": H, "Hkv": Hkv, "D": D, "dtype": dtype_name(dtype)},
+                            flops=attention_flops(B, H, Lq, Lk, D, False, "forward"), bytes=moved))
+    return out
+
+
+def label(p: dict) -> str:
+    return f"Lq{p['Lq']} Lk{p['Lk']} B{p['B']} H{p['H']}/{p['Hkv']} D{p['D']}"
+
+
+def _qkv(p: dict, layout: str = "BHLD") -> list:
+    B, H, Hkv, Lq, Lk, D = p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], p["D"]
+    dtype = getattr(torch, p["dtype"])
+    shapes = [(B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)]
+    if layout == "BLHD":
+        shapes = [(b, l, h, d) for b, h, l, d in shapes]
+    return [torch.randn(s, device=DEVICE, dtype=dtype) for s in shapes]
+
+
+def providers(case: Case) -> dict:
+    p = case.params
+    made = {}
+
+    def run(fn, layout="BHLD"):
+        def setup():
+            q, k, v = _qkv(p, layout)
+            return directed("forward", lambda: fn(q, k, v), ())
+        return setup
+
+    for backend in timed_backends():
+        made[f"fa:{backend}"] = run(lambda q, k, v, b=backend: fa.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True, backend=b))
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa(kernel):
+        def attend(q, k, v):
+            with sdpa_kernel(kernel):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return attend
+
+    for short, name in SDPA_KERNELS.items():
+        kernel = getattr(SDPBackend, name, None)
+        if kernel is not None and (DEVICE == "cuda" or short in ("math", "flash")):
+            made[f"torch.sdpa[{short}]"] = run(sdpa(kernel))
+    made["compile(reference)"] = run(lambda q, k, v: compiled(reference.scaled_dot_product_attention)(
+        q, k, v, enable_gqa=True))
+
+    if DEVICE == "cuda":
+        flash_attn = optional_import("flash_attn")
+        if flash_attn is not None:
+            made["flash-attn"] = run(lambda q, k, v: flash_attn.flash_attn_func(q, k, v), "BLHD")
+        xops = optional_import("xformers.ops")
+        if xops is not None:
+            def xformers(q, k, v):
+                # xformers' grouped layout: (B, L, groups, heads per group, D), K/V broadcast within a group.
+                B, Lq, H, D = q.shape
+                Hkv = k.shape[2]
+                q5 = q.view(B, Lq, Hkv, H // Hkv, D)
+                k5, v5 = (t.unsqueeze(3).expand(-1, -1, -1, H // Hkv, -1) for t in (k, v))
+                return xops.memory_efficient_attention(q5, k5, v5)
+            made["xformers"] = run(xformers, "BLHD")
+    return made
+
+
+def checks(mode: Mode) -> list:
+    """Decoding shapes in miniature: one and a few queries against a longer, odd-sized cache, with GQA."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if mode.gpu else (torch.float16, torch.float32)
+    out = []
+    for dtype in dtypes:
+        for B, H, Hkv, Lq, Lk, D in ((2, 4, 2, 1, 77, 32), (1, 6, 2, 5, 130, 64)):
+            def run(backend, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=dtype):
+                inputs = {"query": torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
+                          "key": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype),
+                          "value": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype)}
+                return triplets(
+                    lambda **t: fa.scaled_dot_product_attention(**t, enable_gqa=True, backend=backend),
+                    lambda **t: F.scaled_dot_product_attention(**t, enable_gqa=True),
+                    lambda **t: reference.scaled_dot_product_attention(**t, enable_gqa=True), inputs, grad=False)
+            out.append(Check(f"decode {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}", run))
+    return out
+
+
+SUITE = Suite(
+    name="decoding",
+    title="Decoding attention: Lq new queries against a KV cache of Lk (forward, GQA)",
+    metric="GB/s",
+    convention="bytes: q, k, v read once and out written once; FLOPs: 4*B*H*Lq*Lk*D",
+    label=label,
+    cases=cases,
+    providers=providers,
+    checks=checks,
+    x="Lk",
+    panels=("Lq",),
+)
+
+if __name__ == "__main__":
+    from bench.harness import main
+    sys.exit(main(["--suite", "decoding", *sys.argv[1:]]))

@@ -1,0 +1,139 @@
+"""A whole model: one training step (forward, loss, backward, AdamW step) and KV-cached generation with
+fast_attention.models' decoder-only Transformer, on each backend; the reference backend is the baseline, and on a
+GPU the fastest backend is also run under torch.compile. Reports tokens/s (and the training step's TFLOP/s).
+
+GPU model: Llama-like, 12 layers, width 1024, 16 heads of 64 over 4 key/value heads (GQA), RoPE, RMSNorm, no
+bias or dropout, bf16 weights; training on 16k tokens per step, generation of 64 tokens after prompts of 128 to
+1536, batch 8.
+Run alone: `python -m bench --suite model` or `python bench/bench_model.py [--quick]`.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.harness import DEVICE, Case, Mode, Skip, Suite, timed_backends
+
+try:
+    from fast_attention.models import Transformer, TransformerConfig
+    MISSING = None
+except Exception as e:  # the model is written separately: without it this suite says why instead of failing
+    Transformer = TransformerConfig = None
+    MISSING = f"fast_attention.models is not available ({type(e).__name__}: {e}); the model suite needs it"
+
+NEW_TOKENS = {True: 64, False: 8}  # per generation call, on a GPU and on the CPU
+
+
+def model_config(mode: Mode, backend=None):
+    if mode.gpu:
+        size = dict(n_layers=12, d_model=1024, n_heads=16, n_kv_heads=4, vocab_size=32000, max_seq_len=2048)
+    else:
+        size = dict(n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256)
+    return TransformerConfig(kind="decoder", pos_encoding="rope", norm="rmsnorm", bias=False, dropout=0.0,
+                             backend=backend, **size)
+
+
+def cases(mode: Mode) -> list:
+    if mode.gpu:
+        train = (1024,) if mode.quick else (512, 1024, 2048)
+        prompts = (512,) if mode.quick else (128, 512, 1536)
+        tokens_per_step, gen_batch = 16384, 8
+    else:
+        train, prompts, tokens_per_step, gen_batch = (64, 128), (32, 64), 256, 2
+    new = NEW_TOKENS[mode.gpu]
+    out = [Case({"task": "train step", "T": T, "B": tokens_per_step // T}, tokens=tokens_per_step,
+                flops=_train_flops(mode, tokens_per_step // T, T)) for T in train]
+    out += [Case({"task": "generate", "T": P, "B": gen_batch, "new": new}, tokens=gen_batch * new) for P in prompts]
+    return out
+
+
+def _train_flops(mode: Mode, B: int, T: int) -> float | None:
+    """6 FLOPs per matmul weight per token (forward 2, backward 4), plus causal attention's forward and backward
+    (3.5 x 4*B*H*T*T*D / 2) in every layer."""
+    if MISSING is not None:
+        return None
+    cfg = model_config(mode)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 3.5 * 4 * B * cfg.n_heads * T * T * (cfg.d_model // cfg.n_heads) / 2 * cfg.n_layers
+    return 6.0 * weights * B * T + attention
+
+
+def label(p: dict) -> str:
+    if p["task"] == "train step":
+        return f"train B{p['B']} T{p['T']}"
+    return f"generate B{p['B']} prompt {p['T']} +{p['new']}"
+
+
+def _model(backend: str) -> torch.nn.Module:
+    """The benchmark model on this device, bf16 on a GPU (fp32 on the CPU), same weights for every backend."""
+    torch.manual_seed(0)
+    mode = Mode(gpu=DEVICE == "cuda", quick=False)
+    dtype = torch.bfloat16 if mode.gpu else torch.float32
+    return Transformer(model_config(mode, backend)).to(device=DEVICE, dtype=dtype)
+
+
+def providers(case: Case) -> dict:
+    p = case.params
+    if MISSING is not None:
+        def missing():
+            raise Skip(MISSING)
+        return {"fast_attention.models": missing}
+
+    def train(backend, compile_model=False):
+        def setup():
+            model = _model(backend)
+            idx = torch.randint(0, model.cfg.vocab_size, (p["B"], p["T"] + 1), device=DEVICE)
+            inputs, targets = idx[:, :-1], idx[:, 1:]
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            forward = torch.compile(model) if compile_model else model
+
+            def step():
+                _, loss = forward(inputs, targets)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return step
+        return setup
+
+    def generate(backend):
+        def setup():
+            model = _model(backend)
+            prompt = torch.randint(0, model.cfg.vocab_size, (p["B"], p["T"]), device=DEVICE)
+
+            def run():
+                with torch.no_grad():
+                    return model.generate(prompt, p["new"], temperature=0)
+            return run
+        return setup
+
+    made_for = train if p["task"] == "train step" else generate
+    made = {f"fa:{b}": made_for(b) for b in timed_backends()}
+    fastest = timed_backends()[0]
+    if DEVICE == "cuda" and p["task"] == "train step" and fastest != "reference":
+        made[f"compile(model, fa:{fastest})"] = train(fastest, compile_model=True)
+    return made
+
+
+SUITE = Suite(
+    name="model",
+    title="Decoder-only Transformer: training step and generation",
+    metric="tokens/s",
+    convention=("tokens/s: B*T per training step, B*new per generate() call (prefill included); training FLOPs: "
+                "6 per matmul weight per token plus causal attention (forward+backward 3.5x 4*B*H*T*T*D/2) per layer"),
+    label=label,
+    cases=cases,
+    providers=providers,
+    x="T",
+    panels=("task",),
+)
+if MISSING is not None:
+    SUITE.notes.append(MISSING)
+
+if __name__ == "__main__":
+    from bench.harness import main
+    sys.exit(main(["--suite", "model", *sys.argv[1:]]))

@@ -1,0 +1,681 @@
+"""The one benchmark harness. A suite (bench/bench_<slice>.py) only says WHAT to run: its cases (shapes), a setup
+function per provider that returns the callable to time, and small correctness checks. The harness does the rest:
+timing, metrics against limits it measures itself, the terminal table, JSON, markdown and plots.
+
+Timing: on a GPU, triton.testing.do_bench (warm-up, L2 flush, median of many runs); on the CPU,
+time.perf_counter around each call after a warm-up, median of the repeats. Peak memory is
+torch.cuda.max_memory_allocated during one call (inputs and saved tensors included), GPU only.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    # Must be set before triton is imported (fast_attention imports it): the Triton backend then runs, slowly but
+    # exactly, on the CPU, which is what the CPU suite's correctness checks need.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fast_attention as fa  # noqa: E402
+from fast_attention import reference  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = "cuda" if GPU else "cpu"
+INTERPRETED = not GPU  # Triton's interpreter: correct, but its speed means nothing
+
+ATTENTION_FLOPS = ("attention FLOPs: forward 4*B*H*Lq*Lk*D (half when causal), backward 2.5x forward, "
+                   "forward+backward 3.5x forward")
+ROW_BYTES = ("bytes: each user-visible input read once and each output written once (x, weight, bias, dy in; "
+             "y, dx, dweight, dbias out); the M-sized fp32 statistics are not counted")
+
+
+class Skip(Exception):
+    """Raised by a setup function when its provider cannot run this case here; the message says why."""
+
+
+@dataclass
+class Mode:
+    gpu: bool
+    quick: bool
+
+
+@dataclass
+class Case:
+    """One measurement point. params name it (and feed the table, the plots and the JSON); the work it does gives
+    the rates: flops -> TFLOP/s, bytes -> GB/s, tokens -> tokens/s."""
+    params: dict
+    flops: float | None = None
+    bytes: float | None = None
+    tokens: int | None = None
+
+
+@dataclass
+class Check:
+    """A correctness check: run(backend) returns [(what, ours, torch_same_dtype, reference_float64), ...]."""
+    label: str
+    run: Callable[[str], list]
+
+
+@dataclass
+class Suite:
+    name: str
+    title: str
+    metric: str                         # "TFLOP/s", "GB/s" or "tokens/s": the plotted and summarized rate
+    convention: str                     # how flops / bytes / tokens are counted, printed with the results
+    label: Callable[[dict], str]        # a case's short name in the table
+    cases: Callable[[Mode], list]       # -> [Case]
+    providers: Callable[[Case], dict]   # -> {name: setup}; setup() -> fn or (fn, tensors whose .grad to clear)
+    checks: Callable[[Mode], list] = lambda mode: []  # -> [Check]
+    x: str | None = None                # the param on the plot's x axis
+    panels: tuple = ()                  # params that split the plot into panels
+    notes: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Providers: the names of our kernels, and helpers the suites share.
+# ------------------------------------------------------------------------------------------------------------
+def our_backends() -> list[str]:
+    """fast_attention's kernel backends usable here (reference is the oracle, so it counts as a baseline)."""
+    return [b for b in fa.available_backends() if b != "reference"]
+
+
+def timed_backends() -> list[str]:
+    """Backends whose speed means something here: under the Triton interpreter only the checks run Triton."""
+    return [b for b in fa.available_backends() if not (b == "triton" and INTERPRETED)]
+
+
+def ours(provider: str) -> bool:
+    return provider.startswith("fa:") and provider != "fa:reference"
+
+
+def directed(direction: str, forward: Callable, leaves) -> tuple:
+    """The callable to time for one direction of `forward` (a zero-argument function of `leaves`, which require
+    grad). forward: inference under no_grad; backward: replays one saved graph (retain_graph), so only backward
+    kernels are timed; forward+backward: both."""
+    leaves = [t for t in leaves if t.requires_grad]
+    if direction == "forward":
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run, ()
+    out = forward()
+    grad = torch.randn_like(out)
+    if direction == "backward":
+        return (lambda: out.backward(grad, retain_graph=True)), leaves
+    del out
+    return (lambda: forward().backward(grad)), leaves
+
+
+_compiled: dict = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    """fn under torch.compile, compiled once for all shapes (dynamic=True), so a suite does not pay one
+    compilation per case nor hit dynamo's recompile limit."""
+    if fn not in _compiled:
+        if hasattr(torch._functorch.config, "donated_buffer"):
+            # Donated buffers forbid backward(retain_graph=True), which the backward-only timing replays.
+            torch._functorch.config.donated_buffer = False
+        _compiled[fn] = torch.compile(fn, dynamic=True)
+    return _compiled[fn]
+
+
+def optional_import(module: str):
+    """The module, or None when it is not installed (flash-attn, xformers, Liger are optional baselines)."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # ImportError, or a broken install raising at import: either way, no baseline
+        return None
+
+
+def triplets(ours_fn: Callable, torch_fn: Callable, ref_fn: Callable, inputs: dict, grad: bool = True) -> list:
+    """Forward output and input gradients of three implementations of one op, for a Check.
+
+    inputs: {name: tensor in the dtype under test}. ours_fn/torch_fn get fresh leaf copies of them, ref_fn gets
+    float64 copies. Returns [(what, ours, torch_same_dtype, reference_float64), ...]."""
+    runs = []
+    for fn, dtype in ((ours_fn, None), (torch_fn, None), (ref_fn, torch.float64)):
+        leaves = {}
+        for name, t in inputs.items():
+            float_input = t.is_floating_point()
+            t = t.detach().to(dtype) if dtype and float_input else t.detach().clone()
+            leaves[name] = t.requires_grad_(grad and float_input)
+        runs.append((fn(**leaves), leaves))
+    results = [("output", runs[0][0], runs[1][0], runs[2][0])]
+    if grad:
+        names = [name for name, t in inputs.items() if t.is_floating_point()]
+        dout = torch.randn_like(runs[2][0])
+        grads = [torch.autograd.grad(out, [leaves[n] for n in names], dout.to(out.dtype)) for out, leaves in runs]
+        results += [(f"grad {n}", grads[0][i], grads[1][i], grads[2][i]) for i, n in enumerate(names)]
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Timing and the device's limits.
+# ------------------------------------------------------------------------------------------------------------
+def _clear(tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, clear=(), quick: bool = False) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of fn(), after a warm-up call."""
+    if GPU:
+        import triton.testing
+        warmup, rep = (10, 40) if quick else (25, 100)
+        med, lo, hi = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=list(clear) or None,
+                                              quantiles=[0.5, 0.2, 0.8])
+        return med, lo, hi
+    budget = 0.05 if quick else 0.12  # the CPU figures are indicative; the CPU suite must stay short
+    _clear(clear)
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < 200):
+        _clear(clear)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def measure_limits(quick: bool) -> dict:
+    """What this device reaches on the two things every kernel is bound by, measured now: a large copy (bytes
+    read + written per second) and a large matmul (bf16 on a GPU, fp32 on the CPU)."""
+    if GPU:
+        n_bytes, n, dtype = 2**30, 8192, torch.bfloat16
+    else:
+        n_bytes, n, dtype = 2**26, 1024, torch.float32
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE).random_()
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), quick=quick)[0]
+    del src, dst
+    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
+    mm_ms = time_ms(lambda: torch.matmul(a, b), quick=quick)[0]
+    del a, b
+    return {
+        "copy GB/s": 2 * n_bytes / copy_ms / 1e6,
+        "copy": f"{n_bytes // 2**20} MiB device-to-device copy_ (read + write)",
+        "matmul TFLOP/s": 2 * n**3 / mm_ms / 1e9,
+        "matmul": f"torch.matmul {str(dtype).removeprefix('torch.')} {n}x{n}x{n}",
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Running a suite.
+# ------------------------------------------------------------------------------------------------------------
+def _short(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(e).__name__
+    return (text[:157] + "...") if len(text) > 160 else text
+
+
+def _failure_note(e: BaseException) -> str:
+    if isinstance(e, Skip):
+        return str(e)
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return "OOM"
+    if isinstance(e, NotImplementedError):
+        return "unsupported: " + _short(e)
+    return f"error: {type(e).__name__}: {_short(e)}"
+
+
+def _release() -> None:
+    gc.collect()
+    if GPU:
+        torch.cuda.empty_cache()
+
+
+def measure(setup: Callable, case: Case, limits: dict, quick: bool) -> dict:
+    """Time one provider on one case; never raises: a failure becomes the row's note."""
+    row: dict = {"ms": None}
+    try:
+        made = setup()
+        fn, clear = made if isinstance(made, tuple) else (made, ())
+        _clear(clear)
+        fn()  # compiles, autotunes, and shows failures before timing
+        _sync()
+        if GPU:
+            _clear(clear)
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            _sync()
+            row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, clear, quick)
+    except Exception as e:  # every failure is reported in the table, never raised: the other rows still run
+        row["note"] = _failure_note(e)
+        return row
+    finally:
+        made = fn = clear = None
+        _release()
+    seconds = row["ms"] / 1e3
+    if case.flops:
+        row["tflops"] = case.flops / seconds / 1e12
+    if case.bytes:
+        row["gbs"] = case.bytes / seconds / 1e9
+    if case.tokens:
+        row["tokens_per_s"] = case.tokens / seconds
+    if "tflops" in row and not case.bytes:
+        row["fraction"] = row["tflops"] / limits["matmul TFLOP/s"]
+    elif "gbs" in row:
+        row["fraction"] = row["gbs"] / limits["copy GB/s"]
+    return row
+
+
+def run_checks(suite: Suite, mode: Mode) -> list[dict]:
+    """Each available backend against torch in the same dtype and the float64 reference, under the project's one
+    tolerance rule (tests/tolerance.py). A backend that declines a case (NotImplementedError) is reported, not
+    failed."""
+    assert_close = _tolerance().assert_close
+    rows = []
+    for check in suite.checks(mode):
+        for backend in fa.available_backends():
+            row = {"check": check.label, "backend": backend}
+            try:
+                worst = 0.0
+                for what, ours_t, torch_t, ref_t in check.run(backend):
+                    assert_close(ours_t, torch_t, ref_t, name=what)
+                    worst = max(worst, (ours_t.double().cpu() - ref_t.double().cpu()).abs().nan_to_num(0.0).max().item())
+                row.update(result="PASS", detail=f"max |err| {worst:.2e}")
+            except NotImplementedError as e:
+                row.update(result="n/a", detail=_short(e))
+            except AssertionError as e:  # the tolerance rule's verdict, reported as FAIL
+                row.update(result="FAIL", detail=_short(e))
+            except Exception as e:  # a crash is a failure too
+                row.update(result="FAIL", detail=f"{type(e).__name__}: {_short(e)}")
+            rows.append(row)
+    return rows
+
+
+def _tolerance():
+    """tests/tolerance.py, loaded by path: it is the project's one tolerance rule and tests/ is no package."""
+    spec = importlib.util.spec_from_file_location("fast_attention_tolerance", REPO / "tests" / "tolerance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool = True) -> dict:
+    """Checks, then every (case, provider) pair; the JSON is rewritten after each case, so a run cut short still
+    leaves its results."""
+    result = {"suite": suite.name, "title": suite.title, "metric": suite.metric, "convention": suite.convention,
+              "notes": list(suite.notes), "env": environment(), "limits": limits, "mode": vars(mode).copy(),
+              "checks": [], "results": [], "complete": False}
+    if not mode.gpu:
+        result["notes"].append("CPU run: GPU figures need a GPU. Triton runs under its interpreter here, so it is "
+                               "checked for correctness but not timed; the timings compare the reference backend "
+                               "with torch on the CPU.")
+    result["checks"] = run_checks(suite, mode)
+    cases = suite.cases(mode)
+    work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()]
+    bar = _progress(len(work), suite.name, progress)
+    last_of_case = {id(case): i for i, (case, _, _) in enumerate(work)}
+    for i, (case, name, setup) in enumerate(work):
+        bar.set_postfix_str(f"{suite.label(case.params)} {name}"[:60])
+        row = {"case": suite.label(case.params), "params": case.params, "provider": name,
+               **measure(setup, case, limits, mode.quick)}
+        result["results"].append(row)
+        bar.update(1)
+        if last_of_case[id(case)] == i:
+            _speedups(result["results"])
+            _save_json(result, out)
+    bar.close()
+    result["complete"] = True
+    _save_json(result, out)
+    return result
+
+
+def _speedups(rows: list[dict]) -> None:
+    """For every baseline row: how many times faster each of our backends is on the same case."""
+    by_case: dict = {}
+    for row in rows:
+        by_case.setdefault(row["case"], []).append(row)
+    for group in by_case.values():
+        mine = {r["provider"]: r["ms"] for r in group if ours(r["provider"]) and r["ms"]}
+        for r in group:
+            if not ours(r["provider"]) and r["ms"]:
+                r["speedup"] = {p: r["ms"] / ms for p, ms in mine.items()}
+
+
+class _NoBar:
+    def set_postfix_str(self, s):
+        pass
+
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, name: str, enabled: bool):
+    tqdm = optional_import("tqdm")
+    if not enabled or tqdm is None:
+        return _NoBar()
+    return tqdm.tqdm(total=total, desc=name, unit="run", leave=False, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Environment and output.
+# ------------------------------------------------------------------------------------------------------------
+def device_name() -> str:
+    if GPU:
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:  # not Linux: the architecture will do
+        pass
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def default_out() -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") if GPU else "cpu"
+    return RESULTS / slug
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        return commit or "unknown"
+    except Exception:  # no git, or not a checkout: the rest of the metadata still stands
+        return "unknown"
+
+
+def environment() -> dict:
+    triton = optional_import("triton")
+    return {
+        "device": device_name(),
+        "gpu": torch.cuda.get_device_name() if GPU else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": getattr(triton, "__version__", None),
+        "fast_attention": fa.__version__,
+        "backends": fa.available_backends(),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _save_json(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{result['suite']}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return ""
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+COLUMNS = ("case", "provider", "ms", "TFLOP/s", "GB/s", "tokens/s", "% peak", "peak MiB")
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The terminal table: one row per (case, provider); baseline rows say how much faster each of ours is."""
+    rows = result["results"]
+    mine = sorted({r["provider"] for r in rows if ours(r["provider"])})
+    used = [c for c, key in zip(COLUMNS, (None, None, "ms", "tflops", "gbs", "tokens_per_s", "fraction", "peak_mib"))
+            if key is None or any(r.get(key) is not None for r in rows)]
+    header = used + [f"{p.removeprefix('fa:')} x" for p in mine] + ["note"]
+    body, previous = [], None
+    for r in rows:
+        cells = {"case": r["case"] if r["case"] != previous else "", "provider": r["provider"],
+                 "ms": _fmt(r.get("ms"), 4), "TFLOP/s": _fmt(r.get("tflops")), "GB/s": _fmt(r.get("gbs")),
+                 "tokens/s": _fmt(r.get("tokens_per_s")), "peak MiB": _fmt(r.get("peak_mib")),
+                 "% peak": "" if r.get("fraction") is None else f"{100 * r['fraction']:.0f}%"}
+        previous = r["case"]
+        speed = r.get("speedup", {})
+        body.append([cells[c] for c in used] + [_fmt(speed.get(p)) for p in mine] + [r.get("note", "")])
+    return header, body
+
+
+def print_result(result: dict) -> None:
+    env, limits = result["env"], result["limits"]
+    print(f"\n== {result['title']} ({result['suite']}) on {env['device']}: torch {env['torch']}, triton "
+          f"{env['triton']}, CUDA {env['cuda']}, commit {env['git_commit'][:10]}")
+    print(f"   limits measured now: copy {limits['copy GB/s']:.1f} GB/s ({limits['copy']}), "
+          f"matmul {limits['matmul TFLOP/s']:.2f} TFLOP/s ({limits['matmul']})")
+    print(f"   {result['convention']}")
+    for note in result["notes"]:
+        print(f"   note: {note}")
+    checks = result["checks"]
+    if checks:
+        _print_table(f"{result['suite']}: correctness (tests/tolerance.py rule vs float64 reference)",
+                     ["check", "backend", "result", "detail"],
+                     [[c["check"] if i == 0 or c["check"] != checks[i - 1]["check"] else "", c["backend"],
+                       c["result"], c["detail"]] for i, c in enumerate(checks)])
+    header, body = table_rows(result)
+    if body:
+        _print_table(f"{result['suite']}: {result['metric']}; 'x' columns = speed-up of that backend over the row",
+                     header, body)
+
+
+def _print_table(title: str, header: list[str], body: list[list[str]]) -> None:
+    rich = optional_import("rich.console")
+    if rich is not None:
+        from rich.table import Table
+        table = Table(title=title, title_justify="left", header_style="bold")
+        for h in header:
+            table.add_column(h, justify="left" if h in ("case", "provider", "note", "check", "backend", "detail")
+                             else "right", overflow="fold")
+        from rich.markup import escape
+        for i, cells in enumerate(body):
+            style = "red" if "FAIL" in cells else None
+            table.add_row(*(escape(c) for c in cells), style=style, end_section=i + 1 < len(body) and body[i + 1][0] != "")
+        rich.Console(width=max(160, rich.Console().width)).print(table)
+        return
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for cells in body:
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+
+
+def write_summary(out: Path) -> Path:
+    """summary.md from every suite's JSON in `out`: one table per suite, cases down, providers across."""
+    lines = ["# Benchmark summary", ""]
+    for path in sorted(out.glob("*.json")):
+        result = json.loads(path.read_text())
+        env, limits, key = result["env"], result["limits"], _metric_key(result["metric"])
+        lines += [f"## {result['title']}", "",
+                  f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit "
+                  f"`{env['git_commit'][:10]}`, {env['date']}{'' if result['complete'] else ' (incomplete run)'}.",
+                  f"Measured limits: copy {limits['copy GB/s']:.1f} GB/s, matmul {limits['matmul TFLOP/s']:.2f} "
+                  f"TFLOP/s ({limits['matmul']}). {result['convention']}.", ""]
+        lines += [f"- {note}" for note in result["notes"]] + ([""] if result["notes"] else [])
+        checks = result["checks"]
+        if checks:
+            failed = [c for c in checks if c["result"] == "FAIL"]
+            passed = sum(c["result"] == "PASS" for c in checks)
+            lines += [f"Correctness: {passed} PASS, {len(failed)} FAIL, "
+                      f"{sum(c['result'] == 'n/a' for c in checks)} n/a over {len(checks)} (check, backend) pairs."]
+            lines += [f"- FAIL {c['check']} [{c['backend']}]: {c['detail']}" for c in failed]
+            lines.append("")
+        rows = result["results"]
+        if not rows:
+            continue
+        providers = list(dict.fromkeys(r["provider"] for r in rows))
+        cases = list(dict.fromkeys(r["case"] for r in rows))
+        cell = {(r["case"], r["provider"]): r for r in rows}
+        speedup = any(ours(p) for p in providers)
+        lines += [f"{result['metric']} (median time when no rate applies)"
+                  + ("; last column: the fastest fast_attention backend over the fastest baseline." if speedup else
+                     "."), "",
+                  "| case | " + " | ".join(providers) + (" | speed-up |" if speedup else " |"),
+                  "|---|" + "---|" * (len(providers) + speedup)]
+        for case in cases:
+            values = []
+            for p in providers:
+                r = cell.get((case, p), {})
+                v = r.get(key) if r.get(key) is not None else (r.get("ms") and f"{_fmt(r['ms'], 4)} ms")
+                values.append(_fmt(v) if isinstance(v, float) else (v or _abbrev(r.get("note", ""))))
+            lines.append(f"| {case} | " + " | ".join(values) + (f" | {_best_speedup(case, rows)} |" if speedup else " |"))
+        lines.append("")
+    path = out / "summary.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _metric_key(metric: str) -> str:
+    return {"TFLOP/s": "tflops", "GB/s": "gbs", "tokens/s": "tokens_per_s"}[metric]
+
+
+def _abbrev(note: str) -> str:
+    if note.startswith("error"):
+        return "error"
+    if note.startswith("unsupported"):
+        return "n/a"
+    return note.split(":")[0][:24]
+
+
+def _best_speedup(case: str, rows: list[dict]) -> str:
+    group = [r for r in rows if r["case"] == case and r["ms"]]
+    mine = [r["ms"] for r in group if ours(r["provider"])]
+    base = [r["ms"] for r in group if not ours(r["provider"])]
+    return f"{min(base) / min(mine):.2f}x" if mine and base else ""
+
+
+def plot(result: dict, out: Path, x: str | None, panels: tuple) -> Path | None:
+    """One PNG per suite: the suite's rate against `x`, one line per provider, one panel per value of `panels`."""
+    rows = [r for r in result["results"] if r.get(_metric_key(result["metric"])) is not None]
+    if x is None or not rows:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    key = _metric_key(result["metric"])
+    groups = list(dict.fromkeys(tuple(r["params"][p] for p in panels) for r in rows))
+    ncols = min(4, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, group in zip(axes.flat, groups):
+        sub = [r for r in rows if tuple(r["params"][p] for p in panels) == group]
+        for provider in dict.fromkeys(r["provider"] for r in sub):
+            points = sorted((r["params"][x], r[key]) for r in sub if r["provider"] == provider)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                    linewidth=2.2 if ours(provider) else 1.2, label=provider)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({r["params"][x] for r in sub})
+        ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(", ".join(f"{p}={v}" for p, v in zip(panels, group)), fontsize=8)
+        ax.set_xlabel(x, fontsize=8)
+        ax.set_ylabel(result["metric"], fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    fig.suptitle(f"{result['title']} on {result['env']['device']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.96))
+    path = out / f"{result['suite']}.png"
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path
+
+
+def _pyplot():
+    matplotlib = optional_import("matplotlib")
+    if matplotlib is None:
+        print("   (matplotlib is not installed: no plots; pip install -e .[bench])")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Grids shared by the suites, and the command line.
+# ------------------------------------------------------------------------------------------------------------
+DIRECTIONS = ("forward", "backward", "forward+backward")
+SHORT = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
+
+
+def row_shapes(mode: Mode) -> list[tuple[int, int, torch.dtype]]:
+    """(rows M, row size N, dtype) for the row ops: rows of 1k-16k elements, 8192 of them, fp16 and bf16 on a
+    GPU; a few small fp32 shapes on the CPU."""
+    if not mode.gpu:
+        return [(512, n, torch.float32) for n in (256, 1024, 4096)]
+    sizes = (1024, 4096, 16384) if mode.quick else (1024, 2048, 4096, 8192, 16384)
+    dtypes = (torch.bfloat16,) if mode.quick else (torch.bfloat16, torch.float16)
+    return [(8192, n, dtype) for dtype in dtypes for n in sizes]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+SUITES = ("attention", "decoding", "softmax", "layernorm", "rmsnorm", "model")
+
+
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", default="all", choices=("all",) + SUITES, help="which slice to run (default all)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default bench/results/<gpu-name> or bench/results/cpu)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    args = parser.parse_args(argv)
+    out = args.out or default_out()
+    mode = Mode(gpu=GPU, quick=args.quick)
+    names = SUITES if args.suite == "all" else (args.suite,)
+    print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, torch {torch.__version__}")
+    if not GPU:
+        print("No GPU here: running the small CPU suite (correctness of every backend, Triton under its interpreter, "
+              "and reference/torch timings on the CPU). GPU figures need a GPU: run this again on one.")
+        # One thread: on a small shared machine, torch's threads wait on each other whenever another process takes
+        # a core, and the medians then measure the neighbours rather than the code.
+        torch.set_num_threads(1)
+    limits = measure_limits(args.quick)
+    failed = []
+    for name in names:
+        suite = importlib.import_module(f"bench.bench_{name}").SUITE
+        start = time.perf_counter()
+        result = run_suite(suite, mode, limits, out, progress=not args.no_progress)
+        print_result(result)
+        print(f"   {name}: {time.perf_counter() - start:.0f} s")
+        if not args.no_plots:
+            png = plot(result, out, suite.x, suite.panels)
+            if png:
+                print(f"   plot: {png}")
+        failed += [f"{name}: {c['check']} [{c['backend']}]" for c in result["checks"] if c["result"] == "FAIL"]
+    print(f"\nresults: {out}/ (JSON per suite), summary: {write_summary(out)}")
+    if failed:
+        print(f"{len(failed)} correctness check(s) FAILED:\n  " + "\n  ".join(failed))
+        return 1
+    return 0
