@@ -168,7 +168,7 @@ def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
     if weight.is_meta:
         return False
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32).to(weight.device)
+    x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32, device="cpu").to(weight.device)
     with torch.no_grad():
         got = module(x).float()
         want = torch.nn.functional.rms_norm(x, tuple(weight.shape), weight.float(), eps)

@@ -18,6 +18,12 @@ E, H = 8, 2  # head_dim 4
 N, L, S = 2, 3, 5  # batch, target length, source length
 
 
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    with torch.device(device):  # modules, inputs and masks built in a test live on the test device
+        yield
+
+
 def randomize(module):
     """torch initializes biases to zero; tests want every parameter random."""
     with torch.no_grad():

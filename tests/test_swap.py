@@ -15,6 +15,12 @@ from torch import nn
 import fast_attention as fa
 
 
+@pytest.fixture(autouse=True)
+def _on_test_device(device):
+    with torch.device(device):  # modules, inputs and masks built in a test live on the test device
+        yield
+
+
 def profiled(fn):
     """fn() under torch's profiler -> (result, set of op names)."""
     with torch.profiler.profile() as prof:
