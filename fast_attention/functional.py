@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .reference import default_rms_eps
 from .ops import attention as _attention
 from .ops import norms as _norms
 from .ops import softmax as _softmax
@@ -28,9 +29,10 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
 
 def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
              backend: str | None = None) -> Tensor:
-    """torch.nn.functional.rms_norm: x / sqrt(mean(x^2) + eps) * weight; eps=None means finfo(input.dtype).eps."""
+    """torch.nn.functional.rms_norm: x / sqrt(mean(x^2) + eps) * weight; eps=None means torch's default, the
+    machine epsilon of the dtype the op computes in (float32 for float16/bfloat16 inputs)."""
     shape = _norms.check("rms_norm", input, normalized_shape, weight)
-    eps = torch.finfo(input.dtype).eps if eps is None else float(eps)
+    eps = default_rms_eps(input.dtype) if eps is None else float(eps)
     name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
     return _norms.rms_norm(input, shape, weight, eps, name)[0]
 

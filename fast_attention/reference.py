@@ -31,10 +31,15 @@ def layer_norm(input: Tensor, normalized_shape, weight=None, bias=None, eps: flo
 
 def rms_norm(input: Tensor, normalized_shape, weight=None, eps: float | None = None) -> Tensor:
     if eps is None:
-        eps = torch.finfo(input.dtype).eps  # torch's default
+        eps = default_rms_eps(input.dtype)
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     out = input * torch.rsqrt(input.square().mean(dims, keepdim=True) + eps)
     return out if weight is None else out * weight
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """torch's rms_norm default eps: that of the dtype it computes in (float32 for half types)."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
