@@ -1,0 +1,734 @@
+"""Attention in Triton: FlashAttention-2 forward and backward with torch SDPA's semantics.
+
+Shapes: q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; out (B, H, Lq, Dv); lse fp32
+(B, H, Lq); mask None or (B, H, Lq, Lk) with stride-0 broadcast dims, bool (True = keep) or float (added).
+
+Reading order: shared helpers, forward (tile loop, kernel, split-KV combine), backward (delta preprocess,
+dK/dV kernel, dQ kernel), attention weights, dropout mask, configs, launchers, backend entry points.
+
+Numerics: every softmax runs in base 2 with log2(e) folded into the scale (s2 = qk * scale * log2(e)), so the
+exponentials are exp2; the saved lse is in natural units. Accumulation is fp32 and results are cast once at the
+store. A row whose every key is masked keeps m = -inf and l = 0: its output is 0 and its lse -inf, as torch.
+
+The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
+head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
+
+Dropout is counter-based: element (b, h, i, j) keeps iff tl.rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p,
+so the backward and `dropout_mask` regenerate exactly the forward's mask without storing it.
+
+Limit: a row whose every key carries a huge finite mask (finfo.min, as Hugging Face pads) gets torch's uniform
+output, but its lse ~ -3.4e38 cannot resolve log(Lk), so P rebuilt from the lse (backward, attention weights) is
+clamped to at most 1 there: finite, though not 1/Lk.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton reads TRITON_INTERPRET once, at import; we do the same (fast_attention.backends does too).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+FP32_MAX = 3.4028234663852886e38
+
+MAX_HEAD_DIM = 256
+
+# Decoding (flash-decoding): few queries against many keys leave most SMs idle with one program per query
+# block, so the keys are cut into splits that run in parallel and a second kernel merges their (out, lse).
+DECODE_MAX_LQ = 16       # queries per head at most
+DECODE_MIN_LK = 1024     # keys at least
+SPLIT_MIN_KEYS = 256     # fewest keys one split handles (below that the combine costs more than it saves)
+MAX_SPLITS = 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs must give fp32-accurate results, so no TF32 for them.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
+    """Masks on base-2 scores s (any 2-D orientation; q_idx / k_idx broadcast to it): the user mask, keys past
+    k_end, and the causal diagonal on tiles that cross it."""
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=mask_ok, other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    elif MASK_KIND == 2:
+        add = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32)
+        # log2(e) * finfo.min overflows to -inf, which would turn a row masked with finfo.min (uniform weights in
+        # torch) into a dead row; clamp such values to the largest finite magnitude but keep a real -inf.
+        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * 1.4426950408889634, -3.4028234663852886e38))
+        s = s + add2
+    s = tl.where(k_idx < k_end, s, float("-inf"))
+    if CAUSAL_TILE:
+        s = tl.where(k_idx <= q_idx, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _keep(seed, counters, dropout_p):
+    return tl.rand(seed, counters) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
+               start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2."""
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt_tile = arange_n[None, :] * skn + offs_d[:, None] * skd  # K^T (BLOCK_D, BLOCK_N)
+    v_tile = arange_n[:, None] * svn + offs_dv[None, :] * svd  # (BLOCK_N, BLOCK_DV)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + arange_n
+        n_ok = offs_n < k_end
+        kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
+                     mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = _dot(q, kt, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
+        s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
+                         MASK_KIND, CAUSAL_TILE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # dead so far: exp2(-inf - 0) = 0, no NaN
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + v_tile,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd(Q, K, V, Mask, Out, Lse,
+              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
+              out_split_stride, lse_split_stride,
+              H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M queries of one (b, h) against the keys of one split.
+
+    Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself), Lse: (num_splits, B, H,
+    Lq) contiguous, natural log. With several splits each part is normalized on its own and merged by _attn_combine.
+    """
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(Lq, BLOCK_M)
+    # Causal blocks near the bottom have the most keys: start those first so the tail of the grid is short.
+    mblock = n_mblocks - 1 - pid % n_mblocks
+    split = (pid // n_mblocks) % num_splits
+    bh = (pid // n_mblocks // num_splits).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    start_m = mblock * BLOCK_M
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    mask_rows = Mask + b * smb + h * smh + offs_m.to(tl.int64)[:, None] * smm  # (BLOCK_M, 1)
+    rng_rows = (bh * Lq + offs_m) * Lk  # int64 dropout counters of (i, 0)
+
+    lo = split * keys_per_split
+    hi = tl.minimum(Lk, lo + keys_per_split)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+        # Keys <= start_m are visible to every row of the block: those whole blocks skip the diagonal test.
+        mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    else:
+        mid = hi
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
+                               lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT,
+                               UPCAST, IEEE)
+    if IS_CAUSAL:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
+                                   mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
+                                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True,
+                                   DROPOUT, UPCAST, IEEE)
+
+    live = l_i > 0.0
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    lse = tl.where(live, (m_i + tl.math.log2(tl.where(live, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    rows = bh * Lq + offs_m
+    o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + split * lse_split_stride + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_combine(PartOut, PartLse, Out, Lse, num_splits, out_split_stride, lse_split_stride,
+                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
+    exp(lse_s - lse). PartOut (S, B*H*Lq, Dv) fp32, PartLse (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    s_ok = offs_s < num_splits
+    lse_s = tl.load(PartLse + offs_s * lse_split_stride + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_safe)  # dead splits (keys all masked, or past the causal limit) weigh 0
+    total = tl.sum(w, 0)
+    parts = tl.load(PartOut + offs_s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
+                    mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
+    tl.store(Out + row * HEAD_DIM_V + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Lse + row, lse)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_delta(O, DO, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, Lq,
+                    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Delta (B, H, Lq) fp32 = rowsum(dO * O): the softmax backward's correction term, once per row."""
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(Lq, BLOCK_M)
+    bh = (pid // n_mblocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = (pid % n_mblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
+    rows = offs_m.to(tl.int64)[:, None]
+    o = tl.load(O + b * sob + h * soh + rows * som + offs_dv[None, :] * sod, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdob + h * sdoh + rows * sdom + offs_dv[None, :] * sdod, mask=ok,
+                 other=0.0).to(tl.float32)
+    tl.store(Delta + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, offs_n, n_ok, rng_base,
+                start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p, dropout_scale, seed,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end) of one query head, in the
+    transposed orientation (keys on rows) so no (BLOCK_M, BLOCK_N) tile needs transposing."""
+    arange_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qt_tile = arange_m[None, :] * sqm + offs_d[:, None] * sqd  # Q^T (BLOCK_D, BLOCK_M)
+    do_tile = arange_m[:, None] * sdom + offs_dv[None, :] * sdod  # (BLOCK_M, BLOCK_DV)
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + arange_m
+        m_ok = offs_m < Lq
+        qt = tl.load(q_base + tl.cast(start_m, tl.int64) * sqm + qt_tile, mask=(offs_d[:, None] < HEAD_DIM) & m_ok[None, :],
+                     other=0.0)
+        do = tl.load(do_base + tl.cast(start_m, tl.int64) * sdom + do_tile,
+                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if UPCAST:
+            qt = qt.to(tl.float32)
+            do = do.to(tl.float32)
+        # Dead rows (lse = -inf) and rows past Lq read lse = +inf so that P = exp2(s - lse) is 0 there.
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        st = _dot(k, qt, IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
+        st = _apply_masks(st, mask_ptrs, n_ok[:, None] & m_ok[None, :], offs_m[None, :], offs_n[:, None], Lk,
+                          MASK_KIND, CAUSAL_TILE)
+        pt = tl.math.exp2(tl.minimum(st - lse2[None, :], 0.0))
+        dpt = _dot(v, tl.trans(do), IEEE)  # dP^T = V dO^T (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = _keep(seed, rng_base + offs_m.to(tl.int64)[None, :] * Lk + offs_n[:, None], dropout_p)
+            dv += _dot(tl.where(keep, pt * dropout_scale, 0.0).to(do.dtype), do, IEEE)
+            dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+        else:
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
+                   sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                   H, Hkv, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
+                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order."""
+    pid = tl.program_id(0)
+    n_nblocks = tl.cdiv(Lk, BLOCK_N)
+    bhkv = (pid // n_nblocks).to(tl.int64)
+    b = bhkv // Hkv
+    hkv = bhkv % Hkv
+    start_n = (pid % n_nblocks) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < Lk
+    rows_n = offs_n.to(tl.int64)[:, None]
+    k = tl.load(K + b * skb + hkv * skh + rows_n * skn + offs_d[None, :] * skd,
+                mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + rows_n * svn + offs_dv[None, :] * svd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+
+    if IS_CAUSAL:
+        # Queries before start_n see none of these keys; from start_n + BLOCK_N - 1 on they see all of them.
+        lo = start_n // BLOCK_M * BLOCK_M
+        mid = tl.minimum(lo + tl.cdiv(start_n + BLOCK_N - 1 - lo, BLOCK_M) * BLOCK_M, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+        lo = tl.minimum(lo, mid)
+    else:
+        lo = 0
+        mid = 0
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdob + h * sdoh
+        mask_cols = Mask + b * smb + h * smh + rows_n * smn  # (BLOCK_N, 1)
+        rng_base = bh * Lq * Lk
+        if IS_CAUSAL:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_cols, offs_n,
+                                 n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
+                                 dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND,
+                                 True, DROPOUT, UPCAST, IEEE)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_cols, offs_n,
+                             n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
+                             dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND,
+                             False, DROPOUT, UPCAST, IEEE)
+
+    dk = dk * scale
+    tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b * sdvb + hkv * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd, dv.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, start, end, k_end,
+              skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate dQ (BLOCK_M, D) over key blocks [start, end)."""
+    arange_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt_tile = arange_n[None, :] * skn + offs_d[:, None] * skd  # K^T (BLOCK_D, BLOCK_N)
+    vt_tile = arange_n[None, :] * svn + offs_dv[:, None] * svd  # V^T (BLOCK_DV, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + arange_n
+        n_ok = offs_n < k_end
+        kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
+                     mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+        vt = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + vt_tile,
+                     mask=(offs_dv[:, None] < HEAD_DIM_V) & n_ok[None, :], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+            vt = vt.to(tl.float32)
+        s = _dot(q, kt, IEEE) * qk_scale
+        mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
+        s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
+                         MASK_KIND, CAUSAL_TILE)
+        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+        dp = _dot(do, vt, IEEE)
+        if DROPOUT:
+            keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
+    return dq
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
+                 sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
+                 sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
+                 H, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks."""
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(Lq, BLOCK_M)
+    mblock = n_mblocks - 1 - pid % n_mblocks
+    bh = (pid // n_mblocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    start_m = mblock * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows * sdom + offs_dv[None, :] * sdod,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b * skb + hkv * skh
+    v_base = V + b * svb + hkv * svh
+    mask_rows = Mask + b * smb + h * smh + rows * smm
+    rng_rows = (bh * Lq + offs_m) * Lk
+
+    if IS_CAUSAL:
+        hi = tl.minimum(Lk, start_m + BLOCK_M)
+        mid = tl.minimum(hi, start_m + 1) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        mid = Lk
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, 0, mid, hi,
+                   skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                   BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE)
+    if IS_CAUSAL:
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, mid, hi, hi,
+                       skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                       BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True, DROPOUT, UPCAST, IEEE)
+    dq = dq * scale
+    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention weights and the dropout mask
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_weights(Q, K, Mask, Lse, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
+                  H, GROUP, Lq, Lk, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of W (B, H, Lq, Lk) fp32 contiguous = exp(scale * q k^T + mask - lse)."""
+    pid = tl.program_id(0)
+    n_mblocks = tl.cdiv(Lq, BLOCK_M)
+    n_nblocks = tl.cdiv(Lk, BLOCK_N)
+    start_m = pid % n_mblocks * BLOCK_M
+    start_n = pid // n_mblocks % n_nblocks * BLOCK_N
+    bh = (pid // n_mblocks // n_nblocks).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    n_ok = offs_n < Lk
+    rows = offs_m.to(tl.int64)[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    kt = tl.load(K + b * skb + hkv * skh + offs_n.to(tl.int64)[None, :] * skn + offs_d[:, None] * skd,
+                 mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        kt = kt.to(tl.float32)
+    s = _dot(q, kt, IEEE) * qk_scale
+    mask_ptrs = Mask + b * smb + h * smh + rows * smm + offs_n.to(tl.int64)[None, :] * smn
+    s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], Lk,
+                     MASK_KIND, IS_CAUSAL)
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    tl.store(W + (bh * Lq + rows) * Lk + offs_n[None, :], p, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(Keep, Lk, dropout_p, seed, BLOCK_N: tl.constexpr):
+    """Keep (B*H*Lq, Lk) uint8: the attention kernels' dropout decisions, same counters."""
+    pid = tl.program_id(0)
+    n_nblocks = tl.cdiv(Lk, BLOCK_N)
+    row = (pid // n_nblocks).to(tl.int64)
+    offs_n = pid % n_nblocks * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, row * Lk + offs_n, dropout_p)
+    tl.store(Keep + row * Lk + offs_n, keep.to(tl.uint8), mask=offs_n < Lk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs: autotuned on GPU, one small config in the interpreter (programs run one at a time on the CPU)
+# ----------------------------------------------------------------------------------------------------------
+_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT"]
+_SMEM_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for the compiler's own scratch
+_REGS_PER_THREAD = 160    # fp32 accumulator values a thread may hold before spills become likely
+
+
+def _fits(rows_tile, acc_cols, streamed_rows, streamed_cols, num_warps, num_stages, elem_bytes):
+    """Whether a config's resident tile (rows_tile x acc_cols fp32 accumulator, plus the same in the input dtype)
+    and its pipelined stream (num_stages x streamed_rows x streamed_cols) fit registers and shared memory."""
+    smem = (rows_tile * acc_cols + num_stages * streamed_rows * streamed_cols) * elem_bytes
+    regs = rows_tile * acc_cols // (num_warps * 32)
+    return smem <= _SMEM_BYTES and regs <= _REGS_PER_THREAD
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        named_args = {**named_args, **kwargs}  # the autotuner passes positional and keyword arguments apart
+        d, dv = named_args["BLOCK_D"], named_args["BLOCK_DV"]
+        elem = named_args["Q"].element_size()
+        kept = []
+        for c in configs:
+            bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+            if elem == 4:
+                # fp32 dots run in IEEE precision on the FMA units: large tiles only add shared memory (over 227 KB
+                # for 128 x 32 x 4 stages at head dim 128) and minutes of compile time, not speed.
+                ok = bm * bn <= 2048 and s <= 2
+            elif kind == "fwd":  # resident: Q and the output accumulator; streamed: K and V blocks
+                ok = _fits(bm, max(d, dv), bn, d + dv, w, s, elem)
+            elif kind == "dkdv":  # resident: K, V and their gradients; streamed: Q and dO blocks
+                ok = _fits(bn, d + dv, bm, d + dv, w, s, elem)
+            else:  # dq: resident Q, dO and dQ; streamed: K and V blocks
+                ok = _fits(bm, d + dv, bn, d + dv, w, s, elem)
+            if ok:
+                kept.append(c)
+        # The smallest config always fits a 256 head dim; keep it if the estimate rejected everything.
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return prune
+
+
+def _configs(kind):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+                  (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2)]
+    elif kind == "dkdv":  # BLOCK_N keys resident, BLOCK_M queries streamed
+        shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2),
+                  (16, 64, 4, 2)]
+    else:
+        shapes = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+
+
+def _tuned(kernel, kind):
+    return triton.autotune(configs=_configs(kind), key=_TUNING_KEY,
+                           prune_configs_by={"early_config_prune": _prune(kind)})(kernel)
+
+
+# Autotuning benchmarks every config on each new (lengths, head dims, flags, dtype) key. Off (or under the
+# interpreter) the launchers take the first config the predicate keeps: a GPU test grid then compiles each kernel
+# once per flag combination instead of once per config.
+AUTOTUNE = not INTERPRET and os.environ.get("FAST_ATTENTION_AUTOTUNE", "1") != "0"
+_KERNELS = {"fwd": (_attn_fwd, _tuned(_attn_fwd, "fwd")), "dkdv": (_attn_bwd_dkdv, _tuned(_attn_bwd_dkdv, "dkdv")),
+            "dq": (_attn_bwd_dq, _tuned(_attn_bwd_dq, "dq"))}
+
+
+def _launch(kind, grid, *args, **kwargs):
+    plain, tuned = _KERNELS[kind]
+    if AUTOTUNE:
+        tuned[grid](*args, **kwargs)
+        return
+    named = dict(zip(plain.arg_names, args))
+    c = _prune(kind)(_configs(kind), named, **kwargs)[0]
+    plain[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _decode_config(block_d, elem_bytes):
+    """Decoding's fixed tile: 16 query rows (the smallest tl.dot M) and a key block sized so that the pipelined
+    K and V blocks stay near 64 KB of shared memory (128 KB for fp32 at head dim 256)."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    block_n = max(32, min(128, 16384 // (block_d * elem_bytes)))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=3 if block_d * elem_bytes <= 256 else 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+
+
+def _mask_args(mask, q):
+    """(tensor, MASK_KIND, strides): the kernels read `mask` through its strides; bool is read as bytes."""
+    if mask is None:
+        return q, 0, (0, 0, 0, 0)
+    if mask.dtype == torch.bool:
+        return mask.view(torch.uint8), 1, mask.stride()
+    return mask, 2, mask.stride()
+
+
+def _flags(q, mask, is_causal, dropout_p):
+    _, kind, _ = _mask_args(mask, q)
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_D=_block(q.shape[-1]), IS_CAUSAL=bool(is_causal), MASK_KIND=kind,
+                DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET and q.dtype != torch.float32,
+                IEEE=q.dtype == torch.float32)
+
+
+def _dropout_args(dropout_p, seed):
+    return dict(dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed=int(seed))
+
+
+def _uses_split(Lq: int, Lk: int) -> bool:
+    return Lq <= DECODE_MAX_LQ and Lk >= DECODE_MIN_LK
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _num_splits(programs: int, Lk: int, device: torch.device, block_n: int) -> tuple[int, int]:
+    """(splits, keys per split, a multiple of block_n): enough programs to fill the GPU twice over."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_counts:
+            _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        target = 2 * _sm_counts[index]
+    else:  # the interpreter: enough splits to exercise the merge
+        target = 64
+    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(Lk, SPLIT_MIN_KEYS), MAX_SPLITS))
+    keys = triton.cdiv(triton.cdiv(Lk, splits), block_n) * block_n
+    return triton.cdiv(Lk, keys), keys
+
+
+def _combine(part_out, part_lse, out, lse, splits):
+    """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_lse (S, B, H, Lq) -> out, lse in place."""
+    rows = lse.numel()
+    dv = out.shape[-1]
+    _attn_combine[(rows,)](part_out, part_lse, out, lse, splits, part_out.stride(0), part_lse.stride(0),
+                           HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_block(dv),
+                           num_warps=4 if dv >= 128 else 2)
+
+
+def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse):
+    B, H, Lq, _ = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    mask_t, _, mask_strides = _mask_args(mask, q)
+    flags = _flags(q, mask, is_causal, dropout_p)
+    args = (q, k, v, mask_t)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
+    sizes = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed))
+    if not _uses_split(Lq, Lk):
+        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+        _launch("fwd", grid, *args, out, lse, *strides, 0, 0, keys_per_split=Lk, num_splits=1, **sizes,
+                HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **flags)
+        return
+    config = _decode_config(flags["BLOCK_D"], q.element_size())
+    n_mblocks = triton.cdiv(Lq, config["BLOCK_M"])
+    splits, keys = _num_splits(B * H * n_mblocks, Lk, q.device, config["BLOCK_N"])
+    if splits == 1:
+        part_out, part_lse = out, lse
+    else:
+        part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
+    _attn_fwd[(n_mblocks * splits * B * H,)](*args, part_out, part_lse, *strides, B * H * Lq * Dv, B * H * Lq,
+                                             keys_per_split=keys, num_splits=splits, **sizes, HEAD_DIM_V=Dv,
+                                             BLOCK_DV=_block(Dv), **flags, **config)
+    if splits > 1:
+        _combine(part_out, part_lse, out, lse, splits)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The backend interface (fast_attention/backends.py)
+# ----------------------------------------------------------------------------------------------------------
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_) -> str | None:
+    """None when the Triton kernels can run this call, else why not."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in _DTYPES:
+            return f"{name} is {t.dtype}; the Triton attention kernels take float16, bfloat16 and float32"
+    for name, d in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
+        if d > MAX_HEAD_DIM:
+            return f"the {name} head dim is {d}; the Triton attention kernels support head dims up to {MAX_HEAD_DIM}"
+    return None
+
+
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), lse fp32 (B, H, Lq)."""
+    B, H, Lq, _ = q.shape
+    out = torch.empty((B, H, Lq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    """dout, out (B, H, Lq, Dv), lse fp32 (B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    lse = lse.contiguous()
+    delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    block_m = 32 if INTERPRET else 64
+    _attn_bwd_delta[(triton.cdiv(Lq, block_m) * B * H,)](out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
+                                                         HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_DV=_block(Dv))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    mask_t, _, mask_strides = _mask_args(mask, q)
+    flags = dict(_flags(q, mask, is_causal, dropout_p), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
+    inputs = (q, k, v, mask_t, dout, lse, delta)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
+    common = dict(Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, scale=scale, **_dropout_args(dropout_p, seed), **flags)
+    _launch("dkdv", lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
+            *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
+    _launch("dq", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
+            *inputs, dq, *strides, *dq.stride(), H=H, GROUP=H // Hkv, **common)
+    return dq, dk, dv
+
+
+def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
+    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk), rebuilt from the forward's lse; dead rows are 0."""
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    w = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=q.device)
+    mask_t, _, mask_strides = _mask_args(mask, q)
+    flags = _flags(q, mask, is_causal, 0.0)
+    del flags["DROPOUT"]
+    bm, bn = (32, 32) if INTERPRET else (64, 64)
+    grid = (triton.cdiv(Lq, bm) * triton.cdiv(Lk, bn) * B * H,)
+    _attn_weights[grid](q, k, mask_t, lse.contiguous(), w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
+                        Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    return w
+
+
+def dropout_mask(seed: int, p: float, B: int, H: int, Lq: int, Lk: int, device) -> torch.Tensor:
+    """The kernels' dropout decisions for `seed` as bool (B, H, Lq, Lk), True = keep; for tests and debugging."""
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.uint8, device=device)
+    if keep.numel():
+        block_n = 128 if INTERPRET else 1024
+        _dropout_mask_kernel[(B * H * Lq * triton.cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
+                                                                        BLOCK_N=block_n)
+    return keep.bool()
