@@ -99,6 +99,7 @@ def providers(case: Case) -> dict:
             B, H, L, D = p["B"], p["H"], p["L"], p["D"]
             dtype = getattr(torch, p["dtype"])
             module = torch.nn.MultiheadAttention(H * D, H, batch_first=True, device=DEVICE, dtype=dtype)
+            module.train(direction != "forward")  # eval + no_grad lets torch take its fused inference path
             x = torch.randn(B, L, H * D, device=DEVICE, dtype=dtype, requires_grad=True)
             mask = torch.nn.Transformer.generate_square_subsequent_mask(L, device=DEVICE, dtype=dtype) if causal \
                 else None

@@ -130,9 +130,10 @@ def compiled(fn: Callable) -> Callable:
     """fn under torch.compile, compiled once for all shapes (dynamic=True), so a suite does not pay one
     compilation per case nor hit dynamo's recompile limit."""
     if fn not in _compiled:
-        if hasattr(torch._functorch.config, "donated_buffer"):
+        import torch._functorch.config as functorch_config
+        if hasattr(functorch_config, "donated_buffer"):
             # Donated buffers forbid backward(retain_graph=True), which the backward-only timing replays.
-            torch._functorch.config.donated_buffer = False
+            functorch_config.donated_buffer = False
         _compiled[fn] = torch.compile(fn, dynamic=True)
     return _compiled[fn]
 
