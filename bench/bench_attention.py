@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fast_attention as fa
+from fast_attention import reference
 from bench.harness import (ATTENTION_FLOPS, DEVICE, DIRECTIONS, SHORT, Case, Check, Mode, Suite, compiled,
-                           directed, dtype_name, optional_import, reference, timed_backends, triplets)
+                           directed, dtype_name, optional_import, timed_backends, triplets)
 
 DIRECTION_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 WIDTH, TOKENS = 2048, 16384

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import fast_attention as fa
+from fast_attention import reference
 from bench.bench_attention import SDPA_KERNELS, attention_flops
 from bench.harness import (DEVICE, Case, Check, Mode, Suite, compiled, directed, dtype_name, optional_import,
-                           reference, timed_backends, triplets)
+                           timed_backends, triplets)
 
 
 def cases(mode: Mode) -> list:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import fast_attention as fa
+from fast_attention import reference
 from bench.harness import (DEVICE, DIRECTIONS, ROW_BYTES, SHORT, Case, Check, Mode, Skip, Suite, compiled, directed,
-                           dtype_name, optional_import, reference, row_shapes, timed_backends, triplets)
+                           dtype_name, optional_import, row_shapes, timed_backends, triplets)
 
 EPS = 1e-5
 
@@ -84,7 +85,8 @@ def norm_suite(op: str) -> Suite:
     name = op.replace("_", "")
     return Suite(
         name=name,
-        title=f"{'LayerNorm' if has_bias else 'RMSNorm'} over the last dim, with weight{' and bias' if has_bias else ''}",
+        title=("LayerNorm over the last dim, with weight and bias" if has_bias else
+               "RMSNorm over the last dim, with weight"),
         metric="GB/s",
         convention=ROW_BYTES,
         label=lambda p: f"{SHORT[p['direction']]} {p['dtype']} {p['M']}x{p['N']}",

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import torch
 
-from bench.harness import DEVICE, Case, Mode, Skip, Suite, timed_backends
+from bench.harness import DEVICE, Case, Check, Mode, Skip, Suite, timed_backends, triplets
 
 try:
     from fast_attention.models import Transformer, TransformerConfig
@@ -120,6 +120,25 @@ def providers(case: Case) -> dict:
     return made
 
 
+def checks(mode: Mode) -> list:
+    """A tiny model's logits on each backend against the reference backend in float32 and in float64."""
+    if MISSING is not None:
+        return []
+
+    def logits(backend, dtype):
+        torch.manual_seed(0)
+        cfg = TransformerConfig(kind="decoder", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                max_seq_len=32, pos_encoding="rope", norm="rmsnorm", dropout=0.0, backend=backend)
+        model = Transformer(cfg).to(device=DEVICE, dtype=dtype)
+        return lambda idx: model(idx)[0]
+
+    def run(backend):
+        idx = torch.randint(0, 64, (2, 13), device=DEVICE)
+        return triplets(logits(backend, torch.float32), logits("reference", torch.float32),
+                        logits("reference", torch.float64), {"idx": idx}, grad=False)
+    return [Check("decoder logits float32 B2 T13", run)]
+
+
 SUITE = Suite(
     name="model",
     title="Decoder-only Transformer: training step and generation",
@@ -129,6 +148,7 @@ SUITE = Suite(
     label=label,
     cases=cases,
     providers=providers,
+    checks=checks,
     x="T",
     panels=("task",),
 )

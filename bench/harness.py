@@ -17,7 +17,6 @@ import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,7 +32,6 @@ if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fast_attention as fa  # noqa: E402
-from fast_attention import reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,11 +89,6 @@ class Suite:
 # ------------------------------------------------------------------------------------------------------------
 # Providers: the names of our kernels, and helpers the suites share.
 # ------------------------------------------------------------------------------------------------------------
-def our_backends() -> list[str]:
-    """fast_attention's kernel backends usable here (reference is the oracle, so it counts as a baseline)."""
-    return [b for b in fa.available_backends() if b != "reference"]
-
-
 def timed_backends() -> list[str]:
     """Backends whose speed means something here: under the Triton interpreter only the checks run Triton."""
     return [b for b in fa.available_backends() if not (b == "triton" and INTERPRETED)]
@@ -115,11 +108,10 @@ def directed(direction: str, forward: Callable, leaves) -> tuple:
             with torch.no_grad():
                 return forward()
         return run, ()
-    out = forward()
-    grad = torch.randn_like(out)
+    saved = forward()
+    grad = torch.randn_like(saved)
     if direction == "backward":
-        return (lambda: out.backward(grad, retain_graph=True)), leaves
-    del out
+        return (lambda: saved.backward(grad, retain_graph=True)), leaves
     return (lambda: forward().backward(grad)), leaves
 
 
@@ -210,20 +202,21 @@ def measure_limits(quick: bool) -> dict:
         n_bytes, n, dtype = 2**30, 8192, torch.bfloat16
     else:
         n_bytes, n, dtype = 2**26, 1024, torch.float32
-    src = torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE).random_()
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), quick=quick)[0]
-    del src, dst
-    a = torch.randn(n, n, dtype=dtype, device=DEVICE)
-    b = torch.randn(n, n, dtype=dtype, device=DEVICE)
-    mm_ms = time_ms(lambda: torch.matmul(a, b), quick=quick)[0]
-    del a, b
+    copy_ms = _time_binary(torch.Tensor.copy_, torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE),
+                           torch.empty(n_bytes, dtype=torch.uint8, device=DEVICE).random_(), quick)
+    mm_ms = _time_binary(torch.matmul, torch.randn(n, n, dtype=dtype, device=DEVICE),
+                         torch.randn(n, n, dtype=dtype, device=DEVICE), quick)
+    _release()
     return {
         "copy GB/s": 2 * n_bytes / copy_ms / 1e6,
         "copy": f"{n_bytes // 2**20} MiB device-to-device copy_ (read + write)",
         "matmul TFLOP/s": 2 * n**3 / mm_ms / 1e9,
         "matmul": f"torch.matmul {str(dtype).removeprefix('torch.')} {n}x{n}x{n}",
     }
+
+
+def _time_binary(op: Callable, a, b, quick: bool) -> float:
+    return time_ms(lambda: op(a, b), quick=quick)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -300,7 +293,8 @@ def run_checks(suite: Suite, mode: Mode) -> list[dict]:
                 worst = 0.0
                 for what, ours_t, torch_t, ref_t in check.run(backend):
                     assert_close(ours_t, torch_t, ref_t, name=what)
-                    worst = max(worst, (ours_t.double().cpu() - ref_t.double().cpu()).abs().nan_to_num(0.0).max().item())
+                    error = (ours_t.double().cpu() - ref_t.double().cpu()).abs().nan_to_num(0.0)
+                    worst = max(worst, error.max().item() if error.numel() else 0.0)
                 row.update(result="PASS", detail=f"max |err| {worst:.2e}")
             except NotImplementedError as e:
                 row.update(result="n/a", detail=_short(e))
@@ -494,7 +488,8 @@ def _print_table(title: str, header: list[str], body: list[list[str]]) -> None:
         from rich.markup import escape
         for i, cells in enumerate(body):
             style = "red" if "FAIL" in cells else None
-            table.add_row(*(escape(c) for c in cells), style=style, end_section=i + 1 < len(body) and body[i + 1][0] != "")
+            last_of_group = i + 1 < len(body) and body[i + 1][0] != ""
+            table.add_row(*(escape(c) for c in cells), style=style, end_section=last_of_group)
         rich.Console(width=max(160, rich.Console().width)).print(table)
         return
     widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(header)]
@@ -542,7 +537,8 @@ def write_summary(out: Path) -> Path:
                 r = cell.get((case, p), {})
                 v = r.get(key) if r.get(key) is not None else (r.get("ms") and f"{_fmt(r['ms'], 4)} ms")
                 values.append(_fmt(v) if isinstance(v, float) else (v or _abbrev(r.get("note", ""))))
-            lines.append(f"| {case} | " + " | ".join(values) + (f" | {_best_speedup(case, rows)} |" if speedup else " |"))
+            tail = f" | {_best_speedup(case, rows)} |" if speedup else " |"
+            lines.append(f"| {case} | " + " | ".join(values) + tail)
         lines.append("")
     path = out / "summary.md"
     path.write_text("\n".join(lines))
@@ -655,7 +651,8 @@ def main(argv=None) -> int:
     out = args.out or default_out()
     mode = Mode(gpu=GPU, quick=args.quick)
     names = SUITES if args.suite == "all" else (args.suite,)
-    print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, torch {torch.__version__}")
+    print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, "
+          f"torch {torch.__version__}")
     if not GPU:
         print("No GPU here: running the small CPU suite (correctness of every backend, Triton under its interpreter, "
               "and reference/torch timings on the CPU). GPU figures need a GPU: run this again on one.")
