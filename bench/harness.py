@@ -502,7 +502,8 @@ def _print_table(title: str, header: list[str], body: list[list[str]]) -> None:
 def write_summary(out: Path) -> Path:
     """summary.md from every suite's JSON in `out`: one table per suite, cases down, providers across."""
     lines = ["# Benchmark summary", ""]
-    for path in sorted(out.glob("*.json")):
+    order = {name: i for i, name in enumerate(SUITES)}
+    for path in sorted(out.glob("*.json"), key=lambda path: (order.get(path.stem, len(order)), path.stem)):
         result = json.loads(path.read_text())
         env, limits, key = result["env"], result["limits"], _metric_key(result["metric"])
         lines += [f"## {result['title']}", "",
