@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import fast_attention as fa
 from fast_attention import reference
-from bench.harness import (ATTENTION_FLOPS, DEVICE, DIRECTIONS, SHORT, Case, Check, Mode, Suite, compiled,
+from bench.harness import (ATTENTION_FLOPS, DEVICE, DIRECTIONS, SHORT, Case, Check, Mode, Skip, Suite, compiled,
                            directed, dtype_name, optional_import, timed_backends, triplets)
 
 DIRECTION_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
@@ -63,6 +63,17 @@ def _qkv(p: dict, layout: str = "BHLD") -> list:
     return [torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
+REFERENCE_LIMIT_GIB = 8
+
+
+def _skip_huge_reference(p: dict) -> None:
+    """The reference materializes the (B, H, L, L) scores in fp32 several times over: past a few GiB it only
+    measures the allocator (or runs out of memory) and costs the suite minutes."""
+    gib = p["B"] * p["H"] * p["L"] * p["L"] * 4 / 2**30
+    if gib > REFERENCE_LIMIT_GIB:
+        raise Skip(f"skipped: the reference materializes the B*H*L*L scores ({gib:.0f} GiB in fp32)")
+
+
 def providers(case: Case) -> dict:
     p = case.params
     direction, causal = p["direction"], p["causal"]
@@ -70,6 +81,8 @@ def providers(case: Case) -> dict:
 
     def ours(backend):
         def setup():
+            if backend == "reference":
+                _skip_huge_reference(p)
             q, k, v = _qkv(p)
             return directed(direction, lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=causal,
                                                                                backend=backend), (q, k, v))
@@ -113,6 +126,7 @@ def providers(case: Case) -> dict:
     made["torch MHA need_weights=False"] = mha(False)
 
     def compiled_reference():
+        _skip_huge_reference(p)
         q, k, v = _qkv(p)
         attend = compiled(reference.scaled_dot_product_attention)
         return directed(direction, lambda: attend(q, k, v, is_causal=causal), (q, k, v))
