@@ -32,8 +32,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-FP32_MAX = 3.4028234663852886e38
+# Kernels see module globals only when they are constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+_FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 MAX_HEAD_DIM = 256
 
@@ -68,7 +70,7 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.const
         add = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32)
         # log2(e) * finfo.min overflows to -inf, which would turn a row masked with finfo.min (uniform weights in
         # torch) into a dead row; clamp such values to the largest finite magnitude but keep a real -inf.
-        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * 1.4426950408889634, -3.4028234663852886e38))
+        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * _LOG2E, -_FP32_MAX))
         s = s + add2
     s = tl.where(k_idx < k_end, s, float("-inf"))
     if CAUSAL_TILE:
@@ -185,7 +187,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.math.log2(tl.where(live, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(live, (m_i + tl.math.log2(tl.where(live, l_i, 1.0))) * _LN2, float("-inf"))
     rows = bh * Lq + offs_m
     o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
@@ -261,7 +263,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, 
             do = do.to(tl.float32)
         # Dead rows (lse = -inf) and rows past Lq read lse = +inf so that P = exp2(s - lse) is 0 there.
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         st = _dot(k, qt, IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
         mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
@@ -409,7 +411,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
@@ -471,7 +473,7 @@ def _attn_weights(Q, K, Mask, Lse, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, sm
     s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], Lk,
                      MASK_KIND, IS_CAUSAL)
     lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
     tl.store(W + (bh * Lq + rows) * Lk + offs_n[None, :], p, mask=row_ok[:, None] & n_ok[None, :])
 
@@ -601,10 +603,6 @@ def _dropout_args(dropout_p, seed):
     return dict(dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed=int(seed))
 
 
-def _uses_split(Lq: int, Lk: int) -> bool:
-    return Lq <= DECODE_MAX_LQ and Lk >= DECODE_MIN_LK
-
-
 _sm_counts: dict[int, int] = {}
 
 
@@ -631,32 +629,34 @@ def _combine(part_out, part_lse, out, lse, splits):
                            num_warps=4 if dv >= 128 else 2)
 
 
-def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse):
+def _split_plan(q, k):
+    """None for one autotuned pass over the keys; for decoding (few queries, many keys) the fixed tile config and
+    (splits, keys per split)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if Lq > DECODE_MAX_LQ or Lk < DECODE_MIN_LK:
+        return None
+    config = _decode_config(_block(D), q.element_size())
+    splits, keys = _num_splits(B * H * triton.cdiv(Lq, config["BLOCK_M"]), Lk, q.device, config["BLOCK_N"])
+    return config, splits, keys
+
+
+def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None):
+    """Launch _attn_fwd writing out (B, H, Lq, Dv) and lse (B, H, Lq), or with a split plan the parts
+    (splits, B, H, Lq, Dv) and (splits, B, H, Lq)."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
-    flags = _flags(q, mask, is_causal, dropout_p)
-    args = (q, k, v, mask_t)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    sizes = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed))
-    if not _uses_split(Lq, Lk):
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        _launch("fwd", grid, *args, out, lse, *strides, 0, 0, keys_per_split=Lk, num_splits=1, **sizes,
-                HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **flags)
+    args = (q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
+    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed),
+                  HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
+    if plan is None:
+        _launch("fwd", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
+                num_splits=1, **kwargs)
         return
-    config = _decode_config(flags["BLOCK_D"], q.element_size())
-    n_mblocks = triton.cdiv(Lq, config["BLOCK_M"])
-    splits, keys = _num_splits(B * H * n_mblocks, Lk, q.device, config["BLOCK_N"])
-    if splits == 1:
-        part_out, part_lse = out, lse
-    else:
-        part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
-    _attn_fwd[(n_mblocks * splits * B * H,)](*args, part_out, part_lse, *strides, B * H * Lq * Dv, B * H * Lq,
-                                             keys_per_split=keys, num_splits=splits, **sizes, HEAD_DIM_V=Dv,
-                                             BLOCK_DV=_block(Dv), **flags, **config)
-    if splits > 1:
-        _combine(part_out, part_lse, out, lse, splits)
+    config, splits, keys = plan
+    grid = (triton.cdiv(Lq, config["BLOCK_M"]) * splits * B * H,)
+    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, **kwargs, **config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,9 +679,18 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), lse fp32 (B, H, Lq)."""
     B, H, Lq, _ = q.shape
-    out = torch.empty((B, H, Lq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    Dv = v.shape[-1]
+    out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse)
+    plan = _split_plan(q, k)
+    if plan is None or plan[1] == 1:
+        _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan)
+        return out, lse
+    splits = plan[1]
+    part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
+    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_lse, plan)
+    _combine(part_out, part_lse, out, lse, splits)
     return out, lse
 
 
