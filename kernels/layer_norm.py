@@ -1,20 +1,24 @@
 """LayerNorm over the rows of contiguous (M, N) matrices, forward and backward; weight and bias optional.
 
 Forward, one program per row: y = (x - mean) * rstd * w + b, saving mean and rstd (fp32, (M,)). A row that fits
-one block (N <= MAX_BLOCK_N) is read once (bytes: read MN + 2N, write MN + 2M); a longer row is read twice, its
-statistics gathered in one streaming pass (per-lane Welford, merged at the end) before the normalize pass.
+one block (N <= MAX_BLOCK_N) is read once (elements moved: read MN + 2N, write MN + 2M); a longer row is read
+twice, its statistics gathered in one streaming pass (per-lane Welford, merged at the end) before the normalize
+pass.
 
 Backward: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * w and xhat = (x - mean) * rstd.
 dweight = sum over rows of dy * xhat and dbias = sum of dy are reduced deterministically, never with atomics:
 each of G programs owns a contiguous range of rows and writes its partial sums to its own row of a (G, N) fp32
 buffer; a second kernel then sums the G rows in a fixed order. G is the SM count on CUDA, so every SM holds one
-program; the partition depends only on M and the device, so two runs give the same bits.
+program; the partition depends only on M and the device, so two runs give the same bits. Elements moved with
+one-block rows: read 2MN + N + 2M, write MN, plus 2GN per parameter for the partial sums (G << M).
 """
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .softmax import row_config
 
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block path.
 # Tests lower it to reach that path with short rows.
@@ -202,14 +206,6 @@ def _sum_partials_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def row_config(N: int, max_block: int) -> tuple[int, int, bool]:
-    """(BLOCK_N, num_warps, one_block) for rows of N elements and blocks of at most max_block elements."""
-    block = min(triton.next_power_of_2(N), max_block)
-    # About 16 fp32 elements per thread keeps a row block in registers without spilling.
-    num_warps = max(1, min(16, block // 512))
-    return block, num_warps, block >= N
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -1,8 +1,8 @@
 """RMSNorm over the rows of contiguous (M, N) matrices, forward and backward; weight optional.
 
 Forward, one program per row: y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), saved in fp32 (M,). A row
-that fits one block is read once (bytes: read MN + N, write MN + M); a longer row twice (sum of squares, then
-the output).
+that fits one block is read once (elements moved: read MN + N, write MN + M); a longer row twice (sum of
+squares, then the output).
 
 Backward: dx = rstd * (g - xhat * mean(g * xhat)) with g = dy * w and xhat = x * rstd; dweight = sum over rows of
 dy * xhat, reduced deterministically through a (G, N) fp32 buffer of per-program partial sums and a fixed-order
@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layer_norm import partial_programs, row_config, sum_partials
+from .layer_norm import partial_programs, sum_partials
+from .softmax import row_config
 
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block path.
 # Tests lower it to reach that path with short rows.

@@ -109,10 +109,11 @@ def _softmax_backward_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def row_config(N: int) -> tuple[int, int, bool]:
-    """(BLOCK_N, num_warps, one_block) for rows of N elements."""
-    block = min(triton.next_power_of_2(N), MAX_BLOCK_N)
-    # About 16 fp32 elements per thread keeps the row in registers without spilling.
+def row_config(N: int, max_block: int) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_warps, one_block) for rows of N elements and blocks of at most max_block elements; the
+    norms use it too."""
+    block = min(triton.next_power_of_2(N), max_block)
+    # About 16 fp32 elements per thread keeps a row block in registers without spilling.
     num_warps = max(1, min(16, block // 512))
     return block, num_warps, block >= N
 
@@ -121,7 +122,7 @@ def softmax_forward(x: torch.Tensor) -> torch.Tensor:
     """softmax over the rows of x (M, N), contiguous; returns (M, N) in x's dtype."""
     M, N = x.shape
     y = torch.empty_like(x)
-    block, num_warps, one_block = row_config(N)
+    block, num_warps, one_block = row_config(N, MAX_BLOCK_N)
     kernel = _softmax_forward_one_block if one_block else _softmax_forward_online
     kernel[(M,)](x, y, x.stride(0), y.stride(0), N, BLOCK_N=block, num_warps=num_warps)
     return y
@@ -131,7 +132,7 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Gradient of softmax: y and dy (M, N), contiguous; returns dx (M, N) in dy's dtype."""
     M, N = y.shape
     dx = torch.empty_like(dy)
-    block, num_warps, one_block = row_config(N)
+    block, num_warps, one_block = row_config(N, MAX_BLOCK_N)
     _softmax_backward_kernel[(M,)](y, dy, dx, y.stride(0), dy.stride(0), dx.stride(0), N, BLOCK_N=block,
                                    ONE_BLOCK=one_block, num_warps=num_warps)
     return dx

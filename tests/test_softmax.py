@@ -122,7 +122,7 @@ def test_triton_multi_block_path(device, monkeypatch, dtype):
     """A row longer than the block cap goes through the online multi-block kernels, and they are right."""
     module = triton_softmax_module()
     monkeypatch.setattr(module, "MAX_BLOCK_N", 64)  # short rows reach the multi-block path quickly on the CPU
-    assert module.row_config(1000) == (64, 1, False) and module.row_config(64)[2]
+    assert module.row_config(1000, 64) == (64, 1, False) and module.row_config(64, 64)[2]
     one_block = Spy(module._softmax_forward_one_block)
     online = Spy(module._softmax_forward_online)
     backward = Spy(module._softmax_backward_kernel)
