@@ -44,7 +44,7 @@ def check_norm(kind, backend, x, normalized_shape, weight=None, bias=None, eps=1
     ours_fn = getattr(fa, kind)
     theirs_fn = F.layer_norm if kind == "layer_norm" else F.rms_norm
     ref_fn = getattr(reference, kind)
-    ref_eps = torch.finfo(x.dtype).eps if eps is None else eps  # rms_norm's default follows the input's dtype
+    ref_eps = reference.default_rms_eps(x.dtype) if eps is None else eps  # the float64 run must use x's default
     dy = torch.randn(view(x).shape, device=x.device).to(x.dtype)
     ours, ours_grads = run(call(lambda *a: ours_fn(*a, backend=backend), eps), leaves, dy)
     theirs, theirs_grads = run(call(theirs_fn, eps), leaves, dy)
