@@ -1,0 +1,362 @@
+"""A full Transformer on fast_attention's ops: encoder-only, decoder-only (causal, with KV-cached generation) and
+encoder-decoder, as in "Attention Is All You Need" (Vaswani et al., 2017), with the usual modern options
+(pre-norm, RMSNorm, rotary positions, grouped-query attention).
+
+Every attention goes through one call site (`Attention.forward`) and every norm is `fast_attention.nn`'s, both
+with the config's `backend`, so one field switches the whole model between the reference, Triton and CUDA kernels.
+
+Shapes: B batch, T target/query length, S source/key length, C = d_model, H heads, Hkv key/value heads,
+hd = head dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as torch_F
+
+from .. import backends
+from .. import functional as F
+from ..nn import LayerNorm, RMSNorm
+
+KINDS = ("decoder", "encoder", "encoder-decoder")
+POSITIONS = ("sinusoidal", "learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclass
+class TransformerConfig:
+    kind: str = "decoder"             # "decoder" (GPT: causal LM), "encoder" (BERT-like), "encoder-decoder" (Vaswani)
+    vocab_size: int = 256             # bytes fit, so a character-level model needs no tokenizer
+    src_vocab_size: int | None = None  # encoder-decoder only; None shares the embedding, as Vaswani's shared BPE
+    max_seq_len: int = 512            # size of the position tables and of the KV cache
+    n_layers: int = 4                 # per stack (encoder and decoder each); Vaswani uses 6, a small model 4
+    d_model: int = 256                # width of the residual stream
+    n_heads: int = 8                  # d_model / n_heads = 32-dim heads, within every kernel's head-dim range
+    n_kv_heads: int | None = None     # None: = n_heads (multi-head); fewer: grouped-query attention, smaller cache
+    d_ff: int | None = None           # None: 4 * d_model, Vaswani's ratio (512 -> 2048)
+    dropout: float = 0.1              # Vaswani's P_drop, on embeddings, attention weights and sublayer outputs
+    pos_encoding: str = "sinusoidal"  # Vaswani's fixed sinusoids; "learned" (GPT-2) or "rope" (rotary, relative)
+    rope_base: float = 10000.0        # RoPE's wavelength base, as Su et al. (2021)
+    norm: str = "layernorm"           # "rmsnorm" drops the mean and the bias (Zhang & Sennrich, 2019)
+    norm_first: bool = True           # pre-norm trains stably without warmup (Xiong et al., 2020); False: post-norm
+    norm_eps: float = 1e-5            # torch.nn.LayerNorm's default
+    bias: bool = True                 # biases in the linear layers and LayerNorm, as Vaswani
+    tie_embeddings: bool = False      # True shares the output projection with the token embedding (Vaswani 3.4);
+                                      # tied, the untrained model predicts its own input token (the embedding is
+                                      # scaled up by sqrt(C)), so the first loss is ~2x a uniform guess's
+    backend: str | None = None        # fast_attention backend for every op; None picks the fastest per call
+
+    def __post_init__(self):
+        for field, value, allowed in (("kind", self.kind, KINDS), ("pos_encoding", self.pos_encoding, POSITIONS),
+                                      ("norm", self.norm, NORMS)):
+            if value not in allowed:
+                raise ValueError(f"TransformerConfig: {field} must be one of {allowed}, got {value!r}")
+        if self.backend is not None and self.backend not in backends.NAMES:
+            raise ValueError(f"TransformerConfig: backend must be one of {backends.NAMES} or None, got "
+                             f"{self.backend!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"TransformerConfig: d_model ({self.d_model}) must be divisible by n_heads "
+                             f"({self.n_heads}), and n_heads by n_kv_heads ({self.n_kv_heads})")
+        if self.pos_encoding == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("TransformerConfig: rotary positions need an even head dim (d_model // n_heads)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"TransformerConfig: dropout must be in [0, 1), got {self.dropout}")
+
+
+def sinusoids(length: int, dim: int) -> Tensor:
+    """Vaswani's table (length, dim): PE[p, 2i] = sin(p / 10000^(2i/dim)), PE[p, 2i+1] = cos(same)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), 10000.0 ** (-torch.arange(0, dim, 2) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = angles.sin()
+    table[:, 1::2] = angles.cos()[:, : dim // 2]
+    return table.float()
+
+
+def rotary_table(length: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of position p times frequency base^(-2i/head_dim): each (length, head_dim / 2)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float64),
+                         base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each (x_i, x_{i + hd/2}) pair of x (B, H, T, hd) by its position's angle; cos, sin (T, hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # each (B, H, T, hd/2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """One attention layer's keys and values so far, in buffers preallocated for `max_len` positions so that each
+    decoding step writes one position in place instead of copying the whole cache."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.length, self.k, self.v = max_len, 0, None, None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, Hkv, T, hd) -> every key and value cached so far, (B, Hkv, length, hd) views."""
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[-1])  # (B, Hkv, max_len, hd)
+            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[-1])
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention: self-attention, or cross-attention when given a `context`."""
+
+    def __init__(self, cfg: TransformerConfig, causal: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * self.head_dim, bias=cfg.bias)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.causal, self.dropout, self.backend = causal, cfg.dropout, cfg.backend
+        self.keep_weights, self.weights = False, None  # Transformer.attention_maps sets keep_weights
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                rotary: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None) -> Tensor:
+        """x (B, T, C); context (B, S, C) or None for self-attention; mask bool, True = attend, broadcastable to
+        (B, H, T, S); rotary (cos, sin) for x's positions; cache holds earlier keys/values -> (B, T, C)."""
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        if cache is not None and context is not None and cache.length > 0:
+            k, v = cache.k, cache.v  # the encoder's output does not change while decoding: project it once
+        else:
+            source = x if context is None else context
+            kv = self.kv(source).view(B, source.shape[1], 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hkv, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, Hkv, S, hd)
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        is_causal, earlier = False, k.shape[2] - T  # `earlier`: cached positions before this call's queries
+        if self.causal and earlier == 0:
+            is_causal = True  # prefill or no cache: torch's top-left causal mask is the right one when T == S
+        elif self.causal and T > 1:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(earlier)  # bottom-right
+        # A single new query (T == 1) after `earlier` cached keys may see all of them: no mask at all.
+        args = dict(attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+                    enable_gqa=self.n_kv_heads != self.n_heads, backend=self.backend)
+        if self.keep_weights:
+            y, self.weights = F.scaled_dot_product_attention_with_weights(q, k, v, **args)  # weights (B, H, T, S)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **args)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, H, hd) -> (B, T, C)
+
+
+class FeedForward(nn.Sequential):
+    """Position-wise MLP: C -> d_ff -> GELU -> C."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias), nn.GELU(),
+                         nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias))
+
+
+def make_norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps, backend=cfg.backend)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias, backend=cfg.backend)
+
+
+class Block(nn.Module):
+    """Self-attention, then cross-attention to the encoder's output (decoder of an encoder-decoder only), then the
+    feed-forward net; each sublayer is wrapped as x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm)."""
+
+    def __init__(self, cfg: TransformerConfig, causal: bool, cross: bool):
+        super().__init__()
+        self.self_attn, self.norm_self = Attention(cfg, causal), make_norm(cfg)
+        self.cross_attn = Attention(cfg, causal=False) if cross else None
+        self.norm_cross = make_norm(cfg) if cross else None
+        self.ff, self.norm_ff = FeedForward(cfg), make_norm(cfg)
+        self.drop, self.norm_first = nn.Dropout(cfg.dropout), cfg.norm_first
+
+    def forward(self, x: Tensor, mask=None, rotary=None, memory=None, memory_mask=None, cache=None) -> Tensor:
+        """x (B, T, C); memory (B, S, C) the encoder's output; cache a (self, cross) pair of KVCache -> (B, T, C)."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = self.sublayer(x, self.norm_self, lambda h: self.self_attn(h, None, mask, rotary, self_cache))
+        if self.cross_attn is not None:
+            x = self.sublayer(x, self.norm_cross, lambda h: self.cross_attn(h, memory, memory_mask, None, cross_cache))
+        return self.sublayer(x, self.norm_ff, self.ff)
+
+    def sublayer(self, x: Tensor, norm: nn.Module, f) -> Tensor:
+        if self.norm_first:
+            return x + self.drop(f(norm(x)))
+        return norm(x + self.drop(f(x)))
+
+
+class Embedding(nn.Module):
+    """Tokens, scaled by sqrt(C) as Vaswani, plus absolute positions (none with rotary: those act in attention)."""
+
+    def __init__(self, cfg: TransformerConfig, vocab_size: int):
+        super().__init__()
+        self.tokens, self.scale = nn.Embedding(vocab_size, cfg.d_model), math.sqrt(cfg.d_model)
+        self.positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_encoding == "learned" else None
+        self.register_buffer("sinusoids", sinusoids(cfg.max_seq_len, cfg.d_model)
+                             if cfg.pos_encoding == "sinusoidal" else None, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: Tensor, start: int = 0) -> Tensor:
+        """idx (B, T) token ids at positions start .. start + T - 1 -> (B, T, C)."""
+        x = self.tokens(idx) * self.scale
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(start, start + idx.shape[1], device=idx.device))
+        elif self.sinusoids is not None:
+            x = x + self.sinusoids[start:start + idx.shape[1]].to(x.dtype)
+        return self.drop(x)
+
+
+class Transformer(nn.Module):
+    """model(idx, targets=None, *, src=None, src_key_padding_mask=None) -> (logits (B, T, V), loss or None).
+
+    kind "decoder": idx (B, T) is read causally; "encoder": idx is read in both directions; "encoder-decoder":
+    src (B, S) is encoded and idx decoded causally with cross-attention to it. src_key_padding_mask (B, S) bool,
+    True at padding, as torch.nn.Transformer: the encoder's input (idx for "encoder", src for "encoder-decoder").
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embedding(cfg, cfg.vocab_size)
+        self.src_embed = Embedding(cfg, cfg.src_vocab_size) if cfg.kind == "encoder-decoder" and \
+            cfg.src_vocab_size is not None else None
+        final_norm = make_norm if cfg.norm_first else (lambda cfg: nn.Identity())  # post-norm ends normalized
+        self.encoder = self.encoder_norm = self.decoder = self.decoder_norm = None
+        if cfg.kind != "decoder":
+            self.encoder = nn.ModuleList(Block(cfg, causal=False, cross=False) for _ in range(cfg.n_layers))
+            self.encoder_norm = final_norm(cfg)
+        if cfg.kind != "encoder":
+            self.decoder = nn.ModuleList(Block(cfg, causal=True, cross=cfg.kind == "encoder-decoder")
+                                         for _ in range(cfg.n_layers))
+            self.decoder_norm = final_norm(cfg)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.pos_encoding == "rope":
+            cos, sin = rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.tokens.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)  # GPT-2's; keeps the initial residual stream small
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # std 1/sqrt(C): times sqrt(C) the tokens have unit scale, like the sinusoids they are added to
+            nn.init.normal_(module.weight, std=self.cfg.d_model ** -0.5)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *, src: Tensor | None = None,
+                src_key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.cfg.kind == "encoder":
+            if src is not None:
+                raise ValueError("Transformer: an encoder-only model reads idx; src is for kind 'encoder-decoder'")
+            logits = self.head(self.encode(idx, src_key_padding_mask))
+        else:
+            if (src is None) != (self.cfg.kind == "decoder"):
+                raise ValueError(f"Transformer: src is required by kind 'encoder-decoder' and only by it "
+                                 f"(this model is {self.cfg.kind!r})")
+            memory = None if src is None else self.encode(src, src_key_padding_mask)
+            logits = self.decode(idx, memory, _attend_mask(src_key_padding_mask))
+        if targets is None:
+            return logits, None
+        return logits, torch_F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over B * T positions
+
+    def encode(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
+        """src (B, S) -> the encoder's output (B, S, C); padded positions are never attended to."""
+        x, rotary, mask = (self.src_embed or self.embed)(src), self._rotary(0, src.shape[1]), \
+            _attend_mask(src_key_padding_mask)
+        for block in self.encoder:
+            x = block(x, mask=mask, rotary=rotary)
+        return self.encoder_norm(x)
+
+    def decode(self, idx: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None,
+               caches: list | None = None, start: int = 0) -> Tensor:
+        """idx (B, T) at positions start.. -> logits (B, T, V); memory (B, S, C) from encode(); caches from
+        new_caches() hold the keys and values of positions before `start`."""
+        x, rotary = self.embed(idx, start), self._rotary(start, idx.shape[1])
+        for i, block in enumerate(self.decoder):
+            x = block(x, rotary=rotary, memory=memory, memory_mask=memory_mask,
+                      cache=None if caches is None else caches[i])
+        return self.head(self.decoder_norm(x))
+
+    def _rotary(self, start: int, length: int) -> tuple[Tensor, Tensor] | None:
+        if self.cfg.pos_encoding != "rope":
+            return None
+        return self.rope_cos[start:start + length], self.rope_sin[start:start + length]  # each (T, hd/2)
+
+    def new_caches(self, max_len: int, src_len: int = 0) -> list[tuple[KVCache, KVCache]]:
+        """One (self-attention, cross-attention) pair of empty caches per decoder layer."""
+        return [(KVCache(max_len), KVCache(src_len)) for _ in self.decoder]
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
+                 src: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
+                 use_cache: bool = True) -> Tensor:
+        """idx (B, T) prompt -> (B, T + max_new_tokens). temperature=0 takes the argmax. With use_cache the prompt
+        is run once (prefill) and each new token attends, alone, to the cached keys; without, every step reruns
+        the whole sequence (the slow path, kept as the check of the fast one). Runs in eval mode (no dropout)."""
+        if self.decoder is None:
+            raise ValueError("Transformer.generate: an encoder-only model does not generate")
+        if idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"Transformer.generate: prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} "
+                             f"exceeds max_seq_len {self.cfg.max_seq_len}")
+        was_training = self.training
+        self.eval()
+        memory = None if src is None else self.encode(src, src_key_padding_mask)
+        memory_mask = _attend_mask(src_key_padding_mask)
+        caches = self.new_caches(idx.shape[1] + max_new_tokens, 0 if src is None else src.shape[1]) \
+            if use_cache else None
+        seen = 0  # positions already in the caches
+        for _ in range(max_new_tokens):
+            fresh = idx if caches is None else idx[:, seen:]  # the prompt first, then one token at a time
+            logits = self.decode(fresh, memory, memory_mask, caches, 0 if caches is None else seen)[:, -1]  # (B, V)
+            seen = idx.shape[1]
+            idx = torch.cat((idx, self._sample(logits, temperature, top_k)), dim=1)
+        self.train(was_training)
+        return idx
+
+    def _sample(self, logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+        """logits (B, V) -> next token ids (B, 1)."""
+        if temperature == 0.0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, -1, backend=self.cfg.backend), num_samples=1)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: Tensor, **kwargs) -> list[Tensor]:
+        """Run forward(idx, **kwargs) and return each self-attention layer's probabilities, fp32 (B, H, T, T),
+        encoder layers first."""
+        layers = [b.self_attn for stack in (self.encoder, self.decoder) if stack is not None for b in stack]
+        for attn in layers:
+            attn.keep_weights = True
+        try:
+            self(idx, **kwargs)
+        finally:
+            for attn in layers:
+                attn.keep_weights = False
+        maps = [attn.weights for attn in layers]
+        for attn in layers:
+            attn.weights = None
+        return maps
+
+
+def _attend_mask(key_padding_mask: Tensor | None) -> Tensor | None:
+    """(B, S) bool, True at padding -> (B, 1, 1, S) bool, True = attend, broadcast over heads and queries."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"src_key_padding_mask must be bool (True at padding), got {key_padding_mask.dtype}")
+    return ~key_padding_mask[:, None, None, :]
