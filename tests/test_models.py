@@ -310,5 +310,9 @@ def test_bad_configs_and_calls_raise():
         Transformer(tiny(kind="encoder")).generate(tokens(1, 3), 2)
     with pytest.raises(ValueError, match="src"):
         Transformer(tiny(kind="encoder-decoder"))(tokens(1, 3))
+    with pytest.raises(ValueError, match="src"):
+        Transformer(tiny(kind="encoder-decoder")).generate(tokens(1, 3), 2)
+    with pytest.raises(ValueError, match="src"):
+        Transformer(tiny())(tokens(1, 3), src=tokens(1, 3))
     with pytest.raises(TypeError, match="bool"):
         Transformer(tiny(kind="encoder"))(tokens(1, 3), src_key_padding_mask=torch.zeros(1, 3))

@@ -128,29 +128,30 @@ class Attention(nn.Module):
         (B, H, T, S); rotary (cos, sin) for x's positions; cache holds earlier keys/values -> (B, T, C)."""
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        if cache is not None and context is not None and cache.length > 0:
-            k, v = cache.k, cache.v  # the encoder's output does not change while decoding: project it once
-        else:
-            source = x if context is None else context
-            kv = self.kv(source).view(B, source.shape[1], 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hkv, hd)
-            k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, Hkv, S, hd)
-            if rotary is not None:
-                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-            if cache is not None:
-                k, v = cache.append(k, v)
+        q = q if rotary is None else apply_rotary(q, *rotary)
+        k, v = self.keys_values(x if context is None else context, rotary, cache, cross=context is not None)
         is_causal, earlier = False, k.shape[2] - T  # `earlier`: cached positions before this call's queries
         if self.causal and earlier == 0:
-            is_causal = True  # prefill or no cache: torch's top-left causal mask is the right one when T == S
-        elif self.causal and T > 1:
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(earlier)  # bottom-right
-        # A single new query (T == 1) after `earlier` cached keys may see all of them: no mask at all.
-        args = dict(attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
-                    enable_gqa=self.n_kv_heads != self.n_heads, backend=self.backend)
+            is_causal = True  # no cache, or prefill: torch's top-left causal mask is right when T == S
+        elif self.causal and T > 1:  # new queries after cached keys: query i sees keys 0 .. earlier + i
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(earlier)  # (T, S)
+        # and a single new query (T == 1) may see every cached key: no mask at all
+        attend = F.scaled_dot_product_attention_with_weights if self.keep_weights else F.scaled_dot_product_attention
+        y = attend(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
+                   enable_gqa=self.n_kv_heads != self.n_heads, backend=self.backend)  # (B, H, T, hd)
         if self.keep_weights:
-            y, self.weights = F.scaled_dot_product_attention_with_weights(q, k, v, **args)  # weights (B, H, T, S)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, **args)  # (B, H, T, hd)
+            y, self.weights = y  # weights fp32 (B, H, T, S)
         return self.out(y.transpose(1, 2).reshape(B, T, C))  # (B, T, H, hd) -> (B, T, C)
+
+    def keys_values(self, source: Tensor, rotary, cache: KVCache | None, cross: bool) -> tuple[Tensor, Tensor]:
+        """source (B, S, C) -> keys and values (B, Hkv, S', hd), S' counting the cached positions too."""
+        if cross and cache is not None and cache.length > 0:
+            return cache.k, cache.v  # the encoder's output does not change while decoding: project it once
+        B, S, _ = source.shape
+        kv = self.kv(source).view(B, S, 2, self.n_kv_heads, self.head_dim)  # (B, S, 2, Hkv, hd)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, Hkv, S, hd)
+        k = k if rotary is None else apply_rotary(k, *rotary)
+        return (k, v) if cache is None else cache.append(k, v)
 
 
 class FeedForward(nn.Sequential):
@@ -220,6 +221,7 @@ class Transformer(nn.Module):
     kind "decoder": idx (B, T) is read causally; "encoder": idx is read in both directions; "encoder-decoder":
     src (B, S) is encoded and idx decoded causally with cross-attention to it. src_key_padding_mask (B, S) bool,
     True at padding, as torch.nn.Transformer: the encoder's input (idx for "encoder", src for "encoder-decoder").
+    targets (B, T): the loss is the mean cross-entropy over positions whose target is not -100 (torch's ignore_index).
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -257,19 +259,20 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, src: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        self._check_src(src)
         if self.cfg.kind == "encoder":
-            if src is not None:
-                raise ValueError("Transformer: an encoder-only model reads idx; src is for kind 'encoder-decoder'")
             logits = self.head(self.encode(idx, src_key_padding_mask))
         else:
-            if (src is None) != (self.cfg.kind == "decoder"):
-                raise ValueError(f"Transformer: src is required by kind 'encoder-decoder' and only by it "
-                                 f"(this model is {self.cfg.kind!r})")
             memory = None if src is None else self.encode(src, src_key_padding_mask)
             logits = self.decode(idx, memory, _attend_mask(src_key_padding_mask))
         if targets is None:
             return logits, None
         return logits, torch_F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over B * T positions
+
+    def _check_src(self, src: Tensor | None) -> None:
+        if (src is not None) != (self.cfg.kind == "encoder-decoder"):
+            raise ValueError(f"Transformer: src is required by kind 'encoder-decoder' and only by it; this model is "
+                             f"{self.cfg.kind!r} (an encoder-only model reads idx)")
 
     def encode(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
         """src (B, S) -> the encoder's output (B, S, C); padded positions are never attended to."""
@@ -307,22 +310,25 @@ class Transformer(nn.Module):
         the whole sequence (the slow path, kept as the check of the fast one). Runs in eval mode (no dropout)."""
         if self.decoder is None:
             raise ValueError("Transformer.generate: an encoder-only model does not generate")
+        self._check_src(src)
         if idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"Transformer.generate: prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} "
                              f"exceeds max_seq_len {self.cfg.max_seq_len}")
         was_training = self.training
         self.eval()
-        memory = None if src is None else self.encode(src, src_key_padding_mask)
-        memory_mask = _attend_mask(src_key_padding_mask)
-        caches = self.new_caches(idx.shape[1] + max_new_tokens, 0 if src is None else src.shape[1]) \
-            if use_cache else None
-        seen = 0  # positions already in the caches
-        for _ in range(max_new_tokens):
-            fresh = idx if caches is None else idx[:, seen:]  # the prompt first, then one token at a time
-            logits = self.decode(fresh, memory, memory_mask, caches, 0 if caches is None else seen)[:, -1]  # (B, V)
-            seen = idx.shape[1]
-            idx = torch.cat((idx, self._sample(logits, temperature, top_k)), dim=1)
-        self.train(was_training)
+        try:
+            memory = None if src is None else self.encode(src, src_key_padding_mask)
+            memory_mask = _attend_mask(src_key_padding_mask)
+            caches = self.new_caches(idx.shape[1] + max_new_tokens, 0 if src is None else src.shape[1]) \
+                if use_cache else None
+            seen = 0  # positions already in the caches
+            for _ in range(max_new_tokens):
+                fresh = idx if caches is None else idx[:, seen:]  # the prompt first, then one token at a time
+                logits = self.decode(fresh, memory, memory_mask, caches, 0 if caches is None else seen)[:, -1]
+                seen = idx.shape[1]
+                idx = torch.cat((idx, self._sample(logits, temperature, top_k)), dim=1)  # logits (B, V)
+        finally:
+            self.train(was_training)
         return idx
 
     def _sample(self, logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
