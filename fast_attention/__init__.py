@@ -4,6 +4,7 @@ from . import ops  # noqa: F401  (registers the custom ops)
 from .backends import available_backends, use_backend
 from .functional import layer_norm, rms_norm, scaled_dot_product_attention, softmax
 from . import nn
+from . import models  # noqa: E402  (fa.models: the full Transformer, built on nn and functional)
 from .swap import SwapReport, swap, unswap
 from . import hf as _hf
 
