@@ -1,19 +1,45 @@
 """The Triton backend (installed as fast_attention.kernels): one module per op, each with its @triton.jit kernels
 and their launchers. The functions below are the backend interface described in fast_attention/backends.py."""
+import functools
+
 import torch
 
-from .attention import attention_backward, attention_forward, attention_weights
-from .attention import unsupported as _attention_unsupported
-from .layer_norm import layer_norm_backward, layer_norm_forward
-from .rms_norm import rms_norm_backward, rms_norm_forward
-from .softmax import softmax_backward, softmax_forward
+from . import attention as _attention
+from . import layer_norm as _layer_norm
+from . import rms_norm as _rms_norm
+from . import softmax as _softmax
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _on_input_device(fn):
+    """Triton launches on the current CUDA device (and its current stream) whatever device the pointers live on:
+    a tensor on cuda:1 while cuda:0 is current would be read from the wrong GPU. Make the device of the first
+    tensor argument current for the call."""
+    @functools.wraps(fn)
+    def on_device(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or not t.is_cuda or t.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return fn(*args, **kwargs)
+    return on_device
+
+
+attention_forward = _on_input_device(_attention.attention_forward)
+attention_backward = _on_input_device(_attention.attention_backward)
+attention_weights = _on_input_device(_attention.attention_weights)
+layer_norm_forward = _on_input_device(_layer_norm.layer_norm_forward)
+layer_norm_backward = _on_input_device(_layer_norm.layer_norm_backward)
+rms_norm_forward = _on_input_device(_rms_norm.rms_norm_forward)
+rms_norm_backward = _on_input_device(_rms_norm.rms_norm_backward)
+softmax_forward = _on_input_device(_softmax.softmax_forward)
+softmax_backward = _on_input_device(_softmax.softmax_backward)
+
+
 def unsupported(op: str, **args):
     if op == "scaled_dot_product_attention":
-        return _attention_unsupported(**args)
+        return _attention.unsupported(**args)
     for name, t in args.items():
         if isinstance(t, torch.Tensor) and t.dtype not in DTYPES:
             return f"{name} is {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
@@ -22,5 +48,5 @@ def unsupported(op: str, **args):
 
 __all__ = [
     "attention_backward", "attention_forward", "attention_weights", "layer_norm_backward", "layer_norm_forward",
-    "rms_norm_backward", "rms_norm_forward", "softmax_backward", "softmax_forward", "unsupported",
+    "rms_norm_backward", "rms_norm_forward", "softmax_forward", "softmax_backward", "unsupported",
 ]

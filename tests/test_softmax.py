@@ -149,3 +149,12 @@ def test_triton_long_rows_gpu(n, dtype):
     x = torch.randn(64, n, device="cuda").to(dtype) * 4
     x[::7, ::5] = float("-inf")
     check_softmax(x, -1, "triton")
+
+
+@pytest.mark.skipif(not (TRITON and GPU and torch.cuda.device_count() > 1), reason="needs two CUDA devices")
+def test_triton_input_on_another_device():
+    """Triton launches on the current device: an input on cuda:1 while cuda:0 is current must still be read on
+    cuda:1 (the backend makes the input's device current), forward and backward."""
+    with torch.cuda.device(0):
+        check_softmax(torch.randn(5, 300, device="cuda:1"), -1, "triton")
+        assert torch.cuda.current_device() == 0
