@@ -557,13 +557,29 @@ _KERNELS = {"fwd": (_attn_fwd, _tuned(_attn_fwd, "fwd")), "dkdv": (_attn_bwd_dkd
             "dq": (_attn_bwd_dq, _tuned(_attn_bwd_dq, "dq"))}
 
 
+# The autotuner keys on exact lengths, so every new Lq or Lk (each step of KV-cached generation below the decoding
+# threshold, each batch of a variable-length dataset) would benchmark every config again, a second or more each
+# time. The launchers tune once per power-of-two length bucket instead and reuse the winner inside the bucket.
+_tuned_configs: dict[tuple, triton.Config] = {}
+
+
+def _tuning_bucket(kind, named):
+    key = [triton.next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _TUNING_KEY]
+    return (kind, named["Q"].dtype, named["Q"].device, *key)
+
+
 def _launch(kind, grid, *args, **kwargs):
     plain, tuned = _KERNELS[kind]
+    named = dict(zip(plain.arg_names, args), **kwargs)
     if AUTOTUNE:
-        tuned[grid](*args, **kwargs)
-        return
-    named = dict(zip(plain.arg_names, args))
-    c = _prune(kind)(_configs(kind), named, **kwargs)[0]
+        bucket = _tuning_bucket(kind, named)
+        c = _tuned_configs.get(bucket)
+        if c is None:
+            tuned[grid](*args, **kwargs)
+            _tuned_configs[bucket] = tuned.best_config
+            return
+    else:
+        c = _prune(kind)(_configs(kind), named)[0]
     plain[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 

@@ -330,6 +330,41 @@ def test_decoding_split_kv_dropout(monkeypatch):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+class _CountLaunches:
+    """Stands in for a kernel (or its autotuner) in kernels._KERNELS and records each launch under `name`."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@needs_triton
+def test_autotune_once_per_length_bucket(monkeypatch):
+    """A new exact length inside a tuned power-of-two bucket reuses the bucket's config instead of benchmarking
+    every config again (each step of KV-cached generation has a new Lk); a new bucket tunes."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "_tuned_configs", {})
+    launches = []
+    plain, tuned = kernels._KERNELS["fwd"]
+    monkeypatch.setitem(kernels._KERNELS, "fwd", (_CountLaunches(plain, "plain", launches),
+                                                  _CountLaunches(tuned, "tuned", launches)))
+    with torch.no_grad():
+        for Lk in (40, 50, 70):
+            q, k, v = _qkv(1, 2, 2, 9, Lk, 16, torch.float16)
+            assert_close(fa.scaled_dot_product_attention(q, k, v, backend="triton"),
+                         F.scaled_dot_product_attention(q, k, v),
+                         ref.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+    assert launches == ["tuned", "plain", "tuned"]
+
+
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 4, 1, 45, 37, 32, torch.float16)
     grad = torch.randn(2, 4, 45, 32, device=DEVICE, dtype=torch.float16)
