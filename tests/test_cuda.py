@@ -260,6 +260,23 @@ def test_attention_additive_mask(dtype):
 
 
 @needs_gpu
+def test_attention_finfo_min_mask_rows_are_uniform():
+    """bfloat16's finfo.min times log2(e) overflows fp32: a row padded with it must stay torch's uniform average,
+    not become a dead row of zeros, and the backward must stay finite."""
+    q, k, v = _attention_inputs(torch.bfloat16, 1, 2, 2, 70, 90, 64)
+    mask = torch.zeros(1, 1, 70, 90, device="cuda", dtype=torch.bfloat16)
+    mask[..., 3, :] = torch.finfo(torch.bfloat16).min
+    mask[..., 5, 40:] = torch.finfo(torch.bfloat16).min
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cuda")
+    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), ref, "out")
+    torch.testing.assert_close(out[:, :, 3].float(), v.float().mean(2).detach(), atol=1e-2, rtol=1e-2)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@needs_gpu
 def test_attention_backward_is_deterministic():
     q, k, v = (t.requires_grad_() for t in _attention_inputs(torch.bfloat16, 2, 8, 2, 300, 300, 64))
     dout = torch.randn_like(q)

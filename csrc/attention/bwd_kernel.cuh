@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   T* sV = sK + BN * P;
   T* sQ = sV + BN * P;
   T* sdO = sQ + BM * P;
-  float* sLse = reinterpret_cast<float*>(sdO + BM * P);  // lse * log2(e); +inf where the row has no keys
+  float* sLse = reinterpret_cast<float*>(sdO + BM * P);  // lse_log2(lse); +inf past q_len
   float* sDelta = sLse + BM;
 
   const int n_blocks = (p.k_len + BN - 1) / BN;
@@ -76,8 +76,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
       cp_async_commit();
       for (int t = threadIdx.x; t < BM; t += NT) {
         const bool in = m0 + t < p.q_len;
-        const float l = in ? lse[m0 + t] : -kInf;
-        sLse[t] = l == -kInf ? kInf : l * kLog2e;
+        sLse[t] = in ? lse_log2(lse[m0 + t]) : kInf;
         sDelta[t] = in ? delta[m0 + t] : 0.f;
       }
       cp_async_wait<0>();
@@ -102,7 +101,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + (lane % 4) * 2 + (e & 1);
           const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, m0 + qi, key_lo + (e / 2) * 8);
-          s[nt][e] = exp2f(x - sLse[qi]);
+          s[nt][e] = prob_from_lse(x, sLse[qi]);
         }
       }
 #pragma unroll
@@ -199,8 +198,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   for (int i = 0; i < 2; ++i) {
     const int row = row_lo + i * 8;
     const bool in = row < p.q_len;
-    const float l = in ? p.lse[static_cast<int64_t>(bh) * p.q_len + row] : -kInf;
-    lse2[i] = l == -kInf ? kInf : l * kLog2e;
+    lse2[i] = in ? lse_log2(p.lse[static_cast<int64_t>(bh) * p.q_len + row]) : kInf;
     delta[i] = in ? p.delta[static_cast<int64_t>(bh) * p.q_len + row] : 0.f;
   }
   float dq[D / 8][4] = {};
@@ -246,7 +244,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
         const int i = e / 2;
         const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
         const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + i * 8, col);
-        s[nt][e] = exp2f(x - lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+        s[nt][e] = prob_from_lse(x, lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
       }
     }
 #pragma unroll

@@ -22,6 +22,7 @@ namespace fa {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kFloatMax = 3.402823466e38f;  // FLT_MAX
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -134,8 +135,21 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
   const int64_t at = b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride +
                      col * p.mask_k_stride;
   if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
-  return x + to_float(static_cast<const T*>(p.mask)[at]) * kLog2e;
+  // log2(e) * finfo(bfloat16).min overflows fp32 to -inf, which would make a row padded with finfo.min (Hugging
+  // Face's mask; a uniform average in torch) a dead row of zeros: clamp to the largest finite magnitude, but
+  // keep a real -inf.
+  const float add = to_float(static_cast<const T*>(p.mask)[at]);
+  return x + (add == -kInf ? add : fmaxf(add * kLog2e, -kFloatMax));
 }
+
+// The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked
+// (so P = 0 there, not exp2(-inf + inf) = NaN); otherwise at least -FLT_MAX, so that the lse of a finfo.min
+// row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
+__device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kInf : fmaxf(lse * kLog2e, -kFloatMax); }
+
+// A probability recomputed from the saved lse. At most 1: a finfo.min row's lse cannot resolve log(Lk), so
+// score - lse2 may round above 0 there.
+__device__ __forceinline__ float prob_from_lse(float score, float lse2) { return exp2f(fminf(score - lse2, 0.f)); }
 
 // Two adjacent elements of one output row, as one 4-byte store.
 template <typename T>

@@ -20,14 +20,13 @@ __global__ void attention_weights_kernel(const AttentionParams p) {
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) sq[d] = to_float(q[d]);
   __syncthreads();
-  const float lse = p.lse[r];
-  const float lse2 = lse == -kInf ? kInf : lse * kLog2e;
+  const float lse2 = lse_log2(p.lse[r]);
   float* out = p.weights + r * p.k_len;
   for (int col = threadIdx.x; col < p.k_len; col += blockDim.x) {
     const T* kr = k + col * p.k_row_stride;
     float dot = 0.f;
     for (int d = 0; d < p.head_dim; ++d) dot += sq[d] * to_float(kr[d]);
-    out[col] = exp2f(masked_score<T>(p, dot * p.scale * kLog2e, b, h, row, col) - lse2);
+    out[col] = prob_from_lse(masked_score<T>(p, dot * p.scale * kLog2e, b, h, row, col), lse2);
   }
 }
 
