@@ -16,17 +16,28 @@ from . import _C
 HEAD_DIMS: tuple[int, ...] = tuple(_C.head_dims)  # attention head dims with a compiled kernel
 _ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-_MIN_CAPABILITY = (8, 0)  # cp.async, ldmatrix and bf16 mma.sync
+# setup.py compiles sm_80 and newer only (cp.async, ldmatrix and bf16 mma.sync): an older GPU has no kernel
+# image for any op, so every op routes elsewhere there instead of failing at launch.
+_MIN_CAPABILITY = (8, 0)
 
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _device_reason(x: Tensor) -> str | None:
+    if x.is_cuda:
+        capability = torch.cuda.get_device_capability(x.device)
+        if capability < _MIN_CAPABILITY:
+            return (f"its kernels are compiled for compute capability 8.0 or newer (cp.async, bf16 mma.sync); "
+                    f"{x.device} is sm_{capability[0]}{capability[1]}")
+    return None
+
+
 def _row_reason(x: Tensor) -> str | None:
     if x.dtype not in _ROW_DTYPES:
         return f"its row kernels take float32, float16 or bfloat16 inputs, got {_name(x.dtype)}"
-    return None
+    return _device_reason(x)
 
 
 def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False) -> str | None:
@@ -41,12 +52,7 @@ def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                 f"({query.shape[-1]})")
     if dropout_p > 0.0:
         return f"its attention kernels do not implement dropout (dropout_p must be 0, got {dropout_p})"
-    if query.is_cuda:
-        capability = torch.cuda.get_device_capability(query.device)
-        if capability < _MIN_CAPABILITY:
-            return (f"its attention kernels need compute capability 8.0 or newer (cp.async, bf16 mma.sync); "
-                    f"{query.device} is sm_{capability[0]}{capability[1]}")
-    return None
+    return _device_reason(query)
 
 
 def unsupported(op: str, **args) -> str | None:
