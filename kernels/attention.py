@@ -196,21 +196,30 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
 
 @triton.jit
 def _attn_combine(PartOut, PartLse, Out, Lse, num_splits, out_split_stride, lse_split_stride,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
     exp(lse_s - lse). PartOut (S, B*H*Lq, Dv) fp32, PartLse (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq)."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    s_ok = offs_s < num_splits
-    lse_s = tl.load(PartLse + offs_s * lse_split_stride + row, mask=s_ok, other=float("-inf"))
+    lse_s = tl.load(PartLse + offs_s.to(tl.int64) * lse_split_stride + row, mask=offs_s < num_splits,
+                    other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp(lse_s - m_safe)  # dead splits (keys all masked, or past the causal limit) weigh 0
-    total = tl.sum(w, 0)
-    parts = tl.load(PartOut + offs_s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
-                    mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    total = tl.sum(tl.exp(lse_s - m_safe), 0)  # dead splits (keys all masked, or past the causal limit) weigh 0
+    # The parts are summed CHUNK_S splits at a time: all 128 splits of a 256 head dim at once would be 256 fp32
+    # registers per thread, and spill.
+    offs_c = tl.arange(0, CHUNK_S)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for start in range(0, num_splits, CHUNK_S):
+        s = start + offs_c
+        s_ok = s < num_splits
+        w = tl.exp(tl.load(PartLse + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=float("-inf"))
+                   - m_safe)
+        parts = tl.load(PartOut + s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
+                        mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        acc += tl.sum(parts * w[:, None], 0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
     lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
     tl.store(Out + row * HEAD_DIM_V + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(Lse + row, lse)
@@ -640,8 +649,9 @@ def _combine(part_out, part_lse, out, lse, splits):
     """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_lse (S, B, H, Lq) -> out, lse in place."""
     rows = lse.numel()
     dv = out.shape[-1]
+    block_s = max(2, triton.next_power_of_2(splits))
     _attn_combine[(rows,)](part_out, part_lse, out, lse, splits, part_out.stride(0), part_lse.stride(0),
-                           HEAD_DIM_V=dv, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=_block(dv),
+                           HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv),
                            num_warps=4 if dv >= 128 else 2)
 
 

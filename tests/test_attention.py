@@ -301,6 +301,28 @@ def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
 
 
 @needs_triton
+def test_decoding_merge_of_many_splits(monkeypatch):
+    """More splits than the merge sums at once (it goes through them in chunks), with dead splits among them."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
+    splits = []
+    real_combine = kernels._combine
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[-1]), real_combine(*a)))
+    q, k, v = _qkv(1, 2, 1, 3, 600, 16, torch.float32)
+    mask = torch.rand(1, 1, 3, 600, device=DEVICE) > 0.5
+    mask[..., 100:300] = False  # whole splits see no key
+    with torch.no_grad():
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton")
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        oracle = ref.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                  enable_gqa=True)
+    assert splits and min(splits) > 16, "fewer splits than one merge chunk"
+    assert_close(out, expected, oracle)
+
+
+@needs_triton
 def test_decoding_enough_heads_needs_no_split(monkeypatch):
     """With programs enough to fill the device already, decoding runs its small tile in one pass (no merge)."""
     from fast_attention.kernels import attention as kernels
