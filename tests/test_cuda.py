@@ -6,6 +6,9 @@ On a GPU: every kernel against the float64 reference under tests/tolerance.py's 
 with odd sizes, non-contiguous inputs, the long-row paths, masks, GQA, and against the Triton backend.
 """
 import importlib.util
+import itertools
+
+import numpy as np
 
 import pytest
 import torch
@@ -120,6 +123,85 @@ def test_gpus_older_than_sm80_route_every_op_elsewhere(monkeypatch):
         assert "sm_75" in cuda_backend.unsupported(op, **args), op
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert cuda_backend.unsupported("softmax", input=x) is None
+
+
+def _lane_maps():
+    """The per-lane index functions of csrc/attention/primitives.cuh (a_row, bn_col, frag_col, ...), as Python."""
+    import pathlib
+    import re
+
+    src = (pathlib.Path(__file__).parents[1] / "csrc" / "attention" / "primitives.cuh").read_text()
+    found = re.findall(r"int (\w+)\(((?:int \w+(?:, )?)+)\) \{ return ([^;]+); \}", src)
+    return {name: eval(f"lambda {args.replace('int ', '')}: {body.replace('/', '//')}")  # noqa: S307
+            for name, args, body in found}
+
+
+def _ldmatrix_x4(smem, addr, trans):
+    """PTX ldmatrix.x4 (.trans): lanes 8i..8i+7 address the rows of 8x8 matrix i; register i of lane l gets
+    elements (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix i (of its transpose with .trans)."""
+    regs = [[None] * 4 for _ in range(32)]
+    for i in range(4):
+        mat = np.array([smem[r, c:c + 8] for r, c in addr[8 * i: 8 * i + 8]])
+        mat = mat.T if trans else mat
+        for lane in range(32):
+            regs[lane][i] = (mat[lane // 4, 2 * (lane % 4)], mat[lane // 4, 2 * (lane % 4) + 1])
+    return regs
+
+
+def _mma_16816(acc, a, b0, b1):
+    """PTX mma.m16n8k16 fragments: A reg j of lane (g, c) holds row g + 8(j%2), cols 2c + 8(j//2) + {0, 1}; B reg
+    j holds rows (k) 2c + 8j + {0, 1} of column g; C element e holds (g + 8(e//2), 2c + e%2)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, c = lane // 4, lane % 4
+        for j in range(4):
+            A[g + 8 * (j % 2), 2 * c + 8 * (j // 2): 2 * c + 8 * (j // 2) + 2] = a[lane][j]
+        for j, b in enumerate((b0, b1)):
+            B[2 * c + 8 * j: 2 * c + 8 * j + 2, g] = b[lane]
+    prod = A @ B
+    for lane in range(32):
+        for e in range(4):
+            acc[lane][e] += prod[lane // 4 + 8 * (e // 2), 2 * (lane % 4) + e % 2]
+
+
+def _assemble(frags, f):
+    """C fragments frags[n-tile][lane][e] of a warp's 16-row tile -> the tile, placed by frag_row / frag_col."""
+    tile = np.full((16, 8 * len(frags)), np.nan)
+    for nt, lane, e in itertools.product(range(len(frags)), range(32), range(4)):
+        tile[f["frag_row"](lane, e), f["frag_col"](lane, nt, e)] = frags[nt][lane][e]
+    return tile
+
+
+@pytest.mark.parametrize("D,N", [(32, 64), (96, 32), (128, 32)])
+def test_fragment_index_math_assembles_the_products(D, N):
+    """A per-lane model of the warp-tile GEMMs (mma_ss_bt: S = A B^T from [row][k] and [n][k] tiles; mma_cs:
+    O = S V, S's C fragments reused as A fragments, V a [k][n] tile read with ldmatrix.trans) driven by the lane
+    maps of primitives.cuh, on tiles of pitch D + 8 whose padding is NaN (never read)."""
+    f = _lane_maps()
+    P, rng = D + 8, np.random.default_rng(0)
+    a_rm, b_nk, v_kn = (rng.integers(-3, 4, (rows, D)).astype(float) for rows in (64, N, N))
+    sA, sB, sV = (np.concatenate([t, np.full((len(t), 8), np.nan)], 1) for t in (a_rm, b_nk, v_kn))
+    for warp in range(4):
+        s = [[[0.0] * 4 for _ in range(32)] for _ in range(N // 8)]
+        for kk in range(D // 16):
+            a = _ldmatrix_x4(sA, [(warp * 16 + f["a_row"](l), kk * 16 + f["a_col"](l)) for l in range(32)], False)
+            for np_ in range(N // 16):
+                addr = [(np_ * 16 + f["bn_row"](l), kk * 16 + f["bn_col"](l)) for l in range(32)]
+                b = list(zip(*_ldmatrix_x4(sB, addr, False)))
+                _mma_16816(s[2 * np_], a, b[0], b[1])
+                _mma_16816(s[2 * np_ + 1], a, b[2], b[3])
+        o = [[[0.0] * 4 for _ in range(32)] for _ in range(D // 8)]
+        for kk in range(N // 16):
+            lo, hi = s[2 * kk], s[2 * kk + 1]  # c_to_a
+            a = [[tuple(lo[l][0:2]), tuple(lo[l][2:4]), tuple(hi[l][0:2]), tuple(hi[l][2:4])] for l in range(32)]
+            for np_ in range(D // 16):
+                addr = [(kk * 16 + f["bt_row"](l), np_ * 16 + f["bt_col"](l)) for l in range(32)]
+                b = list(zip(*_ldmatrix_x4(sV, addr, True)))
+                _mma_16816(o[2 * np_], a, b[0], b[1])
+                _mma_16816(o[2 * np_ + 1], a, b[2], b[3])
+        s_tile = _assemble(s, f)
+        np.testing.assert_array_equal(s_tile, a_rm[warp * 16: warp * 16 + 16] @ b_nk.T)
+        np.testing.assert_array_equal(_assemble(o, f), s_tile @ v_kn)
 
 
 # ---------------------------------------------------------------------------------------------- GPU only

@@ -82,71 +82,27 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
       cp_async_wait<0>();
       __syncthreads();
 
-      float s[BM / 8][4] = {};  // S^T: 16 keys x BM queries per warp
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sK + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bq[4];
-          ldmatrix_x4(bq, sQ + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-          mma_16816<T>(s[2 * np], a, bq[0], bq[1]);
-          mma_16816<T>(s[2 * np + 1], a, bq[2], bq[3]);
-        }
-      }
+      float s[BM / 8][4] = {};  // S^T = K Q^T: 16 keys x BM queries per warp
+      mma_ss_bt<T, D, BM, P>(s, sK + warp * 16 * P, sQ, lane);
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int qi = nt * 8 + (lane % 4) * 2 + (e & 1);
+          const int qi = frag_col(lane, nt, e);
           const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, m0 + qi, key_lo + (e / 2) * 8);
           s[nt][e] = prob_from_lse(x, sLse[qi]);
         }
       }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t a[4];
-        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t bd[4];
-          ldmatrix_x4_trans(bd, sdO + (kk * 16 + bt_row(lane)) * P + dp * 16 + bt_col(lane));
-          mma_16816<T>(dv[2 * dp], a, bd[0], bd[1]);
-          mma_16816<T>(dv[2 * dp + 1], a, bd[2], bd[3]);
-        }
-      }
+      mma_cs<T, BM, D, P>(dv, s, sdO, lane);  // dV += P^T dO
 
       float dpt[BM / 8][4] = {};  // dP^T = V dO^T
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sV + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-        for (int np = 0; np < BM / 16; ++np) {
-          uint32_t bd[4];
-          ldmatrix_x4(bd, sdO + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-          mma_16816<T>(dpt[2 * np], a, bd[0], bd[1]);
-          mma_16816<T>(dpt[2 * np + 1], a, bd[2], bd[3]);
-        }
-      }
+      mma_ss_bt<T, D, BM, P>(dpt, sV + warp * 16 * P, sdO, lane);
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= dpt[nt][e] - sDelta[nt * 8 + (lane % 4) * 2 + (e & 1)];
+        for (int e = 0; e < 4; ++e) s[nt][e] *= dpt[nt][e] - sDelta[frag_col(lane, nt, e)];  // dS^T
       }
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t a[4];
-        c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t bq[4];
-          ldmatrix_x4_trans(bq, sQ + (kk * 16 + bt_row(lane)) * P + dp * 16 + bt_col(lane));
-          mma_16816<T>(dk[2 * dp], a, bq[0], bq[1]);
-          mma_16816<T>(dk[2 * dp + 1], a, bq[2], bq[3]);
-        }
-      }
+      mma_cs<T, BM, D, P>(dk, s, sQ, lane);  // dK += dS^T Q
       __syncthreads();  // every warp is done with this Q / dO tile before the next overwrites it
     }
   }
@@ -211,54 +167,20 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
     cp_async_wait<0>();
     __syncthreads();
 
-    float s[BN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sQ + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sK + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-        mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
-      }
-    }
+    float s[BN / 8][4] = {};  // S = Q K^T
+    mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
     float dp[BN / 8][4] = {};  // dP = dO V^T
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, sdO + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bv[4];
-        ldmatrix_x4(bv, sV + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-        mma_16816<T>(dp[2 * np], a, bv[0], bv[1]);
-        mma_16816<T>(dp[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
+    mma_ss_bt<T, D, BN, P>(dp, sdO + warp * 16 * P, sV, lane);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2;
-        const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-        const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + i * 8, col);
+        const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + i * 8, n0 + frag_col(lane, nt, e));
         s[nt][e] = prob_from_lse(x, lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dt = 0; dt < D / 16; ++dt) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, sK + (kk * 16 + bt_row(lane)) * P + dt * 16 + bt_col(lane));
-        mma_16816<T>(dq[2 * dt], a, bk[0], bk[1]);
-        mma_16816<T>(dq[2 * dt + 1], a, bk[2], bk[3]);
-      }
-    }
+    mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K
     __syncthreads();
   }
   cp_async_wait<0>();

@@ -46,30 +46,15 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
     cp_async_commit();
     cp_async_wait<1>();  // Q and K have landed; V may still be in flight during Q K^T
     __syncthreads();
-    if (n0 == 0) {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        ldmatrix_x4(qf[kk], sQ + (warp * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-    }
+    if (n0 == 0) load_a<D, P>(qf, sQ + warp * 16 * P, lane);
 
-    float s[BN / 8][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, sK + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-        mma_16816<T>(s[2 * np], qf[kk], bk[0], bk[1]);
-        mma_16816<T>(s[2 * np + 1], qf[kk], bk[2], bk[3]);
-      }
-    }
+    float s[BN / 8][4] = {};  // S = Q K^T
+    mma_rs_bt<T, D, BN, P>(s, qf, sK, lane);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n0 + nt * 8 + (lane % 4) * 2 + (e & 1);
-        s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + (e / 2) * 8, col);
-      }
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e));
     }
 
 #pragma unroll
@@ -102,18 +87,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
 
     cp_async_wait<0>();
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      c_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, sV + (kk * 16 + bt_row(lane)) * P + dp * 16 + bt_col(lane));
-        mma_16816<T>(acc[2 * dp], a, bv[0], bv[1]);
-        mma_16816<T>(acc[2 * dp + 1], a, bv[2], bv[3]);
-      }
-    }
+    mma_cs<T, BN, D, P>(acc, s, sV, lane);  // O += P V
     __syncthreads();  // every warp is done with K and V before the next tiles overwrite them
   }
   cp_async_wait<0>();  // the Q copy, when no key tile was visited

@@ -126,6 +126,69 @@ __device__ __forceinline__ int bn_col(int lane) { return ((lane / 8) % 2) * 8; }
 __device__ __forceinline__ int bt_row(int lane) { return lane % 8 + ((lane / 8) % 2) * 8; }
 __device__ __forceinline__ int bt_col(int lane) { return (lane / 16) * 8; }
 
+// Warp-tile GEMMs over shared-memory tiles of pitch P (elements). The warp's 16-row A tile and the fp32
+// accumulator `acc` (N / 8 C fragments of a 16 x N tile) are in the mma layout above.
+
+// acc += a (one 16x16 A fragment) * B^T, B the N x 16 slice of an [n][k] tile (k contiguous) starting at sB.
+template <typename T, int N, int P>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[N / 8][4], const uint32_t (&a)[4], const T* sB, int lane) {
+#pragma unroll
+  for (int np = 0; np < N / 16; ++np) {
+    uint32_t b[4];
+    ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + bn_col(lane));
+    mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+    mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
+// The A fragments of the 16 x K row-major tile at sA (row 0 of the warp's rows), for operands reused across tiles.
+template <int K, int P, typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* sA, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(a[kk], sA + a_row(lane) * P + kk * 16 + a_col(lane));
+}
+
+// acc += A B^T: A the warp's 16 x K tile as fragments from load_a, B an N x K [n][k] tile at sB.
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void mma_rs_bt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* sB,
+                                          int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) mma_a_bt<T, N, P>(acc, a[kk], sB + kk * 16, lane);
+}
+
+// acc += A B^T: A the warp's 16 x K row-major tile at sA, B an N x K [n][k] tile at sB.
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void mma_ss_bt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, sA + a_row(lane) * P + kk * 16 + a_col(lane));
+    mma_a_bt<T, N, P>(acc, a, sB + kk * 16, lane);
+  }
+}
+
+// acc += C B: C the warp's 16 x K fp32 tile (K / 8 C fragments, e.g. probabilities), rounded to T as the A
+// operand without leaving registers; B a K x N [k][n] tile (n contiguous) at sB, read with ldmatrix.trans.
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    c_to_a<T>(a, c[2 * kk], c[2 * kk + 1]);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * P + np * 16 + bt_col(lane));
+      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Where element e of C fragment nt sits in its warp tile: row frag_row (0..15), column frag_col (0..N-1).
+__device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + (e / 2) * 8; }
+__device__ __forceinline__ int frag_col(int lane, int nt, int e) { return nt * 8 + (lane % 4) * 2 + (e & 1); }
+
 // The score of (query row, key col) in log2 units (x is already scale * log2(e) * q.k), or -inf where masked:
 // past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value.
 template <typename T>
