@@ -227,6 +227,24 @@ def test_triton_backend_matches_reference(case):
         assert_close(results["triton"][1][n], results["ref32"][1][n], results["ref64"][1][n], f"grad of {n}")
 
 
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="the Triton backend is not available here")
+def test_triton_cached_decoding_matches_reference():
+    """The decoding path (Lq=1 against the cache: Triton's split-KV kernel), teacher-forced so that every backend
+    sees the same tokens: each step's logits under the tolerance rule."""
+    idx = tokens(2, 12)
+    logits = {}
+    for name, backend, dtype in (("triton", "triton", torch.float32), ("ref32", "reference", torch.float32),
+                                 ("ref64", "reference", torch.float64)):
+        torch.manual_seed(0)
+        model = Transformer(tiny(n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, pos_encoding="rope",
+                                 backend=backend)).to(dtype).eval()
+        caches = model.new_caches(12)
+        steps = [model.decode(idx[:, :5], caches=caches)[:, -1]]  # prefill
+        steps += [model.decode(idx[:, t:t + 1], caches=caches, start=t)[:, -1] for t in range(5, 12)]
+        logits[name] = torch.stack(steps, 1)  # (B, 8, V)
+    assert_close(logits["triton"], logits["ref32"], logits["ref64"], "cached decoding logits")
+
+
 def test_tiny_model_trains():
     torch.manual_seed(0)
     model = Transformer(tiny(n_layers=1, dropout=0.1))
