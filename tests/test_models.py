@@ -206,17 +206,17 @@ def test_cache_with_several_new_tokens_uses_a_bottom_right_causal_mask():
 @pytest.mark.parametrize("case", [dict(), dict(pos_encoding="rope", n_kv_heads=1, norm="rmsnorm"),
                                   dict(kind="encoder-decoder", n_heads=1)],
                          ids=["mha-layernorm", "gqa-rope-rmsnorm", "encoder-decoder"])
-def test_triton_backend_matches_reference(case):
+def test_triton_backend_matches_reference(case, device):
     """ours: triton fp32; torch's same dtype: the reference backend in fp32; the oracle: the model in float64."""
     args = {**dict(n_layers=1, d_model=16, n_heads=2, d_ff=24), **case}
     models = {}
     for name, backend, dtype in (("triton", "triton", torch.float32), ("ref32", "reference", torch.float32),
                                  ("ref64", "reference", torch.float64)):
         torch.manual_seed(0)
-        models[name] = Transformer(tiny(**{**args, "backend": backend})).to(dtype)
-    idx, targets = tokens(2, 9), tokens(2, 9)
-    src = tokens(2, 6) if case.get("kind") == "encoder-decoder" else None
-    pad = None if src is None else torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+        models[name] = Transformer(tiny(**{**args, "backend": backend})).to(device, dtype)
+    idx, targets = tokens(2, 9).to(device), tokens(2, 9).to(device)
+    src = tokens(2, 6).to(device) if case.get("kind") == "encoder-decoder" else None
+    pad = None if src is None else torch.tensor([[False] * 6, [False] * 4 + [True] * 2], device=device)
     results = {}
     for name, model in models.items():
         logits, loss = model(idx, targets, src=src, src_key_padding_mask=pad)
@@ -228,16 +228,16 @@ def test_triton_backend_matches_reference(case):
 
 
 @pytest.mark.skipif("triton" not in fa.available_backends(), reason="the Triton backend is not available here")
-def test_triton_cached_decoding_matches_reference():
+def test_triton_cached_decoding_matches_reference(device):
     """The decoding path (Lq=1 against the cache: Triton's split-KV kernel), teacher-forced so that every backend
     sees the same tokens: each step's logits under the tolerance rule."""
-    idx = tokens(2, 12)
+    idx = tokens(2, 12).to(device)
     logits = {}
     for name, backend, dtype in (("triton", "triton", torch.float32), ("ref32", "reference", torch.float32),
                                  ("ref64", "reference", torch.float64)):
         torch.manual_seed(0)
         model = Transformer(tiny(n_layers=1, d_model=16, n_heads=2, n_kv_heads=1, pos_encoding="rope",
-                                 backend=backend)).to(dtype).eval()
+                                 backend=backend)).to(device, dtype).eval()
         caches = model.new_caches(12)
         steps = [model.decode(idx[:, :5], caches=caches)[:, -1]]  # prefill
         steps += [model.decode(idx[:, t:t + 1], caches=caches, start=t)[:, -1] for t in range(5, 12)]
