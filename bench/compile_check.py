@@ -145,8 +145,8 @@ class _Elem:
         return self.size
 
 
-def _kept(kind, dtype, D):
-    named = dict(Q=_Elem(dtype), BLOCK_D=A._block(D), BLOCK_DV=A._block(D))
+def _kept(kind, dtype, D, mask_kind, dropout):
+    named = dict(Q=_Elem(dtype), BLOCK_D=A._block(D), BLOCK_DV=A._block(D), MASK_KIND=mask_kind, DROPOUT=dropout)
     return A._prune(kind)(A._configs(kind), named)
 
 
@@ -160,10 +160,10 @@ def attention_jobs(full: bool, arch: int):
         for D in HEAD_DIMS:
             Lq = Lk = 1000
             for kind, fn_name in (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq")):
-                kept = _kept(kind, dtype, D)
-                largest = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
-                for ci, c in enumerate(kept):
-                    for causal, mask, drop in _FLAG_SETS:
+                for causal, mask, drop in _FLAG_SETS:
+                    kept = _kept(kind, dtype, D, mask, drop)
+                    largest = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
+                    for ci, c in enumerate(kept):
                         # Shared memory hardly depends on the flags, registers do: every config with the lightest
                         # flags (bf16 shares fp16's tiles: its first config only), and the heaviest flags on the
                         # first config (the one taken without autotuning) and the largest tile.
@@ -201,13 +201,14 @@ def attention_jobs(full: bool, arch: int):
                           sdob=8000 * D, sdoh=1000 * D, sdom=D, sdod=1, H=8, Lq=1000)
             jobs.append((f"attn_delta {_SHORT[dtype]} D{D}", "M64", (A.__name__, "_attn_bwd_delta"), values,
                          dict(HEAD_DIM_V=D, BLOCK_M=64, BLOCK_DV=A._block(D)), 4, 3, arch))
+            bm, bn, warps = (32, 32, 8) if dtype == torch.float32 else (64, 64, 4)  # as attention_weights
             for causal, mask in ((False, 0), (True, 2)):
                 values = _attn_scalars(dtype, D, 1000, 1000, mask)
                 values.update(W=torch.float32)
-                const = dict(_flags(dtype, D, causal, mask, False), BLOCK_M=64, BLOCK_N=64)
+                const = dict(_flags(dtype, D, causal, mask, False), BLOCK_M=bm, BLOCK_N=bn)
                 del const["DROPOUT"], const["HEAD_DIM_V"], const["BLOCK_DV"]
-                jobs.append((f"attn_weights {_SHORT[dtype]} D{D}", f"M64 N64 c{int(causal)} m{mask}",
-                             (A.__name__, "_attn_weights"), values, const, 4, 3, arch))
+                jobs.append((f"attn_weights {_SHORT[dtype]} D{D}", f"M{bm} N{bn} c{int(causal)} m{mask}",
+                             (A.__name__, "_attn_weights"), values, const, warps, 3, arch))
     jobs.append(("dropout_mask", "N1024", (A.__name__, "_dropout_mask_kernel"),
                  dict(Keep=torch.uint8, Lk=1000, dropout_p=0.1, seed=2**40 + 7), dict(BLOCK_N=1024), 4, 3, arch))
     return jobs

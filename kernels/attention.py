@@ -514,42 +514,63 @@ def _fits(rows_tile, acc_cols, streamed_rows, streamed_cols, num_warps, num_stag
     return smem <= _SMEM_BYTES and regs <= _REGS_PER_THREAD
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel for 16-bit inputs; dkdv keeps BLOCK_N keys resident and
+# streams BLOCK_M queries.
+_SHAPES = {
+    "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3), (64, 64, 4, 3),
+            (64, 64, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2)],
+    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2),
+             (16, 64, 4, 2)],
+    "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)],
+}
+# fp32 dots run in IEEE precision on the FMA units, whose operand layouts replicate tiles across threads: compiled
+# for sm_90, the 16-bit tiles spill 30-150 KB per thread from head dim 80 on. These small tiles on 8 warps do not
+# spill (BLOCK_N 32 only up to head dim 128); bench/compile_check.py measures them.
+_FP32_SHAPES = {
+    "fwd": [(64, 32, 8, 2), (64, 16, 8, 2)],
+    "dkdv": [(32, 16, 8, 2), (16, 16, 4, 2)],
+    "dq": [(64, 16, 8, 2), (64, 32, 8, 2)],
+}
+# A user mask or dropout adds per score a mask load or a Philox draw held in registers: past this many scores per
+# thread the kernels spill on sm_90 (fwd 128 x 128 on 8 warps: 2-7 KB), so such configs are dropped then.
+_MAX_SCORES_PER_THREAD = {"fwd": 32, "dq": 32, "dkdv": 16}
+
+
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
         named_args = {**named_args, **kwargs}  # the autotuner passes positional and keyword arguments apart
         d, dv = named_args["BLOCK_D"], named_args["BLOCK_DV"]
         elem = named_args["Q"].element_size()
+        heavy = named_args["MASK_KIND"] != 0 or named_args["DROPOUT"]
+        shapes = _FP32_SHAPES[kind] if elem == 4 else _SHAPES[kind]
+        candidates = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                      in shapes]
         kept = []
-        for c in configs:
+        for c in candidates:
             bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
             if elem == 4:
-                # fp32 dots run in IEEE precision on the FMA units: large tiles only add shared memory (over 227 KB
-                # for 128 x 32 x 4 stages at head dim 128) and minutes of compile time, not speed.
-                ok = bm * bn <= 2048 and s <= 2
+                ok = bn <= 16 or max(d, dv) <= 128
             elif kind == "fwd":  # resident: Q and the output accumulator; streamed: K and V blocks
                 ok = _fits(bm, max(d, dv), bn, d + dv, w, s, elem)
             elif kind == "dkdv":  # resident: K, V and their gradients; streamed: Q and dO blocks
                 ok = _fits(bn, d + dv, bm, d + dv, w, s, elem)
             else:  # dq: resident Q, dO and dQ; streamed: K and V blocks
                 ok = _fits(bm, d + dv, bn, d + dv, w, s, elem)
+            if heavy and bm * bn // (32 * w) > _MAX_SCORES_PER_THREAD[kind]:
+                ok = False
             if ok:
                 kept.append(c)
         # The smallest config always fits a 256 head dim; keep it if the estimate rejected everything.
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept or [min(candidates, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     return prune
 
 
 def _configs(kind):
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if kind == "fwd":
-        shapes = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
-                  (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (128, 128, 8, 2)]
-    elif kind == "dkdv":  # BLOCK_N keys resident, BLOCK_M queries streamed
-        shapes = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2),
-                  (16, 64, 4, 2)]
-    else:
-        shapes = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)]
+    shapes = _SHAPES[kind] + [s for s in _FP32_SHAPES[kind] if s not in _SHAPES[kind]]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
 
 
@@ -752,10 +773,11 @@ def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
     mask_t, _, mask_strides = _mask_args(mask, q)
     flags = _flags(q, mask, is_causal, 0.0)
     del flags["DROPOUT"]
-    bm, bn = (32, 32) if INTERPRET else (64, 64)
+    # fp32 takes 32 x 32 tiles on 8 warps: the FMA dot of a 64 x 64 tile on 4 warps spills (sm_90, head dim >= 64).
+    bm, bn, warps = (32, 32, 4) if INTERPRET else (32, 32, 8) if q.dtype == torch.float32 else (64, 64, 4)
     grid = (triton.cdiv(Lq, bm) * triton.cdiv(Lk, bn) * B * H,)
     _attn_weights[grid](q, k, mask_t, lse.contiguous(), w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
-                        Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+                        Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return w
 
 
