@@ -1,0 +1,47 @@
+"""Property-based fuzzing (hypothesis): random shapes, dims, dtypes and mask kinds for every op on every backend,
+each checked by the same helpers (and tolerance rule) as the slice tests."""
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_attention import _mask, _qkv, check_sdpa
+from test_layernorm import check_norm
+from test_softmax import check_softmax
+
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+# The `backend` fixture is the same for every example of a test, which is what we want.
+FUZZ = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=3), dim=st.integers(-3, 2), dtype=DTYPES,
+       scale=st.sampled_from([1.0, 30.0]))
+def test_softmax_fuzz(backend, device, shape, dim, dtype, scale):
+    dim = dim % len(shape)
+    x = (torch.randn(shape, device=device) * scale).to(dtype)
+    check_softmax(x, dim, backend)
+
+
+@FUZZ
+@given(rows=st.integers(1, 6), normalized=st.lists(st.integers(1, 40), min_size=1, max_size=2), dtype=DTYPES,
+       kind=st.sampled_from(["layer_norm", "rms_norm"]), weight=st.booleans(), bias=st.booleans(),
+       shift=st.sampled_from([0.0, 3.0]))
+def test_norm_fuzz(backend, device, rows, normalized, dtype, kind, weight, bias, shift):
+    x = (torch.randn(rows, *normalized, device=device) + shift).to(dtype)
+    w = torch.randn(normalized, device=device).to(dtype) if weight else None
+    b = torch.randn(normalized, device=device).to(dtype) if bias and kind == "layer_norm" else None
+    if kind == "layer_norm":
+        check_norm(kind, backend, x, normalized, w, b)
+    else:
+        check_norm(kind, backend, x, normalized, w, eps=None)
+
+
+@FUZZ
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(1, 40),
+       Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
+       kind=st.sampled_from(["none", "causal", "bool", "key_padding", "float", "dead_rows"]),
+       layout=st.sampled_from(["bhld", "blhd"]))
+def test_attention_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, layout):
+    H = Hkv * group
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, layout=layout)
+    attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
+    check_sdpa(backend, q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1)
