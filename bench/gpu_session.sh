@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call for a GPU session (the device tool's `run`, in the repository root, $OUT set): build the CUDA
+# extension, run the whole test suite on the GPU, compute-sanitizer on every CUDA kernel, then the benchmark
+# suites, keeping every log under $OUT. Usage: bash bench/gpu_session.sh [suite ...]  (default: every suite).
+# Each step's exit status is logged and the script goes on, so one failure does not cost the rest of the call.
+set -u
+OUT=${OUT:-/tmp/fa_out}
+mkdir -p "$OUT"
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  git rev-parse HEAD 2>/dev/null; } >"$OUT/env.txt" 2>&1
+
+step install env MAX_JOBS=16 pip install --no-build-isolation -e .
+step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
+step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all python csrc/sanitize.py
+step tests python -m pytest tests -q -x --durations=20 -p no:cacheprovider
+suites=${*:-attention decoding softmax layernorm rmsnorm model}
+for suite in $suites; do
+  step "bench_$suite" python -m bench --suite "$suite" --out "$OUT/results"
+done
