@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/fa_out}
 LOGS=$(mktemp -d)/session
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/session.tar.gz" -C "$(dirname "$LOGS")" session; cp "$LOGS/steps.txt" "$OUT/" 2>/dev/null' EXIT
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the status
+step() {  # step NAME COMMAND...: run it, log to NAME.log, record its exit status and time
   local name=$1; shift
   local start=$SECONDS
   "$@" >"$LOGS/$name.log" 2>&1
