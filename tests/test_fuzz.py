@@ -1,11 +1,14 @@
 """Property-based fuzzing (hypothesis): random shapes, dims, dtypes and mask kinds for every op on every backend,
 each checked by the same helpers (and tolerance rule) as the slice tests."""
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from test_attention import _mask, _qkv, check_sdpa
-from test_layernorm import check_norm
-from test_softmax import check_softmax
+
+pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_attention import _mask, _qkv, check_sdpa  # noqa: E402
+from test_layernorm import check_norm  # noqa: E402
+from test_softmax import check_softmax  # noqa: E402
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 # The `backend` fixture is the same for every example of a test, which is what we want.
