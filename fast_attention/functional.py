@@ -73,8 +73,8 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     scale = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError(f"fast_attention.scaled_dot_product_attention: gradients with respect to a float "
-                                  f"attn_mask are not supported; pass attn_mask.detach()")
+        raise NotImplementedError("fast_attention.scaled_dot_product_attention: gradients with respect to a float "
+                                  "attn_mask are not supported; pass attn_mask.detach()")
     three_d = query.dim() == 3
     q, k, v = (t.unsqueeze(0) for t in (query, key, value)) if three_d else (query, key, value)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,

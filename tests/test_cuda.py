@@ -182,7 +182,7 @@ def test_fragment_index_math_assembles_the_products(D, N):
     O = S V, S's C fragments reused as A fragments, V a [k][n] tile read with ldmatrix.trans) driven by the lane
     maps of primitives.cuh, on tiles of pitch D + 8 whose padding is NaN (never read)."""
     f = _lane_maps()
-    P, rng = D + 8, np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     a_rm, b_nk, v_kn = (rng.integers(-3, 4, (rows, D)).astype(float) for rows in (64, N, N))
     sA, sB, sV = (np.concatenate([t, np.full((len(t), 8), np.nan)], 1) for t in (a_rm, b_nk, v_kn))
     for warp in range(4):

@@ -4,7 +4,6 @@ import torch
 
 import fast_attention as fa
 from fast_attention import backends, reference
-from fast_attention.ops import attention as attention_op
 
 OPS = torch.ops.fast_attention
 
