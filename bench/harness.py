@@ -17,6 +17,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -337,11 +338,25 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
         bar.update(1)
         if last_of_case[id(case)] == i:
             _speedups(result["results"])
+            result["triton_autotune"] = triton_autotune_choices()
             _save_json(result, out)
     bar.close()
     result["complete"] = True
     _save_json(result, out)
     return result
+
+
+def triton_autotune_choices() -> list[dict]:
+    """The config the Triton attention autotuner kept per (kernel, dtype, length bucket, flags), with whether it
+    reads through tensor descriptors (TMA): which tiles won, and whether the Hopper path paid, in this run."""
+    attention = sys.modules.get("fast_attention.kernels.attention")
+    if attention is None:
+        return []
+    names = ["kernel", "dtype", "device", "tma_possible"] + [f"{k} (pow2)" if k in ("Lq", "Lk") else k
+                                                            for k in attention._TUNING_KEY]
+    return [{**{n: v if isinstance(v, (bool, int)) else str(v) for n, v in zip(names, bucket)},
+             **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+            for bucket, c in attention._tuned_configs.items()]
 
 
 def _speedups(rows: list[dict]) -> None:

@@ -13,6 +13,10 @@ store. A row whose every key is masked keeps m = -inf and l = 0: its output is 0
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
 
+On sm_90+ the kernels can stream their inputs through tensor descriptors (TMA: asynchronous bulk copies into
+shared memory, zero-filled past the lengths and the head dim) instead of masked pointer loads: K and V in the
+forward and the dQ kernel, Q and dO in the dK/dV kernel. TMA_MODE and the autotuner choose.
+
 Dropout is counter-based: element (b, h, i, j) keeps iff tl.rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p,
 so the backward and `dropout_mask` regenerate exactly the forward's mask without storing it.
 
@@ -27,6 +31,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation as _triton_allocation
 
 # Triton reads TRITON_INTERPRET once, at import; we do the same (fast_attention.backends does too).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -83,16 +88,34 @@ def _keep(seed, counters, dropout_p):
     return tl.rand(seed, counters) >= dropout_p
 
 
+@triton.jit
+def _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
+    """With TMA, (Lk, D) tensor descriptors of one kv head's K and V, read BLOCK_N rows at a time: Hopper's copy
+    engine moves each block to shared memory asynchronously, zero-filled past Lk and the head dim, with no
+    addresses or masks in registers (the launcher checked the 16-byte alignment it needs). Else the pointers."""
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[Lk, HEAD_DIM], strides=[skn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[Lk, HEAD_DIM_V], strides=[svn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+        return k_desc, v_desc
+    else:
+        return k_base, v_base
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
                start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2."""
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2. With TMA the
+    K and V blocks come through the tensor descriptors (zero-filled past Lk and the head dim), else through
+    masked pointer loads."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -101,8 +124,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + arange_n
         n_ok = offs_n < k_end
-        kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
-                     mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+        if TMA:
+            kt = tl.trans(k_desc.load([start_n, 0]))
+        else:
+            kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
+                         mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = _dot(q, kt, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
@@ -117,8 +143,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        v = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + v_tile,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if TMA:
+            # Rows in [k_end, Lk) are real keys of another split or past the causal limit; their p is exactly 0.
+            v = v_desc.load([start_n, 0])
+        else:
+            v = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + v_tile,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
@@ -133,7 +163,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: BLOCK_M queries of one (b, h) against the keys of one split.
 
     Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself), Lse: (num_splits, B, H,
@@ -160,6 +190,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
         q = q.to(tl.float32)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
+    k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                     TMA)
     mask_rows = Mask + b * smb + h * smh + offs_m.to(tl.int64)[:, None] * smm  # (BLOCK_M, 1)
     rng_rows = (bh * Lq + offs_m) * Lk  # int64 dropout counters of (i, 0)
 
@@ -175,15 +207,15 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
-                               lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
-                               HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT,
-                               UPCAST, IEEE)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
+                               seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT,
+                               UPCAST, IEEE, TMA)
     if IS_CAUSAL:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows,
-                                   mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
-                                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True,
-                                   DROPOUT, UPCAST, IEEE)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p,
+                                   dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
+                                   True, DROPOUT, UPCAST, IEEE, TMA)
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
@@ -248,13 +280,14 @@ def _attn_bwd_delta(O, DO, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, offs_n, n_ok, rng_base,
-                start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p, dropout_scale, seed,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, mask_cols, offs_n, n_ok,
+                rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p, dropout_scale, seed,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end) of one query head, in the
-    transposed orientation (keys on rows) so no (BLOCK_M, BLOCK_N) tile needs transposing."""
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end) of query head h, in the
+    transposed orientation (keys on rows) so no (BLOCK_M, BLOCK_N) tile needs transposing. With TMA the Q and dO
+    blocks come through the (H, Lq, D) descriptors of the batch."""
     arange_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -263,10 +296,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_cols, 
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + arange_m
         m_ok = offs_m < Lq
-        qt = tl.load(q_base + tl.cast(start_m, tl.int64) * sqm + qt_tile, mask=(offs_d[:, None] < HEAD_DIM) & m_ok[None, :],
-                     other=0.0)
-        do = tl.load(do_base + tl.cast(start_m, tl.int64) * sdom + do_tile,
-                     mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        if TMA:
+            qt = tl.trans(q_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            qt = tl.load(q_base + tl.cast(start_m, tl.int64) * sqm + qt_tile,
+                         mask=(offs_d[:, None] < HEAD_DIM) & m_ok[None, :], other=0.0)
+            do = tl.load(do_base + tl.cast(start_m, tl.int64) * sdom + do_tile,
+                         mask=m_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         if UPCAST:
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
@@ -298,7 +335,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
                    H, Hkv, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TMA: tl.constexpr):
     """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order."""
     pid = tl.program_id(0)
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
@@ -328,6 +366,14 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
         lo = 0
         mid = 0
 
+    if TMA:  # one descriptor per batch for all heads: the group loop below then builds none
+        q_desc = tl.make_tensor_descriptor(Q + b * sqb, shape=[H, Lq, HEAD_DIM], strides=[sqh, sqm, 1],
+                                           block_shape=[1, BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + b * sdob, shape=[H, Lq, HEAD_DIM_V], strides=[sdoh, sdom, 1],
+                                            block_shape=[1, BLOCK_M, BLOCK_DV])
+    else:
+        q_desc = Q
+        do_desc = DO
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
@@ -337,15 +383,16 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
         do_base = DO + b * sdob + h * sdoh
         mask_cols = Mask + b * smb + h * smh + rows_n * smn  # (BLOCK_N, 1)
         rng_base = bh * Lq * Lk
+        h32 = h.to(tl.int32)
         if IS_CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_cols, offs_n,
-                                 n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
-                                 dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND,
-                                 True, DROPOUT, UPCAST, IEEE)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse + bh * Lq, Delta + bh * Lq, mask_cols, offs_n,
-                             n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
-                             dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND,
-                             False, DROPOUT, UPCAST, IEEE)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, Lse + bh * Lq, Delta + bh * Lq,
+                                 mask_cols, offs_n, n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm,
+                                 qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                 BLOCK_M, MASK_KIND, True, DROPOUT, UPCAST, IEEE, TMA)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, Lse + bh * Lq, Delta + bh * Lq,
+                             mask_cols, offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale,
+                             dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+                             MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA)
 
     dk = dk * scale
     tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -355,12 +402,12 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, start, end, k_end,
-              skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, start,
+              end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Accumulate dQ (BLOCK_M, D) over key blocks [start, end)."""
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+    """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -369,10 +416,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m,
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + arange_n
         n_ok = offs_n < k_end
-        kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
-                     mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
-        vt = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + vt_tile,
-                     mask=(offs_dv[:, None] < HEAD_DIM_V) & n_ok[None, :], other=0.0)
+        if TMA:
+            kt = tl.trans(k_desc.load([start_n, 0]))
+            vt = tl.trans(v_desc.load([start_n, 0]))
+        else:
+            kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
+                         mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+            vt = tl.load(v_base + tl.cast(start_n, tl.int64) * svn + vt_tile,
+                         mask=(offs_dv[:, None] < HEAD_DIM_V) & n_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
@@ -397,7 +448,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
                  H, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks."""
     pid = tl.program_id(0)
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
@@ -424,6 +475,8 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
     delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
+    k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                     TMA)
     mask_rows = Mask + b * smb + h * smh + rows * smm
     rng_rows = (bh * Lq + offs_m) * Lk
 
@@ -434,13 +487,13 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         hi = Lk
         mid = Lk
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, 0, mid, hi,
-                   skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                   BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, 0,
+                   mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA)
     if IS_CAUSAL:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_rows, row_ok, offs_m, rng_rows, mid, hi, hi,
-                       skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                       BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True, DROPOUT, UPCAST, IEEE)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
+                       mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
+                       HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True, DROPOUT, UPCAST, IEEE, TMA)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -535,12 +588,53 @@ _FP32_SHAPES = {
 # thread the kernels spill on sm_90 (fwd 128 x 128 on 8 warps: 2-7 KB), so such configs are dropped then.
 _MAX_SCORES_PER_THREAD = {"fwd": 32, "dq": 32, "dkdv": 16}
 
+# The kernels can stream their inputs through tensor descriptors (Hopper's TMA copy engine) in these 16-bit
+# shapes. FAST_ATTENTION_TMA: "auto" (default) lets the autotuner time them against the pointer-load configs, "1" takes
+# only them wherever the inputs allow, "0" never. Read at import, like TRITON_INTERPRET.
+TMA_MODE = os.environ.get("FAST_ATTENTION_TMA", "auto")
+_TMA_SHAPES = {"fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
+               "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+               "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]}
+# What each kernel streams through descriptors: (tensor, its stride prefix, the streamed (row) dim's letter).
+_TMA_READS = {"fwd": (("K", "sk", "n"), ("V", "sv", "n")), "dq": (("K", "sk", "n"), ("V", "sv", "n")),
+              "dkdv": (("Q", "sq", "m"), ("DO", "sdo", "m"))}
+
+
+def _tma_ok(kind, named) -> bool:
+    """Whether the tensors `kind` streams can be read through descriptors: 16-bit, a unit head-dim stride,
+    16-byte aligned base pointers and batch/head/row strides (what the copy engine requires), and on a GPU sm_90
+    or newer (the interpreter emulates descriptors)."""
+    for name, prefix, row in _TMA_READS[kind]:
+        t = named[name]
+        elem = t.element_size()
+        strides = [named[prefix + dim] for dim in ("b", "h", row)]
+        if elem != 2 or named[prefix + "d"] != 1 or strides[2] <= 0 or t.data_ptr() % 16:
+            return False
+        if any(s * elem % 16 for s in strides):
+            return False
+        if not INTERPRET and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+    return True
+
+
+def _tma_choice(kind, configs, named):
+    """TMA_MODE applied: the descriptor configs go where the inputs allow them; "1" keeps only them there. The
+    interpreter has nothing to time, so there "auto" means pointer loads."""
+    if TMA_MODE != "0" and _tma_ok(kind, named):
+        tma = [c for c in configs if c.kwargs.get("TMA")]
+        if TMA_MODE == "1" and tma:
+            return tma
+        if not INTERPRET:
+            return configs
+    return [c for c in configs if not c.kwargs.get("TMA")]
+
 
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
+        named_args = {**named_args, **kwargs}  # the autotuner passes positional and keyword arguments apart
+        configs = _tma_choice(kind, configs, named_args)
         if INTERPRET:
             return configs
-        named_args = {**named_args, **kwargs}  # the autotuner passes positional and keyword arguments apart
         d, dv = named_args["BLOCK_D"], named_args["BLOCK_DV"]
         elem = named_args["Q"].element_size()
         heavy = named_args["MASK_KIND"] != 0 or named_args["DROPOUT"]
@@ -567,11 +661,22 @@ def _prune(kind):
     return prune
 
 
+def _config(kind, bm, bn, warps, stages, tma=False):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if kind in _TMA_SHAPES:
+        meta["TMA"] = tma
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
 def _configs(kind):
+    """Pointer-load configs first (taken without autotuning), then the tensor-descriptor ones."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    shapes = _SHAPES[kind] + [s for s in _FP32_SHAPES[kind] if s not in _SHAPES[kind]]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in shapes]
+        shapes = [(32, 32, 4, 1)]
+        tma_shapes = shapes if kind in _TMA_SHAPES else []
+    else:
+        shapes = _SHAPES[kind] + [s for s in _FP32_SHAPES[kind] if s not in _SHAPES[kind]]
+        tma_shapes = _TMA_SHAPES.get(kind, [])
+    return [_config(kind, *s) for s in shapes] + [_config(kind, *s, tma=True) for s in tma_shapes]
 
 
 def _tuned(kernel, kind):
@@ -595,16 +700,35 @@ _tuned_configs: dict[tuple, triton.Config] = {}
 
 def _tuning_bucket(kind, named):
     key = [triton.next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _TUNING_KEY]
-    return (kind, named["Q"].dtype, named["Q"].device, *key)
+    tma = _tma_ok(kind, named)  # a descriptor config must not be reused on unaligned inputs
+    return (kind, named["Q"].dtype, named["Q"].device, tma, *key)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Kernels that build tensor descriptors need a little global scratch per program, which Triton gets from the
+    allocator of triton.set_allocator: set one backed by torch's caching allocator unless the caller set their own
+    (it is a context variable, so per thread: autograd's backward threads start without one)."""
+    current = getattr(_triton_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _triton_allocation.NullAllocator):
+        triton.set_allocator(_torch_scratch)
 
 
 def _launch(kind, grid, *args, **kwargs):
     plain, tuned = _KERNELS[kind]
     named = dict(zip(plain.arg_names, args), **kwargs)
+    if not INTERPRET and TMA_MODE != "0":
+        _ensure_allocator()
     if AUTOTUNE:
         bucket = _tuning_bucket(kind, named)
         c = _tuned_configs.get(bucket)
         if c is None:
+            # The buckets are the cache: the autotuner's own, keyed on exact lengths and blind to the descriptor
+            # check, must not answer for them.
+            tuned.cache.clear()
             tuned[grid](*args, **kwargs)
             _tuned_configs[bucket] = tuned.best_config
             return
@@ -617,9 +741,10 @@ def _decode_config(block_d, elem_bytes):
     """Decoding's fixed tile: 16 query rows (the smallest tl.dot M) and a key block sized so that the pipelined
     K and V blocks stay near 64 KB of shared memory (128 KB for fp32 at head dim 256)."""
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32, TMA=False, num_warps=4, num_stages=1)
     block_n = max(32, min(128, 16384 // (block_d * elem_bytes)))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, num_warps=4, num_stages=3 if block_d * elem_bytes <= 256 else 2)
+    return dict(BLOCK_M=16, BLOCK_N=block_n, TMA=False, num_warps=4,
+                num_stages=3 if block_d * elem_bytes <= 256 else 2)
 
 
 # ----------------------------------------------------------------------------------------------------------

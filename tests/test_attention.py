@@ -387,6 +387,79 @@ def test_autotune_once_per_length_bucket(monkeypatch):
     assert launches == ["tuned", "plain", "tuned"]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Tensor descriptors (the Hopper TMA path of the Triton forward; emulated by the interpreter on the CPU)
+# ----------------------------------------------------------------------------------------------------------
+def _spy_tma(monkeypatch, kernels):
+    """Record, for each launch of a kernel with descriptor configs, (kernel, whether the config taken uses them)."""
+    taken = []
+    real_choice = kernels._tma_choice
+
+    def choice(kind, configs, named):
+        kept = real_choice(kind, configs, named)
+        taken.append((kind, bool(kept[0].kwargs.get("TMA"))))
+        return kept
+    monkeypatch.setattr(kernels, "_tma_choice", choice)
+    return taken
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,Hkv,Lq,Lk,D,layout", [
+    ("none", 2, 17, 45, 24, "bhld"), ("causal", 1, 45, 17, 64, "blhd"), ("key_padding", 2, 33, 1, 80, "bhld"),
+    ("float", 4, 3, 113, 32, "bhld"), ("dead_rows", 4, 29, 37, 16, "blhd")])
+def test_tma_path_matches_pointer_loads(monkeypatch, kind, Hkv, Lq, Lk, D, layout):
+    """FAST_ATTENTION_TMA=1 streams K, V (forward, dQ) and Q, dO (dK/dV) through tensor descriptors, zero-filled
+    past the lengths and the head dim instead of masked: the same output and gradients as the pointer loads, bit
+    for bit, and right against the reference."""
+    from fast_attention.kernels import attention as kernels
+
+    taken = _spy_tma(monkeypatch, kernels)
+    q, k, v = _qkv(2, 4, Hkv, Lq, Lk, D, torch.float16, layout=layout)
+    mask, causal = _mask(kind, 2, 4, Lq, Lk, torch.float16)
+    grad = torch.randn(2, 4, Lq, D, device=DEVICE, dtype=torch.float16)
+    results = {}
+    for mode in ("0", "1"):
+        monkeypatch.setattr(kernels, "TMA_MODE", mode)
+        q.grad = k.grad = v.grad = None
+        torch.manual_seed(11)
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=0.1,
+                                              enable_gqa=True, backend="triton")
+        out.backward(grad)
+        results[mode] = (out, q.grad, k.grad, v.grad)
+    assert taken == [("fwd", False), ("dkdv", False), ("dq", False), ("fwd", True), ("dkdv", True), ("dq", True)]
+    for name, a, b in zip(("output", "dq", "dk", "dv"), results["0"], results["1"]):
+        assert torch.equal(a, b), name
+    monkeypatch.setattr(kernels, "TMA_MODE", "1")
+    q.grad = k.grad = v.grad = None
+    check_sdpa("triton", q, k, v, mask, causal, enable_gqa=True)
+    assert all(used for _, used in taken[-3:])
+
+
+@needs_triton
+def test_tma_only_where_the_copy_engine_can_read(monkeypatch):
+    """Descriptors need 16-bit inputs, a unit head-dim stride and 16-byte aligned bases and strides; anything else
+    takes the pointer loads, even with FAST_ATTENTION_TMA=1, and stays right."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "TMA_MODE", "1")
+    taken = _spy_tma(monkeypatch, kernels)
+    wide = torch.randn(1, 2, 40, 33, device=DEVICE, dtype=torch.float16)
+    strided = torch.randn(1, 2, 40, 32, device=DEVICE, dtype=torch.float16)[..., ::2]
+    cases = {
+        "aligned": (_qkv(1, 2, 2, 9, 40, 24, torch.float16), True),
+        "40-byte rows": (_qkv(1, 2, 2, 9, 40, 20, torch.float16), False),
+        "float32": (_qkv(1, 2, 2, 9, 40, 24, torch.float32), False),
+        "base off by 2 bytes": ((wide[..., :32], wide[..., 1:], wide[..., 1:]), False),
+        "head-dim stride 2": ((wide[..., :16], strided, strided), False),
+    }
+    for name, ((q, k, v), expected) in cases.items():
+        with torch.no_grad():
+            out = fa.scaled_dot_product_attention(q, k, v, backend="triton")
+            assert_close(out, F.scaled_dot_product_attention(q, k, v),
+                         ref.scaled_dot_product_attention(q.double(), k.double(), v.double()), name)
+        assert taken[-1] == ("fwd", expected), name
+
+
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 4, 1, 45, 37, 32, torch.float16)
     grad = torch.randn(2, 4, 45, 32, device=DEVICE, dtype=torch.float16)
@@ -458,6 +531,22 @@ def test_full_grid_gpu(backend, fixed_configs, kind, dtype, D, Lq, Lk, Hkv):
     q, k, v = _qkv(2, 4, Hkv, Lq, Lk, D, dtype, layout="blhd" if D % 32 else "bhld")
     mask, causal = _mask(kind, 2, 4, Lq, Lk, dtype)
     check_sdpa(backend, q, k, v, mask, causal, enable_gqa=True)
+
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("kind", MASK_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("Lq,Lk,Hkv", [(17, 257, 2), (257, 17, 1), (1023, 1025, 4)])
+def test_tma_grid_gpu(fixed_configs, monkeypatch, kind, dtype, D, Lq, Lk, Hkv):
+    """The tensor-descriptor forward (sm_90+) on every mask kind and head dim."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "TMA_MODE", "1")
+    q, k, v = _qkv(2, 4, Hkv, Lq, Lk, D, dtype)
+    mask, causal = _mask(kind, 2, 4, Lq, Lk, dtype)
+    check_sdpa("triton", q, k, v, mask, causal, enable_gqa=True)
 
 
 @gpu_only
