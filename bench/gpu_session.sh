@@ -1,31 +1,61 @@
 #!/usr/bin/env bash
-# One device call for a GPU session (the device tool's `run`, in the repository root, $OUT set): build the CUDA
-# extension, run the whole test suite on the GPU, compute-sanitizer on every CUDA kernel, then the benchmark
-# suites. Usage: bash bench/gpu_session.sh [suite ...]  (default: every suite).
-# Each step's exit status is logged and the script goes on, so one failure does not cost the rest of the call.
-# The device tool returns at most 8 files from $OUT, so the logs and results travel as one archive, beside
-# steps.txt (each step's exit status and time).
+# One device call of a GPU session (the device tool's `run`, in the repository root, $OUT set).
+#
+#   bash bench/gpu_session.sh [PHASE ...]      default: install sanitize tests bench:attention
+#
+# Phases, run in the order given:
+#   install          pip install -e . (builds the CUDA extension; incremental while the machine stays warm)
+#   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
+#   tests            the test suite without the big GPU grids
+#   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
+#                    argument: "grid:bfloat16 and D128"
+#   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model)
+#
+# A call has at most 10 minutes and a session 30, so the phases share a deadline (DEADLINE_S, default 560 s):
+# each step gets what is left, is stopped with SIGINT when it runs out (pytest still prints its summary, the bench
+# keeps every finished case), and the logs always come back. Each step's exit status and time go to steps.txt;
+# the logs and results travel as one archive, session.tar.gz (the tool returns at most 8 files from $OUT).
 set -u
 OUT=${OUT:-/tmp/fa_out}
+DEADLINE_S=${DEADLINE_S:-560}
 LOGS=$(mktemp -d)/session
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/session.tar.gz" -C "$(dirname "$LOGS")" session; cp "$LOGS/steps.txt" "$OUT/" 2>/dev/null' EXIT
-step() {  # step NAME COMMAND...: run it, log to NAME.log, record its exit status and time
+
+step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, record exit status and time
   local name=$1; shift
+  local left=$((DEADLINE_S - SECONDS))
+  if ((left < 15)); then
+    echo "$name: not run, the call's deadline is reached" | tee -a "$LOGS/steps.txt"
+    return
+  fi
   local start=$SECONDS
-  "$@" >"$LOGS/$name.log" 2>&1
+  timeout --signal=INT --kill-after=20 "$left" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
-  echo "$name: exit $rc, $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
+  local how=""
+  ((rc == 124 || rc == 130)) && how=" (stopped at the deadline)"
+  echo "$name: exit $rc$how, $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
 }
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   git rev-parse HEAD 2>/dev/null; } >"$LOGS/env.txt" 2>&1
 
-step install env MAX_JOBS=16 pip install --no-build-isolation -e .
-step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
-step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all python csrc/sanitize.py
-step tests python -m pytest tests -q -x --durations=20 -p no:cacheprovider
-suites=${*:-attention decoding softmax layernorm rmsnorm model}
-for suite in $suites; do
-  step "bench_$suite" python -m bench --suite "$suite" --out "$LOGS/results"
+GRIDS="full_grid or tma_grid"
+PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20)
+phases=("$@")
+((${#phases[@]})) || phases=(install sanitize tests bench:attention)
+for phase in "${phases[@]}"; do
+  case $phase in
+    install) step install env MAX_JOBS=16 pip install --no-build-isolation -e . ;;
+    sanitize)
+      step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
+      step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
+        python csrc/sanitize.py ;;
+    tests) step tests "${PYTEST[@]}" -k "not ($GRIDS)" ;;
+    grid) step grid "${PYTEST[@]}" -k "$GRIDS" ;;
+    grid:*) step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"${phase#grid:}")" "${PYTEST[@]}" -k "($GRIDS) and (${phase#grid:})" ;;
+    bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" ;;
+    *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
+  esac
 done

@@ -512,6 +512,14 @@ def test_triton_rejects_what_it_cannot_run():
 # ----------------------------------------------------------------------------------------------------------
 # The full product (GPU only)
 # ----------------------------------------------------------------------------------------------------------
+def _dtype_id(dtype):  # readable test ids, so that `-k "bfloat16 and D128"` selects a slice of the grid
+    return str(dtype).removeprefix("torch.")
+
+
+def _dim_id(d):
+    return f"D{d}"
+
+
 @pytest.fixture
 def fixed_configs(monkeypatch):
     """One config per kernel instead of autotuning every shape, so the grid compiles in minutes."""
@@ -523,8 +531,8 @@ def fixed_configs(monkeypatch):
 
 @gpu_only
 @pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 256], ids=_dim_id)
 @pytest.mark.parametrize("Lq,Lk,Hkv", [(1, 1, 4), (17, 257, 2), (257, 17, 1), (113, 113, 4), (1, 1500, 2),
                                        (1023, 1025, 1)])
 def test_full_grid_gpu(backend, fixed_configs, kind, dtype, D, Lq, Lk, Hkv):
@@ -536,8 +544,8 @@ def test_full_grid_gpu(backend, fixed_configs, kind, dtype, D, Lq, Lk, Hkv):
 @gpu_only
 @needs_triton
 @pytest.mark.parametrize("kind", MASK_KINDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D", [16, 64, 80, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("D", [16, 64, 80, 128, 256], ids=_dim_id)
 @pytest.mark.parametrize("Lq,Lk,Hkv", [(17, 257, 2), (257, 17, 1), (1023, 1025, 4)])
 def test_tma_grid_gpu(fixed_configs, monkeypatch, kind, dtype, D, Lq, Lk, Hkv):
     """The tensor-descriptor forward (sm_90+) on every mask kind and head dim."""
