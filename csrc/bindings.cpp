@@ -285,8 +285,10 @@ AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, con
                       k_in.sizes());
   TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "fast_attention._C.", op, ": query's heads (", H,
                     ") must be a multiple of key's heads (", Hkv, ")");
-  TORCH_CHECK_VALUE(Lq < INT32_MAX && Lk < INT32_MAX && B * H < INT32_MAX, "fast_attention._C.", op,
-                    ": sequence lengths and batch * heads must be below 2^31");
+  // The kernels index rows in 32-bit ints and step past the last row by up to one tile (64): keep that room.
+  constexpr int64_t kMaxLen = INT32_MAX - 128;
+  TORCH_CHECK_VALUE(Lq < kMaxLen && Lk < kMaxLen && B * H < INT32_MAX, "fast_attention._C.", op,
+                    ": sequence lengths must be below 2^31 - 129 and batch * heads below 2^31");
   if (tiled) {
     bool known = false;
     for (int d : fa::kHeadDims) known = known || d == D;
