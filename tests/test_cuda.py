@@ -208,6 +208,29 @@ def test_fragment_index_math_assembles_the_products(D, N):
         np.testing.assert_array_equal(_assemble(o, f), s_tile @ v_kn)
 
 
+@pytest.mark.skipif(np is None, reason="the float32 model needs numpy")
+def test_finfo_min_row_lse_round_trip_in_float32():
+    """The float32 steps of csrc/attention (masked_score, the forward's lse, lse_log2, prob_from_lse) for a row
+    whose every key carries bfloat16's finfo.min: the scores clamp to -FLT_MAX (log2(e) * finfo.min overflows),
+    the lse stays finite (not a dead row), and P rebuilt from it is finite but 0, not 1 / Lk: lse * log2(e)
+    rounds to just above -FLT_MAX (the limit csrc/README.md states). A dead row's lse (-inf) gives P = 0."""
+    f32 = np.float32
+    log2e, ln2, fmax = f32(1.4426950408889634), f32(0.6931471805599453), np.finfo(f32).max
+    with np.errstate(over="ignore"):
+        add2 = f32(torch.finfo(torch.bfloat16).min) * log2e
+        assert add2 == -np.inf
+        scores = np.array([0.5, -3.0, 7.25], dtype=f32) + max(add2, -fmax)  # masked_score
+        assert (scores == -fmax).all()  # every key equal: torch's uniform average in the forward
+        for n in (1, 3, 1000, 2 ** 20):
+            lse = (scores.max() + np.log2(f32(n))) * ln2  # the forward, sum = n
+            assert np.isfinite(lse)
+            lse2 = max(lse * log2e, -fmax)  # lse_log2
+            p = np.exp2(np.minimum(scores - lse2, f32(0)))  # prob_from_lse
+            assert np.isfinite(p).all() and (p == 0).all(), (n, lse2, p)
+    dead = np.exp2(np.minimum(np.array([-np.inf, 1.0], dtype=f32) - f32(np.inf), f32(0)))  # lse_log2(-inf) = inf
+    assert (dead == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------- GPU only
 LOW = [torch.float16, torch.bfloat16]
 ROW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]

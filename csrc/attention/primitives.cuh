@@ -210,8 +210,8 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
 // row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kInf : fmaxf(lse * kLog2e, -kFloatMax); }
 
-// A probability recomputed from the saved lse. At most 1: a finfo.min row's lse cannot resolve log(Lk), so
-// score - lse2 may round above 0 there.
+// A probability recomputed from the saved lse, at most 1 (score - lse2 may round just above 0). A finfo.min
+// row's lse cannot resolve log(Lk): lse2 rounds to -3.4028233e38 against scores of -FLT_MAX, so P is 0 there.
 __device__ __forceinline__ float prob_from_lse(float score, float lse2) { return exp2f(fminf(score - lse2, 0.f)); }
 
 // Two adjacent elements of one output row, as one 4-byte store.
