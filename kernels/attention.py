@@ -590,7 +590,8 @@ _MAX_SCORES_PER_THREAD = {"fwd": 32, "dq": 32, "dkdv": 16}
 
 # The kernels can stream their inputs through tensor descriptors (Hopper's TMA copy engine) in these 16-bit
 # shapes. FAST_ATTENTION_TMA: "auto" (default) lets the autotuner time them against the pointer-load configs, "1" takes
-# only them wherever the inputs allow, "0" never. Read at import, like TRITON_INTERPRET.
+# only them wherever the inputs allow and one fits (head dims up to 128), "0" never. Read at import, like
+# TRITON_INTERPRET.
 TMA_MODE = os.environ.get("FAST_ATTENTION_TMA", "auto")
 _TMA_SHAPES = {"fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
                "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
@@ -632,6 +633,7 @@ def _tma_choice(kind, configs, named):
 def _prune(kind):
     def prune(configs, named_args, **kwargs):
         named_args = {**named_args, **kwargs}  # the autotuner passes positional and keyword arguments apart
+        offered = configs
         configs = _tma_choice(kind, configs, named_args)
         if INTERPRET:
             return configs
@@ -656,7 +658,12 @@ def _prune(kind):
                 ok = False
             if ok:
                 kept.append(c)
-        # The smallest config always fits a 256 head dim; keep it if the estimate rejected everything.
+        if not kept and any(c.kwargs.get("TMA") for c in configs):
+            # FAST_ATTENTION_TMA=1 with no descriptor config that fits (head dims over 128): the smallest of them
+            # overflows shared memory or spills on sm_90 (dK/dV and dQ with a mask or dropout at head dim 256: over
+            # 227 KB, and launching it would raise), so the pointer-load configs stand in.
+            return prune([c for c in offered if not c.kwargs.get("TMA")], named_args)
+        # The smallest pointer-load config always fits a 256 head dim; keep it if the estimate rejected everything.
         return kept or [min(candidates, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
     return prune
 

@@ -460,6 +460,24 @@ def test_tma_only_where_the_copy_engine_can_read(monkeypatch):
         assert taken[-1] == ("fwd", expected), name
 
 
+@needs_triton
+def test_tma_forced_falls_back_where_no_descriptor_config_fits(monkeypatch):
+    """FAST_ATTENTION_TMA=1 on a GPU: where the fit estimate rejects every descriptor config (head dims over 128),
+    the pointer-load configs stand in; the smallest descriptor config needs over 227 KB of shared memory on sm_90
+    for dK/dV and dQ with a mask and dropout at head dim 256, and launching it raises."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # the GPU configs and their pruning, run on the CPU
+    monkeypatch.setattr(kernels, "TMA_MODE", "1")
+    monkeypatch.setattr(kernels, "_tma_ok", lambda kind, named: True)
+    q = torch.empty(0, dtype=torch.float16)
+    for kind in ("fwd", "dkdv", "dq"):
+        for d, descriptors in ((64, True), (256, False)):
+            named = dict(Q=q, BLOCK_D=d, BLOCK_DV=d, MASK_KIND=2, DROPOUT=True)
+            kept = kernels._prune(kind)(kernels._configs(kind), named)
+            assert kept and all(c.kwargs["TMA"] == descriptors for c in kept), (kind, d, kept)
+
+
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 4, 1, 45, 37, 32, torch.float16)
     grad = torch.randn(2, 4, 45, 32, device=DEVICE, dtype=torch.float16)
