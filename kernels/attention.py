@@ -27,6 +27,7 @@ clamped to at most 1 there: finite, though not 1/Lk.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -703,6 +704,7 @@ _KERNELS = {"fwd": (_attn_fwd, _tuned(_attn_fwd, "fwd")), "dkdv": (_attn_bwd_dkd
 # threshold, each batch of a variable-length dataset) would benchmark every config again, a second or more each
 # time. The launchers tune once per power-of-two length bucket instead and reuse the winner inside the bucket.
 _tuned_configs: dict[tuple, triton.Config] = {}
+_tuning_lock = threading.Lock()
 
 
 def _tuning_bucket(kind, named):
@@ -733,12 +735,18 @@ def _launch(kind, grid, *args, **kwargs):
         bucket = _tuning_bucket(kind, named)
         c = _tuned_configs.get(bucket)
         if c is None:
-            # The buckets are the cache: the autotuner's own, keyed on exact lengths and blind to the descriptor
-            # check, must not answer for them.
-            tuned.cache.clear()
-            tuned[grid](*args, **kwargs)
-            _tuned_configs[bucket] = tuned.best_config
-            return
+            # The autotuner keeps its call's state on itself (arguments, cache, best_config): two threads tuning at
+            # once (DataParallel replicas, the per-device autograd threads) would clear each other's cache entry
+            # or store each other's winner, a config pruned for another head dim, dtype or alignment.
+            with _tuning_lock:
+                c = _tuned_configs.get(bucket)
+                if c is None:
+                    # The buckets are the cache: the autotuner's own, keyed on exact lengths and blind to the
+                    # descriptor check, must not answer for them.
+                    tuned.cache.clear()
+                    tuned[grid](*args, **kwargs)
+                    _tuned_configs[bucket] = tuned.best_config
+                    return
     else:
         c = _prune(kind)(_configs(kind), named)[0]
     plain[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

@@ -478,6 +478,49 @@ def test_tma_forced_falls_back_where_no_descriptor_config_fits(monkeypatch):
             assert kept and all(c.kwargs["TMA"] == descriptors for c in kept), (kind, d, kept)
 
 
+@needs_triton
+def test_concurrent_tuning_keeps_each_buckets_own_config(monkeypatch):
+    """The autotuner keeps its winner on itself (best_config): two threads tuning two buckets at once must each
+    store their own winner, not the other's (a config pruned for another head dim)."""
+    import threading
+
+    from fast_attention.kernels import attention as kernels
+
+    winners = {16: "config for D16", 256: "config for D256"}
+    both_benchmarking = threading.Barrier(2)
+
+    class Tuner:
+        cache: dict = {}
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.best_config = winners[kwargs["HEAD_DIM"]]
+                try:  # benchmarking releases the GIL: let the other thread run meanwhile, if it can
+                    both_benchmarking.wait(timeout=0.5)
+                except threading.BrokenBarrierError:
+                    pass
+            return run
+
+    class Plain:
+        arg_names = ["Q"]
+
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    monkeypatch.setattr(kernels, "_tuned_configs", {})
+    monkeypatch.setattr(kernels, "_tma_ok", lambda kind, named: False)
+    monkeypatch.setitem(kernels._KERNELS, "fwd", (Plain(), Tuner()))
+    q = torch.empty(0, dtype=torch.float16)
+    flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, DROPOUT=False)
+    threads = [threading.Thread(target=kernels._launch, args=("fwd", (1,), q), kwargs=dict(flags, HEAD_DIM=d))
+               for d in winners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stored = {bucket[4 + kernels._TUNING_KEY.index("HEAD_DIM")]: c for bucket, c in kernels._tuned_configs.items()}
+    assert stored == winners
+
+
 def test_backward_is_deterministic(backend):
     q, k, v = _qkv(2, 4, 1, 45, 37, 32, torch.float16)
     grad = torch.randn(2, 4, 45, 32, device=DEVICE, dtype=torch.float16)
