@@ -52,6 +52,9 @@ def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                 f"({query.shape[-1]})")
     if dropout_p > 0.0:
         return f"its attention kernels do not implement dropout (dropout_p must be 0, got {dropout_p})"
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
+        return (f"its attention kernels read an additive attn_mask in query's dtype ({_name(query.dtype)}), got "
+                f"{_name(attn_mask.dtype)}")
     return _device_reason(query)
 
 

@@ -63,7 +63,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask
+            scores = scores + attn_mask.to(scores.dtype)  # a float32 mask on half inputs: added in their dtype
     row_max = scores.amax(-1, keepdim=True)
     dead = torch.isneginf(row_max)  # every key masked: the row gives zeros
     weights = (scores - row_max.masked_fill(dead, 0.0)).exp()

@@ -114,6 +114,16 @@ def test_mask_kinds(backend, kind, dtype):
         assert torch.equal(q.grad[:, :, ::4], torch.zeros_like(q.grad[:, :, ::4]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_mask_on_half_inputs(backend, dtype):
+    """torch takes an additive float32 mask whatever query's dtype (bool, float32 or query's dtype)."""
+    B, H, Lq, Lk = 2, 2, 19, 23
+    q, k, v = _qkv(B, H, H, Lq, Lk, 32, dtype)
+    mask = torch.randn(B, 1, Lq, Lk, device=DEVICE)
+    mask[..., 1::3] = float("-inf")
+    check_sdpa(backend, q, k, v, mask)
+
+
 @pytest.mark.parametrize("Hkv", [2, 1])
 @pytest.mark.parametrize("causal,dtype", [(False, torch.float32), (True, torch.bfloat16)])
 def test_gqa(backend, Hkv, causal, dtype):
@@ -551,6 +561,8 @@ def _x(*shape, dtype=torch.float32):
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8, dtype=torch.float16), _x(2, 2, 6, 8)), {}, TypeError, "dtype"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"attn_mask": torch.ones(5, 7, dtype=torch.bool)},
      ValueError, "attn_mask"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"attn_mask": _x(5, 6, dtype=torch.float16)},
+     TypeError, "attn_mask must be bool, float32 or query's dtype"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"dropout_p": 1.0}, ValueError, "dropout_p"),
 ])
 def test_bad_input(backend, args, kwargs, error, words):

@@ -53,9 +53,9 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     elif query.shape[0] != key.shape[0]:
         raise ValueError(f"fast_attention.{OP}: 3-D query and key must have the same dim 0")
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            raise TypeError(f"fast_attention.{OP}: attn_mask must be bool or have query's dtype ({query.dtype}), "
-                            f"got {attn_mask.dtype}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):  # torch's rule
+            raise TypeError(f"fast_attention.{OP}: attn_mask must be bool, float32 or query's dtype "
+                            f"({query.dtype}), got {attn_mask.dtype}")
         weights_shape = (*query.shape[:-1], key.shape[-2])
         try:
             if torch.broadcast_shapes(attn_mask.shape, weights_shape) != weights_shape:
