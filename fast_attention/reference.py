@@ -150,11 +150,12 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
 def _probabilities(q, k, mask, is_causal, scale, lse=None):
     """P = softmax(scores) in the compute dtype (B, H, Lq, Lk); rows with every key masked are zeros."""
     s = _scores(q, k, mask, is_causal, scale)
+    dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
     if lse is None:
         # softmax itself, not exp(s - lse): in a row masked with finfo.min everywhere, lse == s (log(Lk) is below
         # the float spacing there) and exp(s - lse) would be 1, where torch gives uniform weights 1 / Lk.
-        return torch.softmax(s, dim=-1).nan_to_num(0.0), torch.logsumexp(s, dim=-1)
-    return (s - lse[..., None].to(s.dtype)).exp().nan_to_num(0.0), lse
+        return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), torch.logsumexp(s, dim=-1)
+    return (s - lse[..., None].to(s.dtype)).exp().masked_fill(dead, 0.0), lse
 
 
 def _scores(q, k, mask, is_causal, scale):

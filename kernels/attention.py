@@ -26,6 +26,7 @@ clamped to at most 1 there: finite, though not 1/Lk.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -76,7 +77,7 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.const
         add = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32)
         # log2(e) * finfo.min overflows to -inf, which would turn a row masked with finfo.min (uniform weights in
         # torch) into a dead row; clamp such values to the largest finite magnitude but keep a real -inf.
-        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * _LOG2E, -_FP32_MAX))
+        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * _LOG2E, -_FP32_MAX, propagate_nan=tl.PropagateNan.ALL))
         s = s + add2
     s = tl.where(k_idx < k_end, s, float("-inf"))
     if CAUSAL_TILE:
@@ -316,7 +317,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, del
         mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
         st = _apply_masks(st, mask_ptrs, n_ok[:, None] & m_ok[None, :], offs_m[None, :], offs_n[:, None], Lk,
                           MASK_KIND, CAUSAL_TILE)
-        pt = tl.math.exp2(tl.minimum(st - lse2[None, :], 0.0))
+        pt = tl.math.exp2(tl.minimum(st - lse2[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
         dpt = _dot(v, tl.trans(do), IEEE)  # dP^T = V dO^T (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep = _keep(seed, rng_base + offs_m.to(tl.int64)[None, :] * Lk + offs_n[:, None], dropout_p)
@@ -432,7 +433,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
                          MASK_KIND, CAUSAL_TILE)
-        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL))
         dp = _dot(do, vt, IEEE)
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
@@ -537,7 +538,7 @@ def _attn_weights(Q, K, Mask, Lse, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, sm
                      MASK_KIND, IS_CAUSAL)
     lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0))
+    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL))
     tl.store(W + (bh * Lq + rows) * Lk + offs_n[None, :], p, mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -597,22 +598,23 @@ TMA_MODE = os.environ.get("FAST_ATTENTION_TMA", "auto")
 _TMA_SHAPES = {"fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 3)],
                "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
                "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]}
-# What each kernel streams through descriptors: (tensor, its stride prefix, the streamed (row) dim's letter).
+# What each kernel streams through descriptors: (tensor, its stride prefix, the letters of the descriptor's dims
+# before the head dim: rows of one head, or heads and rows of one batch).
 _TMA_READS = {"fwd": (("K", "sk", "n"), ("V", "sv", "n")), "dq": (("K", "sk", "n"), ("V", "sv", "n")),
-              "dkdv": (("Q", "sq", "m"), ("DO", "sdo", "m"))}
+              "dkdv": (("Q", "sq", "hm"), ("DO", "sdo", "hm"))}
 
 
 def _tma_ok(kind, named) -> bool:
     """Whether the tensors `kind` streams can be read through descriptors: 16-bit, a unit head-dim stride,
-    16-byte aligned base pointers and batch/head/row strides (what the copy engine requires), and on a GPU sm_90
-    or newer (the interpreter emulates descriptors)."""
-    for name, prefix, row in _TMA_READS[kind]:
+    16-byte aligned base pointers and batch/head/row strides (what the copy engine requires), positive strides in
+    the descriptor's own dims (a broadcast, stride-0 dim is left to pointer loads), and on a GPU sm_90 or newer
+    (the interpreter emulates descriptors)."""
+    for name, prefix, dims in _TMA_READS[kind]:
         t = named[name]
         elem = t.element_size()
-        strides = [named[prefix + dim] for dim in ("b", "h", row)]
-        if elem != 2 or named[prefix + "d"] != 1 or strides[2] <= 0 or t.data_ptr() % 16:
+        if elem != 2 or named[prefix + "d"] != 1 or t.data_ptr() % 16:
             return False
-        if any(s * elem % 16 for s in strides):
+        if any(named[prefix + dim] * elem % 16 for dim in "bh" + dims) or any(named[prefix + d] <= 0 for d in dims):
             return False
         if not INTERPRET and torch.cuda.get_device_capability(t.device)[0] < 9:
             return False
@@ -852,6 +854,16 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# The kernels address a block as (row in block) x (row stride) in int32: a row or column stride of 2^31 / 256 or
+# more (a sequence-first layout of a huge batch, say) could wrap around. q, k, v and dO are then read from a
+# contiguous copy; a mask is not (that copy would materialize its broadcast dims), so such a mask is unsupported.
+_MAX_TILE_STRIDE = 2**31 // MAX_HEAD_DIM
+
+
+def _tileable(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous() if max(map(abs, t.stride()[-2:])) >= _MAX_TILE_STRIDE else t
+
+
 def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_) -> str | None:
     """None when the Triton kernels can run this call, else why not."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -860,11 +872,15 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     for name, d in (("query/key", query.shape[-1]), ("value", value.shape[-1])):
         if d > MAX_HEAD_DIM:
             return f"the {name} head dim is {d}; the Triton attention kernels support head dims up to {MAX_HEAD_DIM}"
+    if attn_mask is not None and max(map(abs, attn_mask.stride()[-2:])) >= _MAX_TILE_STRIDE:
+        return (f"attn_mask has strides {attn_mask.stride()}: the Triton attention kernels take row and column "
+                f"strides below {_MAX_TILE_STRIDE}")
     return None
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), lse fp32 (B, H, Lq)."""
+    q, k, v = _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, _ = q.shape
     Dv = v.shape[-1]
     out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
@@ -883,6 +899,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """dout, out (B, H, Lq, Dv), lse fp32 (B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
+    dout, q, k, v = _tileable(dout), _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     lse = lse.contiguous()
@@ -907,6 +924,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
 
 def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
     """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk), rebuilt from the forward's lse; dead rows are 0."""
+    q, k = _tileable(q), _tileable(k)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=q.device)
@@ -926,6 +944,7 @@ def dropout_mask(seed: int, p: float, B: int, H: int, Lq: int, Lk: int, device) 
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.uint8, device=device)
     if keep.numel():
         block_n = 128 if INTERPRET else 1024
-        _dropout_mask_kernel[(B * H * Lq * triton.cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
-                                                                        BLOCK_N=block_n)
+        with torch.cuda.device(keep.device) if keep.is_cuda else contextlib.nullcontext():  # Triton's launch device
+            _dropout_mask_kernel[(B * H * Lq * triton.cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
+                                                                            BLOCK_N=block_n)
     return keep.bool()

@@ -571,6 +571,36 @@ def test_bad_input(backend, args, kwargs, error, words):
 
 
 @needs_triton
+def test_huge_row_strides_are_read_from_a_copy():
+    """A row stride of 2^23 elements times a 256-row block would wrap the kernels' int32 tile offsets: such
+    inputs are copied first (a mask is refused instead: a copy would materialize its broadcast dims)."""
+    from fast_attention.kernels import attention as kernels
+
+    stride = kernels._MAX_TILE_STRIDE
+    storage = torch.randn(stride + 64, device=DEVICE, dtype=torch.float16)
+    k = storage.as_strided((1, 1, 2, 16), (0, 0, stride, 1))  # two keys 2^23 elements apart
+    assert kernels._tileable(k).is_contiguous() and kernels._tileable(k.contiguous()).data_ptr() != k.data_ptr()
+    q = torch.randn(1, 1, 3, 16, device=DEVICE, dtype=torch.float16)
+    with torch.no_grad():
+        assert_close(fa.scaled_dot_product_attention(q, k, k, backend="triton"), F.scaled_dot_product_attention(q, k, k),
+                     ref.scaled_dot_product_attention(q.double(), k.double(), k.double()))
+    mask = torch.ones(stride + 64, device=DEVICE, dtype=torch.bool).as_strided((3, 2), (1, stride))
+    with pytest.raises(NotImplementedError, match="strides"):
+        fa.scaled_dot_product_attention(q, k, k, attn_mask=mask, backend="triton")
+
+
+def test_nan_in_the_mask_gives_nan_as_torch(backend):
+    """torch propagates a NaN in an additive mask to its row (on the GPU, min/max would drop it unless told)."""
+    q, k, v = _qkv(1, 2, 2, 5, 7, 16, torch.float32)
+    mask = torch.zeros(5, 7, device=DEVICE)
+    mask[2, 3] = float("nan")
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(out.isnan(), expected.isnan()) and out[:, :, 2].isnan().all()
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
+
+
+@needs_triton
 def test_triton_rejects_what_it_cannot_run():
     q = _x(1, 2, 5, 320)
     with pytest.raises(NotImplementedError, match="320"):
