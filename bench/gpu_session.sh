@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh [PHASE ...]      default: install sanitize tests bench:attention
 #
 # Phases, run in the order given:
-#   install          pip install -e . (builds the CUDA extension; incremental while the machine stays warm)
+#   install          pip install -e . (builds the CUDA extension, about a minute)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   tests            the test suite without the big GPU grids
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one

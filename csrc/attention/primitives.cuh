@@ -200,19 +200,27 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
   if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
   // log2(e) * finfo(bfloat16).min overflows fp32 to -inf, which would make a row padded with finfo.min (Hugging
   // Face's mask; a uniform average in torch) a dead row of zeros: clamp to the largest finite magnitude, but
-  // keep a real -inf.
+  // keep a real -inf. Comparisons, not fmaxf, so that a NaN in the mask stays NaN, as in torch.
   const float add = to_float(static_cast<const T*>(p.mask)[at]);
-  return x + (add == -kInf ? add : fmaxf(add * kLog2e, -kFloatMax));
+  const float scaled = add * kLog2e;
+  return x + (add == -kInf ? add : (scaled < -kFloatMax ? -kFloatMax : scaled));
 }
 
 // The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked
 // (so P = 0 there, not exp2(-inf + inf) = NaN); otherwise at least -FLT_MAX, so that the lse of a finfo.min
 // row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
-__device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kInf : fmaxf(lse * kLog2e, -kFloatMax); }
+// A NaN lse (a NaN in the row's mask) stays NaN, so its P is NaN as in torch.
+__device__ __forceinline__ float lse_log2(float lse) {
+  const float scaled = lse * kLog2e;
+  return lse == -kInf ? kInf : (scaled < -kFloatMax ? -kFloatMax : scaled);
+}
 
 // A probability recomputed from the saved lse, at most 1 (score - lse2 may round just above 0). A finfo.min
 // row's lse cannot resolve log(Lk): lse2 rounds to -3.4028233e38 against scores of -FLT_MAX, so P is 0 there.
-__device__ __forceinline__ float prob_from_lse(float score, float lse2) { return exp2f(fminf(score - lse2, 0.f)); }
+__device__ __forceinline__ float prob_from_lse(float score, float lse2) {
+  const float d = score - lse2;
+  return exp2f(d > 0.f ? 0.f : d);  // at most 1; NaN stays NaN (fminf would drop it)
+}
 
 // Two adjacent elements of one output row, as one 4-byte store.
 template <typename T>
