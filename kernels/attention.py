@@ -67,9 +67,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr):
+def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                 EDGE: tl.constexpr = True):
     """Masks on base-2 scores s (any 2-D orientation; q_idx / k_idx broadcast to it): the user mask, keys past
-    k_end, and the causal diagonal on tiles that cross it."""
+    k_end on tiles that may hold some (EDGE), and the causal diagonal on tiles that cross it."""
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=mask_ok, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
@@ -77,12 +78,23 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.const
         add = tl.load(mask_ptrs, mask=mask_ok, other=0.0).to(tl.float32)
         # log2(e) * finfo.min overflows to -inf, which would turn a row masked with finfo.min (uniform weights in
         # torch) into a dead row; clamp such values to the largest finite magnitude but keep a real -inf.
-        add2 = tl.where(add == float("-inf"), add, tl.maximum(add * _LOG2E, -_FP32_MAX, propagate_nan=tl.PropagateNan.ALL))
-        s = s + add2
-    s = tl.where(k_idx < k_end, s, float("-inf"))
+        # (A NaN in the mask must stay NaN, as in torch: on a GPU, min/max drop NaN unless told.)
+        add2 = tl.maximum(add * _LOG2E, -_FP32_MAX, propagate_nan=tl.PropagateNan.ALL)
+        s = s + tl.where(add == float("-inf"), add, add2)
+    if EDGE:
+        s = tl.where(k_idx < k_end, s, float("-inf"))
     if CAUSAL_TILE:
         s = tl.where(k_idx <= q_idx, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _keys_ok(offs_n, k_end, EDGE: tl.constexpr):
+    """Which keys of a tile exist: tested on EDGE tiles only, a constant True (folded away) elsewhere."""
+    if EDGE:
+        return offs_n < k_end
+    else:
+        return tl.full(offs_n.shape, True, tl.int1)
 
 
 @triton.jit
@@ -114,10 +126,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
                start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
     """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2. With TMA the
     K and V blocks come through the tensor descriptors (zero-filled past Lk and the head dim), else through
-    masked pointer loads."""
+    pointer loads. Only EDGE tiles may hold keys at or past k_end, so only they test for them."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -125,7 +137,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
     v_tile = arange_n[:, None] * svn + offs_dv[None, :] * svd  # (BLOCK_N, BLOCK_DV)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + arange_n
-        n_ok = offs_n < k_end
+        n_ok = _keys_ok(offs_n, k_end, EDGE)
         if TMA:
             kt = tl.trans(k_desc.load([start_n, 0]))
         else:
@@ -136,7 +148,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
         s = _dot(q, kt, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
-                         MASK_KIND, CAUSAL_TILE)
+                         MASK_KIND, CAUSAL_TILE, EDGE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # dead so far: exp2(-inf - 0) = 0, no NaN
         p = tl.math.exp2(s - m_safe[:, None])
@@ -203,8 +215,14 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
         hi = tl.minimum(hi, start_m + BLOCK_M)
         # Keys <= start_m are visible to every row of the block: those whole blocks skip the diagonal test.
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    elif MASK_KIND == 0 and not DROPOUT:
+        mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
     else:
         mid = hi
+    # Whole blocks [lo, mid) need no key test; the rest, [mid, hi), is the diagonal and the partial last block.
+    # With a mask or dropout the first loop keeps the test and takes every block when not causal: dropping it
+    # there saves little and (compiled for sm_90) makes the heavier loop spill.
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -212,12 +230,11 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
                                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT,
-                               UPCAST, IEEE, TMA)
-    if IS_CAUSAL:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p,
-                                   dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
-                                   True, DROPOUT, UPCAST, IEEE, TMA)
+                               UPCAST, IEEE, TMA, EDGE_FIRST)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                               rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
+                               seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT,
+                               UPCAST, IEEE, TMA, True)
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
@@ -408,8 +425,9 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
               end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
-    """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA."""
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
+    """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA; only EDGE
+    tiles may hold keys at or past k_end."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -417,7 +435,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
     vt_tile = arange_n[None, :] * svn + offs_dv[:, None] * svd  # V^T (BLOCK_DV, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + arange_n
-        n_ok = offs_n < k_end
+        n_ok = _keys_ok(offs_n, k_end, EDGE)
         if TMA:
             kt = tl.trans(k_desc.load([start_n, 0]))
             vt = tl.trans(v_desc.load([start_n, 0]))
@@ -432,7 +450,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
         s = _dot(q, kt, IEEE) * qk_scale
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
-                         MASK_KIND, CAUSAL_TILE)
+                         MASK_KIND, CAUSAL_TILE, EDGE)
         p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL))
         dp = _dot(do, vt, IEEE)
         if DROPOUT:
@@ -487,15 +505,16 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         mid = tl.minimum(hi, start_m + 1) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
-        mid = Lk
+        mid = Lk // BLOCK_N * BLOCK_N if MASK_KIND == 0 and not DROPOUT else Lk
+    # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, 0,
                    mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA)
-    if IS_CAUSAL:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
-                       mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
-                       HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, True, DROPOUT, UPCAST, IEEE, TMA)
+                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA, EDGE_FIRST)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, mid,
+                   hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
+                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, IEEE, TMA, True)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
