@@ -3,6 +3,8 @@
 // memory. Softmax is online in base 2 (scale * log2(e) folded into the scores); the output is rescaled when
 // the running max grows and divided by the row sum once at the end. Saves lse = max + log(sum) in fp32.
 // A row whose keys are all masked keeps max = -inf and sum = 0: it writes zeros and lse = -inf.
+// Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
+// K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
 
 #include "kernel_traits.h"
@@ -28,8 +30,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  // Causal: keys past the block's last query are masked for every row of the block.
+  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
   load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
   cp_async_commit();
+  if (n_end > 0) {
+    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, 0, p.k_len);
+    cp_async_commit();
+  }
 
   const int row_lo = m0 + warp * 16 + lane / 4;  // this thread's rows: row_lo and row_lo + 8
   const float scale2 = p.scale * kLog2e;
@@ -37,15 +45,11 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   float acc[D / 8][4] = {};
   uint32_t qf[D / 16][4];
 
-  // Causal: keys past the block's last query are masked for every row of the block.
-  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
   for (int n0 = 0; n0 < n_end; n0 += BN) {
-    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0, p.k_len);
-    cp_async_commit();
+    cp_async_wait<0>();  // K_j (and Q at first) has landed ...
+    __syncthreads();     // ... for every thread, and every warp is done with V_{j-1}: sV is free
     load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
-    cp_async_commit();
-    cp_async_wait<1>();  // Q and K have landed; V may still be in flight during Q K^T
-    __syncthreads();
+    cp_async_commit();  // V_j lands during Q K_j^T and the softmax
     if (n0 == 0) load_a<D, P>(qf, sQ + warp * 16 * P, lane);
 
     float s[BN / 8][4] = {};  // S = Q K^T
@@ -85,10 +89,13 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
       }
     }
 
-    cp_async_wait<0>();
-    __syncthreads();
+    cp_async_wait<0>();  // V_j has landed ...
+    __syncthreads();     // ... for every thread, and every warp is done with K_j: sK is free
+    if (n0 + BN < n_end) {
+      load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0 + BN, p.k_len);
+      cp_async_commit();  // K_{j+1} lands during O += P V_j
+    }
     mma_cs<T, BN, D, P>(acc, s, sV, lane);  // O += P V
-    __syncthreads();  // every warp is done with K and V before the next tiles overwrite them
   }
   cp_async_wait<0>();  // the Q copy, when no key tile was visited
 
