@@ -59,3 +59,6 @@ for phase in "${phases[@]}"; do
     *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
   esac
 done
+if [[ -d $LOGS/results ]]; then
+  python -m bench.targets "$LOGS/results" | tee "$LOGS/targets.md"
+fi

@@ -1,0 +1,125 @@
+"""The issues' speed targets judged from a results folder, so a GPU run's verdict is read off, not eyeballed.
+
+`python -m bench.targets [DIR]` (default: every folder under bench/results/ but cpu) prints, per target, how many
+cases it covers, the worst ratio (and its case), the median, and MET / MISSED / not measured. The ratio is a
+speed-up (baseline median time / ours) or, for the bandwidth targets, the fraction of the copy bandwidth measured
+in the same run. It reports and never fails: exit status 0 whatever the verdicts.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROW_SUITES = {"softmax": "torch.softmax", "layernorm": "torch F.layer_norm", "rmsnorm": "torch F.rms_norm"}
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: str
+    what: str
+    suites: tuple[str, ...]
+    ours: str                             # the provider judged
+    baseline: str | None                  # provider name, "sdpa" (the fastest torch.sdpa kernel), or None: bandwidth
+    threshold: float
+    select: Callable[[dict], bool]        # which cases (by params) the target covers
+
+
+def _attention_grid(direction: str) -> Callable[[dict], bool]:
+    return lambda p: (p.get("direction") == direction and p.get("dtype") == "bfloat16" and p.get("D") in (64, 128)
+                      and 1024 <= p.get("L", 0) <= 16384)
+
+
+def _rows(direction: str) -> Callable[[dict], bool]:
+    return lambda p: p.get("direction") == direction and 1024 <= p.get("N", 0) <= 16384
+
+
+TARGETS = [
+    Target("#3", "Triton attention forward >= 1.0x torch SDPA flash", ("attention",), "fa:triton",
+           "torch.sdpa[flash]", 1.0, _attention_grid("forward")),
+    Target("#3", "Triton attention backward >= 0.9x torch SDPA flash", ("attention",), "fa:triton",
+           "torch.sdpa[flash]", 0.9, _attention_grid("backward")),
+    Target("#3", "Triton decoding >= 1.0x torch SDPA (its fastest kernel)", ("decoding",), "fa:triton", "sdpa", 1.0,
+           lambda p: True),
+    Target("#4", "CUDA attention forward >= 0.8x torch SDPA flash", ("attention",), "fa:cuda", "torch.sdpa[flash]",
+           0.8, _attention_grid("forward")),
+    *[Target("#4", f"CUDA {suite} {d} >= 85% of copy bandwidth", (suite,), "fa:cuda", None, 0.85, _rows(d))
+      for suite in ROW_SUITES for d in ("forward", "backward")],
+    *[Target("#4", f"CUDA {suite} {d} faster than {ROW_SUITES[suite]}", (suite,), "fa:cuda", ROW_SUITES[suite],
+             1.0, _rows(d)) for suite in ROW_SUITES for d in ("forward", "backward")],
+]
+
+
+def _ratios(target: Target, results: dict[str, dict]) -> list[tuple[float, str]]:
+    """(ratio, case) for every case of the target that both sides measured."""
+    out = []
+    for suite in target.suites:
+        rows = results.get(suite, {}).get("results", [])
+        by_case: dict[str, dict[str, dict]] = {}
+        for r in rows:
+            if r.get("ms") and target.select(r["params"]):
+                by_case.setdefault(r["case"], {})[r["provider"]] = r
+        for case, providers in by_case.items():
+            ours = providers.get(target.ours)
+            if ours is None:
+                continue
+            if target.baseline is None:
+                if ours.get("fraction") is not None:
+                    out.append((ours["fraction"], case))
+                continue
+            if target.baseline == "sdpa":
+                base = [r["ms"] for p, r in providers.items() if p.startswith("torch.sdpa[")]
+                base_ms = min(base) if base else None
+            else:
+                base_ms = providers.get(target.baseline, {}).get("ms")
+            if base_ms:
+                out.append((base_ms / ours["ms"], case))
+    return out
+
+
+def judge(results: dict[str, dict]) -> list[dict]:
+    """One verdict per target from {suite: its JSON}."""
+    verdicts = []
+    for t in TARGETS:
+        ratios = _ratios(t, results)
+        row = {"issue": t.issue, "target": t.what, "cases": len(ratios)}
+        if ratios:
+            worst, case = min(ratios)
+            row.update(worst=worst, worst_case=case, median=statistics.median(r for r, _ in ratios),
+                       verdict="MET" if worst >= t.threshold else "MISSED")
+        else:
+            row.update(verdict="not measured")
+        verdicts.append(row)
+    return verdicts
+
+
+def load(folder: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+
+
+def markdown(folder: Path, verdicts: list[dict]) -> str:
+    lines = [f"Targets judged from `{folder}`:", "", "| issue | target | cases | worst (case) | median | verdict |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        worst = f"{v['worst']:.2f} ({v['worst_case']})" if "worst" in v else ""
+        median = f"{v['median']:.2f}" if "median" in v else ""
+        lines.append(f"| {v['issue']} | {v['target']} | {v['cases']} | {worst} | {median} | {v['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    folders = [Path(a) for a in args] or sorted(p for p in RESULTS.iterdir() if p.is_dir() and p.name != "cpu")
+    if not folders:
+        print(f"no GPU results under {RESULTS} yet: run the benchmark suites on a GPU first")
+    for folder in folders:
+        print(markdown(folder, judge(load(folder))) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
