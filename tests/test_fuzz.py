@@ -42,8 +42,12 @@ def test_norm_fuzz(backend, device, rows, normalized, dtype, kind, weight, bias,
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(1, 40),
        Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
        kind=st.sampled_from(["none", "causal", "bool", "key_padding", "float", "dead_rows"]),
-       layout=st.sampled_from(["bhld", "blhd"]))
-def test_attention_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, layout):
+       layout=st.sampled_from(["bhld", "blhd"]), tma=st.booleans())
+def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, kind, layout, tma):
+    if backend == "triton":  # the tensor-descriptor path where the inputs allow it, or pointer loads only
+        from fast_attention.kernels import attention as kernels
+
+        monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma else "0")
     H = Hkv * group
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, layout=layout)
     attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
