@@ -215,14 +215,14 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
         hi = tl.minimum(hi, start_m + BLOCK_M)
         # Keys <= start_m are visible to every row of the block: those whole blocks skip the diagonal test.
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
-    elif MASK_KIND == 0 and not DROPOUT:
+    elif MASK_KIND == 0 and not DROPOUT and not IEEE:
         mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
     else:
         mid = hi
     # Whole blocks [lo, mid) need no key test; the rest, [mid, hi), is the diagonal and the partial last block.
-    # With a mask or dropout the first loop keeps the test and takes every block when not causal: dropping it
-    # there saves little and (compiled for sm_90) makes the heavier loop spill.
-    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT
+    # With a mask, dropout or fp32 (FMA dots) the first loop keeps the test and takes every block when not
+    # causal: dropping it there saves little and (compiled for sm_90) makes those loops spill.
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -505,9 +505,9 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         mid = tl.minimum(hi, start_m + 1) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
-        mid = Lk // BLOCK_N * BLOCK_N if MASK_KIND == 0 and not DROPOUT else Lk
+        mid = Lk // BLOCK_N * BLOCK_N if MASK_KIND == 0 and not DROPOUT and not IEEE else Lk
     # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
-    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, 0,
                    mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
