@@ -251,7 +251,7 @@ def checks(mode: Mode) -> list:
 
 SUITE = Suite(
     name="model",
-    title="Decoder-only Transformer: training step and generation",
+    title="Whole models: the decoder (training step, generation); a stock torch model as is and swapped",
     metric="tokens/s",
     convention=("tokens/s: B*T per training step, B*new per generate() call (prefill included); training FLOPs: "
                 "6 per matmul weight per token plus causal attention (forward+backward 3.5x 4*B*H*T*T*D/2) per layer"),

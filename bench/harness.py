@@ -593,12 +593,16 @@ def plot(result: dict, out: Path, x: str | None, panels: tuple) -> Path | None:
     ncols = min(4, len(groups))
     nrows = math.ceil(len(groups) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    # One colour per provider in every panel, and one legend entry each, whichever panels it appears in.
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    colours = {p: f"C{i % 10}" for i, p in enumerate(providers)}
+    lines = {}
     for ax, group in zip(axes.flat, groups):
         sub = [r for r in rows if tuple(r["params"][p] for p in panels) == group]
         for provider in dict.fromkeys(r["provider"] for r in sub):
             points = sorted((r["params"][x], r[key]) for r in sub if r["provider"] == provider)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
-                    linewidth=2.2 if ours(provider) else 1.2, label=provider)
+            lines[provider], = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3,
+                                       linewidth=2.2 if ours(provider) else 1.2, color=colours[provider])
         ax.set_xscale("log", base=2)
         ticks = sorted({r["params"][x] for r in sub})
         ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in ticks])
@@ -610,8 +614,9 @@ def plot(result: dict, out: Path, x: str | None, panels: tuple) -> Path | None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7, frameon=False)
+    labels = [p for p in providers if p in lines]
+    fig.legend([lines[p] for p in labels], labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7,
+               frameon=False)
     fig.suptitle(f"{result['title']} on {result['env']['device']}", fontsize=10)
     fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.96))
     path = out / f"{result['suite']}.png"
