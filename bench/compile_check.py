@@ -179,22 +179,27 @@ def attention_jobs(full: bool, arch: int):
                         values.update(Out=dtype, out_split_stride=0, lse_split_stride=0, keys_per_split=Lk,
                                       num_splits=1)
                         const = dict(_flags(dtype, D, causal, mask, drop), **c.kwargs)
+                        if kind == "fwd":
+                            const["PACK_GQA"] = False
                         label = f"attn_{kind} {_SHORT[dtype]} D{D}"
                         cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} c{int(causal)} m{mask} "
                                f"p{int(drop)}{' tma' if c.kwargs.get('TMA') else ''}")
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
-            # Decoding: Lq = 1 against a long cache, split over the keys, fp32 partial outputs, then the merge.
-            dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size())
-            for causal, mask, drop in ([_LIGHT, _HEAVY] if not full else _FLAG_SETS):
-                values = _attn_scalars(dtype, D, 1, 8192, mask)
-                values.update(Out=torch.float32, out_split_stride=2 * 8 * D, lse_split_stride=16,
-                              keys_per_split=512, num_splits=16)
-                const = dict(_flags(dtype, D, causal, mask, drop), BLOCK_M=dc["BLOCK_M"], BLOCK_N=dc["BLOCK_N"],
-                             TMA=dc["TMA"])
-                jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
-                             f"M16 N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}", (A.__name__, "_attn_fwd"),
-                             values, const, dc["num_warps"], dc["num_stages"], arch))
+            # Decoding: 1 or 16 queries of a GQA group of 4 heads (4 or 64 packed rows) against a long cache,
+            # split over the keys, fp32 partial outputs, then the merge.
+            for Lq_dec in (1, 16):
+                for causal, mask, drop in ([_LIGHT, _HEAVY] if not full else _FLAG_SETS):
+                    dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec,
+                                          mask != 0 or drop)
+                    values = _attn_scalars(dtype, D, Lq_dec, 8192, mask, Hkv=2)
+                    values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, lse_split_stride=16 * Lq_dec,
+                                  keys_per_split=512, num_splits=16)
+                    const = dict(_flags(dtype, D, causal, mask, drop), BLOCK_M=dc["BLOCK_M"], BLOCK_N=dc["BLOCK_N"],
+                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"])
+                    jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
+                                 f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}",
+                                 (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits in (2, 128):
                 values = dict(PartOut=torch.float32, PartLse=torch.float32, Out=dtype, Lse=torch.float32,
                               num_splits=splits, out_split_stride=16 * D, lse_split_stride=16)

@@ -177,41 +177,58 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """One program: BLOCK_M queries of one (b, h) against the keys of one split.
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+              PACK_GQA: tl.constexpr):
+    """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
+    PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
+    of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
 
     Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself), Lse: (num_splits, B, H,
     Lq) contiguous, natural log. With several splits each part is normalized on its own and merged by _attn_combine.
     """
     pid = tl.program_id(0)
-    n_mblocks = tl.cdiv(Lq, BLOCK_M)
+    n_rows = Lq * GROUP if PACK_GQA else Lq
+    n_mblocks = tl.cdiv(n_rows, BLOCK_M)
     # Causal blocks near the bottom have the most keys: start those first so the tail of the grid is short.
     mblock = n_mblocks - 1 - pid % n_mblocks
     split = (pid // n_mblocks) % num_splits
-    bh = (pid // n_mblocks // num_splits).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    hkv = h // GROUP
+    head = (pid // n_mblocks // num_splits).to(tl.int64)  # b * H + h, or with PACK_GQA b * Hkv + hkv
     start_m = mblock * BLOCK_M
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_r = start_m + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        b = head // (H // GROUP)
+        hkv = head % (H // GROUP)
+        h = hkv * GROUP + offs_r // Lq  # per row
+        offs_m = offs_r % Lq
+    else:
+        b = head // H
+        h = head % H
+        hkv = h // GROUP
+        offs_m = offs_r
+    bh = b * H + h
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    row_ok = offs_r < n_rows
+    q_rows = Q + b * sqb + h * sqh + offs_m.to(tl.int64) * sqm
+    q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
     k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                      TMA)
-    mask_rows = Mask + b * smb + h * smh + offs_m.to(tl.int64)[:, None] * smm  # (BLOCK_M, 1)
+    mask_rows = (Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm)[:, None]  # (BLOCK_M, 1)
     rng_rows = (bh * Lq + offs_m) * Lk  # int64 dropout counters of (i, 0)
 
     lo = split * keys_per_split
     hi = tl.minimum(Lk, lo + keys_per_split)
-    if IS_CAUSAL:
+    if IS_CAUSAL and PACK_GQA:
+        # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
+        # takes the diagonal test.
+        hi = tl.minimum(hi, Lq)
+        mid = lo
+    elif IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
         # Keys <= start_m are visible to every row of the block: those whole blocks skip the diagonal test.
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
@@ -239,7 +256,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     lse = tl.where(live, (m_i + tl.math.log2(tl.where(live, l_i, 1.0))) * _LN2, float("-inf"))
-    rows = bh * Lq + offs_m
+    rows = bh * Lq + offs_m  # (b, h, i) in Out and Lse
     o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + split * lse_split_stride + rows, lse, mask=row_ok)
@@ -773,14 +790,22 @@ def _launch(kind, grid, *args, **kwargs):
     plain[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
-def _decode_config(block_d, elem_bytes):
-    """Decoding's fixed tile: 16 query rows (the smallest tl.dot M) and a key block sized so that the pipelined
-    K and V blocks stay near 64 KB of shared memory (128 KB for fp32 at head dim 256)."""
+def _decode_config(block_d, elem_bytes, group_rows, heavy):
+    """Decoding's fixed tile. 16-bit inputs pack a GQA group's query rows (GROUP * Lq = group_rows) into one
+    program, BLOCK_M from 16 (the smallest tl.dot M) up to 64 as the rows need and registers allow; fp32's FMA
+    dots keep one head per program. The key block keeps the pipelined K and V blocks near 64 KB of shared memory
+    (128 KB for fp32 at head dim 256). With a mask or dropout each score also holds a mask value or a random
+    draw: such tiles stay at 16 x 64 or less, which compiled for sm_90 (bench/compile_check.py) do not spill."""
+    pack = elem_bytes == 2
     if INTERPRET:
-        return dict(BLOCK_M=16, BLOCK_N=32, TMA=False, num_warps=4, num_stages=1)
-    block_n = max(32, min(128, 16384 // (block_d * elem_bytes)))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, TMA=False, num_warps=4,
-                num_stages=3 if block_d * elem_bytes <= 256 else 2)
+        return dict(BLOCK_M=16, BLOCK_N=32, TMA=False, PACK_GQA=pack, num_warps=4, num_stages=1)
+    row_bytes = block_d * elem_bytes
+    block_m = 16
+    if pack and not heavy:
+        block_m = max(16, min(triton.next_power_of_2(group_rows), 64, 16384 // row_bytes))
+    block_n = max(32, min(64 if heavy else 128, 16384 // row_bytes))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, TMA=False, PACK_GQA=pack, num_warps=4,
+                num_stages=3 if row_bytes <= 256 else 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -837,15 +862,23 @@ def _combine(part_out, part_lse, out, lse, splits):
                            num_warps=4 if dv >= 128 else 2)
 
 
-def _split_plan(q, k):
+def _decode_grid(B, H, Hkv, Lq, config, splits) -> int:
+    """Programs of a decoding launch: (b, kv head, packed row block) or (b, head, row block), times splits."""
+    if config["PACK_GQA"]:
+        return B * Hkv * triton.cdiv(H // Hkv * Lq, config["BLOCK_M"]) * splits
+    return B * H * triton.cdiv(Lq, config["BLOCK_M"]) * splits
+
+
+def _split_plan(q, k, mask=None, dropout_p=0.0):
     """None for one autotuned pass over the keys; for decoding (few queries, many keys) the fixed tile config and
     (splits, keys per split)."""
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+    Hkv, Lk = k.shape[1], k.shape[2]
     if Lq > DECODE_MAX_LQ or Lk < DECODE_MIN_LK:
         return None
-    config = _decode_config(_block(D), q.element_size())
-    splits, keys = _num_splits(B * H * triton.cdiv(Lq, config["BLOCK_M"]), Lk, q.device, config["BLOCK_N"])
+    heavy = mask is not None or dropout_p > 0.0
+    config = _decode_config(_block(D), q.element_size(), H // Hkv * Lq, heavy)
+    splits, keys = _num_splits(_decode_grid(B, H, Hkv, Lq, config, 1), Lk, q.device, config["BLOCK_N"])
     return config, splits, keys
 
 
@@ -860,10 +893,10 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
                   HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
     if plan is None:
         _launch("fwd", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
-                num_splits=1, **kwargs)
+                num_splits=1, PACK_GQA=False, **kwargs)
         return
     config, splits, keys = plan
-    grid = (triton.cdiv(Lq, config["BLOCK_M"]) * splits * B * H,)
+    grid = (_decode_grid(B, H, Hkv, Lq, config, splits),)
     _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, **kwargs, **config)
 
 
@@ -904,7 +937,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     Dv = v.shape[-1]
     out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
-    plan = _split_plan(q, k)
+    plan = _split_plan(q, k, mask, dropout_p)
     if plan is None or plan[1] == 1:
         _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan)
         return out, lse

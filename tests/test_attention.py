@@ -362,6 +362,49 @@ def test_decoding_split_kv_dropout(monkeypatch):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+class _RecordGrids:
+    """Stands in for a @triton.jit kernel and records the grid of each launch."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,dropout_p", [("float", 0.0), ("causal", 0.0), ("dead_rows", 0.2)])
+def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
+    """Decoding runs one program per (batch, kv head, row block, split) for all the query heads of a GQA group,
+    rows head-major so a block holds parts of two heads: K and V are read once per group, and the results (even
+    the dropout draws, counted per (b, h, i, j)) are those of one head at a time."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
+    grids = []
+    monkeypatch.setattr(kernels, "_attn_fwd", _RecordGrids(kernels._attn_fwd, grids))
+    B, H, Hkv, Lq, Lk = 2, 8, 2, 7, 150  # 4 heads x 7 queries = 28 rows per kv head: two blocks of 16
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, 16, torch.float16)
+    mask, causal = _mask(kind, B, H, Lq, Lk, torch.float16)
+    if dropout_p == 0.0:
+        check_sdpa("triton", q, k, v, mask, causal, enable_gqa=True)
+    else:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True,
+                                                  backend="triton")
+        keep = kernels.dropout_mask(_drawn_seed(7), dropout_p, B, H, Lq, Lk, DEVICE)
+        same, oracle = (ref.scaled_dot_product_attention(*_detached((q, k, v), dtype), attn_mask=mask,
+                                                         dropout_p=dropout_p, enable_gqa=True, dropout_mask=keep)
+                        for dtype in (torch.float16, torch.float64))
+        assert_close(out, same, oracle)
+    config, splits, _ = kernels._split_plan(q, k, mask, dropout_p)
+    assert config["PACK_GQA"] and grids[0] == (2 * splits * B * Hkv,), "the group's heads shared no program"
+    assert not kernels._split_plan(q.float(), k.float())[0]["PACK_GQA"]  # fp32: one head per program
+
+
 class _CountLaunches:
     """Stands in for a kernel (or its autotuner) in kernels._KERNELS and records each launch under `name`."""
 
