@@ -48,6 +48,8 @@ MAX_HEAD_DIM = 256
 
 # Decoding (flash-decoding): few queries against many keys leave most SMs idle with one program per query
 # block, so the keys are cut into splits that run in parallel and a second kernel merges their (out, lse).
+# Decoding is bound by reading the KV cache: for 16-bit inputs the query heads of a GQA group share one program
+# (PACK_GQA), so each K and V block is read once per group rather than once per query head.
 DECODE_MAX_LQ = 16       # queries per head at most
 DECODE_MIN_LK = 1024     # keys at least
 SPLIT_MIN_KEYS = 256     # fewest keys one split handles (below that the combine costs more than it saves)
