@@ -143,8 +143,15 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  // Copies overlap the math with one K and one V buffer: each step computes dP = dO V_j^T first, so V_{j+1}
+  // lands during S, dS and dQ += dS K_j, and K_{j+1} during the next dP. Two copy groups are in flight at each
+  // step's start, V (older) then K.
+  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
   load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
   load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
+  if (n_end > 0) load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, 0, p.k_len);
+  cp_async_commit();
+  if (n_end > 0) load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, 0, p.k_len);
   cp_async_commit();
 
   const int row_lo = m0 + warp * 16 + lane / 4;
@@ -159,18 +166,18 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   }
   float dq[D / 8][4] = {};
 
-  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
   for (int n0 = 0; n0 < n_end; n0 += BN) {
-    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0, p.k_len);
-    load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
-    cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // V_j (and Q, dO at first) has landed; K_j may still be in flight
     __syncthreads();
+    float dp[BN / 8][4] = {};  // dP = dO V^T
+    mma_ss_bt<T, D, BN, P>(dp, sdO + warp * 16 * P, sV, lane);
+    cp_async_wait<0>();  // K_j has landed ...
+    __syncthreads();     // ... for every thread, and every warp is done with V_j: sV is free
+    if (n0 + BN < n_end) load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0 + BN, p.k_len);
+    cp_async_commit();   // V_{j+1} (an empty group on the last step keeps the count at two)
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
-    float dp[BN / 8][4] = {};  // dP = dO V^T
-    mma_ss_bt<T, D, BN, P>(dp, sdO + warp * 16 * P, sV, lane);
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
@@ -181,7 +188,9 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K
-    __syncthreads();
+    __syncthreads();  // every warp is done with K_j: sK is free
+    if (n0 + BN < n_end) load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0 + BN, p.k_len);
+    cp_async_commit();  // K_{j+1}
   }
   cp_async_wait<0>();
 
