@@ -38,7 +38,8 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+                                        'cuda', torch.version.cuda)"
   git rev-parse HEAD 2>/dev/null; } >"$LOGS/env.txt" 2>&1
 
 GRIDS="full_grid or tma_grid"
@@ -54,7 +55,9 @@ for phase in "${phases[@]}"; do
         python csrc/sanitize.py ;;
     tests) step tests "${PYTEST[@]}" -k "not ($GRIDS)" ;;
     grid) step grid "${PYTEST[@]}" -k "$GRIDS" ;;
-    grid:*) step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"${phase#grid:}")" "${PYTEST[@]}" -k "($GRIDS) and (${phase#grid:})" ;;
+    grid:*)
+      expr=${phase#grid:}
+      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" -k "($GRIDS) and ($expr)" ;;
     bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" ;;
     *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
   esac

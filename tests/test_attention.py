@@ -625,7 +625,8 @@ def test_huge_row_strides_are_read_from_a_copy():
     assert kernels._tileable(k).is_contiguous() and kernels._tileable(k.contiguous()).data_ptr() != k.data_ptr()
     q = torch.randn(1, 1, 3, 16, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
-        assert_close(fa.scaled_dot_product_attention(q, k, k, backend="triton"), F.scaled_dot_product_attention(q, k, k),
+        assert_close(fa.scaled_dot_product_attention(q, k, k, backend="triton"),
+                     F.scaled_dot_product_attention(q, k, k),
                      ref.scaled_dot_product_attention(q.double(), k.double(), k.double()))
     mask = torch.ones(stride + 64, device=DEVICE, dtype=torch.bool).as_strided((3, 2), (1, stride))
     with pytest.raises(NotImplementedError, match="strides"):
