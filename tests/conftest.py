@@ -6,6 +6,10 @@ import torch
 if not torch.cuda.is_available():
     # Must happen before triton is imported (fast_attention imports it), so the Triton backend runs on the CPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, autotuning would benchmark (and first compile) every config of a kernel for each new shape bucket and
+# flag set the suite meets: many minutes of compiling. The tests check each kernel with its first config that
+# fits; test_autotuned_gpu turns autotuning back on, and FAST_ATTENTION_AUTOTUNE=1 runs everything with it.
+os.environ.setdefault("FAST_ATTENTION_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
