@@ -101,11 +101,12 @@ def providers(case: Case) -> dict:
 
 
 def checks(mode: Mode) -> list:
-    """Decoding shapes in miniature: one and a few queries against a longer, odd-sized cache, with GQA."""
+    """Decoding shapes in miniature: one and a few queries against a longer, odd-sized cache, with GQA; the last
+    cache is long enough (>= DECODE_MIN_LK keys) for the split-KV path with its packed GQA groups."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if mode.gpu else (torch.float16, torch.float32)
     out = []
     for dtype in dtypes:
-        for B, H, Hkv, Lq, Lk, D in ((2, 4, 2, 1, 77, 32), (1, 6, 2, 5, 130, 64)):
+        for B, H, Hkv, Lq, Lk, D in ((2, 4, 2, 1, 77, 32), (1, 6, 2, 5, 130, 64), (1, 8, 2, 3, 1100, 32)):
             def run(backend, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=dtype):
                 inputs = {"query": torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
                           "key": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype),
