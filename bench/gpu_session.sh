@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One device call of a GPU session (the device tool's `run`, in the repository root, $OUT set).
 #
-#   bash bench/gpu_session.sh [PHASE ...]      default: install sanitize tests bench:attention
+#   bash bench/gpu_session.sh [PHASE ...]      default: install smoke sanitize tests bench:attention
 #
 # Phases, run in the order given:
 #   install          pip install -e . (builds the CUDA extension, about a minute)
+#   smoke            every suite's correctness checks of every backend, no timing (python -m bench --checks-only)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   tests            the test suite without the big GPU grids
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
@@ -45,10 +46,11 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
 GRIDS="full_grid or tma_grid"
 PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20)
 phases=("$@")
-((${#phases[@]})) || phases=(install sanitize tests bench:attention)
+((${#phases[@]})) || phases=(install smoke sanitize tests bench:attention)
 for phase in "${phases[@]}"; do
   case $phase in
     install) step install env MAX_JOBS=16 pip install --no-build-isolation -e . ;;
+    smoke) step smoke python -m bench --checks-only --no-progress ;;
     sanitize)
       step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \

@@ -480,16 +480,19 @@ def print_result(result: dict) -> None:
     print(f"   {result['convention']}")
     for note in result["notes"]:
         print(f"   note: {note}")
-    checks = result["checks"]
-    if checks:
-        _print_table(f"{result['suite']}: correctness (tests/tolerance.py rule vs float64 reference)",
-                     ["check", "backend", "result", "detail"],
-                     [[c["check"] if i == 0 or c["check"] != checks[i - 1]["check"] else "", c["backend"],
-                       c["result"], c["detail"]] for i, c in enumerate(checks)])
+    _print_checks(result["suite"], result["checks"])
     header, body = table_rows(result)
     if body:
         _print_table(f"{result['suite']}: {result['metric']}; 'x' columns = speed-up of that backend over the row",
                      header, body)
+
+
+def _print_checks(suite: str, checks: list[dict]) -> None:
+    if checks:
+        _print_table(f"{suite}: correctness (tests/tolerance.py rule vs float64 reference)",
+                     ["check", "backend", "result", "detail"],
+                     [[c["check"] if i == 0 or c["check"] != checks[i - 1]["check"] else "", c["backend"],
+                       c["result"], c["detail"]] for i, c in enumerate(checks)])
 
 
 def _print_table(title: str, header: list[str], body: list[list[str]]) -> None:
@@ -659,6 +662,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 SUITES = ("attention", "decoding", "softmax", "layernorm", "rmsnorm", "model")
 
 
+def _checks_only(names, mode: Mode) -> int:
+    failed = []
+    for name in names:
+        suite = importlib.import_module(f"bench.bench_{name}").SUITE
+        checks = run_checks(suite, mode)
+        _print_checks(name, checks)
+        failed += [f"{name}: {c['check']} [{c['backend']}]" for c in checks if c["result"] == "FAIL"]
+    if failed:
+        print(f"{len(failed)} correctness check(s) FAILED:\n  " + "\n  ".join(failed))
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
@@ -668,12 +683,17 @@ def main(argv=None) -> int:
                         help="results folder (default bench/results/<gpu-name> or bench/results/cpu)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.add_argument("--checks-only", action="store_true",
+                        help="only each suite's correctness checks of every backend, no timing and no files: a "
+                             "smoke test (a minute on a GPU)")
     args = parser.parse_args(argv)
     out = args.out or default_out()
     mode = Mode(gpu=GPU, quick=args.quick)
     names = SUITES if args.suite == "all" else (args.suite,)
     print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, "
           f"torch {torch.__version__}")
+    if args.checks_only:
+        return _checks_only(names, mode)
     if not GPU:
         print("No GPU here: running the small CPU suite (correctness of every backend, Triton under its interpreter, "
               "and reference/torch timings on the CPU). GPU figures need a GPU: run this again on one.")

@@ -1,5 +1,6 @@
-"""bench/targets.py judges the issues' speed targets from results JSON: its arithmetic and case selection, on
-made-up rows (the real figures need a GPU)."""
+"""The benchmark tools a GPU session leans on: bench/targets.py, which judges the issues' speed targets from
+results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU), and
+`python -m bench --checks-only`."""
 import random
 
 from bench import targets
@@ -65,3 +66,14 @@ def test_row_ops_bandwidth_and_native_baseline():
 def test_markdown_lists_every_target(tmp_path):
     text = targets.markdown(tmp_path, targets.judge({}))
     assert text.count("not measured") == len(targets.TARGETS)
+
+
+def test_checks_only_runs_every_backend_and_writes_nothing(tmp_path, capsys):
+    """`python -m bench --checks-only`: the smoke test of a GPU session, correctness checks without timing."""
+    from bench import harness
+
+    assert harness.main(["--checks-only", "--suite", "softmax", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for backend in harness.fa.available_backends():
+        assert backend in printed
+    assert "PASS" in printed and "FAIL" not in printed and not any(tmp_path.iterdir())
