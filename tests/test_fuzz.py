@@ -3,6 +3,8 @@ each checked by the same helpers (and tolerance rule) as the slice tests."""
 import pytest
 import torch
 
+import fast_attention as fa
+
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -52,3 +54,22 @@ def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, k
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, layout=layout)
     attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
     check_sdpa(backend, q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1)
+
+
+@FUZZ
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), Lq=st.integers(1, 16),
+       Lk=st.integers(16, 300), D=st.sampled_from([16, 40, 64]), dtype=DTYPES,
+       kind=st.sampled_from(["none", "causal", "key_padding", "float", "dead_rows"]))
+def test_decoding_fuzz(monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, kind):
+    """The split-KV decoding path of the Triton forward (thresholds lowered so that small caches take it), with
+    its GQA-packed rows; values and gradients (the backward is the regular one)."""
+    if "triton" not in fa.available_backends():
+        pytest.skip("the Triton backend is not available here")
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 16)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
+    H = Hkv * group
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype)
+    attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
+    check_sdpa("triton", q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1)
