@@ -223,6 +223,10 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     mask_rows = (Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm)[:, None]  # (BLOCK_M, 1)
     rng_rows = (bh * Lq + offs_m) * Lk  # int64 dropout counters of (i, 0)
 
+    # Whole blocks [lo, mid) need no key test; the rest, [mid, hi), is the diagonal and the partial last block.
+    # With a mask, dropout or fp32 (FMA dots) the first loop keeps the test and takes every block when not
+    # causal: dropping it there saves little and (compiled for sm_90) makes those loops spill.
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
     lo = split * keys_per_split
     hi = tl.minimum(Lk, lo + keys_per_split)
     if IS_CAUSAL and PACK_GQA:
@@ -234,14 +238,10 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
         hi = tl.minimum(hi, start_m + BLOCK_M)
         # Keys <= start_m are visible to every row of the block: those whole blocks skip the diagonal test.
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
-    elif MASK_KIND == 0 and not DROPOUT and not IEEE:
-        mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    else:
+    elif EDGE_FIRST:
         mid = hi
-    # Whole blocks [lo, mid) need no key test; the rest, [mid, hi), is the diagonal and the partial last block.
-    # With a mask, dropout or fp32 (FMA dots) the first loop keeps the test and takes every block when not
-    # causal: dropping it there saves little and (compiled for sm_90) makes those loops spill.
-    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
+    else:
+        mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -519,14 +519,14 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
     mask_rows = Mask + b * smb + h * smh + rows * smm
     rng_rows = (bh * Lq + offs_m) * Lk
 
+    # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
+    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
     if IS_CAUSAL:
         hi = tl.minimum(Lk, start_m + BLOCK_M)
         mid = tl.minimum(hi, start_m + 1) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
-        mid = Lk // BLOCK_N * BLOCK_N if MASK_KIND == 0 and not DROPOUT and not IEEE else Lk
-    # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
-    EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
+        mid = Lk if EDGE_FIRST else Lk // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, 0,
                    mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
