@@ -110,10 +110,10 @@ def _torch_lm_size(mode: Mode) -> dict:
     return dict(vocab_size=256, d_model=64, n_heads=4, n_layers=2, max_seq_len=256)
 
 
-def _torch_lm(mode: Mode, backend: str | None, dtype: torch.dtype) -> nn.Module:
-    """The stock model with fixed weights, swapped to `backend` unless it is None."""
+def _torch_lm(size: dict, backend: str | None, dtype: torch.dtype) -> nn.Module:
+    """The stock model of this size with fixed weights, swapped to `backend` unless it is None."""
     torch.manual_seed(0)
-    model = TorchLM(**_torch_lm_size(mode)).to(device=DEVICE, dtype=dtype)
+    model = TorchLM(**size).to(device=DEVICE, dtype=dtype)
     if backend is not None:
         fa.swap(model, backend=backend)
     return model
@@ -191,7 +191,7 @@ def _swap_providers(p: dict) -> dict:
 
     def made(backend):
         def setup():
-            model = _torch_lm(mode, backend, dtype)
+            model = _torch_lm(_torch_lm_size(mode), backend, dtype)
             idx = torch.randint(0, model.head.out_features, (p["B"], p["T"] + 1), device=DEVICE)
             inputs, targets = idx[:, :-1], idx[:, 1:]
             if p["task"] == "swap: inference":
@@ -235,16 +235,9 @@ def checks(mode: Mode) -> list:
     def swapped(backend):
         """The stock torch model swapped to `backend` against itself unswapped, in float32 and float64."""
         size = dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=32)
-
-        def build(dtype, backend):
-            torch.manual_seed(0)
-            model = TorchLM(**size).to(device=DEVICE, dtype=dtype)
-            if backend is not None:
-                fa.swap(model, backend=backend)
-            return model
         idx = torch.randint(0, 64, (2, 13), device=DEVICE)
-        return triplets(build(torch.float32, backend), build(torch.float32, None), build(torch.float64, None),
-                        {"idx": idx}, grad=False)
+        return triplets(_torch_lm(size, backend, torch.float32), _torch_lm(size, None, torch.float32),
+                        _torch_lm(size, None, torch.float64), {"idx": idx}, grad=False)
     return [Check("decoder logits float32 B2 T13", run),
             Check("swapped nn.TransformerEncoder LM logits float32 B2 T13", swapped)]
 
