@@ -362,14 +362,17 @@ def test_decoding_split_kv_dropout(monkeypatch):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-class _RecordGrids:
-    """Stands in for a @triton.jit kernel and records the grid of each launch."""
+class _RecordLaunches:
+    """Stands in for a kernel (or its autotuner) and records each launch as (name, grid)."""
 
-    def __init__(self, kernel, grids):
-        self.kernel, self.grids = kernel, grids
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getattr__(self, attr):
+        return getattr(self.kernel, attr)
 
     def __getitem__(self, grid):
-        self.grids.append(grid)
+        self.launches.append((self.name, grid))
         return self.kernel[grid]
 
 
@@ -383,8 +386,8 @@ def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
 
     monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
-    grids = []
-    monkeypatch.setattr(kernels, "_attn_fwd", _RecordGrids(kernels._attn_fwd, grids))
+    launches = []
+    monkeypatch.setattr(kernels, "_attn_fwd", _RecordLaunches(kernels._attn_fwd, "fwd", launches))
     B, H, Hkv, Lq, Lk = 2, 8, 2, 7, 150  # 4 heads x 7 queries = 28 rows per kv head: two blocks of 16
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 16, torch.float16)
     mask, causal = _mask(kind, B, H, Lq, Lk, torch.float16)
@@ -401,22 +404,8 @@ def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
                         for dtype in (torch.float16, torch.float64))
         assert_close(out, same, oracle)
     config, splits, _ = kernels._split_plan(q, k, mask, dropout_p)
-    assert config["PACK_GQA"] and grids[0] == (2 * splits * B * Hkv,), "the group's heads shared no program"
+    assert config["PACK_GQA"] and launches[0] == ("fwd", (2 * splits * B * Hkv,)), "the heads shared no program"
     assert not kernels._split_plan(q.float(), k.float())[0]["PACK_GQA"]  # fp32: one head per program
-
-
-class _CountLaunches:
-    """Stands in for a kernel (or its autotuner) in kernels._KERNELS and records each launch under `name`."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getattr__(self, attr):
-        return getattr(self.kernel, attr)
-
-    def __getitem__(self, grid):
-        self.launches.append(self.name)
-        return self.kernel[grid]
 
 
 @needs_triton
@@ -429,15 +418,15 @@ def test_autotune_once_per_length_bucket(monkeypatch):
     monkeypatch.setattr(kernels, "_tuned_configs", {})
     launches = []
     plain, tuned = kernels._KERNELS["fwd"]
-    monkeypatch.setitem(kernels._KERNELS, "fwd", (_CountLaunches(plain, "plain", launches),
-                                                  _CountLaunches(tuned, "tuned", launches)))
+    monkeypatch.setitem(kernels._KERNELS, "fwd", (_RecordLaunches(plain, "plain", launches),
+                                                  _RecordLaunches(tuned, "tuned", launches)))
     with torch.no_grad():
         for Lk in (40, 50, 70):
             q, k, v = _qkv(1, 2, 2, 9, Lk, 16, torch.float16)
             assert_close(fa.scaled_dot_product_attention(q, k, v, backend="triton"),
                          F.scaled_dot_product_attention(q, k, v),
                          ref.scaled_dot_product_attention(q.double(), k.double(), v.double()))
-    assert launches == ["tuned", "plain", "tuned"]
+    assert [name for name, _ in launches] == ["tuned", "plain", "tuned"]
 
 
 # ----------------------------------------------------------------------------------------------------------
