@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation as _triton_allocation
 
+from ._device import properties
+
 # Triton reads TRITON_INTERPRET once, at import; we do the same (fast_attention.backends does too).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -654,7 +656,7 @@ def _tma_ok(kind, named) -> bool:
             return False
         if any(named[prefix + dim] * elem % 16 for dim in "bh" + dims) or any(named[prefix + d] <= 0 for d in dims):
             return False
-        if not INTERPRET and torch.cuda.get_device_capability(t.device)[0] < 9:
+        if not INTERPRET and properties(t.device).major < 9:
             return False
     return True
 
@@ -837,16 +839,10 @@ def _dropout_args(dropout_p, seed):
     return dict(dropout_p=float(dropout_p), dropout_scale=1.0 / (1.0 - dropout_p), seed=int(seed))
 
 
-_sm_counts: dict[int, int] = {}
-
-
 def _num_splits(programs: int, Lk: int, device: torch.device, block_n: int) -> tuple[int, int]:
     """(splits, keys per split, a multiple of block_n): enough programs to fill the GPU twice over."""
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_counts:
-            _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = 2 * _sm_counts[index]
+        target = 2 * properties(device).multi_processor_count
     else:  # the interpreter: enough splits to exercise the merge
         target = 64
     splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(Lk, SPLIT_MIN_KEYS), MAX_SPLITS))

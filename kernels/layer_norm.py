@@ -12,12 +12,11 @@ buffer; a second kernel then sums the G rows in a fixed order. G is the SM count
 program; the partition depends only on M and the device, so two runs give the same bits. Elements moved with
 one-block rows: read 2MN + N + 2M, write MN, plus 2GN per parameter for the partial sums (G << M).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._device import properties
 from .softmax import row_config
 
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block path.
@@ -206,15 +205,9 @@ def _sum_partials_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def partial_programs(device: torch.device, M: int) -> tuple[int, int]:
     """(G, rows_per_program) for the weight-gradient reduction: G programs, each over a contiguous row range."""
-    target = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else CPU_PROGRAMS
+    target = properties(device).multi_processor_count if device.type == "cuda" else CPU_PROGRAMS
     rows_per_program = triton.cdiv(M, max(1, min(target, M)))
     return triton.cdiv(M, rows_per_program), rows_per_program
 
