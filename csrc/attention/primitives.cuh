@@ -189,6 +189,13 @@ __device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[
 __device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + (e / 2) * 8; }
 __device__ __forceinline__ int frag_col(int lane, int nt, int e) { return nt * 8 + (lane % 4) * 2 + (e & 1); }
 
+// x * log2(e) for a finite x: log2(e) * finfo.min overflows fp32 to -inf, so the result is raised to -FLT_MAX
+// then. A comparison, not fmaxf, so that NaN stays NaN (as in torch).
+__device__ __forceinline__ float finite_log2e(float x) {
+  const float scaled = x * kLog2e;
+  return scaled < -kFloatMax ? -kFloatMax : scaled;
+}
+
 // The score of (query row, key col) in log2 units (x is already scale * log2(e) * q.k), or -inf where masked:
 // past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value.
 template <typename T>
@@ -198,22 +205,17 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
   const int64_t at = b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride +
                      col * p.mask_k_stride;
   if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
-  // log2(e) * finfo(bfloat16).min overflows fp32 to -inf, which would make a row padded with finfo.min (Hugging
-  // Face's mask; a uniform average in torch) a dead row of zeros: clamp to the largest finite magnitude, but
-  // keep a real -inf. Comparisons, not fmaxf, so that a NaN in the mask stays NaN, as in torch.
+  // A finite mask value stays finite, or a row padded with finfo.min (Hugging Face's mask; a uniform average in
+  // torch) would be a dead row of zeros; a real -inf stays -inf.
   const float add = to_float(static_cast<const T*>(p.mask)[at]);
-  const float scaled = add * kLog2e;
-  return x + (add == -kInf ? add : (scaled < -kFloatMax ? -kFloatMax : scaled));
+  return x + (add == -kInf ? add : finite_log2e(add));
 }
 
 // The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked
 // (so P = 0 there, not exp2(-inf + inf) = NaN); otherwise at least -FLT_MAX, so that the lse of a finfo.min
 // row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
 // A NaN lse (a NaN in the row's mask) stays NaN, so its P is NaN as in torch.
-__device__ __forceinline__ float lse_log2(float lse) {
-  const float scaled = lse * kLog2e;
-  return lse == -kInf ? kInf : (scaled < -kFloatMax ? -kFloatMax : scaled);
-}
+__device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kInf : finite_log2e(lse); }
 
 // A probability recomputed from the saved lse, at most 1 (score - lse2 may round just above 0). A finfo.min
 // row's lse cannot resolve log(Lk): lse2 rounds to -3.4028233e38 against scores of -FLT_MAX, so P is 0 there.
