@@ -104,6 +104,15 @@ cudaStream_t current_stream(const Tensor& t) {
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle());
 }
 
+// fp32 scratch of n floats on like's device, or none when n is 0; points `ptr` at it. Keep the returned tensor
+// alive until the launch is queued.
+Tensor float_workspace(int64_t n, const Tensor& like, float*& ptr) {
+  if (n == 0) return Tensor();
+  Tensor ws = at::empty({n}, like.options().dtype(at::kFloat));
+  ptr = ws.data_ptr<float>();
+  return ws;
+}
+
 void check_launch(int error, const char* op) {
   TORCH_CHECK(error == 0, "fast_attention._C.", op, ": CUDA error: ", fa::error_string(error));
 }
@@ -123,11 +132,7 @@ Tensor softmax_forward(const Tensor& x_in) {
   p.cols = x.size(1);
   p.x = x.data_ptr();
   p.out = y.data_ptr();
-  Tensor ws;
-  if (const int64_t n = fa::softmax_workspace_floats(p)) {
-    ws = at::empty({n}, x.options().dtype(at::kFloat));
-    p.workspace = ws.data_ptr<float>();
-  }
+  const Tensor ws = float_workspace(fa::softmax_workspace_floats(p), x, p.workspace);
   check_launch(fa::softmax_forward(p, current_stream(x)), op);
   return y;
 }
@@ -151,11 +156,7 @@ Tensor softmax_backward(const Tensor& y_in, const Tensor& dy_in) {
   p.x = y.data_ptr();
   p.dy = dy.data_ptr();
   p.out = dx.data_ptr();
-  Tensor ws;
-  if (const int64_t n = fa::softmax_workspace_floats(p)) {
-    ws = at::empty({n}, y.options().dtype(at::kFloat));
-    p.workspace = ws.data_ptr<float>();
-  }
+  const Tensor ws = float_workspace(fa::softmax_workspace_floats(p), y, p.workspace);
   check_launch(fa::softmax_backward(p, current_stream(y)), op);
   return dx;
 }
@@ -235,11 +236,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   p.rstd = f32_ptr(rstd);
   p.dweight = f32_ptr(dw);
   p.dbias = f32_ptr(db);
-  Tensor ws;
-  if (dw.defined() || db.defined()) {
-    ws = at::empty({fa::norm_workspace_floats(p)}, f32);
-    p.workspace = ws.data_ptr<float>();
-  }
+  const Tensor ws = dw.defined() || db.defined() ? float_workspace(fa::norm_workspace_floats(p), x, p.workspace)
+                                                  : Tensor();
   check_launch(fa::norm_backward(p, current_stream(x)), op);
   return {dx, dw, db};
 }
