@@ -37,7 +37,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import attention as A  # noqa: E402
 from kernels import layer_norm as LN  # noqa: E402
-from kernels import rms_norm as RN  # noqa: E402
 from kernels import softmax as SM  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may opt in to
@@ -245,7 +244,8 @@ def row_jobs(full: bool, arch: int):
                              dict(rows, Y=dtype, DY=dtype, DX=dtype), dict(BLOCK_N=block, ONE_BLOCK=one_block),
                              warps, 3, arch))
                 for affine in ((True, True), (False, False)) if full or N == 16384 else ((True, True),):
-                    flags = dict(HAS_WEIGHT=affine[0], HAS_BIAS=affine[1], BLOCK_N=block, ONE_BLOCK=one_block)
+                    flags = dict(HAS_WEIGHT=affine[0], HAS_BIAS=affine[1], BLOCK_N=block, ONE_BLOCK=one_block,
+                                 CENTER=True)
                     a = "wb" if affine[0] else "--"
                     ptrs = dict(X=dtype, Y=dtype, W=dtype, B=dtype, Mean=torch.float32, Rstd=torch.float32,
                                 DY=dtype, DX=dtype, DW_partial=torch.float32, DB_partial=torch.float32)
@@ -254,10 +254,10 @@ def row_jobs(full: bool, arch: int):
                     jobs.append((f"layer_norm_bwd {t}", f"{cfg} {a}",
                                  (LN.__name__, "_layer_norm_backward_kernel"), dict(rows, **ptrs), flags, warps, 3,
                                  arch))
-                    rflags = dict(HAS_WEIGHT=affine[0], BLOCK_N=block, ONE_BLOCK=one_block)
-                    jobs.append((f"rms_norm_fwd {t}", f"{cfg} {a[0]}", (RN.__name__, "_rms_norm_forward_kernel"),
+                    rflags = dict(flags, HAS_BIAS=False, CENTER=False)  # RMSNorm: the same kernels, uncentered
+                    jobs.append((f"rms_norm_fwd {t}", f"{cfg} {a[0]}", (LN.__name__, "_layer_norm_forward_kernel"),
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
-                    jobs.append((f"rms_norm_bwd {t}", f"{cfg} {a[0]}", (RN.__name__, "_rms_norm_backward_kernel"),
+                    jobs.append((f"rms_norm_bwd {t}", f"{cfg} {a[0]}", (LN.__name__, "_layer_norm_backward_kernel"),
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
         jobs.append((f"sum_partials {t}", "G32 N128", (LN.__name__, "_sum_partials_kernel"),
                      dict(P=torch.float32, Out=dtype, G=132, N=4096), dict(BLOCK_G=32, BLOCK_N=128), 4, 3, arch))

@@ -11,6 +11,9 @@ each of G programs owns a contiguous range of rows and writes its partial sums t
 buffer; a second kernel then sums the G rows in a fixed order. G is the SM count on CUDA, so every SM holds one
 program; the partition depends only on M and the device, so two runs give the same bits. Elements moved with
 one-block rows: read 2MN + N + 2M, write MN, plus 2GN per parameter for the partial sums (G << M).
+
+RMSNorm is the same computation without centering: CENTER=False drops the mean (and its store), the Welford
+statistics (a plain sum of squares suffices) and the mean(g) term; rms_norm.py launches these kernels that way.
 """
 import torch
 import triton
@@ -42,6 +45,7 @@ def _layer_norm_forward_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,  # BLOCK_N >= N: the row stays in registers between statistics and output
+    CENTER: tl.constexpr,  # LayerNorm; False: RMSNorm (Mean and B are dummy pointers)
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
@@ -50,8 +54,11 @@ def _layer_norm_forward_kernel(
     if ONE_BLOCK:
         mask = cols < N
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
+        if CENTER:
+            mean = tl.sum(x, axis=0) / N
+            xc = tl.where(mask, x - mean, 0.0)
+        else:
+            xc = x  # zero past N already
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
         y = xc * rstd
         if HAS_WEIGHT:
@@ -59,6 +66,18 @@ def _layer_norm_forward_kernel(
         if HAS_BIAS:
             y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    elif not CENTER:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, N, BLOCK_N):
+            x = tl.load(X + start + cols, mask=start + cols < N, other=0.0).to(tl.float32)
+            acc += x * x
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            y = tl.load(X + start + cols, mask=mask, other=0.0).to(tl.float32) * rstd
+            if HAS_WEIGHT:
+                y = y * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(Y + start + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Welford per lane keeps the variance accurate when |mean| >> std, without a third pass over the row. It
         # runs on x - x[0]: the running means then stay near the spread's scale, where fp32 steps are fine, instead
@@ -89,8 +108,36 @@ def _layer_norm_forward_kernel(
             if HAS_BIAS:
                 y = y + tl.load(B + start + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + start + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + row, mean)
+    if CENTER:
+        tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _row_stats(Mean, Rstd, row, CENTER: tl.constexpr):
+    """The forward's (mean, rstd) of a row; mean 0 without centering."""
+    if CENTER:
+        return tl.load(Mean + row), tl.load(Rstd + row)
+    else:
+        return 0.0, tl.load(Rstd + row)
+
+
+@triton.jit
+def _normalized(x, mask, mean, rstd, CENTER: tl.constexpr):
+    """xhat: (x - mean) * rstd, zero past the row's end; without centering x * rstd (x is zero there already)."""
+    if CENTER:
+        return tl.where(mask, (x - mean) * rstd, 0.0)
+    else:
+        return x * rstd
+
+
+@triton.jit
+def _mean_if(v, N, CENTER: tl.constexpr):
+    """mean(v) for the centered (LayerNorm) gradient's mean(g) term; 0 without centering."""
+    if CENTER:
+        return tl.sum(v, axis=0) / N
+    else:
+        return 0.0
 
 
 @triton.jit
@@ -113,6 +160,7 @@ def _layer_norm_backward_kernel(
     HAS_BIAS: tl.constexpr,  # compute dbias
     BLOCK_N: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
+    CENTER: tl.constexpr,  # LayerNorm; False: RMSNorm, whose dx has no mean(g) term (Mean is a dummy pointer)
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
@@ -130,11 +178,10 @@ def _layer_norm_backward_kernel(
         for row in range(row_start, row_end):
             x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + row)
-            rstd = tl.load(Rstd + row)
-            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+            mean, rstd = _row_stats(Mean, Rstd, row, CENTER)
+            xhat = _normalized(x, mask, mean, rstd, CENTER)
             g = dy * w
-            c_g = tl.sum(g, axis=0) / N
+            c_g = _mean_if(g, N, CENTER)
             c_gx = tl.sum(g * xhat, axis=0) / N
             dx = (g - c_g - xhat * c_gx) * rstd
             tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
@@ -151,8 +198,7 @@ def _layer_norm_backward_kernel(
             X_row = X + row * stride_x
             DY_row = DY + row * stride_dy
             DX_row = DX + row * stride_dx
-            mean = tl.load(Mean + row)
-            rstd = tl.load(Rstd + row)
+            mean, rstd = _row_stats(Mean, Rstd, row, CENTER)
             acc_g = tl.zeros([BLOCK_N], tl.float32)
             acc_gx = tl.zeros([BLOCK_N], tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -161,15 +207,16 @@ def _layer_norm_backward_kernel(
                 g = tl.load(DY_row + start + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_WEIGHT:
                     g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
-                acc_g += g
-                acc_gx += g * tl.where(mask, (x - mean) * rstd, 0.0)
-            c_g = tl.sum(acc_g, axis=0) / N
+                if CENTER:
+                    acc_g += g
+                acc_gx += g * _normalized(x, mask, mean, rstd, CENTER)
+            c_g = _mean_if(acc_g, N, CENTER)
             c_gx = tl.sum(acc_gx, axis=0) / N
             for start in range(0, N, BLOCK_N):
                 mask = start + cols < N
                 x = tl.load(X_row + start + cols, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(DY_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                xhat = _normalized(x, mask, mean, rstd, CENTER)
                 g = dy
                 if HAS_WEIGHT:
                     g = dy * tl.load(W + start + cols, mask=mask, other=0.0).to(tl.float32)
@@ -231,7 +278,7 @@ def layer_norm_forward(x: torch.Tensor, weight, bias, eps: float):
     _layer_norm_forward_kernel[(M,)](
         x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd, x.stride(0), y.stride(0), N,
         eps, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block, ONE_BLOCK=one_block,
-        num_warps=num_warps)
+        CENTER=True, num_warps=num_warps)
     return y, mean, rstd
 
 
@@ -254,7 +301,7 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.T
     _layer_norm_backward_kernel[(G,)](
         dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, dy.stride(0), x.stride(0),
         dx.stride(0), M, N, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK_N=block,
-        ONE_BLOCK=one_block, num_warps=num_warps)
+        ONE_BLOCK=one_block, CENTER=True, num_warps=num_warps)
     param_dtype = x.dtype if weight is None else weight.dtype
     dweight = sum_partials(dw_partial, weight.dtype) if weight is not None else None
     dbias = sum_partials(db_partial, param_dtype) if has_bias else None

@@ -201,7 +201,7 @@ def test_triton_layer_norm_multi_block_path(device, monkeypatch, weight, bias, d
 def test_triton_rms_norm_multi_block_path(device, monkeypatch, weight, dtype):
     module = importlib.import_module("fast_attention.kernels.rms_norm")
     monkeypatch.setattr(module, "MAX_BLOCK_N", 64)
-    spies = spy_on(monkeypatch, module, "_rms_norm_forward_kernel", "_rms_norm_backward_kernel")
+    spies = spy_on(monkeypatch, module, "_layer_norm_forward_kernel", "_layer_norm_backward_kernel")
     N = 1000
     x = torch.randn(5, N, device=device) * 3
     x[2, 960:] *= 50
