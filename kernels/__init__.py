@@ -1,13 +1,34 @@
 """The Triton backend (installed as fast_attention.kernels): one module per op, each with its @triton.jit kernels
 and their launchers. The functions below are the backend interface described in fast_attention/backends.py."""
 import functools
+import os
 
 import torch
 
-from . import attention as _attention
-from . import layer_norm as _layer_norm
-from . import rms_norm as _rms_norm
-from . import softmax as _softmax
+
+def _check_interpreter() -> None:
+    """Triton's interpreter before 3.7 turns one-element numpy arrays into ints the way numpy 2.4 forbids
+    (triton-lang/triton#9171), so every kernel would fail at its first loop. Refuse at load, with the fix, so the
+    backend is reported unavailable and calls fall back to the reference instead of failing deep in a kernel."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return
+    import numpy
+    import triton
+
+    def version(module):
+        return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        raise ImportError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+                          f"{numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
+
+
+_check_interpreter()
+
+from . import attention as _attention  # noqa: E402
+from . import layer_norm as _layer_norm  # noqa: E402
+from . import rms_norm as _rms_norm  # noqa: E402
+from . import softmax as _softmax  # noqa: E402
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -101,7 +101,25 @@ def test_available_backends():
     assert "reference" in names
     assert names == [n for n in backends.NAMES if n in names]  # fastest first
     if backends.TRITON_INTERPRET or torch.cuda.is_available():
-        assert "triton" in names
+        assert "triton" in names, f"the Triton backend did not load: {backends._load_errors.get('triton')}"
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False)])
+def test_triton_interpreter_refuses_numpy_it_cannot_run_with(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter fails inside every kernel with numpy 2.4 (triton-lang/triton#9171): loading the
+    backend says so and names the fix, instead."""
+    triton, numpy = pytest.importorskip("triton"), pytest.importorskip("numpy")
+    from fast_attention.kernels import _check_interpreter
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if refused:
+        with pytest.raises(ImportError, match=r"numpy<2.4 or triton>=3.7"):
+            _check_interpreter()
+    else:
+        _check_interpreter()
 
 
 def test_unknown_backend_lists_valid_names():
