@@ -418,6 +418,8 @@ def test_autotune_once_per_length_bucket(monkeypatch):
     monkeypatch.setattr(kernels, "_tuned_configs", {})
     launches = []
     plain, tuned = kernels._KERNELS["fwd"]
+    if kernels.INTERPRET:  # the interpreter has no timer (triton < 3.8 asks for one even when one config is left)
+        monkeypatch.setitem(vars(tuned), "do_bench", lambda run, quantiles: (run(), [1.0] * len(quantiles))[1])
     monkeypatch.setitem(kernels._KERNELS, "fwd", (_RecordLaunches(plain, "plain", launches),
                                                   _RecordLaunches(tuned, "tuned", launches)))
     with torch.no_grad():
