@@ -97,11 +97,14 @@ class TorchLM(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """padding: optional (B, T) bool, True at padded tokens (nn.TransformerEncoder's src_key_padding_mask)."""
         T = idx.shape[1]
         x = self.embed(idx) + self.position(torch.arange(T, device=idx.device))
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=idx.device, dtype=x.dtype)
-        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True)))
+        if padding is not None:  # as an additive mask, like the causal one (torch deprecates mixing the kinds)
+            padding = torch.zeros_like(padding, dtype=x.dtype).masked_fill(padding, float("-inf"))
+        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True, src_key_padding_mask=padding)))
 
 
 def _torch_lm_size(mode: Mode) -> dict:
