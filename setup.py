@@ -64,6 +64,17 @@ def _write_ninja(path, nvcc, flags, units):
         f.write("\n".join(lines) + "\n")
 
 
+def _has_stream_handle(include_dirs):
+    """Whether torch's headers have c10::Stream::native_handle(), which gives the binding the current CUDA stream
+    without CUDA headers of torch's own (the CPU wheel has none)."""
+    for include in include_dirs:
+        header = os.path.join(include, "c10", "core", "Stream.h")
+        if os.path.exists(header):
+            with open(header) as f:
+                return "native_handle" in f.read()
+    return False
+
+
 def _cuda_extension(nvcc):
     """fast_attention._C: csrc/**/*.cu compiled by nvcc to objects (through ninja, in parallel), linked into the
     pybind11 binding csrc/bindings.cpp, which the host compiler builds against torch's headers. The kernels
@@ -74,6 +85,10 @@ def _cuda_extension(nvcc):
     except ImportError:
         print("fast_attention: torch is not importable at build time (build isolation? use "
               "--no-build-isolation); installing without the CUDA extension")
+        return {}, []
+    if not _has_stream_handle(cpp_extension.include_paths()):
+        print(f"fast_attention: torch {torch.__version__} has no c10::Stream::native_handle (new in torch 2.11), "
+              f"which the binding launches on; installing without the CUDA extension")
         return {}, []
     import glob
     import subprocess
