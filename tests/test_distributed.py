@@ -86,6 +86,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model_loss(model, x[mine], y[mine]).backward()
             # each rank holds a shard of every gradient (a DTensor); full_tensor() gathers it
             results["fsdp"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+            # A control in plain torch: the same sample on every rank gives a bias gradient of 1 once averaged
+            # across ranks, WORLD where this torch's FSDP sums them instead (torch 2.8 on gloo does).
+            control = torch.nn.Linear(WIDTH, 1)
+            fully_shard(control)
+            control(torch.ones(1, WIDTH)).sum().backward()
+            results["fsdp_control"] = control.bias.grad.full_tensor().item()
         except Exception as e:  # an FSDP build without CPU/gloo support: reported, and the test skips with it
             results["fsdp"] = f"{type(e).__name__}: {e}"
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -146,5 +152,8 @@ def test_ddp_multihead_attention_gradients_match_single_process(ranks):
 def test_fsdp_transformer_gradients_match_single_process(ranks):
     if isinstance(ranks[0]["fsdp"], str):
         pytest.skip(f"FSDP fully_shard does not run on CPU with gloo in this torch build: {ranks[0]['fsdp']}")
+    if ranks[0]["fsdp_control"] != 1.0:
+        pytest.skip(f"torch {torch.__version__}'s FSDP on gloo does not average gradients across ranks (a plain "
+                    f"nn.Linear's bias gradient is {ranks[0]['fsdp_control']}, expected 1.0), so it cannot judge ours")
     single32, single64 = single_process_gradients(make_model, model_loss, 0, 1)
     check_gradients([r["fsdp"] for r in ranks], single32, single64)
