@@ -8,7 +8,7 @@ import fast_attention as fa
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_attention import _mask, _qkv, check_sdpa  # noqa: E402
+from test_attention import TMA_EMULATED, _mask, _qkv, check_sdpa  # noqa: E402
 from test_layernorm import check_norm  # noqa: E402
 from test_softmax import check_softmax  # noqa: E402
 
@@ -49,7 +49,7 @@ def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, k
     if backend == "triton":  # the tensor-descriptor path where the inputs allow it, or pointer loads only
         from fast_attention.kernels import attention as kernels
 
-        monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma else "0")
+        monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma and TMA_EMULATED else "0")
     H = Hkv * group
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, layout=layout)
     attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
