@@ -6,6 +6,11 @@ import os
 import torch
 
 
+def major_minor(module) -> tuple:
+    """(major, minor) of a module's __version__ ("3.6.0+git..." -> (3, 6))."""
+    return tuple(int(part) for part in module.__version__.split(".")[:2])
+
+
 def _check_interpreter() -> None:
     """Triton's interpreter before 3.7 turns one-element numpy arrays into ints the way numpy 2.4 forbids
     (triton-lang/triton#9171), so every kernel would fail at its first loop. Refuse at load, with the fix, so the
@@ -15,10 +20,7 @@ def _check_interpreter() -> None:
     import numpy
     import triton
 
-    def version(module):
-        return tuple(int(part) for part in module.__version__.split(".")[:2])
-
-    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+    if major_minor(triton) < (3, 7) and major_minor(numpy) >= (2, 4):
         raise ImportError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
                           f"{numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
 

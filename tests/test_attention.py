@@ -30,7 +30,9 @@ def _interpreter_checks_strides_in_bytes() -> bool:
     bytes (3.6 fixed it), so it refuses descriptors the GPU takes (fp16 with a head dim of 24, say)."""
     import triton
 
-    return tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+    from fast_attention.kernels import major_minor
+
+    return major_minor(triton) >= (3, 6)
 
 
 TMA_EMULATED = GPU or (TRITON and _interpreter_checks_strides_in_bytes())  # the descriptor path can run here
