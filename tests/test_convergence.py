@@ -16,7 +16,7 @@ from bench.bench_model import TorchLM
 from fast_attention.models import Transformer, TransformerConfig
 from tolerance import FLOOR, assert_close
 
-VOCAB, T, BATCH, STEPS = 13, 16, 4, 12
+VOCAB, T, BATCH, STEPS = 13, 16, 4, 12  # both models have heads of 32, a head dim every backend compiles
 DTYPES = [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
 
 
@@ -54,7 +54,7 @@ def train(model, data, forward) -> tuple:
 
 def stock_lm(backend):
     """(ours, torch's own): one stock model, and a copy of it swapped to `backend`."""
-    model = TorchLM(VOCAB, d_model=32, n_heads=2, n_layers=2, max_seq_len=T)
+    model = TorchLM(VOCAB, d_model=64, n_heads=2, n_layers=2, max_seq_len=T)
     ours = copy.deepcopy(model)
     fa.swap(ours, backend=backend)
     return ours, model
@@ -68,7 +68,7 @@ def decoder(backend):
     def build(backend):
         torch.manual_seed(seed)
         return Transformer(TransformerConfig(kind="decoder", vocab_size=VOCAB, max_seq_len=T, n_layers=2,
-                                             d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, pos_encoding="rope",
+                                             d_model=64, n_heads=2, n_kv_heads=1, d_ff=96, pos_encoding="rope",
                                              norm="rmsnorm", dropout=0.0, backend=backend))
     return build(backend), build("reference")
 
