@@ -1,9 +1,13 @@
 """The Triton backend (installed as fast_attention.kernels): one module per op, each with its @triton.jit kernels
 and their launchers. The functions below are the backend interface described in fast_attention/backends.py."""
 import functools
-import os
 
 import torch
+
+from . import attention as _attention
+from . import layer_norm as _layer_norm
+from . import rms_norm as _rms_norm
+from . import softmax as _softmax
 
 
 def major_minor(module) -> tuple:
@@ -15,7 +19,7 @@ def _check_interpreter() -> None:
     """Triton's interpreter before 3.7 turns one-element numpy arrays into ints the way numpy 2.4 forbids
     (triton-lang/triton#9171), so every kernel would fail at its first loop. Refuse at load, with the fix, so the
     backend is reported unavailable and calls fall back to the reference instead of failing deep in a kernel."""
-    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not _attention.INTERPRET:
         return
     import numpy
     import triton
@@ -26,11 +30,6 @@ def _check_interpreter() -> None:
 
 
 _check_interpreter()
-
-from . import attention as _attention  # noqa: E402
-from . import layer_norm as _layer_norm  # noqa: E402
-from . import rms_norm as _rms_norm  # noqa: E402
-from . import softmax as _softmax  # noqa: E402
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

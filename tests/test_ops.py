@@ -110,9 +110,9 @@ def test_triton_interpreter_refuses_numpy_it_cannot_run_with(monkeypatch, triton
     """Triton < 3.7's interpreter fails inside every kernel with numpy 2.4 (triton-lang/triton#9171): loading the
     backend says so and names the fix, instead."""
     triton, numpy = pytest.importorskip("triton"), pytest.importorskip("numpy")
-    from fast_attention.kernels import _check_interpreter
+    from fast_attention.kernels import _check_interpreter, attention
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(attention, "INTERPRET", True)
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     if refused:
