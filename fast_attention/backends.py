@@ -14,6 +14,7 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, lse, mask|None, is_causal, scale, dropout_p, seed) -> (dq, dk, dv)
     attention_weights(q, k, lse, mask|None, is_causal, scale) -> probabilities fp32 (B, H, Lq, Lk)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
+    unavailable() -> None, or a sentence saying why this backend cannot run on this machine (optional)
 
 `mask` is None, or a bool / float tensor expanded (stride 0, never copied) to (B, H, Lq, Lk). K and V may have
 fewer heads than Q (grouped-query attention): H % Hkv == 0, query head h reads key head h // (H // Hkv).
@@ -45,7 +46,11 @@ _default: str | None = None
 def _module(name: str):
     if name not in _loaded and name not in _load_errors:
         try:
-            _loaded[name] = importlib.import_module(_MODULES[name])
+            module = importlib.import_module(_MODULES[name])
+            reason = getattr(module, "unavailable", lambda: None)()
+            if reason:
+                raise RuntimeError(reason)
+            _loaded[name] = module
         except Exception as e:  # a missing triton or an unbuilt extension: the backend is just unavailable
             _load_errors[name] = f"{type(e).__name__}: {e}"
             if name == "cuda" and torch.cuda.is_available():

@@ -15,21 +15,23 @@ def major_minor(module) -> tuple:
     return tuple(int(part) for part in module.__version__.split(".")[:2])
 
 
-def _check_interpreter() -> None:
-    """Triton's interpreter before 3.7 turns one-element numpy arrays into ints the way numpy 2.4 forbids
-    (triton-lang/triton#9171), so every kernel would fail at its first loop. Refuse at load, with the fix, so the
-    backend is reported unavailable and calls fall back to the reference instead of failing deep in a kernel."""
+def unavailable():
+    """None, or why the backend cannot run on this machine. Triton's interpreter before 3.7 turns one-element
+    numpy arrays into ints the way numpy 2.4 forbids (triton-lang/triton#9171), so every kernel would fail at its
+    first loop: the backend is reported unavailable, with the fix, and calls fall back to the reference.
+
+    A question, not an import error: with the repository root on sys.path this directory is also the top-level
+    module `kernels`, which transformers imports while probing for Hugging Face's package of that name."""
     if not _attention.INTERPRET:
-        return
+        return None
     import numpy
     import triton
 
     if major_minor(triton) < (3, 7) and major_minor(numpy) >= (2, 4):
-        raise ImportError(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
-                          f"{numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with numpy "
+                f"{numpy.__version__} (triton-lang/triton#9171); install numpy<2.4 or triton>=3.7")
+    return None
 
-
-_check_interpreter()
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,5 +72,5 @@ def unsupported(op: str, **args):
 
 __all__ = [
     "attention_backward", "attention_forward", "attention_weights", "layer_norm_backward", "layer_norm_forward",
-    "rms_norm_backward", "rms_norm_forward", "softmax_forward", "softmax_backward", "unsupported",
+    "rms_norm_backward", "rms_norm_forward", "softmax_forward", "softmax_backward", "unavailable", "unsupported",
 ]

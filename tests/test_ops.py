@@ -107,19 +107,27 @@ def test_available_backends():
 @pytest.mark.parametrize("triton_version, numpy_version, refused", [
     ("3.6.0", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.0", False)])
 def test_triton_interpreter_refuses_numpy_it_cannot_run_with(monkeypatch, triton_version, numpy_version, refused):
-    """Triton < 3.7's interpreter fails inside every kernel with numpy 2.4 (triton-lang/triton#9171): loading the
-    backend says so and names the fix, instead."""
+    """Triton < 3.7's interpreter fails inside every kernel with numpy 2.4 (triton-lang/triton#9171): the backend
+    says so and names the fix, instead."""
     triton, numpy = pytest.importorskip("triton"), pytest.importorskip("numpy")
-    from fast_attention.kernels import _check_interpreter, attention
+    from fast_attention.kernels import attention, unavailable
 
     monkeypatch.setattr(attention, "INTERPRET", True)
     monkeypatch.setattr(triton, "__version__", triton_version)
     monkeypatch.setattr(numpy, "__version__", numpy_version)
-    if refused:
-        with pytest.raises(ImportError, match=r"numpy<2.4 or triton>=3.7"):
-            _check_interpreter()
-    else:
-        _check_interpreter()
+    reason = unavailable()
+    assert ("numpy<2.4 or triton>=3.7" in reason) if refused else reason is None
+
+
+def test_unavailable_backend_is_left_out_with_its_reason(monkeypatch):
+    """A backend whose module loads but says it cannot run here is not offered, and the reason is kept."""
+    import fast_attention.reference
+
+    monkeypatch.setattr(fast_attention.reference, "unavailable", lambda: "no reason at all", raising=False)
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_load_errors", {})
+    assert "reference" not in fa.available_backends()
+    assert backends._load_errors["reference"] == "RuntimeError: no reason at all"
 
 
 def test_unknown_backend_lists_valid_names():
