@@ -8,12 +8,15 @@ from torch import Tensor
 from . import backends
 from .reference import default_rms_eps
 from .ops import attention as _attention
+from .ops._autocast import cast_inputs
 from .ops import norms as _norms
 from .ops import softmax as _softmax
 
 
 def softmax(input: Tensor, dim: int = -1, *, backend: str | None = None) -> Tensor:
-    """torch.softmax(input, dim), computed in fp32 and returned in input's dtype."""
+    """torch.softmax(input, dim), computed in fp32 and returned in input's dtype (float32 under CUDA autocast, as
+    torch)."""
+    (input,) = cast_inputs("softmax", input)
     dim = _softmax.check(input, dim)
     name = backends.resolve("softmax", backend, input.device, input=input)
     return _softmax.softmax(input, dim, name)
@@ -22,6 +25,7 @@ def softmax(input: Tensor, dim: int = -1, *, backend: str | None = None) -> Tens
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
                eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
     """torch.nn.functional.layer_norm: normalize over the trailing `normalized_shape` dims (fp32 statistics)."""
+    input, weight, bias = cast_inputs("layer_norm", input, weight, bias)
     shape = _norms.check("layer_norm", input, normalized_shape, weight, bias)
     name = backends.resolve("layer_norm", backend, input.device, input=input, weight=weight, bias=bias)
     return _norms.layer_norm(input, shape, weight, bias, float(eps), name)[0]
@@ -31,6 +35,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
              backend: str | None = None) -> Tensor:
     """torch.nn.functional.rms_norm: x / sqrt(mean(x^2) + eps) * weight; eps=None means torch's default, the
     machine epsilon of the dtype the op computes in (float32 for float16/bfloat16 inputs)."""
+    input, weight = cast_inputs("rms_norm", input, weight)
     shape = _norms.check("rms_norm", input, normalized_shape, weight)
     eps = default_rms_eps(input.dtype) if eps is None else float(eps)
     name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
@@ -71,6 +76,7 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 
 
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("fast_attention.scaled_dot_product_attention: gradients with respect to a float "

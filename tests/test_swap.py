@@ -239,6 +239,23 @@ def test_hugging_face_attn_implementation_at_construction(backend, kind):
     assert "fast_attention::scaled_dot_product_attention" in names
 
 
+def test_hugging_face_llama_under_autocast(backend, device):
+    """Under autocast Llama hands attention float32 query and key (out of its rotary embedding) and a bfloat16
+    value: torch's autocast casts all three, and so do we."""
+    model = hf_model("llama")
+    original, reference = copy.deepcopy(model), copy.deepcopy(model).double()
+    fa.swap(model, backend=backend)
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            ours, names = profiled(lambda: model(input_ids=ids).logits)
+            theirs = original(input_ids=ids).logits
+        ref = reference(input_ids=ids).logits
+    assert ours.dtype == theirs.dtype
+    assert_close(ours, theirs, ref)
+    assert_ran_ours(names, "rms_norm")
+
+
 def test_hugging_face_registration_in_either_import_order():
     """transformers imported before fast_attention: registered at import; after: by the import hook (the
     order the rest of this test session uses)."""
