@@ -82,6 +82,18 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     torch.testing.assert_close(g, g_eager)
 
 
+def test_torch_export(backend, device):
+    """torch.export keeps each op as one fast_attention:: node, and the exported program computes what eager does."""
+    block = _Block(backend).to(device)
+    x = torch.randn(2, 2, 5, 16, device=device)
+    program = torch.export.export(block, (x,))
+    exported = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("fast_attention.")}
+    assert exported == {f"fast_attention.{op}.default" for op in
+                        ("layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax")}
+    x = torch.randn(2, 2, 5, 16, device=device)
+    torch.testing.assert_close(program.module()(x), block(x))
+
+
 def test_compile_dropout_is_seeded(backend, device):
     torch._dynamo.reset()
     q = torch.randn(1, 2, 6, 16, device=device)
