@@ -9,6 +9,9 @@ from .swap import SwapReport, swap, unswap
 from . import hf as _hf
 
 _hf.install()  # attn_implementation="fast_attention" in Hugging Face transformers, without importing it
+# Load the backends that can run here now (0.15 s for Triton's): torch.compile cannot trace an import, so a
+# process whose first call is inside torch.compile(fullgraph=True) would fail if they loaded on first use.
+available_backends()
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,9 @@
 """The op layer: custom-op registration (opcheck), torch.compile, backend resolution and bad input."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -92,6 +97,24 @@ def test_torch_export(backend, device):
                         ("layer_norm", "rms_norm", "scaled_dot_product_attention", "softmax")}
     x = torch.randn(2, 2, 5, 16, device=device)
     torch.testing.assert_close(program.module()(x), block(x))
+
+
+def test_compile_fullgraph_as_the_first_call_in_a_process(device):
+    """A fresh process whose first call is inside torch.compile(fullgraph=True): every op resolves its backend
+    without importing anything (dynamo cannot trace an import). In this process the backends are loaded already."""
+    code = textwrap.dedent(f"""
+        import torch, fast_attention as fa
+        def block(x):
+            h = fa.layer_norm(x, (16,))
+            h = fa.rms_norm(h, (16,))
+            return fa.softmax(fa.scaled_dot_product_attention(h, h, h, is_causal=True), dim=-1)
+        x = torch.randn(1, 2, 5, 16, device="{device}")
+        torch.testing.assert_close(torch.compile(block, fullgraph=True, backend="aot_eager")(x), block(x))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_compile_dropout_is_seeded(backend, device):
