@@ -68,7 +68,8 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
                                               enable_gqa: bool = False, *, backend: str | None = None
                                               ) -> tuple[Tensor, Tensor]:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
-    (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. The probabilities carry no gradient."""
+    (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. Gradients flow through them to query and key,
+    as through torch's."""
     out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     q4, k4, mask, is_causal, scale = args
     weights = _attention.attention_weights(q4, k4, lse, mask, is_causal, scale, name)

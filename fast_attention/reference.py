@@ -209,3 +209,17 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
 
 def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
     return _probabilities(q, k, mask, is_causal, scale, lse)[0].float()
+
+
+def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float):
+    """dQ, dK through the probabilities w = softmax(scale q k^T + mask), fp32 (B, H, Lq, Lk): the softmax gradient
+    dS = w * (dw - rowsum(dw * w)), then dQ = scale dS K and dK = scale dS^T Q (each GQA group summed). Masked
+    entries and masked rows have w = 0, so dS is 0 there: the mask itself is not needed."""
+    ct = _compute_dtype(q)
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    w, dw = w.to(ct), dw.to(ct)
+    ds = w * (dw - (dw * w).sum(-1, keepdim=True))
+    dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
+    dk = ((ds.transpose(-2, -1) @ q.to(ct)) * scale).reshape(B, Hkv, H // Hkv, Lk, q.shape[-1]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype)

@@ -291,16 +291,27 @@ def test_attention_weights(backend, kind, dtype):
     assert w.dtype == torch.float32 and w.shape == (B, H, Lq, Lk)
 
     def weights(dt):
-        s = (q.detach().to(dt) @ k.detach().to(dt).transpose(-2, -1)) / 4.0
+        """torch's weights in dtype dt from leaves q_dt, k_dt (key heads repeated for the query heads)."""
+        q_dt, k_dt = q.detach().to(dt).requires_grad_(), k.detach().to(dt).requires_grad_()
+        s = (q_dt @ k_dt.repeat_interleave(H, dim=1).transpose(-2, -1)) / 4.0
         if causal:
             s = s.masked_fill(~torch.ones(Lq, Lk, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(dt)
-        return torch.softmax(s, -1).nan_to_num(0.0)
+        dead = torch.isneginf(s).all(-1, keepdim=True)
+        return torch.softmax(s.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0), (q_dt, k_dt)
 
-    assert_close(w, weights(dtype), weights(torch.float64), "weights")
+    (theirs, theirs_leaves), (ref, ref_leaves) = weights(dtype), weights(torch.float64)
+    assert_close(w, theirs, ref, "weights")
     if kind == "dead_rows":
         assert torch.equal(w[:, :, ::4], torch.zeros_like(w[:, :, ::4]))
+    # gradients through the weights, to query and key (one key head: the query heads' gradients are summed)
+    dw = torch.randn_like(w)
+    ours_grads = torch.autograd.grad(w, (q, k), dw)
+    theirs_grads = torch.autograd.grad(theirs, theirs_leaves, dw.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dw.double())
+    for name, g, g_torch, g_ref in zip(("dQ", "dK"), ours_grads, theirs_grads, ref_grads):
+        assert_close(g, g_torch, g_ref, f"weights' {name}")
 
 
 @needs_triton

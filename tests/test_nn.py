@@ -42,11 +42,19 @@ def trio(cls_ours, cls_torch, *args, backend, **kwargs):
     return ours, theirs, reference
 
 
-def forward_and_grads(module, inputs, dy, **kwargs):
+def backward(out, weights, dy, dw):
+    """Backpropagate sum(out * dy) + sum(weights * dw): the attention weights are differentiable, as torch's."""
+    loss = (out * dy.to(out.dtype)).sum()
+    if weights is not None:
+        loss = loss + (weights * dw.to(weights.dtype)).sum()
+    loss.backward()
+
+
+def forward_and_grads(module, inputs, dy, dw=None, **kwargs):
     """module(*inputs, **kwargs) -> output, weights, gradients of (unique) inputs, gradients of parameters."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     out, weights = module(*leaves, **kwargs)
-    (out * dy.to(out.dtype)).sum().backward()
+    backward(out, weights, dy, dw)
     grads = [x.grad for x in leaves]
     param_grads = {n: p.grad for n, p in module.named_parameters()}
     module.zero_grad(set_to_none=True)
@@ -56,7 +64,7 @@ def forward_and_grads(module, inputs, dy, **kwargs):
 def compare_mha(ours, theirs, reference, inputs, self_attention=False, **kwargs):
     """Run the three modules on the same inputs (query, key, value; one tensor when self_attention, so the packed
     projection runs) and compare output, weights and every gradient."""
-    dy = None
+    dy = dw = None
     results = []
     for module, dtype in ((ours, torch.float32), (theirs, torch.float32), (reference, torch.float64)):
         cast = [x.to(dtype) for x in inputs]
@@ -64,15 +72,16 @@ def compare_mha(ours, theirs, reference, inputs, self_attention=False, **kwargs)
               for k, v in kwargs.items()}
         if dy is None:
             with torch.no_grad():
-                dy = torch.randn_like(module(*(cast * 3 if self_attention else cast), **kw)[0])
+                out, weights = module(*(cast * 3 if self_attention else cast), **kw)
+            dy, dw = torch.randn_like(out), None if weights is None else torch.randn_like(weights)
         if self_attention:
             leaf = cast[0].detach().clone().requires_grad_()
             out, weights = module(leaf, leaf, leaf, **kw)
-            (out * dy.to(dtype)).sum().backward()
+            backward(out, weights, dy, dw)
             grads, param_grads = [leaf.grad], {n: p.grad for n, p in module.named_parameters()}
             module.zero_grad(set_to_none=True)
         else:
-            out, weights, grads, param_grads = forward_and_grads(module, cast, dy, **kw)
+            out, weights, grads, param_grads = forward_and_grads(module, cast, dy, dw, **kw)
         results.append((out, weights, grads, param_grads))
     (o, w, g, pg), (t, tw, tg, tpg), (r, rw, rg, rpg) = results
     assert o.dtype == torch.float32 and o.shape == r.shape

@@ -39,8 +39,22 @@ def _attention_case(device):
     return OPS.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False, 0.25, torch.tensor(0))
 
 
-@pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case],
-                         ids=["softmax", "layer_norm", "rms_norm", "attention"])
+def _attention_strided_case(device):
+    """query, key and value as projections give them: (B, L, H, D) storage seen as (B, H, L, D)."""
+    q, k, v = (torch.randn(1, L, 2, 16, device=device).transpose(1, 2).requires_grad_() for L in (5, 7, 7))
+    return OPS.scaled_dot_product_attention.default, (q, k, v, None, 0.0, True, 0.25, torch.tensor(0))
+
+
+def _attention_weights_case(device):
+    (q, k, v, mask, *rest), seed = _attention_case(device)[1], torch.tensor(0)
+    lse = OPS.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.25, seed, "reference")[1]
+    return OPS.attention_weights.default, (q, k, lse, mask, False, 0.25)
+
+
+@pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
+                                  _attention_strided_case, _attention_weights_case],
+                         ids=["softmax", "layer_norm", "rms_norm", "attention", "attention_strided",
+                              "attention_weights"])
 def test_opcheck(case, backend, device):
     op, args = case(device)
     torch.library.opcheck(op, (*args, backend))
@@ -115,6 +129,23 @@ def test_compile_fullgraph_as_the_first_call_in_a_process(device):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_compile_multihead_attention_training(backend, device, need_weights):
+    """A compiled training step of the drop-in module: its query, key and value are strided views of the
+    projections, and need_weights=True (torch's default) backpropagates through the weights too. Gradients match
+    eager, so the fake kernels give the strides the backends really return."""
+    torch._dynamo.reset()
+    mha = fa.nn.MultiheadAttention(16, 2, batch_first=True, backend=backend).to(device)
+    x = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    results = []
+    for fn in (mha, torch.compile(mha, fullgraph=True, backend="aot_eager")):
+        out, weights = fn(x, x, x, need_weights=need_weights)
+        loss = out.sum() + (weights.square().sum() if need_weights else 0)
+        results.append((out, *torch.autograd.grad(loss, (x, mha.in_proj_weight))))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_compile_dropout_is_seeded(backend, device):

@@ -4,4 +4,4 @@ from ._autocast import run_outside_autocast
 
 run_outside_autocast("softmax", "softmax_backward", "layer_norm", "layer_norm_backward", "rms_norm",
                      "rms_norm_backward", "scaled_dot_product_attention", "scaled_dot_product_attention_backward",
-                     "attention_weights")
+                     "attention_weights", "attention_weights_backward")

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import backends, reference
 from ._checks import check_float, check_same_device
 
 OP = "scaled_dot_product_attention"
@@ -106,7 +106,7 @@ def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: 
                                           scale: float, seed: Tensor, backend: str
                                           ) -> tuple[Tensor, Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
-        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
     return backends.get(backend).attention_backward(grad_out, query, key, value, out, lse,
                                                     expand_mask(attn_mask, query, key), is_causal, scale,
                                                     dropout_p, int(seed))
@@ -114,7 +114,8 @@ def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: 
 
 @scaled_dot_product_attention_backward.register_fake
 def _(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed, backend):
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    # contiguous whatever the inputs' strides, as every backend returns them
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,3 +150,30 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
 def _(query, key, lse, attn_mask, is_causal, scale, backend):
     B, H, Lq, _ = query.shape
     return query.new_empty(B, H, Lq, key.shape[-2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fast_attention::attention_weights_backward", mutates_args=())
+def attention_weights_backward(grad_weights: Tensor, weights: Tensor, query: Tensor, key: Tensor,
+                               scale: float) -> tuple[Tensor, Tensor]:
+    """dQ and dK through the probabilities. One implementation serves every backend: two matmuls on the
+    (B, H, Lq, Lk) weights, which need_weights has materialized already."""
+    return reference.attention_weights_backward(grad_weights, weights, query, key, scale)
+
+
+@attention_weights_backward.register_fake
+def _(grad_weights, weights, query, key, scale):
+    return query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, as the matmuls give them
+
+
+def _weights_setup_context(ctx, inputs, output):
+    query, key, _lse, _mask, _is_causal, ctx.scale, _backend = inputs
+    ctx.save_for_backward(query, key, output)
+
+
+def _weights_backward(ctx, grad_weights):
+    query, key, weights = ctx.saved_tensors
+    dq, dk = attention_weights_backward(grad_weights, weights, query, key, ctx.scale)
+    return dq, dk, None, None, None, None, None
+
+
+attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
