@@ -64,15 +64,21 @@ def _write_ninja(path, nvcc, flags, units):
         f.write("\n".join(lines) + "\n")
 
 
-def _has_stream_handle(include_dirs):
-    """Whether torch's headers have c10::Stream::native_handle(), which gives the binding the current CUDA stream
-    without CUDA headers of torch's own (the CPU wheel has none)."""
-    for include in include_dirs:
-        header = os.path.join(include, "c10", "core", "Stream.h")
-        if os.path.exists(header):
-            with open(header) as f:
-                return "native_handle" in f.read()
-    return False
+def _stream_source(include_dirs):
+    """How the binding gets the current CUDA stream from torch's headers: "native_handle" (c10::Stream's, torch
+    >= 2.11: no CUDA headers of torch's own needed, so torch's CPU wheel is enough), "c10_cuda" (older torch's CUDA
+    wheels: c10::cuda::getCurrentCUDAStream, linking libc10_cuda), or None (older torch's CPU wheel)."""
+    def header(path):
+        for include in include_dirs:
+            if os.path.exists(os.path.join(include, path)):
+                with open(os.path.join(include, path)) as f:
+                    return f.read()
+        return ""
+    if "native_handle" in header(os.path.join("c10", "core", "Stream.h")):
+        return "native_handle"
+    if header(os.path.join("c10", "cuda", "CUDAStream.h")):
+        return "c10_cuda"
+    return None
 
 
 def _cuda_extension(nvcc):
@@ -86,9 +92,11 @@ def _cuda_extension(nvcc):
         print("fast_attention: torch is not importable at build time (build isolation? use "
               "--no-build-isolation); installing without the CUDA extension")
         return {}, []
-    if not _has_stream_handle(cpp_extension.include_paths()):
-        print(f"fast_attention: torch {torch.__version__} has no c10::Stream::native_handle (new in torch 2.11), "
-              f"which the binding launches on; installing without the CUDA extension")
+    stream_source = _stream_source(cpp_extension.include_paths())
+    if stream_source is None:
+        print(f"fast_attention: torch {torch.__version__} has neither c10::Stream::native_handle (new in torch 2.11) "
+              f"nor the c10/cuda headers of its CUDA wheels, so the binding cannot find the current CUDA stream; "
+              f"installing without the CUDA extension")
         return {}, []
     import glob
     import subprocess
@@ -110,6 +118,12 @@ def _cuda_extension(nvcc):
         pybind11_abi = cpp_extension._get_pybind11_abi_build_flags()  # so our pybind11 types match torch's
     except AttributeError:
         pybind11_abi = []
+    # torch < 2.11 escapes the quotes for a shell (-DPYBIND11_COMPILER_TYPE=\\"_gcc\\"); setuptools uses none
+    pybind11_abi = [flag.replace('\\"', '"') for flag in pybind11_abi]
+    stream_flags, stream_includes, stream_libraries = [], [], []
+    if stream_source == "c10_cuda":
+        stream_flags, stream_includes, stream_libraries = (["-DFA_STREAM_FROM_C10_CUDA"],
+                                                           [os.path.join(cuda_home, "include")], ["c10_cuda"])
 
     class BuildExt(build_ext):
         def build_extensions(self):
@@ -132,12 +146,12 @@ def _cuda_extension(nvcc):
     ext = Extension(
         "fast_attention._C",
         sources=["csrc/bindings.cpp"],
-        include_dirs=[csrc, *cpp_extension.include_paths()],
+        include_dirs=[csrc, *cpp_extension.include_paths(), *stream_includes],
         library_dirs=[cuda_lib, torch_lib],
-        libraries=["cudart", "c10", "torch", "torch_cpu", "torch_python"],
+        libraries=["cudart", "c10", *stream_libraries, "torch", "torch_cpu", "torch_python"],
         runtime_library_dirs=[cuda_lib, torch_lib],
         extra_compile_args=["-std=c++20", "-O3", "-fvisibility=hidden", abi, "-DTORCH_EXTENSION_NAME=_C",
-                            "-DTORCH_API_INCLUDE_EXTENSION_H", *pybind11_abi],
+                            "-DTORCH_API_INCLUDE_EXTENSION_H", *pybind11_abi, *stream_flags],
         language="c++",
     )
     return {"build_ext": BuildExt}, [ext]

@@ -6,6 +6,9 @@
 
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#ifdef FA_STREAM_FROM_C10_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <cstdint>
 #include <optional>
@@ -100,8 +103,12 @@ Tensor param_f32(const OptTensor& w, const Tensor& x, const char* op, const char
 float* f32_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 cudaStream_t current_stream(const Tensor& t) {
+#ifdef FA_STREAM_FROM_C10_CUDA  // torch < 2.11 (CUDA wheels): no c10::Stream::native_handle yet
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+#else
   return static_cast<cudaStream_t>(
       c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle());
+#endif
 }
 
 // fp32 scratch of n floats on like's device, or none when n is 0; points `ptr` at it. Keep the returned tensor
