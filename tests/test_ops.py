@@ -46,9 +46,9 @@ def _attention_strided_case(device):
 
 
 def _attention_weights_case(device):
-    (q, k, v, mask, *rest), seed = _attention_case(device)[1], torch.tensor(0)
-    lse = OPS.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.25, seed, "reference")[1]
-    return OPS.attention_weights.default, (q, k, lse, mask, False, 0.25)
+    _, (q, k, v, mask, dropout_p, is_causal, scale, seed) = _attention_case(device)
+    lse = OPS.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, seed, "reference")[1]
+    return OPS.attention_weights.default, (q, k, lse, mask, is_causal, scale)
 
 
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
