@@ -302,6 +302,21 @@ def test_multihead_attention_dropout_only_in_training(backend):
     torch.testing.assert_close(weights.sum(-1), torch.ones(N, H, L))
 
 
+def test_multihead_attention_under_activation_checkpointing(backend):
+    """torch.utils.checkpoint recomputes the forward in backward with the generator state it saved: the dropout
+    mask drawn again is the same, so the output and gradients equal those without checkpointing."""
+    mha = randomize(fa.nn.MultiheadAttention(E, H, dropout=0.5, batch_first=True, backend=backend)).train()
+    x = torch.randn(N, L, E, requires_grad=True)
+    attend = lambda t: mha(t, t, t, need_weights=False)[0]  # noqa: E731
+    results = []
+    for fn in (attend, lambda t: torch.utils.checkpoint.checkpoint(attend, t, use_reentrant=False)):
+        torch.manual_seed(3)
+        out = fn(x)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (x, mha.in_proj_weight))))
+    for plain, checkpointed in zip(*results):
+        torch.testing.assert_close(checkpointed, plain)
+
+
 def test_multihead_attention_masks_not_materialized(monkeypatch):
     """key_padding_mask alone reaches the kernel as (N, 1, 1, S); with a 2-D attn_mask as (N, 1, L, S)."""
     seen = []
