@@ -1,5 +1,8 @@
 """Test setup: Triton's interpreter on machines without a GPU, and the `backend` / `device` fixtures."""
 import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 
@@ -55,3 +58,17 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch.manual_seed({seed}); replay with FA_TEST_SEED={seed}")  # shown with a failure
     yield seed
+
+
+@pytest.fixture
+def fresh_python():
+    """run(code, timeout) -> exit code and stderr tail of `code` (dedented) in a fresh Python process that imports
+    this checkout's fast_attention, with this process's environment (TRITON_INTERPRET included)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+    def run(code: str, timeout: float) -> tuple[int, str]:
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                                text=True, timeout=timeout)
+        return result.returncode, result.stderr[-3000:]
+    return run

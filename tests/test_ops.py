@@ -1,9 +1,4 @@
 """The op layer: custom-op registration (opcheck), torch.compile, backend resolution and bad input."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -113,10 +108,10 @@ def test_torch_export(backend, device):
     torch.testing.assert_close(program.module()(x), block(x))
 
 
-def test_compile_fullgraph_as_the_first_call_in_a_process(device):
+def test_compile_fullgraph_as_the_first_call_in_a_process(device, fresh_python):
     """A fresh process whose first call is inside torch.compile(fullgraph=True): every op resolves its backend
     without importing anything (dynamo cannot trace an import). In this process the backends are loaded already."""
-    code = textwrap.dedent(f"""
+    returncode, stderr = fresh_python(f"""
         import torch, fast_attention as fa
         def block(x):
             h = fa.layer_norm(x, (16,))
@@ -124,11 +119,8 @@ def test_compile_fullgraph_as_the_first_call_in_a_process(device):
             return fa.softmax(fa.scaled_dot_product_attention(h, h, h, is_causal=True), dim=-1)
         x = torch.randn(1, 2, 5, 16, device="{device}")
         torch.testing.assert_close(torch.compile(block, fullgraph=True, backend="aot_eager")(x), block(x))
-    """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """, timeout=300)
+    assert returncode == 0, stderr
 
 
 @pytest.mark.parametrize("need_weights", [False, True])

@@ -2,10 +2,6 @@
 Hugging Face BERT, GPT-2 and Llama models, give the original's outputs after swap() while the profiler shows
 fast_attention's ops (and not torch's fused paths); unswap() restores the original modules."""
 import copy
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -256,18 +252,15 @@ def test_hugging_face_llama_under_autocast(backend, device):
     assert_ran_ours(names, "rms_norm")
 
 
-def test_hugging_face_registration_in_either_import_order():
+def test_hugging_face_registration_in_either_import_order(fresh_python):
     """transformers imported before fast_attention: registered at import; after: by the import hook (the
     order the rest of this test session uses)."""
     pytest.importorskip("transformers")
-    code = textwrap.dedent("""
+    returncode, stderr = fresh_python("""
         from transformers import GPT2Config, GPT2LMHeadModel
         import fast_attention
         config = GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8, bos_token_id=1,
                             eos_token_id=2, attn_implementation="fast_attention")
         assert GPT2LMHeadModel(config).config._attn_implementation == "fast_attention"
-    """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    """, timeout=120)
+    assert returncode == 0, stderr
