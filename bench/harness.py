@@ -8,6 +8,7 @@ torch.cuda.max_memory_allocated during one call (inputs and saved tensors includ
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -53,6 +54,8 @@ class Skip(Exception):
 class Mode:
     gpu: bool
     quick: bool
+    checks: bool = True        # run the suite's correctness checks before timing
+    exclude: str | None = None  # a regular expression: providers whose name it matches are not timed
 
 
 @dataclass
@@ -284,26 +287,48 @@ def measure(setup: Callable, case: Case, limits: dict, quick: bool) -> dict:
 def run_checks(suite: Suite, mode: Mode) -> list[dict]:
     """Each available backend against torch in the same dtype and the float64 reference, under the project's one
     tolerance rule (tests/tolerance.py). A backend that declines a case (NotImplementedError) is reported, not
-    failed."""
+    failed. The Triton attention kernels run their first fitting config, as in the tests: autotuning each small
+    odd shape would compile every config of every kernel for numbers nobody reads."""
     assert_close = _tolerance().assert_close
     rows = []
-    for check in suite.checks(mode):
-        for backend in fa.available_backends():
-            row = {"check": check.label, "backend": backend}
-            try:
-                worst = 0.0
-                for what, ours_t, torch_t, ref_t in check.run(backend):
-                    assert_close(ours_t, torch_t, ref_t, name=what)
-                    error = (ours_t.double().cpu() - ref_t.double().cpu()).abs().nan_to_num(0.0)
-                    worst = max(worst, error.max().item() if error.numel() else 0.0)
-                row.update(result="PASS", detail=f"max |err| {worst:.2e}")
-            except NotImplementedError as e:
-                row.update(result="n/a", detail=_short(e))
-            except AssertionError as e:  # the tolerance rule's verdict, reported as FAIL
-                row.update(result="FAIL", detail=_short(e))
-            except Exception as e:  # a crash is a failure too
-                row.update(result="FAIL", detail=f"{type(e).__name__}: {_short(e)}")
-            rows.append(row)
+    with _autotuning_off():
+        for check in suite.checks(mode):
+            rows += _run_check(check, assert_close)
+    return rows
+
+
+@contextlib.contextmanager
+def _autotuning_off():
+    """The Triton attention launchers take their first fitting config inside the block."""
+    attention = sys.modules.get("fast_attention.kernels.attention")
+    saved = attention is not None and attention.AUTOTUNE
+    if attention is not None:
+        attention.AUTOTUNE = False
+    try:
+        yield
+    finally:
+        if attention is not None:
+            attention.AUTOTUNE = saved
+
+
+def _run_check(check: Check, assert_close) -> list[dict]:
+    rows = []
+    for backend in fa.available_backends():
+        row = {"check": check.label, "backend": backend}
+        try:
+            worst = 0.0
+            for what, ours_t, torch_t, ref_t in check.run(backend):
+                assert_close(ours_t, torch_t, ref_t, name=what)
+                error = (ours_t.double().cpu() - ref_t.double().cpu()).abs().nan_to_num(0.0)
+                worst = max(worst, error.max().item() if error.numel() else 0.0)
+            row.update(result="PASS", detail=f"max |err| {worst:.2e}")
+        except NotImplementedError as e:
+            row.update(result="n/a", detail=_short(e))
+        except AssertionError as e:  # the tolerance rule's verdict, reported as FAIL
+            row.update(result="FAIL", detail=_short(e))
+        except Exception as e:  # a crash is a failure too
+            row.update(result="FAIL", detail=f"{type(e).__name__}: {_short(e)}")
+        rows.append(row)
     return rows
 
 
@@ -325,9 +350,13 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
         result["notes"].append("CPU run: GPU figures need a GPU. Triton runs under its interpreter here, so it is "
                                "checked for correctness but not timed; the timings compare the reference backend "
                                "with torch on the CPU.")
-    result["checks"] = run_checks(suite, mode)
+    if mode.checks:
+        result["checks"] = run_checks(suite, mode)
+    else:
+        result["notes"].append("Correctness checks not run with this timing run (--no-checks).")
     cases = suite.cases(mode)
-    work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()]
+    work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()
+            if not (mode.exclude and re.search(mode.exclude, name))]
     bar = _progress(len(work), suite.name, progress)
     last_of_case = {id(case): i for i, (case, _, _) in enumerate(work)}
     for i, (case, name, setup) in enumerate(work):
@@ -686,9 +715,13 @@ def main(argv=None) -> int:
     parser.add_argument("--checks-only", action="store_true",
                         help="only each suite's correctness checks of every backend, no timing and no files: a "
                              "smoke test (a minute on a GPU)")
+    parser.add_argument("--no-checks", action="store_true",
+                        help="time without running the correctness checks first (after a --checks-only run)")
+    parser.add_argument("--exclude", metavar="REGEX", default=None,
+                        help="skip the providers whose name matches, e.g. 'compile|need_weights=True'")
     args = parser.parse_args(argv)
     out = args.out or default_out()
-    mode = Mode(gpu=GPU, quick=args.quick)
+    mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude)
     names = SUITES if args.suite == "all" else (args.suite,)
     print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, "
           f"torch {torch.__version__}")
