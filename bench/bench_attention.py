@@ -34,7 +34,7 @@ def attention_flops(B, H, Lq, Lk, D, causal, direction) -> float:
 def cases(mode: Mode) -> list:
     if mode.gpu:
         dtype = torch.bfloat16
-        lengths = (2048, 8192) if mode.quick else (1024, 2048, 4096, 8192, 16384)
+        lengths = (1024, 4096, 16384) if mode.quick else (1024, 2048, 4096, 8192, 16384)
         heads_dims = [(WIDTH // D, D) for D in (64, 128)]
         batch = lambda L: TOKENS // L  # noqa: E731
     else:
