@@ -7,10 +7,14 @@
 #   install          pip install -e . (builds the CUDA extension, about a minute)
 #   smoke            every suite's correctness checks of every backend, no timing (python -m bench --checks-only)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
-#   tests            the test suite without the big GPU grids
+#   tests            the test suite without the big GPU grids, in XDIST parallel workers (default 8)
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
 #                    argument: "grid:bfloat16 and D128"
-#   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model)
+#   precompile       compile the attention benchmark's Triton configs in parallel (bench/precompile.py)
+#   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model); BENCH_ARGS
+#                    adds options (--quick, --no-checks, --exclude REGEX)
+# A phase may end in @SECONDS, the most it may take ("tests@200"); phases joined by + run at the same time
+# ("tests+smoke+precompile@180"; a cap at the end applies to each): for correctness work only, never timing.
 #
 # A call has at most 10 minutes and a session 30, so the phases share a deadline (DEADLINE_S, default 560 s):
 # each step gets what is left, is stopped with SIGINT when it runs out (pytest still prints its summary, the bench
@@ -23,9 +27,12 @@ LOGS=$(mktemp -d)/session
 mkdir -p "$OUT" "$LOGS"
 trap 'tar -czf "$OUT/session.tar.gz" -C "$(dirname "$LOGS")" session; cp "$LOGS/steps.txt" "$OUT/" 2>/dev/null' EXIT
 
+CAP_S=100000  # the current phase's own cap (phase@SECONDS)
+
 step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, record exit status and time
   local name=$1; shift
   local left=$((DEADLINE_S - SECONDS))
+  ((CAP_S < left)) && left=$CAP_S
   if ((left < 15)); then
     echo "$name: not run, the call's deadline is reached" | tee -a "$LOGS/steps.txt"
     return
@@ -44,10 +51,12 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
   git rev-parse HEAD 2>/dev/null; } >"$LOGS/env.txt" 2>&1
 
 GRIDS="full_grid or tma_grid"
-PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20)
-phases=("$@")
-((${#phases[@]})) || phases=(install smoke sanitize tests bench:attention)
-for phase in "${phases[@]}"; do
+PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20 -rfE --tb=short)
+XDIST=${XDIST:-8}
+read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
+
+run_phase() {
+  local phase=$1
   case $phase in
     install) step install env MAX_JOBS=16 pip install --no-build-isolation -e . ;;
     smoke) step smoke python -m bench --checks-only --no-progress ;;
@@ -55,15 +64,37 @@ for phase in "${phases[@]}"; do
       step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ;;
-    tests) step tests "${PYTEST[@]}" -k "not ($GRIDS)" ;;
-    grid) step grid "${PYTEST[@]}" -k "$GRIDS" ;;
+    tests) step tests "${PYTEST[@]}" -n "$XDIST" -k "not ($GRIDS)" ;;
+    grid) step grid "${PYTEST[@]}" -n "$XDIST" -k "$GRIDS" ;;
     grid:*)
       expr=${phase#grid:}
-      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" -k "($GRIDS) and ($expr)" ;;
-    bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" ;;
+      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" -n "$XDIST" -k "($GRIDS) and ($expr)" ;;
+    precompile)
+      local quick=()
+      [[ " ${BENCH_ARGS[*]} " == *" --quick "* ]] && quick=(--quick)
+      step precompile python -m bench.precompile "${quick[@]}" ;;
+    bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" \
+               --no-progress "${BENCH_ARGS[@]}" ;;
     *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
   esac
+}
+
+phases=("$@")
+((${#phases[@]})) || phases=(install smoke sanitize tests bench:attention)
+for group in "${phases[@]}"; do
+  CAP_S=100000
+  if [[ $group == *@* ]]; then
+    CAP_S=${group##*@}
+    group=${group%@*}
+  fi
+  IFS=+ read -r -a parallel <<<"$group"
+  for phase in "${parallel[@]}"; do
+    run_phase "$phase" &
+  done
+  wait
 done
 if [[ -d $LOGS/results ]]; then
   python -m bench.targets "$LOGS/results" | tee "$LOGS/targets.md"
 fi
+echo "== steps"; cat "$LOGS/steps.txt"
+for log in "$LOGS"/*.log; do echo "== $(basename "$log")"; tail -n 6 "$log"; done
