@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh [PHASE ...]      default: install smoke sanitize tests bench:attention
 #
 # Phases, run in the order given:
-#   install          pip install -e . (builds the CUDA extension, about a minute)
+#   install          pip install -e . (builds the CUDA extension, under a minute on 16 cores)
 #   smoke            every suite's correctness checks of every backend, no timing (python -m bench --checks-only)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   tests            the test suite without the big GPU grids, in XDIST parallel workers (default 8)
@@ -48,7 +48,7 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
                                         'cuda', torch.version.cuda)"
-  git rev-parse HEAD 2>/dev/null; } >"$LOGS/env.txt" 2>&1
+  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20; } >"$LOGS/env.txt" 2>&1
 
 GRIDS="full_grid or tma_grid"
 PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20 -rfE --tb=short)
@@ -58,7 +58,9 @@ read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
 run_phase() {
   local phase=$1
   case $phase in
-    install) step install env MAX_JOBS=16 pip install --no-build-isolation -e . ;;
+    # `python -m pip`: the image's plain `pip` belongs to another Python, finds no torch and tries the network;
+    # --no-deps --no-index: nothing can be fetched there, and the image has every dependency
+    install) step install env MAX_JOBS=16 python -m pip install --no-build-isolation --no-deps --no-index -e . ;;
     smoke) step smoke python -m bench --checks-only --no-progress ;;
     sanitize)
       step sanitize_memcheck /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
