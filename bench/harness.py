@@ -439,12 +439,19 @@ def default_out() -> Path:
 
 
 def _git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files differ from it: the numbers then belong to no commit as such."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        return commit or "unknown"
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
     except Exception:  # no git, or not a checkout: the rest of the metadata still stands
         return "unknown"
+
+
+def _short_commit(commit: str) -> str:
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def environment() -> dict:
@@ -503,7 +510,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 def print_result(result: dict) -> None:
     env, limits = result["env"], result["limits"]
     print(f"\n== {result['title']} ({result['suite']}) on {env['device']}: torch {env['torch']}, triton "
-          f"{env['triton']}, CUDA {env['cuda']}, commit {env['git_commit'][:10]}")
+          f"{env['triton']}, CUDA {env['cuda']}, commit {_short_commit(env['git_commit'])}")
     print(f"   limits measured now: copy {limits['copy GB/s']:.1f} GB/s ({limits['copy']}), "
           f"matmul {limits['matmul TFLOP/s']:.2f} TFLOP/s ({limits['matmul']})")
     print(f"   {result['convention']}")
@@ -555,7 +562,8 @@ def write_summary(out: Path) -> Path:
         env, limits, key = result["env"], result["limits"], _metric_key(result["metric"])
         lines += [f"## {result['title']}", "",
                   f"{env['device']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit "
-                  f"`{env['git_commit'][:10]}`, {env['date']}{'' if result['complete'] else ' (incomplete run)'}.",
+                  f"`{_short_commit(env['git_commit'])}`, {env['date']}"
+                  f"{'' if result['complete'] else ' (incomplete run)'}.",
                   f"Measured limits: copy {limits['copy GB/s']:.1f} GB/s, matmul {limits['matmul TFLOP/s']:.2f} "
                   f"TFLOP/s ({limits['matmul']}). {result['convention']}.", ""]
         lines += [f"- {note}" for note in result["notes"]] + ([""] if result["notes"] else [])
