@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fast_attention as fa
 from fast_attention import functional
@@ -197,7 +198,9 @@ def test_finfo_min_mask_rows_are_uniform(backend):
     mask[..., 5, 4:] = torch.finfo(torch.float32).min
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
     torch.testing.assert_close(out[:, :, 3], v.mean(2).expand_as(out[:, :, 3]).detach(), atol=1e-5, rtol=1e-5)
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    # torch's math kernel, its definition: on CUDA its fused kernels give zeros for such a row (seen on an H200)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -346,9 +349,10 @@ def test_decoding_merge_of_many_splits(monkeypatch):
     splits = []
     real_combine = kernels._combine
     monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[-1]), real_combine(*a)))
-    q, k, v = _qkv(1, 2, 1, 3, 600, 16, torch.float32)
-    mask = torch.rand(1, 1, 3, 600, device=DEVICE) > 0.5
-    mask[..., 100:300] = False  # whole splits see no key
+    # 1200 keys: splits of 64 keys at most (the GPU's fp32 key block), so over 16 on any device
+    q, k, v = _qkv(1, 2, 1, 3, 1200, 16, torch.float32)
+    mask = torch.rand(1, 1, 3, 1200, device=DEVICE) > 0.5
+    mask[..., 100:400] = False  # whole splits see no key
     with torch.no_grad():
         out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton")
         expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -414,7 +418,7 @@ def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
     launches = []
     monkeypatch.setattr(kernels, "_attn_fwd", _RecordLaunches(kernels._attn_fwd, "fwd", launches))
-    B, H, Hkv, Lq, Lk = 2, 8, 2, 7, 150  # 4 heads x 7 queries = 28 rows per kv head: two blocks of 16
+    B, H, Hkv, Lq, Lk = 2, 8, 2, 7, 150  # 4 heads x 7 queries = 28 rows per kv head: one block or two of 16
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 16, torch.float16)
     mask, causal = _mask(kind, B, H, Lq, Lk, torch.float16)
     if dropout_p == 0.0:
@@ -430,7 +434,10 @@ def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
                         for dtype in (torch.float16, torch.float64))
         assert_close(out, same, oracle)
     config, splits, _ = kernels._split_plan(q, k, mask, dropout_p)
-    assert config["PACK_GQA"] and launches[0] == ("fwd", (2 * splits * B * Hkv,)), "the heads shared no program"
+    packed_blocks = math.ceil(H // Hkv * Lq / config["BLOCK_M"])  # the GPU's tile may hold the whole group
+    assert packed_blocks < H // Hkv * math.ceil(Lq / config["BLOCK_M"])
+    assert config["PACK_GQA"] and launches[0] == ("fwd", (packed_blocks * splits * B * Hkv,)), \
+        "the heads shared no program"
     assert not kernels._split_plan(q.float(), k.float())[0]["PACK_GQA"]  # fp32: one head per program
 
 
