@@ -78,18 +78,22 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results["ddp_mha"] = _gradients(ddp_mha.module)
 
         try:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
+            # A CPU mesh named outright: by default fully_shard meshes the CUDA devices whenever torch sees one, and
+            # on a GPU machine these gloo workers then died with SIGSEGV (seen on an H200, torch 2.11).
+            mesh = init_device_mesh("cpu", (WORLD,))
             model = make_model()
             for block in model.decoder:
-                fully_shard(block)
-            fully_shard(model)
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
             model_loss(model, x[mine], y[mine]).backward()
             # each rank holds a shard of every gradient (a DTensor); full_tensor() gathers it
             results["fsdp"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
             # A control in plain torch: the same sample on every rank gives a bias gradient of 1 once averaged
             # across ranks, WORLD where this torch's FSDP sums them instead (torch 2.8 on gloo does).
             control = torch.nn.Linear(WIDTH, 1)
-            fully_shard(control)
+            fully_shard(control, mesh=mesh)
             control(torch.ones(1, WIDTH)).sum().backward()
             results["fsdp_control"] = control.bias.grad.full_tensor().item()
         except Exception as e:  # an FSDP build without CPU/gloo support: reported, and the test skips with it
