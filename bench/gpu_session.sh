@@ -16,7 +16,7 @@
 # A phase may end in @SECONDS, the most it may take ("tests@200"); phases joined by + run at the same time
 # ("tests+smoke+precompile@180"; a cap at the end applies to each): for correctness work only, never timing.
 #
-# A call has at most 10 minutes and a session 30, so the phases share a deadline (DEADLINE_S, default 560 s):
+# A call has at most 10 minutes and a session 15, so the phases share a deadline (DEADLINE_S, default 560 s):
 # each step gets what is left, is stopped with SIGINT when it runs out (pytest still prints its summary, the bench
 # keeps every finished case), and the logs always come back. Each step's exit status and time go to steps.txt;
 # the logs and results travel as one archive, session.tar.gz (the tool returns at most 8 files from $OUT).
