@@ -1,6 +1,6 @@
 """The benchmark tools a GPU session leans on: bench/targets.py, which judges the issues' speed targets from
-results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU), and
-`python -m bench --checks-only`."""
+results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU),
+`python -m bench --checks-only`, the harness's --exclude and --no-checks, and bench/precompile.py's worker."""
 import random
 
 from bench import targets
@@ -77,3 +77,71 @@ def test_checks_only_runs_every_backend_and_writes_nothing(tmp_path, capsys):
     for backend in harness.fa.available_backends():
         assert backend in printed
     assert "PASS" in printed and "FAIL" not in printed and not any(tmp_path.iterdir())
+
+
+def test_exclude_and_no_checks(tmp_path):
+    """--exclude drops the providers it matches from the timing, --no-checks skips the checks and says so."""
+    from bench import harness
+
+    timed = []
+
+    def provider(name):
+        def setup():
+            timed.append(name)
+            return lambda: None
+        return setup
+
+    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: "case",
+                          cases=lambda mode: [harness.Case({"n": 1}, bytes=1e6)],
+                          providers=lambda case: {name: provider(name) for name in ("fa:reference", "compile(x)")},
+                          checks=lambda mode: [harness.Check("never run", lambda backend: 1 / 0)])
+    mode = harness.Mode(gpu=False, quick=True, checks=False, exclude="compile")
+    result = harness.run_suite(suite, mode, {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}, tmp_path, progress=False)
+    assert set(timed) == {"fa:reference"} and [r["provider"] for r in result["results"]] == ["fa:reference"]
+    assert result["checks"] == [] and any("--no-checks" in note for note in result["notes"])
+
+
+def test_checks_run_the_first_config_and_restore_autotuning(monkeypatch):
+    from bench import harness
+    from fast_attention.kernels import attention
+
+    monkeypatch.setattr(attention, "AUTOTUNE", True)
+    seen = []
+    check = harness.Check("records", lambda backend: seen.append(attention.AUTOTUNE) or [])
+    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=str, cases=lambda m: [],
+                          providers=lambda c: {}, checks=lambda mode: [check])
+    harness.run_checks(suite, harness.Mode(gpu=False, quick=True))
+    assert seen and not any(seen) and attention.AUTOTUNE is True
+
+
+def test_precompile_worker_takes_the_index_th_kept_config(monkeypatch):
+    """bench/precompile.py's worker i launches config i (modulo how many the pruner keeps) of each kernel."""
+    from bench import precompile
+    from fast_attention.kernels import attention
+
+    keep = attention._prune
+
+    def two_configs(kind):  # stand-in for a GPU's longer list: the interpreter keeps one config
+        def prune(configs, named_args, **kwargs):
+            first = keep(kind)(configs, named_args, **kwargs)[0]
+            return [first, attention._config(kind, 16, 16, 4, 1)]
+        return prune
+
+    monkeypatch.setattr(attention, "_prune", two_configs)
+    launched = []
+    plain = {kind: kernels[0] for kind, kernels in attention._KERNELS.items()}
+
+    class Recorder:
+        def __init__(self, kind):
+            self.kind, self.arg_names = kind, plain[kind].arg_names
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((self.kind, kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+                return plain[self.kind][grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(attention, "_KERNELS", {kind: (Recorder(kind), kernels[1])
+                                                for kind, kernels in attention._KERNELS.items()})
+    precompile._worker(3, [(1, 2, 40, 16, True)])  # 3 modulo 2 kept: the second config
+    assert sorted(launched) == [("dkdv", 16, 16), ("dq", 16, 16), ("fwd", 16, 16)]
