@@ -2,7 +2,7 @@
 backends against torch.nn.functional.layer_norm, the reference under torch.compile, and Liger's and flash-attn's
 Triton LayerNorm when installed. Memory-bound, so GB/s. bench_rmsnorm.py reuses norm_suite() below.
 
-GPU grid: 8192 rows of 1k to 16k elements, bf16 and fp16.
+GPU grid: rows of 1k to 16k elements, 2^27 elements per tensor (131072 to 8192 rows), bf16 and fp16.
 Run alone: `python -m bench --suite layernorm` or `python bench/bench_layernorm.py [--quick]`.
 """
 import sys

@@ -2,7 +2,7 @@
 against torch.nn.functional.rms_norm, the reference under torch.compile, and Liger's and flash-attn's Triton RMSNorm
 when installed. Memory-bound, so GB/s. The suite is bench_layernorm.norm_suite's, for rms_norm.
 
-GPU grid: 8192 rows of 1k to 16k elements, bf16 and fp16.
+GPU grid: rows of 1k to 16k elements, 2^27 elements per tensor (131072 to 8192 rows), bf16 and fp16.
 Run alone: `python -m bench --suite rmsnorm` or `python bench/bench_rmsnorm.py [--quick]`.
 """
 import sys

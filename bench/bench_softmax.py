@@ -1,7 +1,7 @@
 """Softmax over the last dim, forward, backward and forward+backward: fast_attention's backends against
 torch.softmax, the reference under torch.compile, and Liger's softmax when installed. Memory-bound, so GB/s.
 
-GPU grid: 8192 rows of 1k to 16k elements, bf16 and fp16.
+GPU grid: rows of 1k to 16k elements, 2^27 elements per tensor (131072 to 8192 rows), bf16 and fp16.
 Run alone: `python -m bench --suite softmax` or `python bench/bench_softmax.py [--quick]`.
 """
 import sys

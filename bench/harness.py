@@ -682,14 +682,19 @@ DIRECTIONS = ("forward", "backward", "forward+backward")
 SHORT = {"forward": "fwd", "backward": "bwd", "forward+backward": "fwd+bwd"}
 
 
+ROW_ELEMENTS = 2**27  # per tensor in a GPU row-op case: 256 MB in bf16, four times the H200's L2
+
+
 def row_shapes(mode: Mode) -> list[tuple[int, int, torch.dtype]]:
-    """(rows M, row size N, dtype) for the row ops: rows of 1k-16k elements, 8192 of them, fp16 and bf16 on a
-    GPU; a few small fp32 shapes on the CPU."""
+    """(rows M, row size N, dtype) for the row ops: rows of 1k-16k elements, fp16 and bf16, on a GPU with
+    ROW_ELEMENTS elements per tensor (M = ROW_ELEMENTS / N), so a call moves hundreds of MB and the kernels set
+    the time, not the launch path (8192 rows of 1k bf16 are 16 MB, a few microseconds of copying, and every
+    implementation measured there its launch overhead); a few small fp32 shapes on the CPU."""
     if not mode.gpu:
         return [(512, n, torch.float32) for n in (256, 1024, 4096)]
     sizes = (1024, 4096, 16384) if mode.quick else (1024, 2048, 4096, 8192, 16384)
     dtypes = (torch.bfloat16,) if mode.quick else (torch.bfloat16, torch.float16)
-    return [(8192, n, dtype) for dtype in dtypes for n in sizes]
+    return [(ROW_ELEMENTS // n, n, dtype) for dtype in dtypes for n in sizes]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
