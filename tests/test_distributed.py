@@ -80,8 +80,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         try:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
-            # A CPU mesh named outright: by default fully_shard meshes the CUDA devices whenever torch sees one, and
-            # on a GPU machine these gloo workers then died with SIGSEGV (seen on an H200, torch 2.11).
+            # A CPU mesh named outright: by default fully_shard meshes the CUDA devices whenever torch sees one (on
+            # the H200 machine, torch 2.11, these gloo workers died with SIGSEGV after its warning about that).
             mesh = init_device_mesh("cpu", (WORLD,))
             model = make_model()
             for block in model.decoder:
@@ -107,8 +107,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     """Run every scenario once, in WORLD spawned processes; each rank's results, in rank order."""
     folder = tmp_path_factory.mktemp("distributed")
-    context = mp.start_processes(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
+    # The workers are CPU processes: on a GPU machine they see no GPU, so nothing in torch.distributed picks CUDA.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        context = mp.start_processes(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=False,
+                                     start_method="spawn")
+    finally:
+        if visible is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):  # re-raises a worker's exception
         if time.monotonic() > deadline:
