@@ -23,7 +23,6 @@ KINDS = ("fwd", "dkdv", "dq")
 
 def _shapes(quick: bool) -> list:
     """(B, H, L, D, causal) of the attention benchmark's GPU cases, bf16."""
-    os.environ.setdefault("FAST_ATTENTION_AUTOTUNE", "0")
     import torch
 
     from bench import bench_attention
