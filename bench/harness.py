@@ -199,6 +199,24 @@ def time_ms(fn: Callable, clear=(), quick: bool = False) -> tuple[float, float, 
     return statistics.median(times), q[1], q[7]
 
 
+HOST_CALLS = 20
+HOST_BELOW_MS = 1.0  # past this much device time per call the host's share cannot show; not measured there
+
+
+def host_us(fn: Callable, clear=()) -> float:
+    """Microseconds of host (CPU) time per call of fn: HOST_CALLS calls queued back to back without waiting for
+    the device, then one sync. When this passes the device time, the GPU waits on the launch path (Python,
+    argument checks, dispatch, kernel launches) and the median time measures that path, not the kernels."""
+    _sync()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        _clear(clear)
+        fn()
+    seconds = time.perf_counter() - start
+    _sync()
+    return seconds / HOST_CALLS * 1e6
+
+
 def measure_limits(quick: bool) -> dict:
     """What this device reaches on the two things every kernel is bound by, measured now: a large copy (bytes
     read + written per second) and a large matmul (bf16 on a GPU, fp32 on the CPU)."""
@@ -264,6 +282,8 @@ def measure(setup: Callable, case: Case, limits: dict, quick: bool) -> dict:
             _sync()
             row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, clear, quick)
+        if GPU and row["ms"] < HOST_BELOW_MS:
+            row["host_us"] = host_us(fn, clear)
     except Exception as e:  # every failure is reported in the table, never raised: the other rows still run
         row["note"] = _failure_note(e)
         return row
@@ -485,20 +505,22 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-COLUMNS = ("case", "provider", "ms", "TFLOP/s", "GB/s", "tokens/s", "% peak", "peak MiB")
+COLUMNS = ("case", "provider", "ms", "host µs", "TFLOP/s", "GB/s", "tokens/s", "% peak", "peak MiB")
 
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The terminal table: one row per (case, provider); baseline rows say how much faster each of ours is."""
     rows = result["results"]
     mine = sorted({r["provider"] for r in rows if ours(r["provider"])})
-    used = [c for c, key in zip(COLUMNS, (None, None, "ms", "tflops", "gbs", "tokens_per_s", "fraction", "peak_mib"))
+    used = [c for c, key in zip(COLUMNS, (None, None, "ms", "host_us", "tflops", "gbs", "tokens_per_s", "fraction",
+                                          "peak_mib"))
             if key is None or any(r.get(key) is not None for r in rows)]
     header = used + [f"{p.removeprefix('fa:')} x" for p in mine] + ["note"]
     body, previous = [], None
     for r in rows:
         cells = {"case": r["case"] if r["case"] != previous else "", "provider": r["provider"],
-                 "ms": _fmt(r.get("ms"), 4), "TFLOP/s": _fmt(r.get("tflops")), "GB/s": _fmt(r.get("gbs")),
+                 "ms": _fmt(r.get("ms"), 4), "host µs": _fmt(r.get("host_us")), "TFLOP/s": _fmt(r.get("tflops")),
+                 "GB/s": _fmt(r.get("gbs")),
                  "tokens/s": _fmt(r.get("tokens_per_s")), "peak MiB": _fmt(r.get("peak_mib")),
                  "% peak": "" if r.get("fraction") is None else f"{100 * r['fraction']:.0f}%"}
         previous = r["case"]

@@ -145,3 +145,28 @@ def test_precompile_worker_takes_the_index_th_kept_config(monkeypatch):
                                                 for kind, kernels in attention._KERNELS.items()})
     precompile._worker(3, [(1, 2, 40, 16, True)])  # 3 modulo 2 kept: the second config
     assert sorted(launched) == [("dkdv", 16, 16), ("dq", 16, 16), ("fwd", 16, 16)]
+
+
+def test_host_time_per_call_and_its_column(monkeypatch):
+    """host_us: host time per call over HOST_CALLS calls (a 2 ms sleep reads about 2000 µs), gradients cleared
+    before each; the terminal table shows it where a row has it."""
+    import time
+
+    import torch
+
+    from bench import harness
+
+    leaf = torch.ones(1, requires_grad=True)
+    calls = []
+
+    def fn():
+        calls.append(leaf.grad)
+        time.sleep(0.002)
+
+    leaf.grad = torch.ones(1)
+    assert 1900 < harness.host_us(fn, (leaf,)) < 20000
+    assert len(calls) == harness.HOST_CALLS and all(g is None for g in calls)
+    rows = [{"case": "c", "provider": "fa:triton", "ms": 0.05, "host_us": 80.0},
+            {"case": "c", "provider": "torch.softmax", "ms": 0.02, "host_us": 9.0, "speedup": {"fa:triton": 0.4}}]
+    header, body = harness.table_rows({"results": rows})
+    assert header[:4] == ["case", "provider", "ms", "host µs"] and [r[3] for r in body] == ["80", "9"]
