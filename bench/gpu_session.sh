@@ -13,6 +13,7 @@
 #   precompile       compile the attention benchmark's Triton configs in parallel (bench/precompile.py)
 #   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model); BENCH_ARGS
 #                    adds options (--quick, --no-checks, --exclude REGEX)
+#   graphs:SUITE     the same, timed as CUDA-graph replays (--cuda-graphs), into results-graphs/
 # A phase may end in @SECONDS, the most it may take ("tests@200"); phases joined by + run at the same time
 # ("tests+smoke+precompile@180"; a cap at the end applies to each): for correctness work only, never timing.
 #
@@ -79,6 +80,8 @@ run_phase() {
       step precompile python -m bench.precompile "${quick[@]}" ;;
     bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" \
                --no-progress "${BENCH_ARGS[@]}" ;;
+    graphs:*) step "graphs_${phase#graphs:}" python -m bench --suite "${phase#graphs:}" --cuda-graphs \
+                --out "$LOGS/results-graphs" --no-progress "${BENCH_ARGS[@]}" ;;
     *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
   esac
 }
@@ -97,8 +100,10 @@ for group in "${phases[@]}"; do
   done
   wait
 done
-if [[ -d $LOGS/results ]]; then
-  python -m bench.targets "$LOGS/results" | tee "$LOGS/targets.md"
-fi
+for results in "$LOGS/results" "$LOGS/results-graphs"; do
+  if [[ -d $results ]]; then
+    python -m bench.targets "$results" | tee "$results/targets.md"
+  fi
+done
 echo "== steps"; cat "$LOGS/steps.txt"
 for log in "$LOGS"/*.log; do echo "== $(basename "$log")"; tail -n 6 "$log"; done

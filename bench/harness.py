@@ -56,6 +56,7 @@ class Mode:
     quick: bool
     checks: bool = True        # run the suite's correctness checks before timing
     exclude: str | None = None  # a regular expression: providers whose name it matches are not timed
+    graphs: bool = False       # time forward calls as CUDA-graph replays (GPU only)
 
 
 @dataclass
@@ -266,12 +267,33 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(setup: Callable, case: Case, limits: dict, quick: bool) -> dict:
+def graphed(fn: Callable) -> Callable:
+    """fn captured once in a CUDA graph; returns its replay. Warmed up first on a side stream (compilation,
+    autotuning and allocations happen outside the capture), as torch.cuda.graphs asks. A replay launches the
+    recorded kernels with none of the host work around them: what a serving engine's decoding step pays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(setup: Callable, case: Case, limits: dict, quick: bool, graphs: bool = False) -> dict:
     """Time one provider on one case; never raises: a failure becomes the row's note."""
     row: dict = {"ms": None}
     try:
         made = setup()
         fn, clear = made if isinstance(made, tuple) else (made, ())
+        if graphs:
+            if clear:
+                raise Skip("skipped: --cuda-graphs times forward calls only (a replayed backward would accumulate "
+                           "into the same gradients)")
+            fn = graphed(fn)
         _clear(clear)
         fn()  # compiles, autotunes, and shows failures before timing
         _sync()
@@ -370,6 +392,9 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
         result["notes"].append("CPU run: GPU figures need a GPU. Triton runs under its interpreter here, so it is "
                                "checked for correctness but not timed; the timings compare the reference backend "
                                "with torch on the CPU.")
+    if mode.graphs:
+        result["notes"].append("Timed as CUDA-graph replays (--cuda-graphs): the kernels without the host's launch "
+                               "path; backward cases skipped.")
     if mode.checks:
         result["checks"] = run_checks(suite, mode)
     else:
@@ -382,7 +407,7 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
     for i, (case, name, setup) in enumerate(work):
         bar.set_postfix_str(f"{suite.label(case.params)} {name}"[:60])
         row = {"case": suite.label(case.params), "params": case.params, "provider": name,
-               **measure(setup, case, limits, mode.quick)}
+               **measure(setup, case, limits, mode.quick, mode.graphs)}
         result["results"].append(row)
         bar.update(1)
         if last_of_case[id(case)] == i:
@@ -754,9 +779,14 @@ def main(argv=None) -> int:
                         help="time without running the correctness checks first (after a --checks-only run)")
     parser.add_argument("--exclude", metavar="REGEX", default=None,
                         help="skip the providers whose name matches, e.g. 'compile|need_weights=True'")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="GPU: time each forward call as a CUDA-graph replay, without the host's launch path "
+                             "(backward cases are skipped); use with --out, apart from the eager results")
     args = parser.parse_args(argv)
     out = args.out or default_out()
-    mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude)
+    if args.cuda_graphs and not GPU:
+        parser.error("--cuda-graphs needs a GPU")
+    mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude, graphs=args.cuda_graphs)
     names = SUITES if args.suite == "all" else (args.suite,)
     print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, "
           f"torch {torch.__version__}")

@@ -170,3 +170,18 @@ def test_host_time_per_call_and_its_column(monkeypatch):
             {"case": "c", "provider": "torch.softmax", "ms": 0.02, "host_us": 9.0, "speedup": {"fa:triton": 0.4}}]
     header, body = harness.table_rows({"results": rows})
     assert header[:4] == ["case", "provider", "ms", "host µs"] and [r[3] for r in body] == ["80", "9"]
+
+
+def test_cuda_graphs_option_refuses_backward_and_the_cpu(capsys):
+    import pytest
+    import torch
+
+    from bench import harness
+
+    leaf = torch.ones(1, requires_grad=True)
+    row = harness.measure(lambda: (lambda: None, [leaf]), harness.Case({}), {}, quick=True, graphs=True)
+    assert row["ms"] is None and "forward calls only" in row["note"]
+    if not harness.GPU:
+        with pytest.raises(SystemExit):
+            harness.main(["--cuda-graphs", "--suite", "softmax"])
+        assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
