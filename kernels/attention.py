@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation as _triton_allocation
 
-from ._device import properties
+from ._device import cdiv, next_power_of_2, properties
 
 # Triton reads TRITON_INTERPRET once, at import; we do the same (fast_attention.backends does too).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -750,7 +750,7 @@ _tuning_lock = threading.Lock()
 
 
 def _tuning_bucket(kind, named):
-    key = [triton.next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _TUNING_KEY]
+    key = [next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _TUNING_KEY]
     tma = _tma_ok(kind, named)  # a descriptor config must not be reused on unaligned inputs
     return (kind, named["Q"].dtype, named["Q"].device, tma, *key)
 
@@ -806,7 +806,7 @@ def _decode_config(block_d, elem_bytes, group_rows, heavy):
     row_bytes = block_d * elem_bytes
     block_m = 16
     if pack and not heavy:
-        block_m = max(16, min(triton.next_power_of_2(group_rows), 64, 16384 // row_bytes))
+        block_m = max(16, min(next_power_of_2(group_rows), 64, 16384 // row_bytes))
     block_n = max(32, min(64 if heavy else 128, 16384 // row_bytes))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, TMA=False, PACK_GQA=pack, num_warps=4,
                 num_stages=3 if row_bytes <= 256 else 2)
@@ -816,7 +816,7 @@ def _decode_config(block_d, elem_bytes, group_rows, heavy):
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
 def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
+    return max(16, next_power_of_2(d))  # tl.dot needs K >= 16
 
 
 def _mask_args(mask, q):
@@ -845,16 +845,16 @@ def _num_splits(programs: int, Lk: int, device: torch.device, block_n: int) -> t
         target = 2 * properties(device).multi_processor_count
     else:  # the interpreter: enough splits to exercise the merge
         target = 64
-    splits = max(1, min(triton.cdiv(target, programs), triton.cdiv(Lk, SPLIT_MIN_KEYS), MAX_SPLITS))
-    keys = triton.cdiv(triton.cdiv(Lk, splits), block_n) * block_n
-    return triton.cdiv(Lk, keys), keys
+    splits = max(1, min(cdiv(target, programs), cdiv(Lk, SPLIT_MIN_KEYS), MAX_SPLITS))
+    keys = cdiv(cdiv(Lk, splits), block_n) * block_n
+    return cdiv(Lk, keys), keys
 
 
 def _combine(part_out, part_lse, out, lse, splits):
     """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_lse (S, B, H, Lq) -> out, lse in place."""
     rows = lse.numel()
     dv = out.shape[-1]
-    block_s = max(2, triton.next_power_of_2(splits))
+    block_s = max(2, next_power_of_2(splits))
     _attn_combine[(rows,)](part_out, part_lse, out, lse, splits, part_out.stride(0), part_lse.stride(0),
                            HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv),
                            num_warps=4 if dv >= 128 else 2)
@@ -863,8 +863,8 @@ def _combine(part_out, part_lse, out, lse, splits):
 def _decode_grid(B, H, Hkv, Lq, config, splits) -> int:
     """Programs of a decoding launch: (b, kv head, packed row block) or (b, head, row block), times splits."""
     if config["PACK_GQA"]:
-        return B * Hkv * triton.cdiv(H // Hkv * Lq, config["BLOCK_M"]) * splits
-    return B * H * triton.cdiv(Lq, config["BLOCK_M"]) * splits
+        return B * Hkv * cdiv(H // Hkv * Lq, config["BLOCK_M"]) * splits
+    return B * H * cdiv(Lq, config["BLOCK_M"]) * splits
 
 
 def _split_plan(q, k, mask=None, dropout_p=0.0):
@@ -890,7 +890,7 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
     kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed),
                   HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
     if plan is None:
-        _launch("fwd", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
+        _launch("fwd", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
                 num_splits=1, PACK_GQA=False, **kwargs)
         return
     config, splits, keys = plan
@@ -955,7 +955,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     lse = lse.contiguous()
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     block_m = 32 if INTERPRET else 64
-    _attn_bwd_delta[(triton.cdiv(Lq, block_m) * B * H,)](out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
+    _attn_bwd_delta[(cdiv(Lq, block_m) * B * H,)](out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
                                                          HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_DV=_block(Dv))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -965,9 +965,9 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     inputs = (q, k, v, mask_t, dout, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
     common = dict(Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, scale=scale, **_dropout_args(dropout_p, seed), **flags)
-    _launch("dkdv", lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
+    _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
-    _launch("dq", lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * H,),
+    _launch("dq", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,),
             *inputs, dq, *strides, *dq.stride(), H=H, GROUP=H // Hkv, **common)
     return dq, dk, dv
 
@@ -983,7 +983,7 @@ def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
     del flags["DROPOUT"]
     # fp32 takes 32 x 32 tiles on 8 warps: the FMA dot of a 64 x 64 tile on 4 warps spills (sm_90, head dim >= 64).
     bm, bn, warps = (32, 32, 4) if INTERPRET else (32, 32, 8) if q.dtype == torch.float32 else (64, 64, 4)
-    grid = (triton.cdiv(Lq, bm) * triton.cdiv(Lk, bn) * B * H,)
+    grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
     _attn_weights[grid](q, k, mask_t, lse.contiguous(), w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
                         Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return w
@@ -995,6 +995,6 @@ def dropout_mask(seed: int, p: float, B: int, H: int, Lq: int, Lk: int, device) 
     if keep.numel():
         block_n = 128 if INTERPRET else 1024
         with torch.cuda.device(keep.device) if keep.is_cuda else contextlib.nullcontext():  # Triton's launch device
-            _dropout_mask_kernel[(B * H * Lq * triton.cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
+            _dropout_mask_kernel[(B * H * Lq * cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
                                                                             BLOCK_N=block_n)
     return keep.bool()

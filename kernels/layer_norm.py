@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._device import properties
+from ._device import cdiv, properties
 from .softmax import row_config
 
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block path.
@@ -255,8 +255,8 @@ def _sum_partials_kernel(
 def partial_programs(device: torch.device, M: int) -> tuple[int, int]:
     """(G, rows_per_program) for the weight-gradient reduction: G programs, each over a contiguous row range."""
     target = properties(device).multi_processor_count if device.type == "cuda" else CPU_PROGRAMS
-    rows_per_program = triton.cdiv(M, max(1, min(target, M)))
-    return triton.cdiv(M, rows_per_program), rows_per_program
+    rows_per_program = cdiv(M, max(1, min(target, M)))
+    return cdiv(M, rows_per_program), rows_per_program
 
 
 def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -264,7 +264,7 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     G, N = partial.shape
     out = torch.empty(N, dtype=dtype, device=partial.device)
     BLOCK_N = 128
-    _sum_partials_kernel[(triton.cdiv(N, BLOCK_N),)](partial, out, G, N, BLOCK_G=32, BLOCK_N=BLOCK_N, num_warps=4)
+    _sum_partials_kernel[(cdiv(N, BLOCK_N),)](partial, out, G, N, BLOCK_G=32, BLOCK_N=BLOCK_N, num_warps=4)
     return out
 
 

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import next_power_of_2
+
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block kernels.
 # Tests lower it to reach the multi-block path with short rows.
 MAX_BLOCK_N = 16384
@@ -112,7 +114,7 @@ def _softmax_backward_kernel(
 def row_config(N: int, max_block: int) -> tuple[int, int, bool]:
     """(BLOCK_N, num_warps, one_block) for rows of N elements and blocks of at most max_block elements; the
     norms use it too."""
-    block = min(triton.next_power_of_2(N), max_block)
+    block = min(next_power_of_2(N), max_block)
     # About 16 fp32 elements per thread keeps a row block in registers without spilling.
     num_warps = max(1, min(16, block // 512))
     return block, num_warps, block >= N

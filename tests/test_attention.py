@@ -442,6 +442,20 @@ def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
 
 
 @needs_triton
+def test_launch_arithmetic_matches_triton():
+    """The launchers' own cdiv and next_power_of_2 (triton's are constexpr_functions, slow on the host) agree
+    with triton's."""
+    import triton
+
+    from fast_attention.kernels._device import cdiv, next_power_of_2
+
+    for a in [*range(0, 70), 1023, 1024, 1025, 4097, 2**31 - 1]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 17, 64, 128, 1000):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+@needs_triton
 def test_autotune_once_per_length_bucket(monkeypatch):
     """A new exact length inside a tuned power-of-two bucket reuses the bucket's config instead of benchmarking
     every config again (each step of KV-cached generation has a new Lk); a new bucket tunes."""
