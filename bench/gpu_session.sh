@@ -7,7 +7,8 @@
 #   install          pip install -e . (builds the CUDA extension, under a minute on 16 cores)
 #   smoke            every suite's correctness checks of every backend, no timing (python -m bench --checks-only)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
-#   tests            the test suite without the big GPU grids, in XDIST parallel workers (default 8)
+#   tests            the test suite without the big GPU grids, in XDIST pytest-xdist workers (default 8) where
+#                    xdist is installed
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
 #                    argument: "grid:bfloat16 and D128"
 #   precompile       compile the attention benchmark's Triton configs in parallel (bench/precompile.py)
@@ -54,6 +55,8 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
 GRIDS="full_grid or tma_grid"
 PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20 -rfE --tb=short)
 XDIST=${XDIST:-8}
+PARALLEL=()  # pytest-xdist's workers where it is installed (the GPU image has it)
+python -c "import xdist" 2>/dev/null && PARALLEL=(-n "$XDIST")
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
 
 run_phase() {
@@ -69,11 +72,11 @@ run_phase() {
         python csrc/sanitize.py
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ;;
-    tests) step tests "${PYTEST[@]}" -n "$XDIST" -k "not ($GRIDS)" ;;
-    grid) step grid "${PYTEST[@]}" -n "$XDIST" -k "$GRIDS" ;;
+    tests) step tests "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS)" ;;
+    grid) step grid "${PYTEST[@]}" "${PARALLEL[@]}" -k "$GRIDS" ;;
     grid:*)
       expr=${phase#grid:}
-      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" -n "$XDIST" -k "($GRIDS) and ($expr)" ;;
+      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" "${PARALLEL[@]}" -k "($GRIDS) and ($expr)" ;;
     precompile)
       local quick=()
       [[ " ${BENCH_ARGS[*]} " == *" --quick "* ]] && quick=(--quick)
