@@ -3,6 +3,7 @@ processes on the CPU, the reference backend. After one backward every rank's gra
 (under tests/tolerance.py's rule) to one process's gradients on the two ranks' batches concatenated."""
 import os
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -108,16 +109,9 @@ def ranks(tmp_path_factory):
     """Run every scenario once, in WORLD spawned processes; each rank's results, in rank order."""
     folder = tmp_path_factory.mktemp("distributed")
     # The workers are CPU processes: on a GPU machine they see no GPU, so nothing in torch.distributed picks CUDA.
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    try:
+    with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
         context = mp.start_processes(_worker, args=(str(folder / "store"), str(folder)), nprocs=WORLD, join=False,
                                      start_method="spawn")
-    finally:
-        if visible is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=2):  # re-raises a worker's exception
         if time.monotonic() > deadline:
