@@ -68,8 +68,8 @@ run_phase() {
     smoke) step smoke python -m bench --checks-only --no-progress ;;
     sanitize)
       # no caching allocator: each tensor its own allocation, so an overrun cannot land inside a pooled block
-      step sanitize_memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 /usr/local/cuda/bin/compute-sanitizer --tool memcheck \
-        python csrc/sanitize.py
+      step sanitize_memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ;;
     tests) step tests "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS)" ;;

@@ -18,9 +18,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KINDS = ("fwd", "dkdv", "dq")
-
-
 def _shapes(quick: bool) -> list:
     """(B, H, L, D, causal) of the attention benchmark's GPU cases, bf16."""
     import torch
@@ -75,7 +72,7 @@ def main(argv=None) -> int:
     from fast_attention.kernels import attention
 
     shapes = _shapes(args.quick)
-    most = max(len(attention._configs(kind)) for kind in KINDS)
+    most = max(len(attention._configs(kind)) for kind in attention._KERNELS)
     jobs = args.jobs or min(most, os.cpu_count() or 1)
     start = time.perf_counter()
     # spawn: CUDA cannot be used in a forked child of a process that initialized it

@@ -956,7 +956,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     block_m = 32 if INTERPRET else 64
     _attn_bwd_delta[(cdiv(Lq, block_m) * B * H,)](out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
-                                                         HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_DV=_block(Dv))
+                                                  HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_DV=_block(Dv))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -995,6 +995,5 @@ def dropout_mask(seed: int, p: float, B: int, H: int, Lq: int, Lk: int, device) 
     if keep.numel():
         block_n = 128 if INTERPRET else 1024
         with torch.cuda.device(keep.device) if keep.is_cuda else contextlib.nullcontext():  # Triton's launch device
-            _dropout_mask_kernel[(B * H * Lq * cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed),
-                                                                            BLOCK_N=block_n)
+            _dropout_mask_kernel[(B * H * Lq * cdiv(Lk, block_n),)](keep, Lk, float(p), int(seed), BLOCK_N=block_n)
     return keep.bool()
