@@ -84,14 +84,12 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
 
       float s[BM / 8][4] = {};  // S^T = K Q^T: 16 keys x BM queries per warp
       mma_ss_bt<T, D, BM, P>(s, sK + warp * 16 * P, sQ, lane);
+      scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0, BM, n0 + warp * 16, 16), b, h,
+                        [&](int nt, int e) { return make_int2(m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8); });
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = frag_col(lane, nt, e);
-          const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, m0 + qi, key_lo + (e / 2) * 8);
-          s[nt][e] = prob_from_lse(x, sLse[qi]);
-        }
+        for (int e = 0; e < 4; ++e) s[nt][e] = prob_from_lse(s[nt][e], sLse[frag_col(lane, nt, e)]);
       }
       mma_cs<T, BM, D, P>(dv, s, sdO, lane);  // dV += P^T dO
 
@@ -178,13 +176,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
+    scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b, h,
+                      [&](int nt, int e) { return make_int2(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e)); });
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2;
-        const float x = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + i * 8, n0 + frag_col(lane, nt, e));
-        s[nt][e] = prob_from_lse(x, lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

@@ -54,12 +54,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_rs_bt<T, D, BN, P>(s, qf, sK, lane);
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, h, row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e));
-    }
+    scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b, h,
+                      [&](int nt, int e) { return make_int2(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e)); });
 
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -70,14 +66,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float new_max = fmaxf(row_max[i], mx);
       const float shift = new_max == -kInf ? 0.f : new_max;  // all masked so far: exp2(-inf - 0) = 0, not NaN
-      const float rescale = exp2f(row_max[i] - shift);
+      const float rescale = fast_exp2(row_max[i] - shift);
       row_max[i] = new_max;
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          s[nt][2 * i + j] = exp2f(s[nt][2 * i + j] - shift);
+          s[nt][2 * i + j] = fast_exp2(s[nt][2 * i + j] - shift);
           sum += s[nt][2 * i + j];
         }
       }

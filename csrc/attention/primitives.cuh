@@ -211,6 +211,37 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
   return x + (add == -kInf ? add : finite_log2e(add));
 }
 
+// Whether masked_score is the identity on a whole warp tile: query rows q0..q0+rows-1 against keys
+// k0..k0+cols-1, all in range, none above the causal diagonal, no mask tensor. Such interior tiles (all but
+// the edges and the diagonal of a long sequence) skip the per-score bounds, causal and mask tests.
+__device__ __forceinline__ bool unmasked_tile(const AttentionParams& p, int q0, int rows, int k0, int cols) {
+  return p.mask_kind == MaskKind::kNone && q0 + rows <= p.q_len && k0 + cols <= p.k_len &&
+         (!p.causal || k0 + cols - 1 <= q0);
+}
+
+// s = scale2 * s, then masked_score on each score of a warp's fragment tile unless the tile is `interior`
+// (unmasked_tile), where it would change nothing. at(nt, e) gives fragment slot (nt, e)'s {query row, key col}.
+template <typename T, int NTILES, typename At>
+__device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const AttentionParams& p, float scale2,
+                                               bool interior, int b, int h, At at) {
+  if (interior) {
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] *= scale2;
+    }
+    return;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int2 rc = at(nt, e);
+      s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, h, rc.x, rc.y);
+    }
+  }
+}
+
 // The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked
 // (so P = 0 there, not exp2(-inf + inf) = NaN); otherwise at least -FLT_MAX, so that the lse of a finfo.min
 // row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
@@ -221,7 +252,7 @@ __device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kIn
 // row's lse cannot resolve log(Lk): lse2 rounds to -3.4028233e38 against scores of -FLT_MAX, so P is 0 there.
 __device__ __forceinline__ float prob_from_lse(float score, float lse2) {
   const float d = score - lse2;
-  return exp2f(d > 0.f ? 0.f : d);  // at most 1; NaN stays NaN (fminf would drop it)
+  return fast_exp2(d > 0.f ? 0.f : d);  // at most 1; NaN stays NaN (fminf would drop it)
 }
 
 // Two adjacent elements of one output row, as one 4-byte store.
