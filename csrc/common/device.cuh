@@ -154,6 +154,58 @@ __device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, const RowSplit& s,
   for_each(a, a, s, vec0, edges, [&](float& x, float&, int64_t c) { f(x, c); });
 }
 
+// V consecutive floats p[col0..col0+V-1] of a per-column parameter (a norm's fp32 weight or bias), or `fill`
+// each when p is null: 16 bytes a load when `aligned` (p + col0 on a 16-byte boundary), else one at a time.
+template <int V>
+__device__ __forceinline__ void load_param(float (&out)[V], const float* p, int64_t col0, bool aligned, float fill) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = fill;
+  } else if (aligned) {
+#pragma unroll
+    for (int j = 0; j < V; j += 4) {
+      const float4 q = __ldg(reinterpret_cast<const float4*>(p + col0 + j));
+      out[j] = q.x, out[j + 1] = q.y, out[j + 2] = q.z, out[j + 3] = q.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = __ldg(p + col0 + j);
+  }
+}
+
+// for_each over two tiles with the per-column parameters of each slot: f(value_a&, value_b&, w[col], bias[col]),
+// where a null w reads as 1 and a null bias as 0. w and bias are 16-byte aligned fp32 (N,) vectors, read 16
+// bytes at a time wherever the row's split allows (a head of a multiple of 4 columns: V is a multiple of 4).
+template <typename T, int MAXV, typename F>
+__device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, RowTile<T, MAXV>& b, const RowSplit& s,
+                                                int64_t vec0, bool edges, const float* w, const float* bias, F f) {
+  constexpr int V = RowTile<T, MAXV>::V;
+  static_assert(V % 4 == 0, "a tile vector spans whole float4s of the parameters");
+  const bool aligned = s.head % 4 == 0;
+#pragma unroll
+  for (int k = 0; k < MAXV; ++k) {
+    const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (vi < s.nvec) {
+      const int64_t col0 = s.head + vi * V;
+      float wv[V], bv[V];
+      load_param(wv, w, col0, aligned, 1.f);
+      load_param(bv, bias, col0, aligned, 0.f);
+#pragma unroll
+      for (int j = 0; j < V; ++j) f(a.v[k][j], b.v[k][j], wv[j], bv[j]);
+    }
+  }
+  if (edges) {
+    const int64_t c = s.edge_col(threadIdx.x, V);
+    if (c >= 0) f(a.e, b.e, w ? w[c] : 1.f, bias ? bias[c] : 0.f);
+  }
+}
+
+template <typename T, int MAXV, typename F>
+__device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges,
+                                                const float* w, const float* bias, F f) {
+  for_each_affine(a, a, s, vec0, edges, w, bias, [&](float& x, float&, float wc, float bc) { f(x, wc, bc); });
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace fa

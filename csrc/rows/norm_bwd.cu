@@ -51,8 +51,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
       tx.load(x, s, c * seg, c == 0);
       tg.load(dy, s, c * seg, c == 0);
     }
-    for_each(tx, tg, s, c * seg, c == 0, [&](float& xv, float& gv, int64_t col) {
-      const float g = a.weight ? gv * a.weight[col] : gv;
+    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
+      const float g = gv * w;
       sum_g += g;
       sum_gx += g * (xv - mean) * rstd;
     });
@@ -64,8 +64,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
       tx.load(x, s, c * seg, c == 0);
       tg.load(dy, s, c * seg, c == 0);
     }
-    for_each(tx, tg, s, c * seg, c == 0, [&](float& xv, float& gv, int64_t col) {
-      const float g = a.weight ? gv * a.weight[col] : gv;
+    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
+      const float g = gv * w;
       xv = rstd * (g - mean_g - (xv - mean) * rstd * mean_gx);
     });
     tx.store(a.dx + row * a.cols, s, c * seg, c == 0);

@@ -51,11 +51,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs
 
   for (int64_t c = 0; c < segments; ++c) {
     if (!CACHED) t.load(x, s, c * seg, c == 0);
-    for_each(t, s, c * seg, c == 0, [&](float& v, int64_t col) {
-      v = (v - mean) * rstd;
-      if (a.weight) v *= a.weight[col];
-      if (a.bias) v += a.bias[col];
-    });
+    for_each_affine(t, s, c * seg, c == 0, a.weight, a.bias,
+                    [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; });
     t.store(a.y + row * a.cols, s, c * seg, c == 0);
   }
   if (threadIdx.x == 0) {

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_cached(const T* __res
   m = block_reduce(m, MaxOp(), -kInf, scratch);
   float sum = 0.f;
   for_each(t, s, 0, true, [&](float& v, int64_t) {
-    v = expf(v - m);
+    v = fast_exp(v - m);
     sum += v;
   });
   const float inv = 1.f / block_reduce(sum, SumOp(), 0.f, scratch);
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_partial(const T* __re
   m = block_reduce(m, MaxOp(), -kInf, scratch);
   const float shift = m == -kInf ? 0.f : m;  // a chunk of only -inf contributes 0, not NaN
   float sum = 0.f;
-  for_each(t, s, vec0, edges, [&](float& v, int64_t) { sum += expf(v - shift); });
+  for_each(t, s, vec0, edges, [&](float& v, int64_t) { sum += fast_exp(v - shift); });
   sum = block_reduce(sum, SumOp(), 0.f, scratch);
   if (threadIdx.x == 0) ws[row * chunks + chunk] = make_float2(m, sum);
 }
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_finish(const T* __res
   for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) m = fmaxf(m, part[i].x);
   m = block_reduce(m, MaxOp(), -kInf, scratch);
   float sum = 0.f;
-  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) sum += part[i].y * expf(part[i].x - m);
+  for (int64_t i = threadIdx.x; i < chunks; i += blockDim.x) sum += part[i].y * fast_exp(part[i].x - m);
   const float inv = 1.f / block_reduce(sum, SumOp(), 0.f, scratch);
 
   const RowSplit s(row * cols, cols, vec_width<T>());
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_finish(const T* __res
   const bool edges = chunk == 0;
   RowTile<T, kMaxVecs> t;
   t.load(x + row * cols, s, vec0, edges);
-  for_each(t, s, vec0, edges, [&](float& v, int64_t) { v = expf(v - m) * inv; });
+  for_each(t, s, vec0, edges, [&](float& v, int64_t) { v = fast_exp(v - m) * inv; });
   t.store(y + row * cols, s, vec0, edges);
 }
 
