@@ -97,7 +97,7 @@ Tensor param_f32(const OptTensor& w, const Tensor& x, const char* op, const char
                    " must be a floating-point tensor, got ", w->scalar_type());
   TORCH_CHECK_VALUE(w->numel() == x.size(1), "fast_attention._C.", op, ": ", name, " must have ", x.size(1),
                     " elements (one per column), got ", w->numel());
-  return w->to(at::kFloat).contiguous();
+  return aligned_contiguous(w->to(at::kFloat));  // 16-byte aligned: the kernels read it as float4s
 }
 
 float* f32_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -229,8 +229,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   const Tensor rstd = rstd_in.contiguous();
   Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor dw = w.defined() ? at::zeros({x.size(1)}, f32) : Tensor();
-  Tensor db = need_dbias ? at::zeros({x.size(1)}, f32) : Tensor();
+  // The kernels write every column of dw / db; without rows the sums are zeros.
+  const auto param_grad = [&](bool needed) {
+    if (!needed) return Tensor();
+    return x.numel() == 0 ? at::zeros({x.size(1)}, f32) : at::empty({x.size(1)}, f32);
+  };
+  Tensor dw = param_grad(w.defined());
+  Tensor db = param_grad(need_dbias);
   if (x.numel() == 0) return {dx, dw, db};
   p.rows = x.size(0);
   p.cols = x.size(1);

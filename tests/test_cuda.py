@@ -237,9 +237,11 @@ def test_finfo_min_row_lse_round_trip_in_float32():
 # ---------------------------------------------------------------------------------------------- GPU only
 LOW = [torch.float16, torch.bfloat16]
 ROW_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (rows, cols): odd widths (misaligned rows: scalar head and tail), and rows longer than one block's
-# registers (the multi-block softmax and the chunked norms).
-ROW_SHAPES = [(1, 1), (7, 33), (37, 1000), (4, 4096 + 3), (3, 20000), (2, 70001)]
+# (rows, cols): odd widths (misaligned rows: scalar head and tail), rows of whole 16-byte vectors (the fused norm
+# backward), with more rows than its grid has blocks (5000 x 64, 1000 x 8192) and at its 16K cap, and rows longer
+# than one block's registers (the multi-block softmax and the chunked norms).
+ROW_SHAPES = [(1, 1), (7, 33), (37, 1000), (5000, 64), (1000, 8192), (9, 16384), (4, 4096 + 3), (3, 20000),
+              (2, 70001)]
 
 
 def _grad(fn, inputs, grad_out):
@@ -308,15 +310,38 @@ def test_norms_match_reference(kind, dtype, shape, affine):
 
 
 @needs_gpu
-def test_norm_parameter_gradients_are_deterministic():
-    x = torch.randn(3001, 257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+@pytest.mark.parametrize("cols", [257, 256])  # the two-pass backward and the fused one
+def test_norm_parameter_gradients_are_deterministic(cols):
+    x = torch.randn(3001, cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(cols, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn_like(x)
-    first = torch.autograd.grad(fa.layer_norm(x, (257,), w, b, backend="cuda"), (x, w, b), dy)
-    second = torch.autograd.grad(fa.layer_norm(x, (257,), w, b, backend="cuda"), (x, w, b), dy)
+    first = torch.autograd.grad(fa.layer_norm(x, (cols,), w, b, backend="cuda"), (x, w, b), dy)
+    second = torch.autograd.grad(fa.layer_norm(x, (cols,), w, b, backend="cuda"), (x, w, b), dy)
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norms_take_parameter_views_off_16_byte_boundaries(kind):
+    """The kernels read fp32 weights and biases as float4s; views one element into their storage still work."""
+    rows, cols = 33, 1024
+    x, dy = torch.randn(rows, cols, device="cuda"), torch.randn(rows, cols, device="cuda")
+    w, b = (torch.randn(cols + 1, device="cuda")[1:] for _ in range(2))
+    b = b if kind == "layer_norm" else None
+    if kind == "layer_norm":
+        fns = [lambda x, w, b, backend=backend: fa.layer_norm(x, (cols,), w, b, backend=backend)
+               for backend in ("cuda", "reference")] + [lambda x, w, b: F.layer_norm(x, (cols,), w, b)]
+    else:
+        fns = [lambda x, w, b, backend=backend: fa.rms_norm(x, (cols,), w, 1e-6, backend=backend)
+               for backend in ("cuda", "reference")] + [lambda x, w, b: F.rms_norm(x, (cols,), w, 1e-6)]
+    ours = _grad(fns[0], [t if t is None else t.requires_grad_() for t in (x, w, b)], dy)
+    ref = _grad(fns[1], _leaves(x, w, b, dtype=torch.float64), dy.double())
+    base = _grad(fns[2], _leaves(x, w, b), dy)
+    assert_close(ours[0], base[0], ref[0], kind)
+    for name, a, t, r in zip(("dx", "dweight", "dbias"), ours[1], base[1], ref[1]):
+        assert_close(a, t, r, f"{kind} {name}")
 
 
 def _attention_inputs(dtype, B, H, Hkv, Lq, Lk, E, layout="contiguous"):

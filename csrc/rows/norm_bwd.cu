@@ -2,10 +2,14 @@
 // (mean = 0 for RMSNorm) and g = dy * w:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (RMSNorm drops the mean(g) term)
 //   dw = sum over rows of dy * xhat,  db = sum over rows of dy
-// dx: one block per row (as the forward). dw / db are deterministic, without atomics: a grid of
-// (column tiles x row chunks) writes per-chunk partial sums, then one thread per column adds its chunks in
-// order. The partial pass re-reads x and dy (column-wise, coalesced) rather than folding into the dx kernel,
-// whose per-row element-to-thread map shifts with each row's alignment.
+// dw / db are deterministic, without atomics: partial sums over fixed row sets, then added in a fixed order.
+// Two paths:
+// - Fused (norm_bwd_fused_kernel), for rows of whole 16-byte vectors that fit in registers: every row then
+//   splits the same way, so a thread owns the same columns in every row and keeps its share of dw / db in
+//   registers across the rows its block walks. x and dy are read once: 3 MN elements moved.
+// - Otherwise two passes: dx with one block per row, then a grid of (column tiles x row chunks) re-reads x and
+//   dy column-wise for the partial sums (5 MN), since a row's element-to-thread map shifts with its alignment.
+// Either way the partial sums are added by column_sums_kernel, in a fixed order.
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -17,6 +21,10 @@ constexpr int kColTile = 32;     // columns per partial-sum block (one warp wide
 constexpr int kRowLanes = 8;     // rows a partial-sum block walks at once
 constexpr int kMaxChunks = 512;  // row chunks, hence rows of partial sums in the workspace
 constexpr int kMinChunkRows = 32;
+constexpr int kSumChunks = 32;  // column_sums' first pass: chunks of partial rows
+// The fused kernel's blocks per SM are capped so that about this many bytes of x and dy rows load at once per
+// SM: one block walks its rows one at a time, so short rows need several blocks per SM.
+constexpr int64_t kBytesInFlight = 64 * 1024;
 
 template <typename T>
 struct NormBwdArgs {
@@ -72,6 +80,101 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   }
 }
 
+// x and dy of one row as this thread's kMaxVecs 16-byte vectors, as loaded (4 registers per 8 bf16 elements,
+// half of fp32), so that the fused kernel's fp32 dw / db accumulators fit beside them.
+template <typename T>
+struct PackedRow {
+  static constexpr int V = vec_width<T>();
+  uint4 raw[kMaxVecs];
+
+  __device__ __forceinline__ void load(const T* row, int64_t nvec) {
+#pragma unroll
+    for (int k = 0; k < kMaxVecs; ++k) {
+      const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (vi < nvec) raw[k] = __ldg(reinterpret_cast<const uint4*>(row) + vi);
+    }
+  }
+  __device__ __forceinline__ void unpack(int k, float (&out)[V]) const {
+    alignas(16) T buf[V];
+    *reinterpret_cast<uint4*>(buf) = raw[k];
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_float(buf[j]);
+  }
+};
+
+// Fused dx and dw / db partial sums, for cols a multiple of V (so every row starts 16-byte aligned and has no
+// edge scalars) and at most kMaxVecs vectors per thread. Block b walks rows b, b + G, b + 2G, ... (G blocks),
+// then writes its sums to row b of part_w / part_b, (G, cols) fp32.
+template <typename T, bool RMS, bool HAS_W, bool HAS_B>
+__global__ void __launch_bounds__(kMaxThreads)
+    norm_bwd_fused_kernel(const NormBwdArgs<T> a, int64_t rows, float* __restrict__ part_w,
+                          float* __restrict__ part_b) {
+  constexpr int V = vec_width<T>();
+  __shared__ float scratch[32];
+  const int64_t nvec = a.cols / V;
+  float dw[kMaxVecs][V], db[kMaxVecs][V];
+#pragma unroll
+  for (int k = 0; k < kMaxVecs; ++k) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dw[k][j] = db[k][j] = 0.f;
+  }
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {  // the same trips for the whole block
+    PackedRow<T> px, pg;
+    px.load(a.x + row * a.cols, nvec);
+    pg.load(a.dy + row * a.cols, nvec);
+    const float mean = RMS ? 0.f : a.mean[row];
+    const float rstd = a.rstd[row];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int k = 0; k < kMaxVecs; ++k) {
+      const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (vi < nvec) {
+        float xv[V], gv[V], wv[V];
+        px.unpack(k, xv);
+        pg.unpack(k, gv);
+        load_param(wv, a.weight, vi * V, true, 1.f);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float xhat = (xv[j] - mean) * rstd, g = gv[j] * wv[j];
+          sum_g += g;
+          sum_gx += g * xhat;
+          if (HAS_W) dw[k][j] += gv[j] * xhat;
+          if (HAS_B) db[k][j] += gv[j];
+        }
+      }
+    }
+    const float mean_g = RMS ? 0.f : block_reduce(sum_g, SumOp(), 0.f, scratch) / a.cols;
+    const float mean_gx = block_reduce(sum_gx, SumOp(), 0.f, scratch) / a.cols;
+#pragma unroll
+    for (int k = 0; k < kMaxVecs; ++k) {
+      const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      if (vi < nvec) {
+        float xv[V], gv[V], wv[V];
+        px.unpack(k, xv);
+        pg.unpack(k, gv);
+        load_param(wv, a.weight, vi * V, true, 1.f);
+        alignas(16) T out[V];
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          out[j] = from_float<T>(rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx));
+        reinterpret_cast<uint4*>(a.dx + row * a.cols)[vi] = *reinterpret_cast<const uint4*>(out);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxVecs; ++k) {
+    const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    if (vi < nvec) {
+      const int64_t at = blockIdx.x * a.cols + vi * V;
+#pragma unroll
+      for (int j = 0; j < V; j += 4) {
+        if (HAS_W) *reinterpret_cast<float4*>(part_w + at + j) = make_float4(dw[k][j], dw[k][j + 1], dw[k][j + 2], dw[k][j + 3]);
+        if (HAS_B) *reinterpret_cast<float4*>(part_b + at + j) = make_float4(db[k][j], db[k][j + 1], db[k][j + 2], db[k][j + 3]);
+      }
+    }
+  }
+}
+
 // Block (column tile, chunk) of kColTile x kRowLanes threads: partial[chunk][col] over the chunk's rows.
 template <typename T>
 __global__ void __launch_bounds__(kColTile * kRowLanes)
@@ -105,18 +208,79 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
   }
 }
 
-__global__ void norm_param_finish_kernel(const float* __restrict__ part, float* __restrict__ out, int64_t cols,
-                                         int64_t chunks) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= cols) return;
+// out[chunk][col] = the sum of in[r][col] over the chunk's rows r (chunk_rows of them): lane y of a
+// kColTile x kRowLanes block adds rows y, y + kRowLanes, ... in order, then lane 0 adds the lane sums in order.
+// Grid (column tiles, chunks); chunks = 1 gives the column sums of the whole (rows, cols) matrix.
+__global__ void __launch_bounds__(kColTile * kRowLanes)
+    column_sums_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t rows, int64_t cols,
+                       int64_t chunk_rows) {
+  __shared__ float lanes[kRowLanes][kColTile + 1];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t r_end = min(rows, (chunk + 1) * chunk_rows);
   float acc = 0.f;
-  for (int64_t c = 0; c < chunks; ++c) acc += part[c * cols + col];
-  out[col] = acc;
+  if (col < cols) {
+    for (int64_t r = chunk * chunk_rows + threadIdx.y; r < r_end; r += kRowLanes) acc += in[r * cols + col];
+  }
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    for (int i = 1; i < kRowLanes; ++i) acc += lanes[i][threadIdx.x];
+    out[chunk * cols + col] = acc;
+  }
 }
 
 int64_t param_chunks(int64_t rows) {
   const int64_t c = ceil_div(rows, kMinChunkRows);
   return c < kMaxChunks ? c : kMaxChunks;
+}
+
+// out (cols,) = the column sums of `in` (rows, cols), in a fixed order and two passes: the sums over at most
+// kSumChunks chunks of rows into `scratch` (chunks, cols), then the sums of those.
+int sum_columns(const float* in, int64_t rows, int64_t cols, float* scratch, float* out, cudaStream_t stream) {
+  const int64_t chunk_rows = ceil_div(rows, kSumChunks);
+  const int64_t chunks = ceil_div(rows, chunk_rows);
+  const int64_t tiles = ceil_div(cols, kColTile);
+  if (tiles > kMaxGrid) return cudaErrorInvalidConfiguration;
+  const dim3 block(kColTile, kRowLanes);
+  column_sums_kernel<<<dim3(tiles, chunks), block, 0, stream>>>(in, scratch, rows, cols, chunk_rows);
+  column_sums_kernel<<<dim3(tiles, 1), block, 0, stream>>>(scratch, out, chunks, cols, chunks);
+  return cudaGetLastError();
+}
+
+// Whether the fused kernel takes these rows: whole 16-byte vectors that fit in registers, and some parameter
+// gradient to sum (without one, the dx kernel alone already reads x and dy once).
+template <typename T>
+bool fused(const NormParams& p) {
+  return (p.dweight || p.dbias) && p.cols % vec_width<T>() == 0 && cached_threads<T>(p.cols) != 0;
+}
+
+template <typename T, typename F>
+auto fused_switch(const NormParams& p, F f) {
+  return FA_BOOL_SWITCH(p.rms, RMS, [&] {
+    return FA_BOOL_SWITCH(p.dweight != nullptr, HAS_W, [&] {
+      return FA_BOOL_SWITCH(p.dbias != nullptr, HAS_B, [&] { return f(norm_bwd_fused_kernel<T, RMS, HAS_W, HAS_B>); });
+    });
+  });
+}
+
+// The fused kernel's grid, G: the blocks that fit on the GPU at once, capped so that each SM has about
+// kBytesInFlight of x and dy rows loading (more blocks add partial rows, not bandwidth), and at `rows`. G
+// depends only on the device, the dtype and the shape, so the summation order (and dw's bits) are fixed.
+// 0 when the occupancy query fails: the two-pass path is taken then.
+template <typename T>
+int64_t fused_blocks(const NormParams& p) {
+  int device = 0, sms = 0, per_sm = 0;
+  if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return 0;
+  const int threads = cached_threads<T>(p.cols);
+  if (fused_switch<T>(p, [&](auto kernel) {
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+      }) || per_sm < 1)
+    return 0;
+  const int64_t row_bytes = 2 * p.cols * static_cast<int64_t>(sizeof(T));
+  const int64_t wanted = row_bytes >= kBytesInFlight ? 1 : kBytesInFlight / row_bytes;
+  const int64_t blocks = static_cast<int64_t>(sms) * (per_sm < wanted ? per_sm : wanted);
+  return blocks < p.rows ? blocks : p.rows;
 }
 
 template <typename T>
@@ -126,6 +290,24 @@ int launch(const NormParams& p, cudaStream_t stream) {
                          static_cast<T*>(p.out), p.cols};
   const int cached = cached_threads<T>(p.cols);
   const int threads = cached ? cached : kMaxThreads;
+  if (const int64_t G = fused<T>(p) ? fused_blocks<T>(p) : 0) {
+    // workspace: part_w (G, cols), part_b (G, cols), then the chunk sums of each (kSumChunks, cols)
+    float* part_w = p.workspace;
+    float* part_b = part_w + G * p.cols;
+    float* chunks_w = part_b + G * p.cols;
+    float* chunks_b = chunks_w + kSumChunks * p.cols;
+    fused_switch<T>(p, [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(G), threads, 0, stream>>>(a, p.rows, part_w, part_b);
+      return 0;
+    });
+    if (int err = cudaGetLastError()) return err;
+    if (p.dweight) {
+      if (int err = sum_columns(part_w, G, p.cols, chunks_w, p.dweight, stream)) return err;
+    }
+    if (p.dbias) return sum_columns(part_b, G, p.cols, chunks_b, p.dbias, stream);
+    return cudaSuccess;
+  }
+
   FA_BOOL_SWITCH(p.rms, RMS, [&] {
     FA_BOOL_SWITCH(cached != 0, CACHED,
                    [&] { norm_bwd_dx_kernel<T, RMS, CACHED><<<p.rows, threads, 0, stream>>>(a); });
@@ -137,21 +319,33 @@ int launch(const NormParams& p, cudaStream_t stream) {
     const int64_t chunk_rows = ceil_div(p.rows, chunks);
     const int64_t col_tiles = ceil_div(p.cols, kColTile);
     if (col_tiles > kMaxGrid) return cudaErrorInvalidConfiguration;
+    // workspace: part_w (chunks, cols), part_b (chunks, cols), then the chunk sums of each (kSumChunks, cols)
     float* part_w = p.dweight ? p.workspace : nullptr;
     float* part_b = p.dbias ? p.workspace + chunks * p.cols : nullptr;
+    float* sums = p.workspace + 2 * chunks * p.cols;
     const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(chunks));
     norm_param_partial_kernel<T><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
         a.x, a.dy, p.rms ? nullptr : p.mean, p.rstd, part_w, part_b, p.rows, p.cols, chunk_rows);
-    const int64_t blocks = ceil_div(p.cols, 256);
-    if (part_w) norm_param_finish_kernel<<<blocks, 256, 0, stream>>>(part_w, p.dweight, p.cols, chunks);
-    if (part_b) norm_param_finish_kernel<<<blocks, 256, 0, stream>>>(part_b, p.dbias, p.cols, chunks);
+    if (int err = cudaGetLastError()) return err;
+    if (part_w) {
+      if (int err = sum_columns(part_w, chunks, p.cols, sums, p.dweight, stream)) return err;
+    }
+    if (part_b) return sum_columns(part_b, chunks, p.cols, sums + kSumChunks * p.cols, p.dbias, stream);
   }
   return cudaGetLastError();
 }
 
+template <typename T>
+int64_t workspace_floats(const NormParams& p) {
+  const int64_t G = fused<T>(p) ? fused_blocks<T>(p) : 0;
+  return 2 * ((G ? G : param_chunks(p.rows)) + kSumChunks) * p.cols;
+}
+
 }  // namespace
 
-int64_t norm_workspace_floats(const NormParams& p) { return 2 * param_chunks(p.rows) * p.cols; }
+int64_t norm_workspace_floats(const NormParams& p) {
+  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] { return workspace_floats<T>(p); });
+}
 
 int norm_backward(const NormParams& p, cudaStream_t stream) {
   return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, stream); });
