@@ -232,9 +232,11 @@ def row_jobs(full: bool, arch: int):
         t = _SHORT[dtype]
         for N in blocks + [50257]:
             block, warps, one = SM.row_config(N, SM.MAX_BLOCK_N)
+            nblock = LN.norm_config(N, SM.MAX_BLOCK_N)[0]
             paths = [one] if N <= SM.MAX_BLOCK_N else [False]
             for one_block in paths:
                 cfg = f"BLOCK{block} {'one' if one_block else 'multi'}"
+                ncfg = f"BLOCK{nblock} {'one' if one_block else 'multi'}"
                 rows = dict(stride_x=N, stride_y=N, stride_dy=N, stride_dx=N, N=N, M=4096, rows_per_program=31,
                             eps=1e-5, G=132)
                 sm_fwd = "_softmax_forward_one_block" if one_block else "_softmax_forward_online"
@@ -244,23 +246,25 @@ def row_jobs(full: bool, arch: int):
                              dict(rows, Y=dtype, DY=dtype, DX=dtype), dict(BLOCK_N=block, ONE_BLOCK=one_block),
                              warps, 3, arch))
                 for affine in ((True, True), (False, False)) if full or N == 16384 else ((True, True),):
-                    flags = dict(HAS_WEIGHT=affine[0], HAS_BIAS=affine[1], BLOCK_N=block, ONE_BLOCK=one_block,
+                    flags = dict(HAS_WEIGHT=affine[0], HAS_BIAS=affine[1], BLOCK_N=nblock, ONE_BLOCK=one_block,
                                  CENTER=True)
                     a = "wb" if affine[0] else "--"
                     ptrs = dict(X=dtype, Y=dtype, W=dtype, B=dtype, Mean=torch.float32, Rstd=torch.float32,
                                 DY=dtype, DX=dtype, DW_partial=torch.float32, DB_partial=torch.float32)
-                    jobs.append((f"layer_norm_fwd {t}", f"{cfg} {a}", (LN.__name__, "_layer_norm_forward_kernel"),
+                    jobs.append((f"layer_norm_fwd {t}", f"{ncfg} {a}", (LN.__name__, "_layer_norm_forward_kernel"),
                                  dict(rows, **ptrs), flags, warps, 3, arch))
-                    jobs.append((f"layer_norm_bwd {t}", f"{cfg} {a}",
+                    jobs.append((f"layer_norm_bwd {t}", f"{ncfg} {a}",
                                  (LN.__name__, "_layer_norm_backward_kernel"), dict(rows, **ptrs), flags, warps, 3,
                                  arch))
                     rflags = dict(flags, HAS_BIAS=False, CENTER=False)  # RMSNorm: the same kernels, uncentered
-                    jobs.append((f"rms_norm_fwd {t}", f"{cfg} {a[0]}", (LN.__name__, "_layer_norm_forward_kernel"),
+                    jobs.append((f"rms_norm_fwd {t}", f"{ncfg} {a[0]}", (LN.__name__, "_layer_norm_forward_kernel"),
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
-                    jobs.append((f"rms_norm_bwd {t}", f"{cfg} {a[0]}", (LN.__name__, "_layer_norm_backward_kernel"),
+                    jobs.append((f"rms_norm_bwd {t}", f"{ncfg} {a[0]}", (LN.__name__, "_layer_norm_backward_kernel"),
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
-        jobs.append((f"sum_partials {t}", "G32 N128", (LN.__name__, "_sum_partials_kernel"),
-                     dict(P=torch.float32, Out=dtype, G=132, N=4096), dict(BLOCK_G=32, BLOCK_N=128), 4, 3, arch))
+        for block_n in (32, 64, 128):  # what sum_partials picks for 1k, 4k and 8k+ columns
+            jobs.append((f"sum_partials {t}", f"G32 N{block_n}", (LN.__name__, "_sum_partials_kernel"),
+                         dict(P=torch.float32, Out=dtype, G=132, N=4096), dict(BLOCK_G=32, BLOCK_N=block_n), 4, 3,
+                         arch))
     return jobs
 
 

@@ -12,8 +12,8 @@ The kernels are layer_norm.py's with CENTER=False (no mean, no bias), and so is 
 """
 import torch
 
-from .layer_norm import _layer_norm_backward_kernel, _layer_norm_forward_kernel, partial_programs, sum_partials
-from .softmax import row_config
+from .layer_norm import (_layer_norm_backward_kernel, _layer_norm_forward_kernel, norm_config, partial_programs,
+                         sum_partials)
 
 # The largest row block, in elements: 64 KiB of fp32 per program. Longer rows take the multi-block path.
 # Tests lower it to reach that path with short rows.
@@ -26,7 +26,7 @@ def rms_norm_forward(x: torch.Tensor, weight, eps: float):
     M, N = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    block, num_warps, one_block = row_config(N, MAX_BLOCK_N)
+    block, num_warps, one_block = norm_config(N, MAX_BLOCK_N)
     w = x if weight is None else weight  # a dummy pointer without a weight, as the bias and mean always are
     _layer_norm_forward_kernel[(M,)](
         x, y, w, w, rstd, rstd, x.stride(0), y.stride(0), N, eps, HAS_WEIGHT=weight is not None, HAS_BIAS=False,
@@ -41,9 +41,9 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Ten
     """
     M, N = x.shape
     dx = torch.empty_like(x)
-    block, num_warps, one_block = row_config(N, MAX_BLOCK_N)
+    block, num_warps, one_block = norm_config(N, MAX_BLOCK_N)
     # Without a weight nothing needs reducing, and one row per program spreads the rows widest.
-    G, rows_per_program = partial_programs(x.device, M) if weight is not None else (M, 1)
+    G, rows_per_program = partial_programs(x.device, M, 2 * N * x.element_size()) if weight is not None else (M, 1)
     new_partial = torch.empty if one_block else torch.zeros
     dw_partial = new_partial((G, N), dtype=torch.float32, device=x.device) if weight is not None else rstd
     _layer_norm_backward_kernel[(G,)](
