@@ -178,37 +178,47 @@ def _assemble(frags, f):
     return tile
 
 
-@pytest.mark.parametrize("D,N", [(32, 64), (96, 32), (128, 32)])
+@pytest.mark.parametrize("D,N,MT", [(32, 64, 1), (96, 32, 1), (128, 32, 1), (32, 64, 2), (128, 32, 2)])
 @pytest.mark.skipif(np is None, reason="the fragment-layout model needs numpy")
-def test_fragment_index_math_assembles_the_products(D, N):
-    """A per-lane model of the warp-tile GEMMs (mma_ss_bt: S = A B^T from [row][k] and [n][k] tiles; mma_cs:
+def test_fragment_index_math_assembles_the_products(D, N, MT):
+    """A per-lane model of the warp-tile GEMMs (mma_ss_bt(_m): S = A B^T from [row][k] and [n][k] tiles; mma_cs(_m):
     O = S V, S's C fragments reused as A fragments, V a [k][n] tile read with ldmatrix.trans) driven by the lane
-    maps of primitives.cuh, on tiles of pitch D + 8 whose padding is NaN (never read)."""
+    maps of primitives.cuh, on tiles of pitch D + 8 whose padding is NaN (never read). With MT tiles per warp (the
+    forward's), warp w's tile mt is rows 16 (w MT + mt) .. + 15, and each B fragment serves every tile."""
     f = _lane_maps()
     rng = np.random.default_rng(0)
-    a_rm, b_nk, v_kn = (rng.integers(-3, 4, (rows, D)).astype(float) for rows in (64, N, N))
+    a_rm, b_nk, v_kn = (rng.integers(-3, 4, (rows, D)).astype(float) for rows in (64 * MT, N, N))
     sA, sB, sV = (np.concatenate([t, np.full((len(t), 8), np.nan)], 1) for t in (a_rm, b_nk, v_kn))
     for warp in range(4):
-        s = [[[0.0] * 4 for _ in range(32)] for _ in range(N // 8)]
+        row0 = warp * 16 * MT  # sQw, the warp's first row
+        s = [[[[0.0] * 4 for _ in range(32)] for _ in range(N // 8)] for _ in range(MT)]
         for kk in range(D // 16):
-            a = _ldmatrix_x4(sA, [(warp * 16 + f["a_row"](l), kk * 16 + f["a_col"](l)) for l in range(32)], False)
+            a = [_ldmatrix_x4(sA, [(row0 + mt * 16 + f["a_row"](l), kk * 16 + f["a_col"](l)) for l in range(32)],
+                              False) for mt in range(MT)]
             for np_ in range(N // 16):
                 addr = [(np_ * 16 + f["bn_row"](l), kk * 16 + f["bn_col"](l)) for l in range(32)]
                 b = list(zip(*_ldmatrix_x4(sB, addr, False)))
-                _mma_16816(s[2 * np_], a, b[0], b[1])
-                _mma_16816(s[2 * np_ + 1], a, b[2], b[3])
-        o = [[[0.0] * 4 for _ in range(32)] for _ in range(D // 8)]
+                for mt in range(MT):
+                    _mma_16816(s[mt][2 * np_], a[mt], b[0], b[1])
+                    _mma_16816(s[mt][2 * np_ + 1], a[mt], b[2], b[3])
+        o = [[[[0.0] * 4 for _ in range(32)] for _ in range(D // 8)] for _ in range(MT)]
         for kk in range(N // 16):
-            lo, hi = s[2 * kk], s[2 * kk + 1]  # c_to_a
-            a = [[tuple(lo[l][0:2]), tuple(lo[l][2:4]), tuple(hi[l][0:2]), tuple(hi[l][2:4])] for l in range(32)]
+            a = []
+            for mt in range(MT):
+                lo, hi = s[mt][2 * kk], s[mt][2 * kk + 1]  # c_to_a
+                a.append([[tuple(lo[l][0:2]), tuple(lo[l][2:4]), tuple(hi[l][0:2]), tuple(hi[l][2:4])]
+                          for l in range(32)])
             for np_ in range(D // 16):
                 addr = [(kk * 16 + f["bt_row"](l), np_ * 16 + f["bt_col"](l)) for l in range(32)]
                 b = list(zip(*_ldmatrix_x4(sV, addr, True)))
-                _mma_16816(o[2 * np_], a, b[0], b[1])
-                _mma_16816(o[2 * np_ + 1], a, b[2], b[3])
-        s_tile = _assemble(s, f)
-        np.testing.assert_array_equal(s_tile, a_rm[warp * 16: warp * 16 + 16] @ b_nk.T)
-        np.testing.assert_array_equal(_assemble(o, f), s_tile @ v_kn)
+                for mt in range(MT):
+                    _mma_16816(o[mt][2 * np_], a[mt], b[0], b[1])
+                    _mma_16816(o[mt][2 * np_ + 1], a[mt], b[2], b[3])
+        for mt in range(MT):
+            s_tile = _assemble(s[mt], f)
+            rows = slice(row0 + mt * 16, row0 + mt * 16 + 16)
+            np.testing.assert_array_equal(s_tile, a_rm[rows] @ b_nk.T)
+            np.testing.assert_array_equal(_assemble(o[mt], f), s_tile @ v_kn)
 
 
 @pytest.mark.skipif(np is None, reason="the float32 model needs numpy")

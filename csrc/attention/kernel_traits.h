@@ -1,5 +1,6 @@
 // Tile shapes of the attention kernels, per head dim. Every kernel runs 4 warps; each warp owns 16 rows of the
-// tile it iterates from (queries in the forward and dQ kernels, keys in the dK/dV kernel).
+// tile it iterates from (queries in the forward and dQ kernels, keys in the dK/dV kernel), or in the forward two
+// such 16-row tiles.
 #pragma once
 
 namespace fa {
@@ -13,8 +14,15 @@ struct AttnTraits {
   // addresses of each ldmatrix phase fall in distinct banks.
   static constexpr int kPitch = D + 8;
 
-  // forward: 64 queries per block, 64 keys per step
-  static constexpr int kFwdM = 64, kFwdN = 64;
+  // forward: each warp owns kFwdMTiles 16-row tiles of queries (kFwdM = 128 per block, FlashAttention-2's block
+  // of 4 warps) and steps kFwdN keys at a time. Two tiles per warp halve the K / V fragments read from shared
+  // memory per mma against one. Q stays in registers where its fragments take at most 32 of them, else it is
+  // re-read from shared memory each step. The keys per step keep the fp32 output tile (MT x D / 2 per thread)
+  // and the scores (MT x kFwdN / 2) in registers: ptxas (sm_80, sm_90) uses 192 / 214 / 232 / 253 of them for
+  // D 32 / 64 / 96 / 128, no spill; 64 keys a step spilled at D >= 64.
+  static constexpr int kFwdMTiles = 2;
+  static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = D <= 32 ? 64 : 32;
+  static constexpr bool kFwdQInRegs = kFwdMTiles * D <= 128;
   // dK/dV: 64 keys per block; queries per step shrink with D so that dK, dV (2 x D/2 fp32 per thread) plus
   // the S and dP tiles stay in registers
   static constexpr int kBwdN = 64, kBwdM = D <= 64 ? 64 : 32;

@@ -148,14 +148,6 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* sA, in
   for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(a[kk], sA + a_row(lane) * P + kk * 16 + a_col(lane));
 }
 
-// acc += A B^T: A the warp's 16 x K tile as fragments from load_a, B an N x K [n][k] tile at sB.
-template <typename T, int K, int N, int P>
-__device__ __forceinline__ void mma_rs_bt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const T* sB,
-                                          int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) mma_a_bt<T, N, P>(acc, a[kk], sB + kk * 16, lane);
-}
-
 // acc += A B^T: A the warp's 16 x K row-major tile at sA, B an N x K [n][k] tile at sB.
 template <typename T, int K, int N, int P>
 __device__ __forceinline__ void mma_ss_bt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
@@ -181,6 +173,73 @@ __device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[
       ldmatrix_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * P + np * 16 + bt_col(lane));
       mma_16816<T>(acc[2 * np], a, b[0], b[1]);
       mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The same GEMMs for a warp that owns MT 16-row tiles (rows 16 mt .. 16 mt + 15 of its A, accumulator acc[mt]):
+// each B fragment read from shared memory with ldmatrix serves all MT tiles, so a warp of 32 rows reads K and
+// V half as often per mma as one of 16.
+
+// acc[mt] += A_mt B^T: A_mt the warp's mt-th 16 x K tile as load_a fragments, B an N x K [n][k] tile at sB.
+template <typename T, int K, int N, int P, int MT>
+__device__ __forceinline__ void mma_rs_bt_m(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][K / 16][4],
+                                            const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt][kk], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mt] += A_mt B^T: A the warp's (16 MT) x K row-major tile at sA, read a 16 x 16 fragment per tile and k-step.
+template <typename T, int K, int N, int P, int MT>
+__device__ __forceinline__ void mma_ss_bt_m(float (&acc)[MT][N / 8][4], const T* sA, const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sA + (mt * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[mt] += C_mt B: C_mt the warp's mt-th 16 x K fp32 tile (probabilities), rounded to T as the A operand in
+// registers; B a K x N [k][n] tile (n contiguous) at sB, read with ldmatrix.trans.
+template <typename T, int K, int N, int P, int MT>
+__device__ __forceinline__ void mma_cs_m(float (&acc)[MT][N / 8][4], const float (&c)[MT][K / 8][4], const T* sB,
+                                         int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], c[mt][2 * kk], c[mt][2 * kk + 1]);
+#pragma unroll
+    for (int np = 0; np < N / 16; ++np) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * P + np * 16 + bt_col(lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
