@@ -9,12 +9,17 @@
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   tests            the test suite without the big GPU grids, in XDIST pytest-xdist workers (default 8) where
 #                    xdist is installed
+#   tests:EXPR       the part of it a pytest -k EXPR selects: "tests:cuda or norm"
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
 #                    argument: "grid:bfloat16 and D128"
 #   precompile       compile the attention benchmark's Triton configs in parallel (bench/precompile.py)
 #   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model); BENCH_ARGS
 #                    adds options (--quick, --no-checks, --exclude REGEX)
 #   graphs:SUITE     the same, timed as CUDA-graph replays (--cuda-graphs), into results-graphs/
+#   bench:SUITE/REGEX, graphs:SUITE/REGEX
+#                    only the cases whose label matches REGEX (--cases; no '+', '@' or '/' in it):
+#                    "bench:attention/^fwd D" times the attention forward alone. One run per suite and folder: a
+#                    second overwrites the first
 # A phase may end in @SECONDS, the most it may take ("tests@200"); phases joined by + run at the same time
 # ("tests+smoke+precompile@180"; a cap at the end applies to each): for correctness work only, never timing.
 #
@@ -73,6 +78,9 @@ run_phase() {
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ;;
     tests) step tests "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS)" ;;
+    tests:*)
+      expr=${phase#tests:}
+      step "tests_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS) and ($expr)" ;;
     grid) step grid "${PYTEST[@]}" "${PARALLEL[@]}" -k "$GRIDS" ;;
     grid:*)
       expr=${phase#grid:}
@@ -81,10 +89,15 @@ run_phase() {
       local quick=()
       [[ " ${BENCH_ARGS[*]} " == *" --quick "* ]] && quick=(--quick)
       step precompile python -m bench.precompile "${quick[@]}" ;;
-    bench:*) step "bench_${phase#bench:}" python -m bench --suite "${phase#bench:}" --out "$LOGS/results" \
-               --no-progress "${BENCH_ARGS[@]}" ;;
-    graphs:*) step "graphs_${phase#graphs:}" python -m bench --suite "${phase#graphs:}" --cuda-graphs \
-                --out "$LOGS/results-graphs" --no-progress "${BENCH_ARGS[@]}" ;;
+    bench:* | graphs:*)
+      local kind=${phase%%:*} spec=${phase#*:}
+      local suite=${spec%%/*} args=(--no-progress "${BENCH_ARGS[@]}")
+      [[ $spec == */* ]] && args+=(--cases "${spec#*/}")
+      if [[ $kind == bench ]]; then
+        step "bench_$suite" python -m bench --suite "$suite" --out "$LOGS/results" "${args[@]}"
+      else
+        step "graphs_$suite" python -m bench --suite "$suite" --cuda-graphs --out "$LOGS/results-graphs" "${args[@]}"
+      fi ;;
     *) echo "$phase: unknown phase" | tee -a "$LOGS/steps.txt" ;;
   esac
 }

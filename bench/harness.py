@@ -57,6 +57,7 @@ class Mode:
     quick: bool
     checks: bool = True        # run the suite's correctness checks before timing
     exclude: str | None = None  # a regular expression: providers whose name it matches are not timed
+    cases: str | None = None    # a regular expression: only the cases whose label it matches are timed
     graphs: bool = False       # time forward calls as CUDA-graph replays (GPU only)
 
 
@@ -392,7 +393,8 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
         result["checks"] = run_checks(suite, mode)
     else:
         result["notes"].append("Correctness checks not run with this timing run (--no-checks).")
-    cases = suite.cases(mode)
+    cases = [case for case in suite.cases(mode)
+             if not mode.cases or re.search(mode.cases, suite.label(case.params))]
     work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()
             if not (mode.exclude and re.search(mode.exclude, name))]
     bar = _progress(len(work), suite.name, progress)
@@ -772,6 +774,8 @@ def main(argv=None) -> int:
                         help="time without running the correctness checks first (after a --checks-only run)")
     parser.add_argument("--exclude", metavar="REGEX", default=None,
                         help="skip the providers whose name matches, e.g. 'compile|need_weights=True'")
+    parser.add_argument("--cases", metavar="REGEX", default=None,
+                        help="time only the cases whose label matches, e.g. '^fwd D' (attention forward only)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="GPU: time each forward call as a CUDA-graph replay, without the host's launch path "
                              "(backward cases are skipped); use with --out, apart from the eager results")
@@ -779,7 +783,8 @@ def main(argv=None) -> int:
     out = args.out or default_out()
     if args.cuda_graphs and not GPU:
         parser.error("--cuda-graphs needs a GPU")
-    mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude, graphs=args.cuda_graphs)
+    mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude, cases=args.cases,
+                graphs=args.cuda_graphs)
     names = SUITES if args.suite == "all" else (args.suite,)
     print(f"fast_attention benchmarks on {device_name()}: backends {fa.available_backends()}, "
           f"torch {torch.__version__}")

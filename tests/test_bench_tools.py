@@ -1,6 +1,6 @@
 """The benchmark tools a GPU session leans on: bench/targets.py, which judges the issues' speed targets from
 results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU),
-`python -m bench --checks-only`, the harness's --exclude and --no-checks, and bench/precompile.py's worker."""
+`python -m bench --checks-only`, the harness's --exclude, --cases and --no-checks, and bench/precompile.py's worker."""
 import random
 
 from bench import targets
@@ -99,6 +99,19 @@ def test_exclude_and_no_checks(tmp_path):
     result = harness.run_suite(suite, mode, {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}, tmp_path, progress=False)
     assert set(timed) == {"fa:reference"} and [r["provider"] for r in result["results"]] == ["fa:reference"]
     assert result["checks"] == [] and any("--no-checks" in note for note in result["notes"])
+
+
+def test_cases_selects_cases_by_label(tmp_path):
+    """--cases times only the cases whose label matches: '^fwd D' keeps the forward, not fwd+bwd or bwd."""
+    from bench import harness
+
+    labels = ["fwd D64 L1024", "fwd+bwd D64 L1024", "bwd D64 L1024"]
+    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: p["label"],
+                          cases=lambda mode: [harness.Case({"label": label}, bytes=1e6) for label in labels],
+                          providers=lambda case: {"fa:reference": lambda: (lambda: None)}, checks=lambda mode: [])
+    mode = harness.Mode(gpu=False, quick=True, checks=False, cases="^fwd D")
+    result = harness.run_suite(suite, mode, {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}, tmp_path, progress=False)
+    assert [r["case"] for r in result["results"]] == ["fwd D64 L1024"]
 
 
 def test_checks_run_the_first_config_and_restore_autotuning(monkeypatch):
