@@ -32,7 +32,7 @@ def check(name, ours, ref, tol):
 
 def rows():
     for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)):
-        for cols in (1, 37, 1003, 20000):  # 20000 x fp32 > one block's registers
+        for cols in (1, 37, 1003, 1024, 20000):  # 1024: the fused norm backward; 20000 x fp32 > one block's registers
             x = torch.randn(5, cols, device="cuda", dtype=dtype)
             dy = torch.randn_like(x)
             w, b = torch.randn(cols, device="cuda"), torch.randn(cols, device="cuda")
@@ -55,6 +55,10 @@ def rows():
             dx, dw = _C.rms_norm_backward(dy, x, None, rstd)
             check(f"rms_norm bwd dx {dtype} {cols}", dx, reference.rms_norm_backward(
                 dy.double(), x.double(), None, rstd.double())[0], tol * 10)
+            dx, dw = _C.rms_norm_backward(dy, x, w, rstd)
+            rdx, rdw = reference.rms_norm_backward(dy.double(), x.double(), w.double(), rstd.double())
+            check(f"rms_norm bwd dx (weight) {dtype} {cols}", dx, rdx, tol * 10)
+            check(f"rms_norm bwd dw {dtype} {cols}", dw, rdw, tol * 10)
 
 
 def attention():

@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   constexpr int V = vec_width<T>();
   __shared__ float scratch[32];
   const int64_t nvec = a.cols / V;
-  float dw[kMaxVecs][V], db[kMaxVecs][V];
+  alignas(16) float dw[kMaxVecs][V], db[kMaxVecs][V];  // stored as float4s at the end
 #pragma unroll
   for (int k = 0; k < kMaxVecs; ++k) {
 #pragma unroll
@@ -168,8 +168,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       const int64_t at = blockIdx.x * a.cols + vi * V;
 #pragma unroll
       for (int j = 0; j < V; j += 4) {
-        if (HAS_W) *reinterpret_cast<float4*>(part_w + at + j) = make_float4(dw[k][j], dw[k][j + 1], dw[k][j + 2], dw[k][j + 3]);
-        if (HAS_B) *reinterpret_cast<float4*>(part_b + at + j) = make_float4(db[k][j], db[k][j + 1], db[k][j + 2], db[k][j + 3]);
+        if (HAS_W) *reinterpret_cast<float4*>(part_w + at + j) = *reinterpret_cast<const float4*>(&dw[k][j]);
+        if (HAS_B) *reinterpret_cast<float4*>(part_b + at + j) = *reinterpret_cast<const float4*>(&db[k][j]);
       }
     }
   }
@@ -271,12 +271,17 @@ auto fused_switch(const NormParams& p, F f) {
 template <typename T>
 int64_t fused_blocks(const NormParams& p) {
   int device = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) return 0;
+  if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) {
+    cudaGetLastError();
+    return 0;
+  }
   const int threads = cached_threads<T>(p.cols);
   if (fused_switch<T>(p, [&](auto kernel) {
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
-      }) || per_sm < 1)
+      }) || per_sm < 1) {
+    cudaGetLastError();  // clear it: the two-pass path checks cudaGetLastError after its launches
     return 0;
+  }
   const int64_t row_bytes = 2 * p.cols * static_cast<int64_t>(sizeof(T));
   const int64_t wanted = row_bytes >= kBytesInFlight ? 1 : kBytesInFlight / row_bytes;
   const int64_t blocks = static_cast<int64_t>(sms) * (per_sm < wanted ? per_sm : wanted);
