@@ -1,17 +1,21 @@
-// The CUDA execution model on the CPU, for the row kernels (csrc/rows): enough of it to run their launchers and
+// The CUDA execution model on the CPU, for the row and attention kernels: enough of it to run their launchers and
 // kernels, compiled by the host C++ compiler, on a machine without a GPU. A launch runs one OS thread per CUDA
 // thread of a block and walks the blocks in order; __syncthreads and the warp shuffles are barriers, and
 // __shared__ variables are statics (one block at a time uses them). It checks the kernels' logic (indexing,
 // reductions, the partition of rows and columns), not their speed, memory model or races: those need the GPU.
 // tests/test_cuda_emulated.py rewrites each `kernel<<<grid, block, smem, stream>>>(args)` to
-// `emu::launch(kernel, grid, block, smem, stream)(args)` and the one inline PTX instruction (ex2.approx) to
-// std::exp2, then builds csrc/rows with this header force-included.
+// `emu::launch(kernel, grid, block, smem, stream)(args)`, `extern __shared__` arrays to emu::dynamic_smem, the
+// one inline PTX instruction of the row kernels (ex2.approx) to std::exp2 and the attention kernels' block of
+// inline PTX to ptx.h, then builds csrc with this header force-included.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
 #include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <functional>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -21,19 +25,28 @@
 #define __launch_bounds__(...)
 
 namespace emu {
-struct Warp { float buf[32]; std::unique_ptr<std::barrier<>> bar; };
+struct Warp {
+  float buf[32];                         // __shfl_xor_sync's values
+  alignas(16) unsigned char posted[1024];  // ptx.h's per-lane operands (32 lanes x up to 32 bytes)
+  std::unique_ptr<std::barrier<>> bar;
+};
 inline thread_local uint3 tid, bid;
 inline thread_local int lin;
 inline dim3 bdim, gdim;
 inline std::barrier<>* block_bar = nullptr;
 inline std::vector<Warp>* warps = nullptr;
 inline int occupancy = 2, sms = 3;
+inline unsigned char* dynamic_smem = nullptr;  // `extern __shared__` arrays point here
 
 template <class K>
-auto launch(K kernel, dim3 grid, dim3 block, size_t = 0, cudaStream_t = 0) {
+auto launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = 0) {
   return [=](auto... args) {
     gdim = grid;
     bdim = block;
+    // Dynamic shared memory starts as all-ones bytes (NaN in 16-bit floats), not zeros: reading what no copy
+    // wrote shows up.
+    std::vector<unsigned char> dynamic(smem + 16, 0xff);
+    dynamic_smem = dynamic.data() + (16 - reinterpret_cast<uintptr_t>(dynamic.data()) % 16) % 16;
     const int n = block.x * block.y * block.z;
     std::barrier<> bar(n);
     std::vector<Warp> ws((n + 31) / 32);
@@ -59,6 +72,37 @@ auto launch(K kernel, dim3 grid, dim3 block, size_t = 0, cudaStream_t = 0) {
     for (auto& th : ts) th.join();
   };
 }
+// For ptx.h: a warp's per-lane slots, and its barrier.
+template <typename V>
+V* posted() {
+  static_assert(32 * sizeof(V) <= sizeof(Warp::posted), "operands too big to post");
+  return reinterpret_cast<V*>((*warps)[lin / 32].posted);
+}
+inline int lane() { return lin % 32; }
+inline void warp_sync() { (*warps)[lin / 32].bar->arrive_and_wait(); }
+
+// Element `col` of a row of 16-bit values, as raw bits in the low half.
+inline uint32_t b16(const void* row, int col) {
+  uint16_t v;
+  std::memcpy(&v, static_cast<const char*>(row) + 2 * col, 2);
+  return v;
+}
+
+// ldmatrix.x4: lanes 8i..8i+7 give the rows of 8x8 matrix i; register i of lane l gets its elements
+// (l / 4, 2 (l % 4)) and (l / 4, 2 (l % 4) + 1), or those of its transpose with .trans.
+inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
+  const void** rows = posted<const void*>();
+  const int l = lane();
+  rows[l] = p;
+  warp_sync();
+  for (int i = 0; i < 4; ++i) {
+    if (trans)
+      r[i] = b16(rows[8 * i + 2 * (l % 4)], l / 4) | b16(rows[8 * i + 2 * (l % 4) + 1], l / 4) << 16;
+    else
+      r[i] = b16(rows[8 * i + l / 4], 2 * (l % 4)) | b16(rows[8 * i + l / 4], 2 * (l % 4) + 1) << 16;
+  }
+  warp_sync();
+}
 }  // namespace emu
 
 #define threadIdx (emu::tid)
@@ -77,6 +121,9 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
   return r;
 }
 template <class T> inline T __ldg(const T* p) { return *p; }
+// cuda_runtime.h declares the kernel-pointer overload for nvcc only.
+template <class... A>
+cudaError_t cudaFuncSetAttribute(void (*)(A...), cudaFuncAttribute, int) { return cudaSuccess; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 using std::min;
 using std::max;

@@ -22,3 +22,5 @@ cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, 
 }
 const char* cudaGetErrorString(cudaError_t) { return "an emulated CUDA error"; }
 }
+
+extern "C" cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }

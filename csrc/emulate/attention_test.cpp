@@ -1,0 +1,191 @@
+// csrc/attention's launchers (forward, backward) under the CPU emulation of emu.h and ptx.h, against a float64
+// reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA, boolean masks with a fully masked row,
+// additive masks, lengths that leave partial tiles. Prints each failure and exits 1 if any. Built and run by
+// tests/test_cuda_emulated.py.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/flash.h"
+#include "emu.h"
+
+static std::mt19937 rng(4321);
+static int failures = 0, checks = 0;
+
+template <class T> float tof(T v);
+template <> float tof(__half v) { return __half2float(v); }
+template <> float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T> T fromf(float v);
+template <> __half fromf(float v) { return __float2half_rn(v); }
+template <> __nv_bfloat16 fromf(float v) { return __float2bfloat16_rn(v); }
+
+enum Mask { kNone, kBool, kAdditive };
+
+struct Case {
+  int B, H, Hkv, Lq, Lk, D;
+  bool causal;
+  Mask mask;
+};
+
+void expect(const std::string& what, double err, double bound) {
+  ++checks;
+  if (!(err <= bound)) {
+    ++failures;
+    std::printf("FAIL %s: error %.3g > %.3g\n", what.c_str(), err, bound);
+  }
+}
+
+// max |a - b| / max(1, max |b|)
+double rel_err(const std::vector<double>& ref, const std::vector<float>& got) {
+  double e = 0, m = 1;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    e = std::max(e, std::abs(ref[i] - got[i]));
+    m = std::max(m, std::abs(ref[i]));
+  }
+  return std::isnan(e) ? INFINITY : e / m;
+}
+
+template <class T>
+void run(const Case& c, const char* dtype, double tol) {
+  const int B = c.B, H = c.H, Hkv = c.Hkv, Lq = c.Lq, Lk = c.Lk, D = c.D, G = H / Hkv;
+  const std::string tag = std::string(dtype) + " D" + std::to_string(D) + " B" + std::to_string(B) + " H" +
+                          std::to_string(H) + "/" + std::to_string(Hkv) + " Lq" + std::to_string(Lq) + " Lk" +
+                          std::to_string(Lk) + (c.causal ? " causal" : "") +
+                          (c.mask == kBool ? " bool" : c.mask == kAdditive ? " additive" : "");
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto make = [&](size_t n) {
+    std::vector<T> v(n);
+    for (auto& e : v) e = fromf<T>(nd(rng));
+    return v;
+  };
+  std::vector<T> q = make((size_t)B * H * Lq * D), k = make((size_t)B * Hkv * Lk * D),
+                 v = make((size_t)B * Hkv * Lk * D), dout = make((size_t)B * H * Lq * D);
+  // masks, (B, H, Lq, Lk) dense: bool keys padded per batch (row 0 of head 0 fully masked); additive random
+  std::vector<uint8_t> keep((size_t)B * H * Lq * Lk, 1);
+  std::vector<T> add((size_t)B * H * Lq * Lk, fromf<T>(0.f));
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Lq; ++i)
+        for (int j = 0; j < Lk; ++j) {
+          const size_t at = (((size_t)b * H + h) * Lq + i) * Lk + j;
+          keep[at] = !(j >= Lk - 5 - b) && !(h == 0 && i == 0);
+          add[at] = fromf<T>(nd(rng));
+        }
+  const float scale = 1.f / std::sqrt((float)D);
+
+  fa::AttentionParams p{};
+  p.dtype = sizeof(T) == 2 && std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.k_len = Lk, p.head_dim = D;
+  p.scale = scale;
+  p.causal = c.causal;
+  p.q = q.data(), p.k = k.data(), p.v = v.data();
+  p.q_batch_stride = (int64_t)H * Lq * D, p.q_head_stride = (int64_t)Lq * D, p.q_row_stride = D;
+  p.k_batch_stride = (int64_t)Hkv * Lk * D, p.k_head_stride = (int64_t)Lk * D, p.k_row_stride = D;
+  p.v_batch_stride = p.k_batch_stride, p.v_head_stride = p.k_head_stride, p.v_row_stride = D;
+  p.mask_kind = c.mask == kBool ? fa::MaskKind::kBool : c.mask == kAdditive ? fa::MaskKind::kAdditive
+                                                                             : fa::MaskKind::kNone;
+  p.mask = c.mask == kBool ? (const void*)keep.data() : (const void*)add.data();
+  p.mask_batch_stride = (int64_t)H * Lq * Lk, p.mask_head_stride = (int64_t)Lq * Lk, p.mask_q_stride = Lk;
+  p.mask_k_stride = 1;
+  std::vector<T> out((size_t)B * H * Lq * D), dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse((size_t)B * H * Lq), delta(lse.size());
+  p.out = out.data();
+  p.o_batch_stride = p.q_batch_stride, p.o_head_stride = p.q_head_stride, p.o_row_stride = D;
+  p.lse = lse.data();
+  if (int err = fa::attention_forward(p, nullptr)) {
+    expect(tag + " forward launch error " + std::to_string(err), 1, 0);
+    return;
+  }
+  p.dout = dout.data();
+  p.do_batch_stride = p.q_batch_stride, p.do_head_stride = p.q_head_stride, p.do_row_stride = D;
+  p.delta = delta.data();
+  p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  if (int err = fa::attention_backward(p, nullptr)) {
+    expect(tag + " backward launch error " + std::to_string(err), 1, 0);
+    return;
+  }
+
+  // float64 reference from the same (rounded) inputs
+  std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(lse.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h) {
+      const int hk = h / G;
+      const T* Q = &q[((size_t)b * H + h) * Lq * D];
+      const T* K = &k[((size_t)b * Hkv + hk) * Lk * D];
+      const T* V = &v[((size_t)b * Hkv + hk) * Lk * D];
+      const T* dO = &dout[((size_t)b * H + h) * Lq * D];
+      for (int i = 0; i < Lq; ++i) {
+        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk);
+        double m = -INFINITY;
+        for (int j = 0; j < Lk; ++j) {
+          const size_t at = (((size_t)b * H + h) * Lq + i) * Lk + j;
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += (double)tof(Q[i * D + d]) * tof(K[j * D + d]);
+          s[j] = dot * scale;
+          if (c.causal && j > i) s[j] = -INFINITY;
+          if (c.mask == kBool && !keep[at]) s[j] = -INFINITY;
+          if (c.mask == kAdditive) s[j] += tof(add[at]);
+          m = std::max(m, s[j]);
+        }
+        double sum = 0;
+        if (m != -INFINITY)
+          for (int j = 0; j < Lk; ++j) sum += (pr[j] = std::exp(s[j] - m));
+        for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;  // a fully masked row gives zeros
+        rlse[((size_t)b * H + h) * Lq + i] = sum > 0 ? m + std::log(sum) : -INFINITY;
+        double* o = &ro[(((size_t)b * H + h) * Lq + i) * D];
+        for (int d = 0; d < D; ++d) {
+          o[d] = 0;
+          for (int j = 0; j < Lk; ++j) o[d] += pr[j] * tof(V[j * D + d]);
+        }
+        double rowdot = 0;  // rowsum(dP * P) = dO . O
+        for (int j = 0; j < Lk; ++j) {
+          dp[j] = 0;
+          for (int d = 0; d < D; ++d) dp[j] += (double)tof(dO[i * D + d]) * tof(V[j * D + d]);
+          rowdot += dp[j] * pr[j];
+        }
+        for (int j = 0; j < Lk; ++j) {
+          const double ds = pr[j] * (dp[j] - rowdot);
+          for (int d = 0; d < D; ++d) {
+            rdq[(((size_t)b * H + h) * Lq + i) * D + d] += scale * ds * tof(K[j * D + d]);
+            rdk[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += scale * ds * tof(Q[i * D + d]);
+            rdv[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += pr[j] * tof(dO[i * D + d]);
+          }
+        }
+      }
+    }
+  auto floats = [](const std::vector<T>& t) {
+    std::vector<float> f(t.size());
+    for (size_t i = 0; i < t.size(); ++i) f[i] = tof(t[i]);
+    return f;
+  };
+  expect(tag + " out", rel_err(ro, floats(out)), tol);
+  double el = 0;
+  for (size_t i = 0; i < lse.size(); ++i)
+    el = std::max(el, std::isinf(rlse[i]) ? (lse[i] == rlse[i] ? 0.0 : INFINITY) : std::abs(rlse[i] - lse[i]));
+  expect(tag + " lse", el, 2e-2);
+  expect(tag + " dq", rel_err(rdq, floats(dq)), 4 * tol);
+  expect(tag + " dk", rel_err(rdk, floats(dk)), 4 * tol);
+  expect(tag + " dv", rel_err(rdv, floats(dv)), 4 * tol);
+}
+
+int main() {
+  const Case cases[] = {
+      {1, 2, 2, 1, 1, 64, false, kNone},      {1, 2, 1, 97, 111, 64, true, kNone},
+      {1, 1, 1, 130, 64, 128, false, kNone},  {1, 1, 1, 200, 333, 32, true, kNone},
+      {2, 2, 2, 40, 70, 96, false, kBool},    {1, 2, 1, 33, 65, 128, false, kAdditive},
+      {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
+  };
+  for (const Case& c : cases) {
+    run<__nv_bfloat16>(c, "bf16", 2e-2);
+    run<__half>(c, "fp16", 4e-3);
+    std::printf("case done (%d checks, %d failed)\n", checks, failures);
+    std::fflush(stdout);
+  }
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures != 0;
+}
