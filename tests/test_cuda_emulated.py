@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -28,7 +29,11 @@ def _cuda_include() -> Path | None:
 
 CXX = shutil.which("g++")
 INCLUDE = _cuda_include()
-pytestmark = pytest.mark.skipif(CXX is None or INCLUDE is None, reason="needs g++ and the CUDA headers")
+pytestmark = [
+    pytest.mark.skipif(CXX is None or INCLUDE is None, reason="needs g++ and the CUDA headers"),
+    # With a GPU, tests/test_cuda.py runs the kernels themselves; the emulation would only spend a minute of CPU.
+    pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/test_cuda.py runs the real kernels"),
+]
 
 LAUNCH = re.compile(r"([\w:]+(?:<[^;<>]*>)?)<<<(.*?)>>>")
 EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?([\w ]+?) (\w+)\[\];")
