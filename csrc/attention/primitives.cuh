@@ -129,20 +129,10 @@ __device__ __forceinline__ int bn_col(int lane) { return ((lane / 8) % 2) * 8; }
 __device__ __forceinline__ int bt_row(int lane) { return lane % 8 + ((lane / 8) % 2) * 8; }
 __device__ __forceinline__ int bt_col(int lane) { return (lane / 16) * 8; }
 
-// Warp-tile GEMMs over shared-memory tiles of pitch P (elements). The warp's 16-row A tile and the fp32
-// accumulator `acc` (N / 8 C fragments of a 16 x N tile) are in the mma layout above.
-
-// acc += a (one 16x16 A fragment) * B^T, B the N x 16 slice of an [n][k] tile (k contiguous) starting at sB.
-template <typename T, int N, int P>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[N / 8][4], const uint32_t (&a)[4], const T* sB, int lane) {
-#pragma unroll
-  for (int np = 0; np < N / 16; ++np) {
-    uint32_t b[4];
-    ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + bn_col(lane));
-    mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-    mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
-  }
-}
+// Warp-tile GEMMs over shared-memory tiles of pitch P (elements). A warp owns MT 16-row tiles of A (rows
+// 16 mt .. 16 mt + 15) and their fp32 accumulators acc[mt] (N / 8 C fragments of a 16 x N tile each), in the mma
+// layout above. Each B fragment read from shared memory with ldmatrix serves all MT tiles, so a warp of two tiles
+// reads B half as often per mma as a warp of one. The forward runs two tiles per warp, the backward one.
 
 // The A fragments of the 16 x K row-major tile at sA (row 0 of the warp's rows), for operands reused across tiles.
 template <int K, int P, typename T>
@@ -150,39 +140,6 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* sA, in
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(a[kk], sA + a_row(lane) * P + kk * 16 + a_col(lane));
 }
-
-// acc += A B^T: A the warp's 16 x K row-major tile at sA, B an N x K [n][k] tile at sB.
-template <typename T, int K, int N, int P>
-__device__ __forceinline__ void mma_ss_bt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    ldmatrix_x4(a, sA + a_row(lane) * P + kk * 16 + a_col(lane));
-    mma_a_bt<T, N, P>(acc, a, sB + kk * 16, lane);
-  }
-}
-
-// acc += C B: C the warp's 16 x K fp32 tile (K / 8 C fragments, e.g. probabilities), rounded to T as the A
-// operand without leaving registers; B a K x N [k][n] tile (n contiguous) at sB, read with ldmatrix.trans.
-template <typename T, int K, int N, int P>
-__device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* sB, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    uint32_t a[4];
-    c_to_a<T>(a, c[2 * kk], c[2 * kk + 1]);
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4_trans(b, sB + (kk * 16 + bt_row(lane)) * P + np * 16 + bt_col(lane));
-      mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-      mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// The same GEMMs for a warp that owns MT 16-row tiles (rows 16 mt .. 16 mt + 15 of its A, accumulator acc[mt]):
-// each B fragment read from shared memory with ldmatrix serves all MT tiles, so a warp of 32 rows reads K and
-// V half as often per mma as one of 16.
 
 // acc[mt] += A_mt B^T: A_mt the warp's mt-th 16 x K tile as load_a fragments, B an N x K [n][k] tile at sB.
 template <typename T, int K, int N, int P, int MT>
@@ -224,8 +181,9 @@ __device__ __forceinline__ void mma_ss_bt_m(float (&acc)[MT][N / 8][4], const T*
   }
 }
 
-// acc[mt] += C_mt B: C_mt the warp's mt-th 16 x K fp32 tile (probabilities), rounded to T as the A operand in
-// registers; B a K x N [k][n] tile (n contiguous) at sB, read with ldmatrix.trans.
+// acc[mt] += C_mt B: C_mt the warp's mt-th 16 x K fp32 tile (K / 8 C fragments, e.g. probabilities), rounded to T
+// as the A operand without leaving registers; B a K x N [k][n] tile (n contiguous) at sB, read with
+// ldmatrix.trans.
 template <typename T, int K, int N, int P, int MT>
 __device__ __forceinline__ void mma_cs_m(float (&acc)[MT][N / 8][4], const float (&c)[MT][K / 8][4], const T* sB,
                                          int lane) {
@@ -245,6 +203,18 @@ __device__ __forceinline__ void mma_cs_m(float (&acc)[MT][N / 8][4], const float
       }
     }
   }
+}
+
+// One-tile forms, for the backward's 16-row warps: acc is one tile's N / 8 C fragments.
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void mma_ss_bt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+  mma_ss_bt_m<T, K, N, P, 1>(reinterpret_cast<float (&)[1][N / 8][4]>(acc), sA, sB, lane);
+}
+
+template <typename T, int K, int N, int P>
+__device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* sB, int lane) {
+  mma_cs_m<T, K, N, P, 1>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
+                          reinterpret_cast<const float (&)[1][K / 8][4]>(c), sB, lane);
 }
 
 // Where element e of C fragment nt sits in its warp tile: row frag_row (0..15), column frag_col (0..N-1).

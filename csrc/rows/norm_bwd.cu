@@ -10,6 +10,11 @@
 // - Otherwise two passes: dx with one block per row, then a grid of (column tiles x row chunks) re-reads x and
 //   dy column-wise for the partial sums (5 MN), since a row's element-to-thread map shifts with its alignment.
 // Either way the partial sums are added by column_sums_kernel, in a fixed order.
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -270,18 +275,31 @@ auto fused_switch(const NormParams& p, F f) {
 // 0 when the occupancy query fails: the two-pass path is taken then.
 template <typename T>
 int64_t fused_blocks(const NormParams& p) {
-  int device = 0, sms = 0, per_sm = 0;
-  if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) {
-    cudaGetLastError();
-    return 0;
-  }
-  const int threads = cached_threads<T>(p.cols);
-  if (fused_switch<T>(p, [&](auto kernel) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
-      }) || per_sm < 1) {
+  int device = 0;
+  if (cudaGetDevice(&device)) {
     cudaGetLastError();  // clear it: the two-pass path checks cudaGetLastError after its launches
     return 0;
   }
+  const int threads = cached_threads<T>(p.cols);
+  // The device queries cost microseconds a call, twice per backward: their answers are kept per (device,
+  // kernel, threads).
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int>, std::pair<int, int>> known;  // -> (SMs, blocks per SM)
+  const void* id = fused_switch<T>(p, [](auto kernel) { return reinterpret_cast<const void*>(kernel); });
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find({device, id, threads});
+  if (found == known.end()) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) ||
+        fused_switch<T>(p, [&](auto kernel) {
+          return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+        }) || per_sm < 1) {
+      cudaGetLastError();
+      return 0;
+    }
+    found = known.emplace(std::make_tuple(device, id, threads), std::make_pair(sms, per_sm)).first;
+  }
+  const auto [sms, per_sm] = found->second;
   const int64_t row_bytes = 2 * p.cols * static_cast<int64_t>(sizeof(T));
   const int64_t wanted = row_bytes >= kBytesInFlight ? 1 : kBytesInFlight / row_bytes;
   const int64_t blocks = static_cast<int64_t>(sms) * (per_sm < wanted ? per_sm : wanted);
