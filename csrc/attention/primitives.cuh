@@ -141,22 +141,36 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[K / 16][4], const T* sA, in
   for (int kk = 0; kk < K / 16; ++kk) ldmatrix_x4(a[kk], sA + a_row(lane) * P + kk * 16 + a_col(lane));
 }
 
+// acc[mt] += a[mt] B^T for one k-step: a[mt] one 16x16 A fragment per tile, B the N x 16 slice of an [n][k] tile
+// (k contiguous) starting at sB.
+template <typename T, int N, int P, int MT>
+__device__ __forceinline__ void mma_a_bt_m(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][4], const T* sB,
+                                           int lane) {
+#pragma unroll
+  for (int np = 0; np < N / 16; ++np) {
+    uint32_t b[4];
+    ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + bn_col(lane));
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+      mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+    }
+  }
+}
+
 // acc[mt] += A_mt B^T: A_mt the warp's mt-th 16 x K tile as load_a fragments, B an N x K [n][k] tile at sB.
 template <typename T, int K, int N, int P, int MT>
 __device__ __forceinline__ void mma_rs_bt_m(float (&acc)[MT][N / 8][4], const uint32_t (&a)[MT][K / 16][4],
                                             const T* sB, int lane) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a_kk[MT][4];
 #pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * np], a[mt][kk], b[0], b[1]);
-        mma_16816<T>(acc[mt][2 * np + 1], a[mt][kk], b[2], b[3]);
-      }
+      for (int r = 0; r < 4; ++r) a_kk[mt][r] = a[mt][kk][r];
     }
+    mma_a_bt_m<T, N, P, MT>(acc, a_kk, sB + kk * 16, lane);
   }
 }
 
@@ -168,16 +182,7 @@ __device__ __forceinline__ void mma_ss_bt_m(float (&acc)[MT][N / 8][4], const T*
     uint32_t a[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sA + (mt * 16 + a_row(lane)) * P + kk * 16 + a_col(lane));
-#pragma unroll
-    for (int np = 0; np < N / 16; ++np) {
-      uint32_t b[4];
-      ldmatrix_x4(b, sB + (np * 16 + bn_row(lane)) * P + kk * 16 + bn_col(lane));
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
-        mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
-      }
-    }
+    mma_a_bt_m<T, N, P, MT>(acc, a, sB + kk * 16, lane);
   }
 }
 

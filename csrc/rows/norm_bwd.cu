@@ -129,42 +129,40 @@ __global__ void __launch_bounds__(kMaxThreads)
     pg.load(a.dy + row * a.cols, nvec);
     const float mean = RMS ? 0.f : a.mean[row];
     const float rstd = a.rstd[row];
-    float sum_g = 0.f, sum_gx = 0.f;
+    // f(k, vi, x, dy, w): this thread's vectors of the row as fp32, with the weight of their columns
+    const auto each_vector = [&](auto f) {
 #pragma unroll
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-      if (vi < nvec) {
-        float xv[V], gv[V], wv[V];
-        px.unpack(k, xv);
-        pg.unpack(k, gv);
-        load_param(wv, a.weight, vi * V, true, 1.f);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const float xhat = (xv[j] - mean) * rstd, g = gv[j] * wv[j];
-          sum_g += g;
-          sum_gx += g * xhat;
-          if (HAS_W) dw[k][j] += gv[j] * xhat;
-          if (HAS_B) db[k][j] += gv[j];
+      for (int k = 0; k < kMaxVecs; ++k) {
+        const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+        if (vi < nvec) {
+          float xv[V], gv[V], wv[V];
+          px.unpack(k, xv);
+          pg.unpack(k, gv);
+          load_param(wv, a.weight, vi * V, true, 1.f);
+          f(k, vi, xv, gv, wv);
         }
       }
-    }
+    };
+    float sum_g = 0.f, sum_gx = 0.f;
+    each_vector([&](int k, int64_t, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float xhat = (xv[j] - mean) * rstd, g = gv[j] * wv[j];
+        sum_g += g;
+        sum_gx += g * xhat;
+        if (HAS_W) dw[k][j] += gv[j] * xhat;
+        if (HAS_B) db[k][j] += gv[j];
+      }
+    });
     const float mean_g = RMS ? 0.f : block_reduce(sum_g, SumOp(), 0.f, scratch) / a.cols;
     const float mean_gx = block_reduce(sum_gx, SumOp(), 0.f, scratch) / a.cols;
+    each_vector([&](int, int64_t vi, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
+      alignas(16) T out[V];
 #pragma unroll
-    for (int k = 0; k < kMaxVecs; ++k) {
-      const int64_t vi = threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
-      if (vi < nvec) {
-        float xv[V], gv[V], wv[V];
-        px.unpack(k, xv);
-        pg.unpack(k, gv);
-        load_param(wv, a.weight, vi * V, true, 1.f);
-        alignas(16) T out[V];
-#pragma unroll
-        for (int j = 0; j < V; ++j)
-          out[j] = from_float<T>(rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx));
-        reinterpret_cast<uint4*>(a.dx + row * a.cols)[vi] = *reinterpret_cast<const uint4*>(out);
-      }
-    }
+      for (int j = 0; j < V; ++j)
+        out[j] = from_float<T>(rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx));
+      reinterpret_cast<uint4*>(a.dx + row * a.cols)[vi] = *reinterpret_cast<const uint4*>(out);
+    });
   }
 #pragma unroll
   for (int k = 0; k < kMaxVecs; ++k) {
