@@ -76,6 +76,9 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     return out, weights.squeeze(0) if query.dim() == 3 else weights
 
 
+_NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
+
+
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -89,7 +92,7 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:
-        seed = torch.zeros((), dtype=torch.int64)
+        seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, lse = _attention.scaled_dot_product_attention(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale,
                                                        seed, name)
     return (out.squeeze(0) if three_d else out), lse, (q, k, attn_mask, bool(is_causal), scale), name
