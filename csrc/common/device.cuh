@@ -85,7 +85,15 @@ struct RowSplit {
   }
 };
 
-// A slice of one row held in fp32 registers: vectors vec0 + threadIdx.x + k * blockDim.x (k < MAXV) of the
+// Which threads share a row, and this thread's place among them: the whole block (one row per block), or one
+// warp (a row per warp, for short rows). A thread holds vectors first, first + stride, ... of its row's slice.
+struct Lanes {
+  int first, stride;
+  __device__ static Lanes block() { return {static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)}; }
+  __device__ static Lanes warp() { return {static_cast<int>(threadIdx.x % 32), 32}; }
+};
+
+// A slice of one row held in fp32 registers: vectors vec0 + l.first + k * l.stride (k < MAXV) of the
 // row's body and, when `edges`, this thread's edge scalar. Slots past the row are never visited by each().
 template <typename T, int MAXV>
 struct RowTile {
@@ -93,11 +101,12 @@ struct RowTile {
   float v[MAXV][V];
   float e;
 
-  __device__ __forceinline__ void load(const T* row, const RowSplit& s, int64_t vec0, bool edges) {
+  __device__ __forceinline__ void load(const T* row, const RowSplit& s, int64_t vec0, bool edges,
+                                       Lanes l = Lanes::block()) {
     const T* body = row + s.head;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
-      const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
       if (vi < s.nvec) {
         alignas(16) T buf[V];
         *reinterpret_cast<uint4*>(buf) = __ldg(reinterpret_cast<const uint4*>(body + vi * V));
@@ -106,16 +115,17 @@ struct RowTile {
       }
     }
     if (edges) {
-      const int64_t c = s.edge_col(threadIdx.x, V);
+      const int64_t c = s.edge_col(l.first, V);
       if (c >= 0) e = to_float(row[c]);
     }
   }
 
-  __device__ __forceinline__ void store(T* row, const RowSplit& s, int64_t vec0, bool edges) const {
+  __device__ __forceinline__ void store(T* row, const RowSplit& s, int64_t vec0, bool edges,
+                                        Lanes l = Lanes::block()) const {
     T* body = row + s.head;
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
-      const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+      const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
       if (vi < s.nvec) {
         alignas(16) T buf[V];
 #pragma unroll
@@ -124,7 +134,7 @@ struct RowTile {
       }
     }
     if (edges) {
-      const int64_t c = s.edge_col(threadIdx.x, V);
+      const int64_t c = s.edge_col(l.first, V);
       if (c >= 0) row[c] = from_float<T>(e);
     }
   }
@@ -133,25 +143,26 @@ struct RowTile {
 // f(value_a&, value_b&, column) over the valid slots of one tile, or of two tiles with the same layout.
 template <typename T, int MAXV, typename F>
 __device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, RowTile<T, MAXV>& b, const RowSplit& s, int64_t vec0,
-                                         bool edges, F f) {
+                                         bool edges, F f, Lanes l = Lanes::block()) {
   constexpr int V = RowTile<T, MAXV>::V;
 #pragma unroll
   for (int k = 0; k < MAXV; ++k) {
-    const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
     if (vi < s.nvec) {
 #pragma unroll
       for (int j = 0; j < V; ++j) f(a.v[k][j], b.v[k][j], s.head + vi * V + j);
     }
   }
   if (edges) {
-    const int64_t c = s.edge_col(threadIdx.x, V);
+    const int64_t c = s.edge_col(l.first, V);
     if (c >= 0) f(a.e, b.e, c);
   }
 }
 
 template <typename T, int MAXV, typename F>
-__device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges, F f) {
-  for_each(a, a, s, vec0, edges, [&](float& x, float&, int64_t c) { f(x, c); });
+__device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges, F f,
+                                         Lanes l = Lanes::block()) {
+  for_each(a, a, s, vec0, edges, [&](float& x, float&, int64_t c) { f(x, c); }, l);
 }
 
 // V consecutive floats p[col0..col0+V-1] of a per-column parameter (a norm's fp32 weight or bias), or `fill`
@@ -178,13 +189,14 @@ __device__ __forceinline__ void load_param(float (&out)[V], const float* p, int6
 // bytes at a time wherever the row's split allows (a head of a multiple of 4 columns: V is a multiple of 4).
 template <typename T, int MAXV, typename F>
 __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, RowTile<T, MAXV>& b, const RowSplit& s,
-                                                int64_t vec0, bool edges, const float* w, const float* bias, F f) {
+                                                int64_t vec0, bool edges, const float* w, const float* bias, F f,
+                                                Lanes l = Lanes::block()) {
   constexpr int V = RowTile<T, MAXV>::V;
   static_assert(V % 4 == 0, "a tile vector spans whole float4s of the parameters");
   const bool aligned = s.head % 4 == 0;
 #pragma unroll
   for (int k = 0; k < MAXV; ++k) {
-    const int64_t vi = vec0 + threadIdx.x + static_cast<int64_t>(k) * blockDim.x;
+    const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
     if (vi < s.nvec) {
       const int64_t col0 = s.head + vi * V;
       float wv[V], bv[V];
@@ -195,15 +207,15 @@ __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, RowTile<T, 
     }
   }
   if (edges) {
-    const int64_t c = s.edge_col(threadIdx.x, V);
+    const int64_t c = s.edge_col(l.first, V);
     if (c >= 0) f(a.e, b.e, w ? w[c] : 1.f, bias ? bias[c] : 0.f);
   }
 }
 
 template <typename T, int MAXV, typename F>
 __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges,
-                                                const float* w, const float* bias, F f) {
-  for_each_affine(a, a, s, vec0, edges, w, bias, [&](float& x, float&, float wc, float bc) { f(x, wc, bc); });
+                                                const float* w, const float* bias, F f, Lanes l = Lanes::block()) {
+  for_each_affine(a, a, s, vec0, edges, w, bias, [&](float& x, float&, float wc, float bc) { f(x, wc, bc); }, l);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

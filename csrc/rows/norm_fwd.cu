@@ -2,7 +2,8 @@
 //   LayerNorm: y = (x - mean) * rstd * w + b, rstd = 1 / sqrt(mean((x - mean)^2) + eps)   (biased variance)
 //   RMSNorm:   y = x * rstd * w,              rstd = 1 / sqrt(mean(x^2) + eps)
 // The variance is a second pass over (x - mean), not E[x^2] - mean^2, which cancels badly when |mean| >> std.
-// A row that fits in registers (CACHED) is read once; a longer one is re-read per pass, chunk by chunk.
+// A row that fits in registers (CACHED) is read once; a longer one is re-read per pass, chunk by chunk. Short
+// rows of whole vectors take a warp each (norm_fwd_warp).
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -61,11 +62,43 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs
   }
 }
 
+// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
+template <typename T, bool RMS>
+__global__ void __launch_bounds__(32 * kWarpRows) norm_fwd_warp(const NormFwdArgs<T> a, int64_t rows) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: nothing below waits for the block
+  const Lanes l = Lanes::warp();
+  const RowSplit s(row * a.cols, a.cols, vec_width<T>());  // whole vectors: no edge scalars
+  RowTile<T, kMaxVecs> t;
+  t.load(a.x + row * a.cols, s, 0, false, l);
+  float mean = 0.f;
+  if (!RMS) {
+    float sum = 0.f;
+    for_each(t, s, 0, false, [&](float& v, int64_t) { sum += v; }, l);
+    mean = warp_reduce(sum, SumOp()) / a.cols;
+  }
+  float sq = 0.f;
+  for_each(t, s, 0, false, [&](float& v, int64_t) { sq += (v - mean) * (v - mean); }, l);
+  const float rstd = rsqrtf(warp_reduce(sq, SumOp()) / a.cols + a.eps);
+  for_each_affine(t, s, 0, false, a.weight, a.bias,
+                  [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; }, l);
+  t.store(a.y + row * a.cols, s, 0, false, l);
+  if (l.first == 0) {
+    if (a.mean) a.mean[row] = mean;
+    a.rstd[row] = rstd;
+  }
+}
+
 template <typename T>
 int launch(const NormParams& p, cudaStream_t stream) {
   if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
   const NormFwdArgs<T> a{static_cast<const T*>(p.x), static_cast<T*>(p.out), p.weight, p.rms ? nullptr : p.bias,
                          p.rms ? nullptr : p.mean, p.rstd, p.cols, p.eps};
+  if (warp_rows<T>(p.cols)) {
+    const int64_t blocks = ceil_div(p.rows, kWarpRows);
+    FA_BOOL_SWITCH(p.rms, RMS, [&] { norm_fwd_warp<T, RMS><<<blocks, 32 * kWarpRows, 0, stream>>>(a, p.rows); });
+    return cudaGetLastError();
+  }
   const int cached = cached_threads<T>(p.cols);
   const int threads = cached ? cached : kMaxThreads;
   FA_BOOL_SWITCH(p.rms, RMS, [&] {

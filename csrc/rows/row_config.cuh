@@ -38,6 +38,16 @@ inline int64_t row_chunks(int64_t cols) {
   return c < 1 ? 1 : c;
 }
 
+// Short rows of whole 16-byte vectors (at most kMaxVecs per lane of a warp: 1K 16-bit or 512 fp32 columns) take
+// a warp each, kWarpRows rows per block, in the forward kernels: warp shuffles instead of block reductions and
+// their barriers, and a quarter of the blocks of one row per one-warp block.
+constexpr int kWarpRows = 4;
+
+template <typename T>
+inline bool warp_rows(int64_t cols) {
+  return cols % vec_width<T>() == 0 && cols / vec_width<T>() <= 32 * kMaxVecs;
+}
+
 constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
 
 }  // namespace fa

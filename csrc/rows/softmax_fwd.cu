@@ -1,5 +1,5 @@
 // softmax forward over the last dim of a contiguous (rows, cols) matrix: y = exp(x - max) / sum(exp(x - max)).
-// Rows that fit one block's registers are read once (softmax_fwd_cached). Longer rows are split across blocks
+// Rows that fit one block's registers are read once (softmax_fwd_cached; short ones a warp each, softmax_fwd_warp). Longer rows are split across blocks
 // in two passes: each chunk's (max, sum of exp) is combined online in a fixed order, so the result does not
 // depend on scheduling. A row of only -inf gives NaN, as torch.
 #include "../common/static_switch.h"
@@ -27,6 +27,29 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_cached(const T* __res
   const float inv = 1.f / block_reduce(sum, SumOp(), 0.f, scratch);
   for_each(t, s, 0, true, [&](float& v, int64_t) { v *= inv; });
   t.store(y + row * cols, s, 0, true);
+}
+
+// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
+template <typename T>
+__global__ void __launch_bounds__(32 * kWarpRows)
+    softmax_fwd_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: nothing below waits for the block
+  const Lanes l = Lanes::warp();
+  const RowSplit s(row * cols, cols, vec_width<T>());  // whole vectors: no edge scalars
+  RowTile<T, kMaxVecs> t;
+  t.load(x + row * cols, s, 0, false, l);
+  float m = -kInf;
+  for_each(t, s, 0, false, [&](float& v, int64_t) { m = fmaxf(m, v); }, l);
+  m = warp_reduce(m, MaxOp());
+  float sum = 0.f;
+  for_each(t, s, 0, false, [&](float& v, int64_t) {
+    v = fast_exp(v - m);
+    sum += v;
+  }, l);
+  const float inv = 1.f / warp_reduce(sum, SumOp());
+  for_each(t, s, 0, false, [&](float& v, int64_t) { v *= inv; }, l);
+  t.store(y + row * cols, s, 0, false, l);
 }
 
 // Pass 1: block (row, chunk) writes its chunk's max and sum(exp(x - max)) to ws[row][chunk].
@@ -76,6 +99,12 @@ template <typename T>
 int launch(const SoftmaxParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.out);
+  if (warp_rows<T>(p.cols)) {
+    const int64_t blocks = ceil_div(p.rows, kWarpRows);
+    if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
+    softmax_fwd_warp<T><<<blocks, 32 * kWarpRows, 0, stream>>>(x, y, p.rows, p.cols);
+    return cudaGetLastError();
+  }
   if (const int threads = cached_threads<T>(p.cols)) {
     if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
     softmax_fwd_cached<T><<<p.rows, threads, 0, stream>>>(x, y, p.cols);
