@@ -1,6 +1,7 @@
 // softmax backward: dx = y * (dy - sum(y * dy)) per row, from the forward's output y. Same row split as the
-// forward: one block per row when it fits in registers, else per-chunk partial dot products combined in a
-// fixed order (the workspace holds rows * chunks floats, half of what the forward's (max, sum) pairs need).
+// forward: a warp per short row of whole vectors, one block per row when it fits in registers, else per-chunk
+// partial dot products combined in a fixed order (the workspace holds rows * chunks floats, half of what the
+// forward's (max, sum) pairs need).
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -60,11 +61,35 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_bwd_finish(const T* __res
   ty.store(dx + row * cols, s, vec0, edges);
 }
 
+// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
+template <typename T>
+__global__ void __launch_bounds__(32 * kWarpRows) softmax_bwd_warp(const T* __restrict__ y, const T* __restrict__ dy,
+                                                                   T* __restrict__ dx, int64_t rows, int64_t cols) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
+  if (row >= rows) return;  // the whole warp: nothing below waits for the block
+  const Lanes l = Lanes::warp();
+  const RowSplit s(row * cols, cols, vec_width<T>());  // whole vectors: no edge scalars
+  RowTile<T, kMaxVecs> ty, tg;
+  ty.load(y + row * cols, s, 0, false, l);
+  tg.load(dy + row * cols, s, 0, false, l);
+  float dot = 0.f;
+  for_each(ty, tg, s, 0, false, [&](float& a, float& g, int64_t) { dot += a * g; }, l);
+  dot = warp_reduce(dot, SumOp());
+  for_each(ty, tg, s, 0, false, [&](float& a, float& g, int64_t) { a = a * (g - dot); }, l);
+  ty.store(dx + row * cols, s, 0, false, l);
+}
+
 template <typename T>
 int launch(const SoftmaxParams& p, cudaStream_t stream) {
   const T* y = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.out);
+  if (warp_rows<T>(p.cols)) {
+    const int64_t blocks = ceil_div(p.rows, kWarpRows);
+    if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
+    softmax_bwd_warp<T><<<blocks, 32 * kWarpRows, 0, stream>>>(y, dy, dx, p.rows, p.cols);
+    return cudaGetLastError();
+  }
   if (const int threads = cached_threads<T>(p.cols)) {
     if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
     softmax_bwd_cached<T><<<p.rows, threads, 0, stream>>>(y, dy, dx, p.cols);
