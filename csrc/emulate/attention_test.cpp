@@ -1,7 +1,7 @@
-// csrc/attention's launchers (forward, backward) under the CPU emulation of emu.h and ptx.h, against a float64
-// reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA, boolean masks with a fully masked row,
-// additive masks, lengths that leave partial tiles. Prints each failure and exits 1 if any. Built and run by
-// tests/test_cuda_emulated.py.
+// csrc/attention's launchers (forward, backward, and the probabilities for need_weights) under the CPU emulation
+// of emu.h and ptx.h, against a float64 reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA,
+// boolean masks with a fully masked row, additive masks, lengths that leave partial tiles. Prints each failure and
+// exits 1 if any. Built and run by tests/test_cuda_emulated.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -101,6 +101,12 @@ void run(const Case& c, const char* dtype, double tol) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
     return;
   }
+  std::vector<float> weights((size_t)B * H * Lq * Lk);
+  p.weights = weights.data();
+  if (int err = fa::attention_weights(p, nullptr)) {
+    expect(tag + " weights launch error " + std::to_string(err), 1, 0);
+    return;
+  }
   p.dout = dout.data();
   p.do_batch_stride = p.q_batch_stride, p.do_head_stride = p.q_head_stride, p.do_row_stride = D;
   p.delta = delta.data();
@@ -112,6 +118,7 @@ void run(const Case& c, const char* dtype, double tol) {
 
   // float64 reference from the same (rounded) inputs
   std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(lse.size());
+  std::vector<double> rweights(weights.size());
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
       const int hk = h / G;
@@ -136,6 +143,7 @@ void run(const Case& c, const char* dtype, double tol) {
         if (m != -INFINITY)
           for (int j = 0; j < Lk; ++j) sum += (pr[j] = std::exp(s[j] - m));
         for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;  // a fully masked row gives zeros
+        for (int j = 0; j < Lk; ++j) rweights[(((size_t)b * H + h) * Lq + i) * Lk + j] = pr[j];
         rlse[((size_t)b * H + h) * Lq + i] = sum > 0 ? m + std::log(sum) : -INFINITY;
         double* o = &ro[(((size_t)b * H + h) * Lq + i) * D];
         for (int d = 0; d < D; ++d) {
@@ -168,6 +176,7 @@ void run(const Case& c, const char* dtype, double tol) {
   for (size_t i = 0; i < lse.size(); ++i)
     el = std::max(el, std::isinf(rlse[i]) ? (lse[i] == rlse[i] ? 0.0 : INFINITY) : std::abs(rlse[i] - lse[i]));
   expect(tag + " lse", el, 2e-2);
+  expect(tag + " weights", rel_err(rweights, weights), 1e-3);  // fp32 from the saved lse
   expect(tag + " dq", rel_err(rdq, floats(dq)), 4 * tol);
   expect(tag + " dk", rel_err(rdk, floats(dk)), 4 * tol);
   expect(tag + " dv", rel_err(rdv, floats(dv)), 4 * tol);
