@@ -26,16 +26,16 @@
 
 namespace emu {
 struct Warp {
-  float buf[32];                         // __shfl_xor_sync's values
+  float buf[32];                           // __shfl_xor_sync's values
   alignas(16) unsigned char posted[1024];  // ptx.h's per-lane operands (32 lanes x up to 32 bytes)
-  std::unique_ptr<std::barrier<>> bar;
+  std::unique_ptr<std::barrier<>> bar;     // the warp's 32 threads
 };
-inline thread_local uint3 tid, bid;
-inline thread_local int lin;
-inline dim3 bdim, gdim;
+inline thread_local uint3 tid, bid;  // threadIdx, blockIdx of the calling thread
+inline thread_local int lin;         // its linear index in the block: warp lin / 32, lane lin % 32
+inline dim3 bdim, gdim;              // blockDim, gridDim of the running launch
 inline std::barrier<>* block_bar = nullptr;
 inline std::vector<Warp>* warps = nullptr;
-inline int occupancy = 2, sms = 3;
+inline int occupancy = 2, sms = 3;             // the made-up GPU of runtime.cpp
 inline unsigned char* dynamic_smem = nullptr;  // `extern __shared__` arrays point here
 
 template <class K>
@@ -72,6 +72,7 @@ auto launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = 0) 
     for (auto& th : ts) th.join();
   };
 }
+
 // For ptx.h: a warp's per-lane slots, and its barrier.
 template <typename V>
 V* posted() {
