@@ -88,9 +88,9 @@ struct RowSplit {
 // Which threads share a row, and this thread's place among them: the whole block (one row per block), or one
 // warp (a row per warp, for short rows). A thread holds vectors first, first + stride, ... of its row's slice.
 struct Lanes {
-  int first, stride;
-  __device__ static Lanes block() { return {static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)}; }
-  __device__ static Lanes warp() { return {static_cast<int>(threadIdx.x % 32), 32}; }
+  unsigned first, stride;  // unsigned, as threadIdx: the index arithmetic then needs no sign extension
+  __device__ static Lanes block() { return {threadIdx.x, blockDim.x}; }
+  __device__ static Lanes warp() { return {threadIdx.x % 32, 32}; }
 };
 
 // A slice of one row held in fp32 registers: vectors vec0 + l.first + k * l.stride (k < MAXV) of the
