@@ -3,7 +3,7 @@
 //   RMSNorm:   y = x * rstd * w,              rstd = 1 / sqrt(mean(x^2) + eps)
 // The variance is a second pass over (x - mean), not E[x^2] - mean^2, which cancels badly when |mean| >> std.
 // A row that fits in registers (CACHED) is read once; a longer one is re-read per pass, chunk by chunk. Short
-// rows of whole vectors take a warp each (norm_fwd_warp).
+// rows of whole vectors take a warp each (WARP).
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -23,66 +23,44 @@ struct NormFwdArgs {
   float eps;
 };
 
-template <typename T, bool RMS, bool CACHED>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs<T> a) {
+// The row's RowGroup holds it: a block, or for short rows of whole vectors (CACHED, WARP) a warp.
+template <typename T, bool RMS, bool CACHED, bool WARP>
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs<T> a, int64_t rows) {
+  static_assert(CACHED || !WARP, "a warp holds only rows that fit in its registers");
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  const RowGroup<WARP> group;
+  const int64_t row = group.row();
+  if (row >= rows) return;  // a warp past the last row: nothing below waits for the block then
+  const Lanes l = group.lanes();
   const T* x = a.x + row * a.cols;
   const RowSplit s(row * a.cols, a.cols, vec_width<T>());
   const int64_t seg = static_cast<int64_t>(kMaxVecs) * blockDim.x;
   const int64_t segments = CACHED ? 1 : (s.nvec > seg ? (s.nvec + seg - 1) / seg : 1);
   RowTile<T, kMaxVecs> t;
-  if (CACHED) t.load(x, s, 0, true);
+  if (CACHED) t.load(x, s, 0, true, l);
 
   float mean = 0.f;
   if (!RMS) {
     float sum = 0.f;
     for (int64_t c = 0; c < segments; ++c) {
-      if (!CACHED) t.load(x, s, c * seg, c == 0);
-      for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sum += v; });
+      if (!CACHED) t.load(x, s, c * seg, c == 0, l);
+      for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sum += v; }, l);
     }
-    mean = block_reduce(sum, SumOp(), 0.f, scratch) / a.cols;
+    mean = group.reduce(sum, SumOp(), 0.f, scratch) / a.cols;
   }
   float sq = 0.f;
   for (int64_t c = 0; c < segments; ++c) {
-    if (!CACHED) t.load(x, s, c * seg, c == 0);
-    for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sq += (v - mean) * (v - mean); });
+    if (!CACHED) t.load(x, s, c * seg, c == 0, l);
+    for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sq += (v - mean) * (v - mean); }, l);
   }
-  const float rstd = rsqrtf(block_reduce(sq, SumOp(), 0.f, scratch) / a.cols + a.eps);
+  const float rstd = rsqrtf(group.reduce(sq, SumOp(), 0.f, scratch) / a.cols + a.eps);
 
   for (int64_t c = 0; c < segments; ++c) {
-    if (!CACHED) t.load(x, s, c * seg, c == 0);
+    if (!CACHED) t.load(x, s, c * seg, c == 0, l);
     for_each_affine(t, s, c * seg, c == 0, a.weight, a.bias,
-                    [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; });
-    t.store(a.y + row * a.cols, s, c * seg, c == 0);
+                    [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; }, l);
+    t.store(a.y + row * a.cols, s, c * seg, c == 0, l);
   }
-  if (threadIdx.x == 0) {
-    if (a.mean) a.mean[row] = mean;
-    a.rstd[row] = rstd;
-  }
-}
-
-// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
-template <typename T, bool RMS>
-__global__ void __launch_bounds__(32 * kWarpRows) norm_fwd_warp(const NormFwdArgs<T> a, int64_t rows) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp: nothing below waits for the block
-  const Lanes l = Lanes::warp();
-  const RowSplit s(row * a.cols, a.cols, vec_width<T>());  // whole vectors: no edge scalars
-  RowTile<T, kMaxVecs> t;
-  t.load(a.x + row * a.cols, s, 0, false, l);
-  float mean = 0.f;
-  if (!RMS) {
-    float sum = 0.f;
-    for_each(t, s, 0, false, [&](float& v, int64_t) { sum += v; }, l);
-    mean = warp_reduce(sum, SumOp()) / a.cols;
-  }
-  float sq = 0.f;
-  for_each(t, s, 0, false, [&](float& v, int64_t) { sq += (v - mean) * (v - mean); }, l);
-  const float rstd = rsqrtf(warp_reduce(sq, SumOp()) / a.cols + a.eps);
-  for_each_affine(t, s, 0, false, a.weight, a.bias,
-                  [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; }, l);
-  t.store(a.y + row * a.cols, s, 0, false, l);
   if (l.first == 0) {
     if (a.mean) a.mean[row] = mean;
     a.rstd[row] = rstd;
@@ -94,15 +72,17 @@ int launch(const NormParams& p, cudaStream_t stream) {
   if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
   const NormFwdArgs<T> a{static_cast<const T*>(p.x), static_cast<T*>(p.out), p.weight, p.rms ? nullptr : p.bias,
                          p.rms ? nullptr : p.mean, p.rstd, p.cols, p.eps};
-  if (warp_rows<T>(p.cols)) {
-    const int64_t blocks = ceil_div(p.rows, kWarpRows);
-    FA_BOOL_SWITCH(p.rms, RMS, [&] { norm_fwd_warp<T, RMS><<<blocks, 32 * kWarpRows, 0, stream>>>(a, p.rows); });
-    return cudaGetLastError();
-  }
-  const int cached = cached_threads<T>(p.cols);
+  const bool warp = warp_rows<T>(p.cols);
+  const int cached = warp ? 32 * kWarpRows : cached_threads<T>(p.cols);
   const int threads = cached ? cached : kMaxThreads;
+  const int64_t blocks = warp ? ceil_div(p.rows, kWarpRows) : p.rows;
   FA_BOOL_SWITCH(p.rms, RMS, [&] {
-    FA_BOOL_SWITCH(cached != 0, CACHED, [&] { norm_fwd_kernel<T, RMS, CACHED><<<p.rows, threads, 0, stream>>>(a); });
+    if (warp) {
+      norm_fwd_kernel<T, RMS, true, true><<<blocks, threads, 0, stream>>>(a, p.rows);
+    } else {
+      FA_BOOL_SWITCH(cached != 0, CACHED,
+                     [&] { norm_fwd_kernel<T, RMS, CACHED, false><<<blocks, threads, 0, stream>>>(a, p.rows); });
+    }
   });
   return cudaGetLastError();
 }

@@ -48,6 +48,21 @@ inline bool warp_rows(int64_t cols) {
   return cols % vec_width<T>() == 0 && cols / vec_width<T>() <= 32 * kMaxVecs;
 }
 
+// The threads that share a row in a kernel that holds it in registers: the whole block (a row per block,
+// reductions through shared memory), or for warp_rows one warp (kWarpRows rows per block, shuffles alone).
+template <bool WARP>
+struct RowGroup {
+  __device__ int64_t row() const {
+    return WARP ? static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32 : blockIdx.x;
+  }
+  __device__ Lanes lanes() const { return WARP ? Lanes::warp() : Lanes::block(); }
+  template <typename Op>
+  __device__ float reduce(float v, Op op, float identity, float* scratch) const {
+    if constexpr (WARP) return warp_reduce(v, op);
+    else return block_reduce(v, op, identity, scratch);
+  }
+};
+
 constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit
 
 }  // namespace fa

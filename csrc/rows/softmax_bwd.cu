@@ -9,20 +9,25 @@
 namespace fa {
 namespace {
 
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_bwd_cached(const T* __restrict__ y, const T* __restrict__ dy, T* __restrict__ dx,
-                                   int64_t cols) {
+// A row held in registers by its RowGroup: a block, or for short rows of whole vectors a warp.
+template <typename T, bool WARP>
+__global__ void __launch_bounds__(kMaxThreads) softmax_bwd_cached(const T* __restrict__ y, const T* __restrict__ dy,
+                                                                  T* __restrict__ dx, int64_t rows, int64_t cols) {
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  const RowGroup<WARP> group;
+  const int64_t row = group.row();
+  if (row >= rows) return;  // a warp past the last row: nothing below waits for the block then
+  const Lanes l = group.lanes();
+  constexpr bool edges = !WARP;  // a warp's rows are whole vectors
   const RowSplit s(row * cols, cols, vec_width<T>());
   RowTile<T, kMaxVecs> ty, tg;
-  ty.load(y + row * cols, s, 0, true);
-  tg.load(dy + row * cols, s, 0, true);
+  ty.load(y + row * cols, s, 0, edges, l);
+  tg.load(dy + row * cols, s, 0, edges, l);
   float dot = 0.f;
-  for_each(ty, tg, s, 0, true, [&](float& a, float& g, int64_t) { dot += a * g; });
-  dot = block_reduce(dot, SumOp(), 0.f, scratch);
-  for_each(ty, tg, s, 0, true, [&](float& a, float& g, int64_t) { a = a * (g - dot); });
-  ty.store(dx + row * cols, s, 0, true);
+  for_each(ty, tg, s, 0, edges, [&](float& a, float& g, int64_t) { dot += a * g; }, l);
+  dot = group.reduce(dot, SumOp(), 0.f, scratch);
+  for_each(ty, tg, s, 0, edges, [&](float& a, float& g, int64_t) { a = a * (g - dot); }, l);
+  ty.store(dx + row * cols, s, 0, edges, l);
 }
 
 template <typename T>
@@ -61,38 +66,17 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_bwd_finish(const T* __res
   ty.store(dx + row * cols, s, vec0, edges);
 }
 
-// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
-template <typename T>
-__global__ void __launch_bounds__(32 * kWarpRows) softmax_bwd_warp(const T* __restrict__ y, const T* __restrict__ dy,
-                                                                   T* __restrict__ dx, int64_t rows, int64_t cols) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp: nothing below waits for the block
-  const Lanes l = Lanes::warp();
-  const RowSplit s(row * cols, cols, vec_width<T>());  // whole vectors: no edge scalars
-  RowTile<T, kMaxVecs> ty, tg;
-  ty.load(y + row * cols, s, 0, false, l);
-  tg.load(dy + row * cols, s, 0, false, l);
-  float dot = 0.f;
-  for_each(ty, tg, s, 0, false, [&](float& a, float& g, int64_t) { dot += a * g; }, l);
-  dot = warp_reduce(dot, SumOp());
-  for_each(ty, tg, s, 0, false, [&](float& a, float& g, int64_t) { a = a * (g - dot); }, l);
-  ty.store(dx + row * cols, s, 0, false, l);
-}
-
 template <typename T>
 int launch(const SoftmaxParams& p, cudaStream_t stream) {
   const T* y = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.out);
-  if (warp_rows<T>(p.cols)) {
-    const int64_t blocks = ceil_div(p.rows, kWarpRows);
+  const bool warp = warp_rows<T>(p.cols);
+  if (const int threads = warp ? 32 * kWarpRows : cached_threads<T>(p.cols)) {
+    const int64_t blocks = warp ? ceil_div(p.rows, kWarpRows) : p.rows;
     if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-    softmax_bwd_warp<T><<<blocks, 32 * kWarpRows, 0, stream>>>(y, dy, dx, p.rows, p.cols);
-    return cudaGetLastError();
-  }
-  if (const int threads = cached_threads<T>(p.cols)) {
-    if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
-    softmax_bwd_cached<T><<<p.rows, threads, 0, stream>>>(y, dy, dx, p.cols);
+    FA_BOOL_SWITCH(warp, WARP,
+                   [&] { softmax_bwd_cached<T, WARP><<<blocks, threads, 0, stream>>>(y, dy, dx, p.rows, p.cols); });
     return cudaGetLastError();
   }
   const int64_t chunks = row_chunks<T>(p.cols);

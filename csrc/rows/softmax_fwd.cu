@@ -1,7 +1,7 @@
 // softmax forward over the last dim of a contiguous (rows, cols) matrix: y = exp(x - max) / sum(exp(x - max)).
-// Rows that fit one block's registers are read once (softmax_fwd_cached; short ones a warp each, softmax_fwd_warp). Longer rows are split across blocks
-// in two passes: each chunk's (max, sum of exp) is combined online in a fixed order, so the result does not
-// depend on scheduling. A row of only -inf gives NaN, as torch.
+// Rows that fit in registers are read once (softmax_fwd_cached: a block per row, or a warp per short row). Longer
+// rows are split across blocks in two passes: each chunk's (max, sum of exp) is combined online in a fixed order,
+// so the result does not depend on scheduling. A row of only -inf gives NaN, as torch.
 #include "../common/static_switch.h"
 #include "row_config.cuh"
 #include "rows.h"
@@ -9,47 +9,30 @@
 namespace fa {
 namespace {
 
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_fwd_cached(const T* __restrict__ x, T* __restrict__ y, int64_t cols) {
+// A row held in registers by its RowGroup: a block, or for short rows of whole vectors a warp.
+template <typename T, bool WARP>
+__global__ void __launch_bounds__(kMaxThreads)
+    softmax_fwd_cached(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols) {
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  const RowGroup<WARP> group;
+  const int64_t row = group.row();
+  if (row >= rows) return;  // a warp past the last row: nothing below waits for the block then
+  const Lanes l = group.lanes();
+  constexpr bool edges = !WARP;  // a warp's rows are whole vectors
   const RowSplit s(row * cols, cols, vec_width<T>());
   RowTile<T, kMaxVecs> t;
-  t.load(x + row * cols, s, 0, true);
+  t.load(x + row * cols, s, 0, edges, l);
   float m = -kInf;
-  for_each(t, s, 0, true, [&](float& v, int64_t) { m = fmaxf(m, v); });
-  m = block_reduce(m, MaxOp(), -kInf, scratch);
+  for_each(t, s, 0, edges, [&](float& v, int64_t) { m = fmaxf(m, v); }, l);
+  m = group.reduce(m, MaxOp(), -kInf, scratch);
   float sum = 0.f;
-  for_each(t, s, 0, true, [&](float& v, int64_t) {
-    v = fast_exp(v - m);
-    sum += v;
-  });
-  const float inv = 1.f / block_reduce(sum, SumOp(), 0.f, scratch);
-  for_each(t, s, 0, true, [&](float& v, int64_t) { v *= inv; });
-  t.store(y + row * cols, s, 0, true);
-}
-
-// Rows of whole vectors that fit one warp's registers: a warp per row, kWarpRows rows per block.
-template <typename T>
-__global__ void __launch_bounds__(32 * kWarpRows)
-    softmax_fwd_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t cols) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRows + threadIdx.x / 32;
-  if (row >= rows) return;  // the whole warp: nothing below waits for the block
-  const Lanes l = Lanes::warp();
-  const RowSplit s(row * cols, cols, vec_width<T>());  // whole vectors: no edge scalars
-  RowTile<T, kMaxVecs> t;
-  t.load(x + row * cols, s, 0, false, l);
-  float m = -kInf;
-  for_each(t, s, 0, false, [&](float& v, int64_t) { m = fmaxf(m, v); }, l);
-  m = warp_reduce(m, MaxOp());
-  float sum = 0.f;
-  for_each(t, s, 0, false, [&](float& v, int64_t) {
+  for_each(t, s, 0, edges, [&](float& v, int64_t) {
     v = fast_exp(v - m);
     sum += v;
   }, l);
-  const float inv = 1.f / warp_reduce(sum, SumOp());
-  for_each(t, s, 0, false, [&](float& v, int64_t) { v *= inv; }, l);
-  t.store(y + row * cols, s, 0, false, l);
+  const float inv = 1.f / group.reduce(sum, SumOp(), 0.f, scratch);
+  for_each(t, s, 0, edges, [&](float& v, int64_t) { v *= inv; }, l);
+  t.store(y + row * cols, s, 0, edges, l);
 }
 
 // Pass 1: block (row, chunk) writes its chunk's max and sum(exp(x - max)) to ws[row][chunk].
@@ -99,15 +82,12 @@ template <typename T>
 int launch(const SoftmaxParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.out);
-  if (warp_rows<T>(p.cols)) {
-    const int64_t blocks = ceil_div(p.rows, kWarpRows);
+  const bool warp = warp_rows<T>(p.cols);
+  if (const int threads = warp ? 32 * kWarpRows : cached_threads<T>(p.cols)) {
+    const int64_t blocks = warp ? ceil_div(p.rows, kWarpRows) : p.rows;
     if (blocks > kMaxGrid) return cudaErrorInvalidConfiguration;
-    softmax_fwd_warp<T><<<blocks, 32 * kWarpRows, 0, stream>>>(x, y, p.rows, p.cols);
-    return cudaGetLastError();
-  }
-  if (const int threads = cached_threads<T>(p.cols)) {
-    if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
-    softmax_fwd_cached<T><<<p.rows, threads, 0, stream>>>(x, y, p.cols);
+    FA_BOOL_SWITCH(warp, WARP,
+                   [&] { softmax_fwd_cached<T, WARP><<<blocks, threads, 0, stream>>>(x, y, p.rows, p.cols); });
     return cudaGetLastError();
   }
   const int64_t chunks = row_chunks<T>(p.cols);
