@@ -77,14 +77,14 @@ run_phase() {
         /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ;;
-    tests) step tests "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS)" ;;
-    tests:*)
-      expr=${phase#tests:}
-      step "tests_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" "${PARALLEL[@]}" -k "not ($GRIDS) and ($expr)" ;;
-    grid) step grid "${PYTEST[@]}" "${PARALLEL[@]}" -k "$GRIDS" ;;
-    grid:*)
-      expr=${phase#grid:}
-      step "grid_$(tr -c 'A-Za-z0-9_\n' _ <<<"$expr")" "${PYTEST[@]}" "${PARALLEL[@]}" -k "($GRIDS) and ($expr)" ;;
+    tests | tests:* | grid | grid:*)
+      local what=${phase%%:*} select="not ($GRIDS)" name=${phase%%:*}
+      [[ $what == grid ]] && select="($GRIDS)"
+      if [[ $phase == *:* ]]; then
+        select="$select and (${phase#*:})"
+        name="${what}_$(tr -c 'A-Za-z0-9_\n' _ <<<"${phase#*:}")"
+      fi
+      step "$name" "${PYTEST[@]}" "${PARALLEL[@]}" -k "$select" ;;
     precompile)
       local quick=()
       [[ " ${BENCH_ARGS[*]} " == *" --quick "* ]] && quick=(--quick)
