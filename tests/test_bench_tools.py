@@ -79,6 +79,18 @@ def test_checks_only_runs_every_backend_and_writes_nothing(tmp_path, capsys):
     assert "PASS" in printed and "FAIL" not in printed and not any(tmp_path.iterdir())
 
 
+LIMITS = {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}  # made-up limits for run_suite
+
+
+def _toy_suite(**fields):
+    """A harness.Suite with no cases, providers or checks but those `fields` give it."""
+    from bench import harness
+
+    defaults = dict(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: "case",
+                    cases=lambda mode: [], providers=lambda case: {}, checks=lambda mode: [])
+    return harness.Suite(**{**defaults, **fields})
+
+
 def test_exclude_and_no_checks(tmp_path):
     """--exclude drops the providers it matches from the timing, --no-checks skips the checks and says so."""
     from bench import harness
@@ -91,12 +103,11 @@ def test_exclude_and_no_checks(tmp_path):
             return lambda: None
         return setup
 
-    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: "case",
-                          cases=lambda mode: [harness.Case({"n": 1}, bytes=1e6)],
-                          providers=lambda case: {name: provider(name) for name in ("fa:reference", "compile(x)")},
-                          checks=lambda mode: [harness.Check("never run", lambda backend: 1 / 0)])
+    suite = _toy_suite(cases=lambda mode: [harness.Case({"n": 1}, bytes=1e6)],
+                       providers=lambda case: {name: provider(name) for name in ("fa:reference", "compile(x)")},
+                       checks=lambda mode: [harness.Check("never run", lambda backend: 1 / 0)])
     mode = harness.Mode(gpu=False, quick=True, checks=False, exclude="compile")
-    result = harness.run_suite(suite, mode, {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}, tmp_path, progress=False)
+    result = harness.run_suite(suite, mode, LIMITS, tmp_path, progress=False)
     assert set(timed) == {"fa:reference"} and [r["provider"] for r in result["results"]] == ["fa:reference"]
     assert result["checks"] == [] and any("--no-checks" in note for note in result["notes"])
 
@@ -106,11 +117,11 @@ def test_cases_selects_cases_by_label(tmp_path):
     from bench import harness
 
     labels = ["fwd D64 L1024", "fwd+bwd D64 L1024", "bwd D64 L1024"]
-    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: p["label"],
-                          cases=lambda mode: [harness.Case({"label": label}, bytes=1e6) for label in labels],
-                          providers=lambda case: {"fa:reference": lambda: (lambda: None)}, checks=lambda mode: [])
+    suite = _toy_suite(label=lambda p: p["label"],
+                       cases=lambda mode: [harness.Case({"label": label}, bytes=1e6) for label in labels],
+                       providers=lambda case: {"fa:reference": lambda: (lambda: None)})
     mode = harness.Mode(gpu=False, quick=True, checks=False, cases="^fwd D")
-    result = harness.run_suite(suite, mode, {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}, tmp_path, progress=False)
+    result = harness.run_suite(suite, mode, LIMITS, tmp_path, progress=False)
     assert [r["case"] for r in result["results"]] == ["fwd D64 L1024"]
 
 
@@ -121,9 +132,7 @@ def test_checks_run_the_first_config_and_restore_autotuning(monkeypatch):
     monkeypatch.setattr(attention, "AUTOTUNE", True)
     seen = []
     check = harness.Check("records", lambda backend: seen.append(attention.AUTOTUNE) or [])
-    suite = harness.Suite(name="toy", title="toy", metric="GB/s", convention="-", label=str, cases=lambda m: [],
-                          providers=lambda c: {}, checks=lambda mode: [check])
-    harness.run_checks(suite, harness.Mode(gpu=False, quick=True))
+    harness.run_checks(_toy_suite(checks=lambda mode: [check]), harness.Mode(gpu=False, quick=True))
     assert seen and not any(seen) and attention.AUTOTUNE is True
 
 
