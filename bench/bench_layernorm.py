@@ -31,7 +31,7 @@ def norm_suite(op: str) -> Suite:
     # Per direction: (M x N tensors, N-vectors) moved. Forward reads x and the affine vectors, writes y; backward
     # reads dy, x and weight, writes dx and a gradient per affine vector.
     vectors = 2 if has_bias else 1
-    moved = {"forward": (2, vectors), "backward": (4, 1 + vectors)}
+    moved = {"forward": (2, vectors), "backward": (3, 1 + vectors)}
     moved["forward+backward"] = tuple(a + b for a, b in zip(moved["forward"], moved["backward"]))
 
     def cases(mode: Mode) -> list:

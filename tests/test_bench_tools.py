@@ -1,9 +1,13 @@
 """The benchmark tools a GPU session leans on: bench/targets.py, which judges the issues' speed targets from
 results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU),
 `python -m bench --checks-only`, the harness's --exclude, --cases and --no-checks, and bench/precompile.py's worker."""
+import importlib
 import random
 
-from bench import targets
+import pytest
+import torch
+
+from bench import harness, targets
 
 
 def _row(case, provider, ms, **params):
@@ -63,6 +67,21 @@ def test_row_ops_bandwidth_and_native_baseline():
     assert native["cases"] == 2 and native["verdict"] == "MET"
 
 
+@pytest.mark.parametrize("module, vectors", [("bench_softmax", (0, 0)), ("bench_layernorm", (2, 3)),
+                                             ("bench_rmsnorm", (1, 2))])
+def test_row_suites_count_the_bytes_each_direction_moves(module, vectors):
+    """The forward reads x and writes y, the backward (a replayed graph) reads x or y and dy and writes dx: 2 and
+    3 M x N tensors. The norms add their N-vectors: weight (and bias) in; weight in, dweight (and dbias) out."""
+    forward, backward = vectors
+    moved = {"forward": (2, forward), "backward": (3, backward), "forward+backward": (5, forward + backward)}
+    cases = importlib.import_module(f"bench.{module}").SUITE.cases(harness.Mode(gpu=True, quick=True))
+    assert {case.params["direction"] for case in cases} == set(moved)
+    for case in cases:
+        p = case.params
+        tensors, vecs = moved[p["direction"]]
+        assert case.bytes == (tensors * p["M"] * p["N"] + vecs * p["N"]) * getattr(torch, p["dtype"]).itemsize, p
+
+
 def test_markdown_lists_every_target(tmp_path):
     text = targets.markdown(tmp_path, targets.judge({}))
     assert text.count("not measured") == len(targets.TARGETS)
@@ -70,7 +89,6 @@ def test_markdown_lists_every_target(tmp_path):
 
 def test_checks_only_runs_every_backend_and_writes_nothing(tmp_path, capsys):
     """`python -m bench --checks-only`: the smoke test of a GPU session, correctness checks without timing."""
-    from bench import harness
 
     assert harness.main(["--checks-only", "--suite", "softmax", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -84,7 +102,6 @@ LIMITS = {"copy GB/s": 1.0, "matmul TFLOP/s": 1.0}  # made-up limits for run_sui
 
 def _toy_suite(**fields):
     """A harness.Suite with no cases, providers or checks but those `fields` give it."""
-    from bench import harness
 
     defaults = dict(name="toy", title="toy", metric="GB/s", convention="-", label=lambda p: "case",
                     cases=lambda mode: [], providers=lambda case: {}, checks=lambda mode: [])
@@ -93,7 +110,6 @@ def _toy_suite(**fields):
 
 def test_exclude_and_no_checks(tmp_path):
     """--exclude drops the providers it matches from the timing, --no-checks skips the checks and says so."""
-    from bench import harness
 
     timed = []
 
@@ -114,7 +130,6 @@ def test_exclude_and_no_checks(tmp_path):
 
 def test_cases_selects_cases_by_label(tmp_path):
     """--cases times only the cases whose label matches: '^fwd D' keeps the forward, not fwd+bwd or bwd."""
-    from bench import harness
 
     labels = ["fwd D64 L1024", "fwd+bwd D64 L1024", "bwd D64 L1024"]
     suite = _toy_suite(label=lambda p: p["label"],
@@ -126,7 +141,6 @@ def test_cases_selects_cases_by_label(tmp_path):
 
 
 def test_checks_run_the_first_config_and_restore_autotuning(monkeypatch):
-    from bench import harness
     from fast_attention.kernels import attention
 
     monkeypatch.setattr(attention, "AUTOTUNE", True)
@@ -176,7 +190,6 @@ def test_host_time_per_call_and_its_column(monkeypatch):
 
     import torch
 
-    from bench import harness
 
     leaf = torch.ones(1, requires_grad=True)
     calls = []
@@ -198,7 +211,6 @@ def test_cuda_graphs_option_refuses_backward_and_the_cpu(capsys):
     import pytest
     import torch
 
-    from bench import harness
 
     leaf = torch.ones(1, requires_grad=True)
     row = harness.measure(lambda: (lambda: None, [leaf]), harness.Case({}), {}, quick=True, graphs=True)
