@@ -58,7 +58,9 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20; } >"$LOGS/env.txt" 2>&1
 
 GRIDS="full_grid or tma_grid"
-PYTEST=(python -m pytest tests -q -p no:cacheprovider --maxfail=30 --durations=20 -rfE --tb=short)
+# -v: a line per test as it ends ("[gw3] FAILED tests/..."), so a run stopped at its deadline still names its
+# failures; xdist stopped by SIGINT dies with an INTERNALERROR before the -rfE summary (seen on the H200).
+PYTEST=(python -m pytest tests -v -p no:cacheprovider --maxfail=30 --durations=20 -rfE --tb=short)
 XDIST=${XDIST:-8}
 PARALLEL=()  # pytest-xdist's workers where it is installed (the GPU image has it)
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n "$XDIST")
@@ -122,4 +124,5 @@ for results in "$LOGS/results" "$LOGS/results-graphs"; do
   fi
 done
 echo "== steps"; cat "$LOGS/steps.txt"
+echo "== failed tests"; grep -hoE "(FAILED|ERROR) tests/[^ ]+" "$LOGS"/tests*.log "$LOGS"/grid*.log 2>/dev/null | sort -u | head -40
 for log in "$LOGS"/*.log; do echo "== $(basename "$log")"; tail -n 6 "$log"; done
