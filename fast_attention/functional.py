@@ -9,6 +9,7 @@ from . import backends
 from .reference import default_rms_eps
 from .ops import attention as _attention
 from .ops._autocast import cast_inputs
+from .ops._direct import call
 from .ops import norms as _norms
 from .ops import softmax as _softmax
 
@@ -19,7 +20,7 @@ def softmax(input: Tensor, dim: int = -1, *, backend: str | None = None) -> Tens
     (input,) = cast_inputs("softmax", input)
     dim = _softmax.check(input, dim)
     name = backends.resolve("softmax", backend, input.device, input=input)
-    return _softmax.softmax(input, dim, name)
+    return call(_softmax.softmax, input, dim, name)
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -28,7 +29,7 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     input, weight, bias = cast_inputs("layer_norm", input, weight, bias)
     shape = _norms.check("layer_norm", input, normalized_shape, weight, bias)
     name = backends.resolve("layer_norm", backend, input.device, input=input, weight=weight, bias=bias)
-    return _norms.layer_norm(input, shape, weight, bias, float(eps), name)[0]
+    return call(_norms.layer_norm, input, shape, weight, bias, float(eps), name)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
@@ -39,7 +40,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     shape = _norms.check("rms_norm", input, normalized_shape, weight)
     eps = default_rms_eps(input.dtype) if eps is None else float(eps)
     name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
-    return _norms.rms_norm(input, shape, weight, eps, name)[0]
+    return call(_norms.rms_norm, input, shape, weight, eps, name)[0]
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
@@ -72,7 +73,7 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     as through torch's."""
     out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     q4, k4, mask, is_causal, scale = args
-    weights = _attention.attention_weights(q4, k4, lse, mask, is_causal, scale, name)
+    weights = call(_attention.attention_weights, q4, k4, lse, mask, is_causal, scale, name)
     return out, weights.squeeze(0) if query.dim() == 3 else weights
 
 
@@ -93,6 +94,6 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
-    out, lse = _attention.scaled_dot_product_attention(q, k, v, attn_mask, float(dropout_p), bool(is_causal), scale,
-                                                       seed, name)
+    out, lse = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
+                    scale, seed, name)
     return (out.squeeze(0) if three_d else out), lse, (q, k, attn_mask, bool(is_causal), scale), name

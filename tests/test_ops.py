@@ -1,4 +1,7 @@
-"""The op layer: custom-op registration (opcheck), torch.compile, backend resolution and bad input."""
+"""The op layer: custom-op registration (opcheck), the eager path around it, torch.compile, backend resolution and
+bad input."""
+import contextlib
+
 import pytest
 import torch
 
@@ -66,6 +69,67 @@ def test_profiler_shows_ops(backend, device):
     names = {e.name for e in prof.events()}
     for op in ("softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"):
         assert f"fast_attention::{op}" in names
+
+
+def _every_op(backend, device):
+    """Each public op with grad through every input: (name, output, inputs)."""
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    w, b = (torch.randn(17, device=device, requires_grad=True) for _ in range(2))
+    q, k, v = (torch.randn(1, 2, L, 16, device=device, requires_grad=True) for L in (5, 7, 7))
+    mask = torch.randn(1, 1, 5, 7, device=device)
+    _, weights = fa.functional.scaled_dot_product_attention_with_weights(q, k, v, backend=backend)
+    return [("softmax", fa.softmax(x, 1, backend=backend), (x,)),
+            ("layer_norm", fa.layer_norm(x, (17,), w, b, backend=backend), (x, w, b)),
+            ("rms_norm", fa.rms_norm(x, (17,), w, backend=backend), (x, w)),
+            ("scaled_dot_product_attention",
+             fa.scaled_dot_product_attention(q, k, v, mask, backend=backend), (q, k, v)),
+            ("attention_weights", weights, (q, k))]
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_bits(backend, device):
+    """In plain eager mode an op runs its body directly (ops/_direct.py); under the profiler it goes through the
+    registered custom op. Outputs and gradients are the same bits either way."""
+    seed = torch.seed()
+    direct = _every_op(backend, device)
+    torch.manual_seed(seed)
+    with torch.profiler.profile():
+        registered = _every_op(backend, device)
+    for (name, out, inputs), (_, out_r, inputs_r) in zip(direct, registered):
+        assert type(out.grad_fn).__name__ == "_RegisteredBackward", name
+        assert f"fast_attention_{name}" in type(out_r.grad_fn).__name__, name
+        assert torch.equal(out, out_r), name
+        dout = torch.randn_like(out)
+        for g, g_r in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(out_r, inputs_r, dout)):
+            assert torch.equal(g, g_r), name
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_see_the_registered_ops(backend, device):
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    with _Recorder() as recorder:
+        fa.layer_norm(x, (17,), backend=backend).sum().backward()
+    ours = [op for op in recorder.ops if op.startswith("fast_attention.")]
+    assert ours == ["fast_attention.layer_norm.default", "fast_attention.layer_norm_backward.default"]
+
+
+def test_double_backward_raises_on_either_path(device):
+    """The backward ops have no autograd: differentiating a gradient raises, never treats it as a constant."""
+    for registered in (False, True):
+        x = torch.randn(3, 17, device=device, requires_grad=True)
+        with torch.profiler.profile() if registered else contextlib.nullcontext():
+            y = fa.softmax(x, 1, backend="reference")
+        (g,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            (g.sum() + x.sum()).backward()
 
 
 class _Block(torch.nn.Module):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import backends, reference
 from ._checks import check_float, check_same_device
+from ._direct import call
 
 OP = "scaled_dot_product_attention"
 
@@ -127,8 +128,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-                                                       ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
+    dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, lse, attn_mask,
+                      ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -172,7 +173,7 @@ def _weights_setup_context(ctx, inputs, output):
 
 def _weights_backward(ctx, grad_weights):
     query, key, weights = ctx.saved_tensors
-    dq, dk = attention_weights_backward(grad_weights, weights, query, key, ctx.scale)
+    dq, dk = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale)
     return dq, dk, None, None, None, None, None
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import backends
 from ._checks import check_float, check_same_device
+from ._direct import call
 
 
 def check(op: str, input: Tensor, normalized_shape, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> list[int]:
@@ -111,8 +112,8 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, grad_output, _grad_mean, _grad_rstd):
     input, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_backward(grad_output, input, ctx.normalized_shape, weight, mean, rstd, ctx.has_bias,
-                                     ctx.backend)
+    dx, dw, db = call(layer_norm_backward, grad_output, input, ctx.normalized_shape, weight, mean, rstd,
+                      ctx.has_bias, ctx.backend)
     return dx, None, _or_none(dw, weight is not None), _or_none(db, ctx.has_bias), None, None
 
 
@@ -164,7 +165,7 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, grad_output, _grad_rstd):
     input, weight, rstd = ctx.saved_tensors
-    dx, dw = rms_norm_backward(grad_output, input, ctx.normalized_shape, weight, rstd, ctx.backend)
+    dx, dw = call(rms_norm_backward, grad_output, input, ctx.normalized_shape, weight, rstd, ctx.backend)
     return dx, None, _or_none(dw, weight is not None), None, None
 
 

@@ -4,6 +4,7 @@ from torch import Tensor
 
 from .. import backends
 from ._checks import check_float, rows, unrows
+from ._direct import call
 
 
 def check(input: Tensor, dim: int) -> int:
@@ -54,7 +55,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output):
     (output,) = ctx.saved_tensors
-    return softmax_backward(output, grad_output, ctx.dim, ctx.backend), None, None
+    return call(softmax_backward, output, grad_output, ctx.dim, ctx.backend), None, None
 
 
 softmax.register_autograd(_backward, setup_context=_setup_context)
