@@ -16,13 +16,15 @@ struct AttnTraits {
 
   // forward: each warp owns kFwdMTiles 16-row tiles of queries (kFwdM = 128 per block, FlashAttention-2's block
   // of 4 warps) and steps kFwdN keys at a time. Two tiles per warp halve the K / V fragments read from shared
-  // memory per mma against one. Q stays in registers where its fragments take at most 32 of them, else it is
-  // re-read from shared memory each step. The keys per step keep the fp32 output tile (MT x D / 2 per thread)
-  // and the scores (MT x kFwdN / 2) in registers: ptxas (sm_80, sm_90) uses 192 / 214 / 232 / 253 of them for
-  // D 32 / 64 / 96 / 128, no spill; 64 keys a step spilled at D >= 64.
+  // memory per mma against one. The fp32 output tile (MT x D / 2 per thread) and the scores (MT x kFwdN / 2)
+  // stay in registers; Q's fragments (MT x D / 4) too at D 32, else Q is re-read from shared memory each step,
+  // which lets D 64 step 64 keys at a time (the per-step softmax, rescale and barriers weigh twice as much
+  // against its mmas as at D 128; on the H200 it ran at 0.63-0.77x SDPA flash with 32 keys a step, D 128 at
+  // 0.76-0.79x). ptxas (sm_90): 192 / 242 / 232 / 253 registers for D 32 / 64 / 96 / 128, no spill; 64 keys a
+  // step spill at D >= 96, and at D 64 with Q in registers.
   static constexpr int kFwdMTiles = 2;
-  static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = D <= 32 ? 64 : 32;
-  static constexpr bool kFwdQInRegs = kFwdMTiles * D <= 128;
+  static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = D <= 64 ? 64 : 32;
+  static constexpr bool kFwdQInRegs = D <= 32;
   // dK/dV: 64 keys per block; queries per step shrink with D so that dK, dV (2 x D/2 fp32 per thread) plus
   // the S and dP tiles stay in registers
   static constexpr int kBwdN = 64, kBwdM = D <= 64 ? 64 : 32;

@@ -188,6 +188,7 @@ int main() {
       {1, 1, 1, 130, 64, 128, false, kNone},  {1, 1, 1, 200, 333, 32, true, kNone},
       {2, 2, 2, 40, 70, 96, false, kBool},    {1, 2, 1, 33, 65, 128, false, kAdditive},
       {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
+      {1, 1, 1, 300, 260, 64, true, kNone},  // D 64's 64-key steps: interior tiles below the diagonal
   };
   for (const Case& c : cases) {
     run<__nv_bfloat16>(c, "bf16", 2e-2);
