@@ -14,13 +14,12 @@ unchanged. The bodies are the same either way: the two paths give the same bits.
 import torch
 from torch import Tensor
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
-
 def direct(args) -> bool:
     """Whether a call with these arguments may skip the dispatcher (see the module's docstring)."""
+    for a in args:
+        if isinstance(a, Tensor) and type(a) is not Tensor and type(a) is not torch.nn.Parameter:
+            return False
     return not (torch.compiler.is_compiling()
-                or any(isinstance(a, Tensor) and type(a) not in _PLAIN for a in args)
                 or torch._C._len_torch_dispatch_stack() > 0
                 or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
