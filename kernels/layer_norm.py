@@ -238,15 +238,8 @@ def _layer_norm_backward_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(
-    P,  # (G, N) fp32 partial sums
-    Out,  # (N,) column sums, any float dtype
-    G,
-    N,
-    BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """Out[n] = sum over g of P[g, n], always in the same order."""
+def _column_sums(P, Out, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Out[n] = sum over g of P[g, n] for this program's column block, always in the same order."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     acc = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
@@ -255,6 +248,21 @@ def _sum_partials_kernel(
         mask = (rows[:, None] < G) & col_mask[None, :]
         acc += tl.load(P + rows[:, None].to(tl.int64) * N + cols[None, :], mask=mask, other=0.0)
     tl.store(Out + cols, tl.sum(acc, axis=0).to(Out.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    P0, Out0,  # (G, N) fp32 partial sums -> (N,) column sums, any float dtype
+    P1, Out1,  # a second pair (dbias beside dweight), summed by the programs of grid axis 1 = 1
+    G,
+    N,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    if tl.program_id(1) == 0:
+        _column_sums(P0, Out0, G, N, BLOCK_G, BLOCK_N)
+    else:
+        _column_sums(P1, Out1, G, N, BLOCK_G, BLOCK_N)
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -283,14 +291,17 @@ def partial_programs(device: torch.device, M: int, row_bytes: int = 0) -> tuple[
     return cdiv(M, rows_per_program), rows_per_program
 
 
-def sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Column sums (N,) in `dtype` of a (G, N) fp32 buffer, in a fixed order."""
-    G, N = partial.shape
-    out = torch.empty(N, dtype=dtype, device=partial.device)
+def sum_partials(*partials: tuple[torch.Tensor, torch.dtype]) -> list[torch.Tensor]:
+    """The column sums (N,) of one or two (G, N) fp32 buffers, each given with its result's dtype, in a fixed
+    order and one launch (a launch costs tens of microseconds of host time)."""
+    buffers = [p for p, _ in partials]
+    G, N = buffers[0].shape
+    outs = [torch.empty(N, dtype=dtype, device=buffers[0].device) for _, dtype in partials]
     # Column blocks narrow enough for about 64 programs: the partial rows run into the thousands for short rows.
     BLOCK_N = max(32, min(128, next_power_of_2(cdiv(N, 64))))
-    _sum_partials_kernel[(cdiv(N, BLOCK_N),)](partial, out, G, N, BLOCK_G=32, BLOCK_N=BLOCK_N, num_warps=4)
-    return out
+    _sum_partials_kernel[(cdiv(N, BLOCK_N), len(buffers))](buffers[0], outs[0], buffers[-1], outs[-1], G, N,
+                                                           BLOCK_G=32, BLOCK_N=BLOCK_N, num_warps=4)
+    return outs
 
 
 def layer_norm_forward(x: torch.Tensor, weight, bias, eps: float):
@@ -328,6 +339,9 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.T
         dx.stride(0), M, N, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK_N=block,
         ONE_BLOCK=one_block, CENTER=True, num_warps=num_warps)
     param_dtype = x.dtype if weight is None else weight.dtype
-    dweight = sum_partials(dw_partial, weight.dtype) if weight is not None else None
-    dbias = sum_partials(db_partial, param_dtype) if has_bias else None
+    if weight is not None and has_bias:
+        dweight, dbias = sum_partials((dw_partial, param_dtype), (db_partial, param_dtype))
+    else:
+        dweight = sum_partials((dw_partial, param_dtype))[0] if weight is not None else None
+        dbias = sum_partials((db_partial, param_dtype))[0] if has_bias else None
     return dx, dweight, dbias

@@ -236,11 +236,14 @@ def test_triton_partial_programs_grow_as_rows_shrink(monkeypatch):
 def test_triton_sum_partials(device):
     """The second, fixed-order reduction, over more partial rows than one tile holds."""
     module = importlib.import_module("fast_attention.kernels.layer_norm")
-    partial = torch.randn(70, 300, device=device)
-    sums = module.sum_partials(partial, torch.float32)
+    partial, other = torch.randn(70, 300, device=device), torch.randn(70, 300, device=device)
+    (sums,) = module.sum_partials((partial, torch.float32))
     assert_close(sums, partial.sum(0), partial.double().sum(0), "column sums")
-    assert torch.equal(sums, module.sum_partials(partial, torch.float32))
-    assert module.sum_partials(partial, torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(sums, module.sum_partials((partial, torch.float32))[0])
+    # two buffers in one launch: each gets its own sums, in its own dtype
+    both = module.sum_partials((partial, torch.float32), (other, torch.bfloat16))
+    assert torch.equal(both[0], sums) and both[1].dtype == torch.bfloat16
+    assert_close(both[1], other.sum(0).bfloat16(), other.double().sum(0), "second column sums")
 
 
 @needs_triton_gpu
