@@ -213,11 +213,14 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
 
 // out[chunk][col] = the sum of in[r][col] over the chunk's rows r (chunk_rows of them): lane y of a
 // kColTile x kRowLanes block adds rows y, y + kRowLanes, ... in order, then lane 0 adds the lane sums in order.
-// Grid (column tiles, chunks); chunks = 1 gives the column sums of the whole (rows, cols) matrix.
+// Grid (column tiles, chunks, pairs); chunks = 1 gives the column sums of the whole (rows, cols) matrix. Grid z
+// picks the pair: (in0, out0), or (in1, out1), the dbias partials beside dweight's, summed in the same launch.
 __global__ void __launch_bounds__(kColTile * kRowLanes)
-    column_sums_kernel(const float* __restrict__ in, float* __restrict__ out, int64_t rows, int64_t cols,
-                       int64_t chunk_rows) {
+    column_sums_kernel(const float* __restrict__ in0, float* __restrict__ out0, const float* __restrict__ in1,
+                       float* __restrict__ out1, int64_t rows, int64_t cols, int64_t chunk_rows) {
   __shared__ float lanes[kRowLanes][kColTile + 1];
+  const float* in = blockIdx.z ? in1 : in0;
+  float* out = blockIdx.z ? out1 : out0;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t r_end = min(rows, (chunk + 1) * chunk_rows);
@@ -238,16 +241,25 @@ int64_t param_chunks(int64_t rows) {
   return c < kMaxChunks ? c : kMaxChunks;
 }
 
-// out (cols,) = the column sums of `in` (rows, cols), in a fixed order and two passes: the sums over at most
-// kSumChunks chunks of rows into `scratch` (chunks, cols), then the sums of those.
-int sum_columns(const float* in, int64_t rows, int64_t cols, float* scratch, float* out, cudaStream_t stream) {
+// The parameter gradients from their (rows, cols) partial sums, each a null pointer when absent: dweight =
+// the column sums of part_w, dbias those of part_b, in a fixed order and two launches for both: the sums over at
+// most kSumChunks chunks of rows into `scratch` ((kSumChunks, cols) per gradient), then the sums of those.
+int sum_columns(const float* part_w, const float* part_b, int64_t rows, int64_t cols, float* scratch, float* dweight,
+                float* dbias, cudaStream_t stream) {
   const int64_t chunk_rows = ceil_div(rows, kSumChunks);
   const int64_t chunks = ceil_div(rows, chunk_rows);
   const int64_t tiles = ceil_div(cols, kColTile);
   if (tiles > kMaxGrid) return cudaErrorInvalidConfiguration;
+  // the present gradients as pairs 0 and (with both) 1
+  const float* in0 = part_w ? part_w : part_b;
+  float* out0 = part_w ? dweight : dbias;
+  const unsigned pairs = part_w && part_b ? 2 : 1;
+  float* chunk0 = scratch;
+  float* chunk1 = scratch + kSumChunks * cols;
   const dim3 block(kColTile, kRowLanes);
-  column_sums_kernel<<<dim3(tiles, chunks), block, 0, stream>>>(in, scratch, rows, cols, chunk_rows);
-  column_sums_kernel<<<dim3(tiles, 1), block, 0, stream>>>(scratch, out, chunks, cols, chunks);
+  column_sums_kernel<<<dim3(tiles, chunks, pairs), block, 0, stream>>>(in0, chunk0, part_b, chunk1, rows, cols,
+                                                                       chunk_rows);
+  column_sums_kernel<<<dim3(tiles, 1, pairs), block, 0, stream>>>(chunk0, out0, chunk1, dbias, chunks, cols, chunks);
   return cudaGetLastError();
 }
 
@@ -315,18 +327,13 @@ int launch(const NormParams& p, cudaStream_t stream) {
     // workspace: part_w (G, cols), part_b (G, cols), then the chunk sums of each (kSumChunks, cols)
     float* part_w = p.workspace;
     float* part_b = part_w + G * p.cols;
-    float* chunks_w = part_b + G * p.cols;
-    float* chunks_b = chunks_w + kSumChunks * p.cols;
     fused_switch<T>(p, [&](auto kernel) {
       kernel<<<static_cast<unsigned>(G), threads, 0, stream>>>(a, p.rows, part_w, part_b);
       return 0;
     });
     if (int err = cudaGetLastError()) return err;
-    if (p.dweight) {
-      if (int err = sum_columns(part_w, G, p.cols, chunks_w, p.dweight, stream)) return err;
-    }
-    if (p.dbias) return sum_columns(part_b, G, p.cols, chunks_b, p.dbias, stream);
-    return cudaSuccess;
+    return sum_columns(p.dweight ? part_w : nullptr, p.dbias ? part_b : nullptr, G, p.cols, part_b + G * p.cols,
+                       p.dweight, p.dbias, stream);
   }
 
   FA_BOOL_SWITCH(p.rms, RMS, [&] {
@@ -348,10 +355,7 @@ int launch(const NormParams& p, cudaStream_t stream) {
     norm_param_partial_kernel<T><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
         a.x, a.dy, p.rms ? nullptr : p.mean, p.rstd, part_w, part_b, p.rows, p.cols, chunk_rows);
     if (int err = cudaGetLastError()) return err;
-    if (part_w) {
-      if (int err = sum_columns(part_w, chunks, p.cols, sums, p.dweight, stream)) return err;
-    }
-    if (part_b) return sum_columns(part_b, chunks, p.cols, sums + kSumChunks * p.cols, p.dbias, stream);
+    return sum_columns(part_w, part_b, chunks, p.cols, sums, p.dweight, p.dbias, stream);
   }
   return cudaGetLastError();
 }
