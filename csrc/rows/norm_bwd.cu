@@ -42,9 +42,16 @@ struct NormBwdArgs {
   int64_t cols;
 };
 
+// The block sums of g and g * xhat over a row, in one reduction; RMSNorm needs only the second (sum(g) = 0 then).
+template <bool RMS>
+__device__ __forceinline__ float2 row_sums(float sum_g, float sum_gx, float2* scratch) {
+  if (RMS) return make_float2(0.f, block_reduce(sum_gx, SumOp(), 0.f, reinterpret_cast<float*>(scratch)));
+  return block_sum2(make_float2(sum_g, sum_gx), scratch);
+}
+
 template <typename T, bool RMS, bool CACHED>
 __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdArgs<T> a) {
-  __shared__ float scratch[32];
+  __shared__ float2 scratch[32];
   const int64_t row = blockIdx.x;
   const T* x = a.x + row * a.cols;
   const T* dy = a.dy + row * a.cols;
@@ -70,8 +77,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
       sum_gx += g * (xv - mean) * rstd;
     });
   }
-  const float mean_g = RMS ? 0.f : block_reduce(sum_g, SumOp(), 0.f, scratch) / a.cols;
-  const float mean_gx = block_reduce(sum_gx, SumOp(), 0.f, scratch) / a.cols;
+  const float2 sums = row_sums<RMS>(sum_g, sum_gx, scratch);
+  const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
   for (int64_t c = 0; c < segments; ++c) {
     if (!CACHED) {
       tx.load(x, s, c * seg, c == 0);
@@ -115,7 +122,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     norm_bwd_fused_kernel(const NormBwdArgs<T> a, int64_t rows, float* __restrict__ part_w,
                           float* __restrict__ part_b) {
   constexpr int V = vec_width<T>();
-  __shared__ float scratch[32];
+  __shared__ float2 scratch[32];
   const int64_t nvec = a.cols / V;
   alignas(16) float dw[kMaxVecs][V], db[kMaxVecs][V];  // stored as float4s at the end
 #pragma unroll
@@ -154,8 +161,8 @@ __global__ void __launch_bounds__(kMaxThreads)
         if (HAS_B) db[k][j] += gv[j];
       }
     });
-    const float mean_g = RMS ? 0.f : block_reduce(sum_g, SumOp(), 0.f, scratch) / a.cols;
-    const float mean_gx = block_reduce(sum_gx, SumOp(), 0.f, scratch) / a.cols;
+    const float2 sums = row_sums<RMS>(sum_g, sum_gx, scratch);
+    const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
     each_vector([&](int, int64_t vi, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
       alignas(16) T out[V];
 #pragma unroll
