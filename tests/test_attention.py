@@ -407,6 +407,21 @@ class _RecordLaunches:
 
 
 @needs_triton
+@pytest.mark.parametrize("programs", [1, 7, 32, 100, 264, 1000])
+def test_decoding_splits_give_no_sm_more_than_two_programs(monkeypatch, programs):
+    """On a 132-SM GPU the split count never puts more than 264 programs in flight (32 programs x 9 splits left
+    24 SMs of the H200 with a third), and uses them: the next split count up would pass 264."""
+    from types import SimpleNamespace
+
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    splits, keys = kernels._num_splits(programs, 1 << 20, torch.device("cuda", 0), 64)
+    assert splits * programs <= max(264, programs) and keys % 64 == 0 and splits * keys >= 1 << 20
+    assert splits == kernels.MAX_SPLITS or (splits + 1) * programs > 264
+
+
+@needs_triton
 @pytest.mark.parametrize("kind,dropout_p", [("float", 0.0), ("causal", 0.0), ("dead_rows", 0.2)])
 def test_decoding_packs_the_gqa_group(monkeypatch, kind, dropout_p):
     """Decoding runs one program per (batch, kv head, row block, split) for all the query heads of a GQA group,
