@@ -121,6 +121,15 @@ def test_dispatch_modes_see_the_registered_ops(backend, device):
     assert ours == ["fast_attention.layer_norm.default", "fast_attention.layer_norm_backward.default"]
 
 
+def test_jit_trace_records_the_registered_op(backend, device):
+    """torch.jit.trace sees dispatcher calls only: a direct call would leave the kernel out of the trace."""
+    x = torch.randn(4, 8, device=device)
+    traced = torch.jit.trace(lambda x: fa.softmax(x, 1, backend=backend), (x,))
+    assert "fast_attention::softmax" in {node.kind() for node in traced.graph.nodes()}
+    x2 = torch.randn(4, 8, device=device)
+    assert torch.equal(traced(x2), fa.softmax(x2, 1, backend=backend))
+
+
 def test_double_backward_raises_on_either_path(device):
     """The backward ops have no autograd: differentiating a gradient raises, never treats it as a constant."""
     for registered in (False, True):

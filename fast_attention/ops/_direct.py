@@ -6,8 +6,8 @@ op takes 3 µs in all. The H200 machine's host is about eight times slower, and 
 as the kernels on 256 MB tensors (bench/results/nvidia-h200/f40f410/).
 
 `call(op, *args)` runs the op's own Python body instead, and its registered autograd (setup_context, backward)
-through one autograd.Function, when nothing needs to see the op: no torch.compile, tensor subclass (FakeTensor,
-functorch's wrappers), dispatch or function mode, functorch transform, profiler or autocast. Then the op runs
+through one autograd.Function, when nothing needs to see the op: no torch.compile or torch.jit.trace, tensor
+subclass (FakeTensor, functorch's wrappers), dispatch or function mode, functorch transform, profiler or autocast. Then the op runs
 exactly as registered, so torch.compile, opcheck, vmap errors and the profiler's `fast_attention::` names are
 unchanged. The bodies are the same either way: the two paths give the same bits.
 """
@@ -20,6 +20,7 @@ def direct(args) -> bool:
         if isinstance(a, Tensor) and type(a) is not Tensor and type(a) is not torch.nn.Parameter:
             return False
     return not (torch.compiler.is_compiling()
+                or torch._C._get_tracing_state() is not None  # torch.jit.trace records dispatcher calls
                 or torch._C._len_torch_dispatch_stack() > 0
                 or torch._C._is_torch_function_mode_enabled()
                 or torch._C._functorch.peek_interpreter_stack() is not None
