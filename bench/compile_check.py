@@ -263,8 +263,8 @@ def row_jobs(full: bool, arch: int):
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
         for block_n in (32, 64, 128):  # what sum_partials picks for 1k, 4k and 8k+ columns
             jobs.append((f"sum_partials {t}", f"G32 N{block_n}", (LN.__name__, "_sum_partials_kernel"),
-                         dict(P0=torch.float32, Out0=dtype, P1=torch.float32, Out1=dtype, G=132, N=4096), dict(BLOCK_G=32, BLOCK_N=block_n), 4, 3,
-                         arch))
+                         dict(P0=torch.float32, Out0=dtype, P1=torch.float32, Out1=dtype, G=132, N=4096),
+                         dict(BLOCK_G=32, BLOCK_N=block_n), 4, 3, arch))
     return jobs
 
 

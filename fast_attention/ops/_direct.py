@@ -7,12 +7,13 @@ as the kernels on 256 MB tensors (bench/results/nvidia-h200/f40f410/).
 
 `call(op, *args)` runs the op's own Python body instead, and its registered autograd (setup_context, backward)
 through one autograd.Function, when nothing needs to see the op: no torch.compile or torch.jit.trace, tensor
-subclass (FakeTensor, functorch's wrappers), dispatch or function mode, functorch transform, profiler or autocast. Then the op runs
-exactly as registered, so torch.compile, opcheck, vmap errors and the profiler's `fast_attention::` names are
-unchanged. The bodies are the same either way: the two paths give the same bits.
+subclass (FakeTensor, functorch's wrappers), dispatch or function mode, functorch transform, profiler or
+autocast. Otherwise the op runs exactly as registered, so torch.compile, opcheck, vmap errors and the profiler's
+`fast_attention::` names are unchanged. The bodies are the same either way: the two paths give the same bits.
 """
 import torch
 from torch import Tensor
+
 
 def direct(args) -> bool:
     """Whether a call with these arguments may skip the dispatcher (see the module's docstring)."""
