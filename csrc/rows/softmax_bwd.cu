@@ -31,8 +31,9 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_bwd_cached(const T* __res
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_bwd_partial(const T* __restrict__ y, const T* __restrict__ dy, float* __restrict__ ws,
-                                    int64_t cols, int64_t chunks) {
+__global__ void __launch_bounds__(kMaxThreads)
+    softmax_bwd_partial(const T* __restrict__ y, const T* __restrict__ dy, float* __restrict__ ws, int64_t cols,
+                        int64_t chunks) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const RowSplit s(row * cols, cols, vec_width<T>());
@@ -48,8 +49,9 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_bwd_partial(const T* __re
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_bwd_finish(const T* __restrict__ y, const T* __restrict__ dy, const float* __restrict__ ws,
-                                   T* __restrict__ dx, int64_t cols, int64_t chunks) {
+__global__ void __launch_bounds__(kMaxThreads)
+    softmax_bwd_finish(const T* __restrict__ y, const T* __restrict__ dy, const float* __restrict__ ws,
+                       T* __restrict__ dx, int64_t cols, int64_t chunks) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   float dot = 0.f;

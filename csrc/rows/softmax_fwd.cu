@@ -37,7 +37,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // Pass 1: block (row, chunk) writes its chunk's max and sum(exp(x - max)) to ws[row][chunk].
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_fwd_partial(const T* __restrict__ x, float2* __restrict__ ws, int64_t cols, int64_t chunks) {
+__global__ void __launch_bounds__(kMaxThreads)
+    softmax_fwd_partial(const T* __restrict__ x, float2* __restrict__ ws, int64_t cols, int64_t chunks) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const RowSplit s(row * cols, cols, vec_width<T>());
@@ -57,8 +58,9 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_fwd_partial(const T* __re
 
 // Pass 2: every block of a row combines the row's partials in the same order, then writes its chunk.
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) softmax_fwd_finish(const T* __restrict__ x, const float2* __restrict__ ws, T* __restrict__ y,
-                                   int64_t cols, int64_t chunks) {
+__global__ void __launch_bounds__(kMaxThreads)
+    softmax_fwd_finish(const T* __restrict__ x, const float2* __restrict__ ws, T* __restrict__ y, int64_t cols,
+                       int64_t chunks) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const float2* part = ws + row * chunks;
