@@ -24,6 +24,33 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+// Two floats as two 16-bit values in one register, `lo` in the low half (the lower column of an mma fragment).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// 16 / sizeof(T) floats as one 16-byte vector of T, for a single 16-byte store. Built element by element in a
+// T array and reinterpreted, the same vector compiled to four 4-byte stores (st.global.v2.u16) per 16 bytes.
+template <typename T>
+__device__ __forceinline__ uint4 pack_vec(const float (&v)[16 / sizeof(T)]) {
+  if constexpr (sizeof(T) == 4) {
+    return make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+  } else {
+    return make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+  }
+}
+
 // 2^x from the SFU alone (ex2.approx.ftz: about 2 ulp, as exp2f, but a subnormal result flushes to 0), where
 // exp2f adds a range fix-up around it for subnormals. This is what Triton's tl.exp2 and nvcc --use_fast_math
 // give. exp2(-inf) = 0 and NaN stays NaN.
@@ -141,12 +168,7 @@ struct RowTile {
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
       const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
-      if (vi < s.nvec) {
-        alignas(16) T buf[V];
-#pragma unroll
-        for (int j = 0; j < V; ++j) buf[j] = from_float<T>(v[k][j]);
-        *reinterpret_cast<uint4*>(body + vi * V) = *reinterpret_cast<const uint4*>(buf);
-      }
+      if (vi < s.nvec) __stwb(reinterpret_cast<uint4*>(body + vi * V), pack_vec<T>(v[k]));
     }
     if (edges) {
       const int64_t c = s.edge_col(l.first, V);

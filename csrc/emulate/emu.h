@@ -122,6 +122,12 @@ inline float __shfl_xor_sync(unsigned, float v, int offset) {
   return r;
 }
 template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline void __stwb(T* p, T v) { *p = v; }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 // cuda_runtime.h declares the kernel-pointer overload for nvcc only.
 template <class... A>
 cudaError_t cudaFuncSetAttribute(void (*)(A...), cudaFuncAttribute, int) { return cudaSuccess; }

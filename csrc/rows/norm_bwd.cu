@@ -164,11 +164,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     const float2 sums = row_sums<RMS>(sum_g, sum_gx, scratch);
     const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
     each_vector([&](int, int64_t vi, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
-      alignas(16) T out[V];
+      float out[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        out[j] = from_float<T>(rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx));
-      reinterpret_cast<uint4*>(a.dx + row * a.cols)[vi] = *reinterpret_cast<const uint4*>(out);
+      for (int j = 0; j < V; ++j) out[j] = rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx);
+      __stwb(reinterpret_cast<uint4*>(a.dx + row * a.cols) + vi, pack_vec<T>(out));
     });
   }
 #pragma unroll
