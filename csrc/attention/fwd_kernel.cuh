@@ -1,9 +1,9 @@
 // Flash attention forward (the FlashAttention-2 loop): one block per (kFwdM queries, batch, head); each warp owns
 // kFwdMTiles tiles of 16 query rows and streams kFwdN-key tiles of K and V through shared memory, every K and V
 // fragment it reads serving all of its tiles. Softmax is online in base 2 (scale * log2(e) folded into the
-// scores); the output is rescaled when the running max grows and divided by the row sum once at the end. Saves
-// lse = max + log(sum) in fp32. A row whose keys are all masked keeps max = -inf and sum = 0: it writes zeros and
-// lse = -inf.
+// scores); the output is rescaled when the running max grows by more than a factor 2^8 and divided by the row
+// sum once at the end. Saves lse = max + log(sum) in fp32. A row whose keys are all masked keeps max = -inf and
+// sum = 0: it writes zeros and lse = -inf.
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -12,6 +12,8 @@
 #include "primitives.cuh"
 
 namespace fa {
+
+constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 2^8 between rescales
 
 template <typename T, int D>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams p) {
@@ -84,10 +86,23 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
         for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float new_max = fmaxf(row_max[mt][i], mx);
-        const float shift = new_max == -kInf ? 0.f : new_max;  // all masked so far: exp2(-inf - 0) = 0, not NaN
-        const float rescale = fast_exp2(row_max[mt][i] - shift);
-        row_max[mt][i] = new_max;
+        // The row keeps the max it last rescaled to until a tile's max passes it by more than kRescaleSlack
+        // (FlashAttention-4's lazy rescaling). Within the slack P stays at most 2^8, which the fp32 sums and the
+        // 16-bit P of the P V mma hold at full relative precision, and O / sum at the end is the same quotient.
+        // Past the first key tiles the max rarely moves that far, so most steps skip the D / 4 multiplies of O
+        // per row (a branch the whole warp skips together). -inf + slack is -inf: the first finite tile rescales.
+        if (mx > row_max[mt][i] + kRescaleSlack) {
+          const float rescale = fast_exp2(row_max[mt][i] - mx);  // 0 from -inf: O and the sum are 0 then anyway
+          row_max[mt][i] = mx;
+          row_sum[mt][i] *= rescale;
+#pragma unroll
+          for (int dt = 0; dt < D / 8; ++dt) {
+            acc[mt][dt][2 * i] *= rescale;
+            acc[mt][dt][2 * i + 1] *= rescale;
+          }
+        }
+        // all masked so far: exp2(-inf - 0) = 0, not NaN
+        const float shift = row_max[mt][i] == -kInf ? 0.f : row_max[mt][i];
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
@@ -97,12 +112,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
             sum += s[mt][nt][2 * i + j];
           }
         }
-        row_sum[mt][i] = row_sum[mt][i] * rescale + sum;  // this lane's share; the quad is summed at the end
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          acc[mt][dt][2 * i] *= rescale;
-          acc[mt][dt][2 * i + 1] *= rescale;
-        }
+        row_sum[mt][i] += sum;  // this lane's share; the quad is summed at the end
       }
     }
 
