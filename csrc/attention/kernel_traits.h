@@ -20,7 +20,7 @@ struct AttnTraits {
   // stay in registers; Q's fragments (MT x D / 4) too at D 32, else Q is re-read from shared memory each step,
   // which lets D 64 step 64 keys at a time (the per-step softmax, rescale and barriers weigh twice as much
   // against its mmas as at D 128; on the H200 it ran at 0.63-0.77x SDPA flash with 32 keys a step, D 128 at
-  // 0.76-0.79x). ptxas (sm_90): 192 / 242 / 232 / 253 registers for D 32 / 64 / 96 / 128, no spill; 64 keys a
+  // 0.76-0.79x). ptxas (sm_90): 194 / 242 / 232 / 254 registers for D 32 / 64 / 96 / 128, no spill; 64 keys a
   // step spill at D >= 96, and at D 64 with Q in registers.
   static constexpr int kFwdMTiles = 2;
   static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = D <= 64 ? 64 : 32;
