@@ -12,6 +12,8 @@
 #   tests:EXPR       the part of it a pytest -k EXPR selects: "tests:cuda or norm"
 #   grid[:EXPR]      the GPU grids (full_grid, tma_grid), optionally narrowed by a pytest -k EXPR, quoted as one
 #                    argument: "grid:bfloat16 and D128"
+#   retest           rerun, one process, with full tracebacks, the tests an earlier tests/grid phase of this call
+#                    reported FAILED or ERROR (xdist prints a failure's traceback only in its final summary)
 #   precompile       compile the attention benchmark's Triton configs in parallel (bench/precompile.py)
 #   bench:SUITE      one benchmark suite (attention, decoding, softmax, layernorm, rmsnorm, model); BENCH_ARGS
 #                    adds options (--quick, --no-checks, --exclude REGEX)
@@ -66,6 +68,10 @@ PARALLEL=()  # pytest-xdist's workers where it is installed (the GPU image has i
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n "$XDIST")
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
 
+failed_tests() {  # the node ids the test logs so far report FAILED or ERROR, once each
+  grep -hoE "(FAILED|ERROR) tests/[^ ]+" "$LOGS"/tests*.log "$LOGS"/grid*.log 2>/dev/null | cut -d' ' -f2 | sort -u
+}
+
 run_phase() {
   local phase=$1
   case $phase in
@@ -87,6 +93,14 @@ run_phase() {
         name="${what}_$(tr -c 'A-Za-z0-9_\n' _ <<<"${phase#*:}")"
       fi
       step "$name" "${PYTEST[@]}" "${PARALLEL[@]}" -k "$select" ;;
+    retest)
+      local failed
+      mapfile -t failed < <(failed_tests)
+      if ((${#failed[@]})); then
+        step retest python -m pytest -v -p no:cacheprovider --tb=long -rfE "${failed[@]}"
+      else
+        echo "retest: no failed test to rerun" | tee -a "$LOGS/steps.txt"
+      fi ;;
     precompile)
       local quick=()
       [[ " ${BENCH_ARGS[*]} " == *" --quick "* ]] && quick=(--quick)
@@ -124,5 +138,5 @@ for results in "$LOGS/results" "$LOGS/results-graphs"; do
   fi
 done
 echo "== steps"; cat "$LOGS/steps.txt"
-echo "== failed tests"; grep -hoE "(FAILED|ERROR) tests/[^ ]+" "$LOGS"/tests*.log "$LOGS"/grid*.log 2>/dev/null | sort -u | head -40
+echo "== failed tests"; failed_tests | head -40
 for log in "$LOGS"/*.log; do echo "== $(basename "$log")"; tail -n 6 "$log"; done
