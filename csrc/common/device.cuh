@@ -77,11 +77,19 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
   return v;
 }
 
-// Every thread of the block gets the result. The reduction tree depends only on blockDim, so the result is
-// bitwise reproducible. blockDim.x must be a multiple of 32; `scratch` holds 32 floats. A one-warp block (the
-// norm backward's for rows up to 1K 16-bit columns) needs neither shared memory nor barriers.
+// Two values reduced at once, each by its own tree: with block_reduce, one round of shared memory and barriers
+// for both (the LayerNorm backward's sums of g and g * xhat).
 template <typename Op>
-__device__ __forceinline__ float block_reduce(float v, Op op, float identity, float* scratch) {
+__device__ __forceinline__ float2 warp_reduce(float2 v, Op op) {
+  return make_float2(warp_reduce(v.x, op), warp_reduce(v.y, op));
+}
+
+// Every thread of the block gets the result. The reduction tree depends only on blockDim, so the result is
+// bitwise reproducible. blockDim.x must be a multiple of 32; `scratch` holds 32 values. A one-warp block (the
+// norm backward's for rows up to 1K 16-bit columns) needs neither shared memory nor barriers. V is float, or
+// float2 for two reductions in one.
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, Op op, V identity, V* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   v = warp_reduce(v, op);
   if (warps == 1) return v;
@@ -90,19 +98,6 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float identity, fl
   __syncthreads();
   v = lane < warps ? scratch[lane] : identity;
   return warp_reduce(v, op);
-}
-
-// Two block sums at once, by block_reduce's tree (the same bits), with one round of shared memory and barriers
-// instead of two. `scratch` holds 32 float2s.
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  v = make_float2(warp_reduce(v.x, SumOp()), warp_reduce(v.y, SumOp()));
-  if (warps == 1) return v;
-  __syncthreads();  // the previous call's readers are done with scratch
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
-  return make_float2(warp_reduce(v.x, SumOp()), warp_reduce(v.y, SumOp()));
 }
 
 // One row of n elements starting `offset` elements after a 16-byte aligned base, split as: `head` scalars up

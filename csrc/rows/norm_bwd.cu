@@ -46,7 +46,7 @@ struct NormBwdArgs {
 template <bool RMS>
 __device__ __forceinline__ float2 row_sums(float sum_g, float sum_gx, float2* scratch) {
   if (RMS) return make_float2(0.f, block_reduce(sum_gx, SumOp(), 0.f, reinterpret_cast<float*>(scratch)));
-  return block_sum2(make_float2(sum_g, sum_gx), scratch);
+  return block_reduce(make_float2(sum_g, sum_gx), SumOp(), make_float2(0.f, 0.f), scratch);
 }
 
 template <typename T, bool RMS, bool CACHED>
