@@ -12,7 +12,9 @@ buffer; a second kernel then sums the G rows in a fixed order. On CUDA, G is a m
 programs per SM for shorter rows (partial_programs); the partition depends only on M, N and the device, so two
 runs give the same bits. The weight is re-read from cache each row rather than held in registers, which the row,
 dy and the accumulators fill (ptxas, sm_90: RMSNorm at 4k columns 122 -> 80 registers). Elements moved with
-one-block rows: read 2MN + N + 2M, write MN, plus 2GN per parameter for the partial sums (G << M).
+one-block rows: read 2MN + N + 2M, write MN, plus 2GN per parameter for the partial sums (G << M). The backward
+is compiled without fp contraction: fusing g - mean(g) into fma(dy, w, -mean(g)) would keep dy * w's rounding
+error where the two are equal (rows of one element, where dx is exactly 0), times rstd = 1/sqrt(eps).
 
 RMSNorm is the same computation without centering: CENTER=False drops the mean (and its store), the Welford
 statistics (a plain sum of squares suffices) and the mean(g) term; rms_norm.py launches these kernels that way.
@@ -337,7 +339,7 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.T
     _layer_norm_backward_kernel[(G,)](
         dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, dy.stride(0), x.stride(0),
         dx.stride(0), M, N, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK_N=block,
-        ONE_BLOCK=one_block, CENTER=True, num_warps=num_warps)
+        ONE_BLOCK=one_block, CENTER=True, num_warps=num_warps, enable_fp_fusion=False)
     param_dtype = x.dtype if weight is None else weight.dtype
     if weight is not None and has_bias:
         dweight, dbias = sum_partials((dw_partial, param_dtype), (db_partial, param_dtype))

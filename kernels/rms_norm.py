@@ -49,6 +49,6 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, rstd: torch.Ten
     _layer_norm_backward_kernel[(G,)](
         dy, x, x if weight is None else weight, rstd, rstd, dx, dw_partial, dw_partial, dy.stride(0), x.stride(0),
         dx.stride(0), M, N, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=False, BLOCK_N=block,
-        ONE_BLOCK=one_block, CENTER=False, num_warps=num_warps)
+        ONE_BLOCK=one_block, CENTER=False, num_warps=num_warps, enable_fp_fusion=False)
     dweight = sum_partials((dw_partial, weight.dtype))[0] if weight is not None else None
     return dx, dweight

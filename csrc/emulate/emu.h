@@ -132,5 +132,6 @@ inline unsigned __float_as_uint(float f) {
 template <class... A>
 cudaError_t cudaFuncSetAttribute(void (*)(A...), cudaFuncAttribute, int) { return cudaSuccess; }
 inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }
 using std::min;
 using std::max;

@@ -2,6 +2,8 @@
 // (mean = 0 for RMSNorm) and g = dy * w:
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     (RMSNorm drops the mean(g) term)
 //   dw = sum over rows of dy * xhat,  db = sum over rows of dy
+// g is rounded once, by __fmul_rn, which nvcc never contracts into an fma: fma(dy, w, -mean(g)) would keep dy * w's
+// rounding error where g equals mean(g) (one-element rows, where dx is exactly 0), times rstd = 1/sqrt(eps).
 // dw / db are deterministic, without atomics: partial sums over fixed row sets, then added in a fixed order.
 // Two paths:
 // - Fused (norm_bwd_fused_kernel), for rows of whole 16-byte vectors that fit in registers: every row then
@@ -72,7 +74,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
       tg.load(dy, s, c * seg, c == 0);
     }
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
-      const float g = gv * w;
+      const float g = __fmul_rn(gv, w);
       sum_g += g;
       sum_gx += g * (xv - mean) * rstd;
     });
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
       tg.load(dy, s, c * seg, c == 0);
     }
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
-      const float g = gv * w;
+      const float g = __fmul_rn(gv, w);
       xv = rstd * (g - mean_g - (xv - mean) * rstd * mean_gx);
     });
     tx.store(a.dx + row * a.cols, s, c * seg, c == 0);
@@ -154,7 +156,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     each_vector([&](int k, int64_t, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float xhat = (xv[j] - mean) * rstd, g = gv[j] * wv[j];
+        const float xhat = (xv[j] - mean) * rstd, g = __fmul_rn(gv[j], wv[j]);
         sum_g += g;
         sum_gx += g * xhat;
         if (HAS_W) dw[k][j] += gv[j] * xhat;
@@ -166,7 +168,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     each_vector([&](int, int64_t vi, const float(&xv)[V], const float(&gv)[V], const float(&wv)[V]) {
       float out[V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) out[j] = rstd * (gv[j] * wv[j] - mean_g - (xv[j] - mean) * rstd * mean_gx);
+      for (int j = 0; j < V; ++j)
+        out[j] = rstd * (__fmul_rn(gv[j], wv[j]) - mean_g - (xv[j] - mean) * rstd * mean_gx);
       __stwb(reinterpret_cast<uint4*>(a.dx + row * a.cols) + vi, pack_vec<T>(out));
     });
   }
