@@ -220,6 +220,22 @@ def host_us(fn: Callable, clear=()) -> float:
     return seconds / HOST_CALLS * 1e6
 
 
+def device_us(fn: Callable, clear=()) -> float | None:
+    """Microseconds of device time per call of fn: the summed durations of the kernels, memsets and copies its
+    HOST_CALLS calls put on the GPU, from torch.profiler. Unlike the median, this leaves out the time the GPU
+    idles while it waits on the launch path: the kernels' own speed. None when the profiler saw no device work."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(HOST_CALLS):
+            _clear(clear)
+            fn()
+        _sync()
+    spans = [e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(spans) / HOST_CALLS if spans else None
+
+
 def measure_limits(quick: bool) -> dict:
     """What this device reaches on the two things every kernel is bound by, measured now: a large copy (bytes
     read + written per second) and a large matmul (bf16 on a GPU, fp32 on the CPU)."""
@@ -308,6 +324,10 @@ def measure(setup: Callable, case: Case, limits: dict, quick: bool, graphs: bool
         row["ms"], row["p20_ms"], row["p80_ms"] = time_ms(fn, clear, quick)
         if GPU and row["ms"] < HOST_BELOW_MS:
             row["host_us"] = host_us(fn, clear)
+            try:
+                row["kernel_us"] = device_us(fn, clear)
+            except Exception as e:  # a side measure: the profiler failing costs this column, not the row
+                row["kernel_error"] = _short(e)
     except Exception as e:  # every failure is reported in the table, never raised: the other rows still run
         row["note"] = _failure_note(e)
         return row
@@ -321,6 +341,8 @@ def measure(setup: Callable, case: Case, limits: dict, quick: bool, graphs: bool
         row["gbs"] = case.bytes / seconds / 1e9
     if case.tokens:
         row["tokens_per_s"] = case.tokens / seconds
+    if case.bytes and row.get("kernel_us"):
+        row["kernel_fraction"] = case.bytes / (row["kernel_us"] * 1e3) / limits["copy GB/s"]
     if "tflops" in row and not case.bytes:
         row["fraction"] = row["tflops"] / limits["matmul TFLOP/s"]
     elif "gbs" in row:
@@ -525,21 +547,22 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}"
 
 
-COLUMNS = ("case", "provider", "ms", "host µs", "TFLOP/s", "GB/s", "tokens/s", "% peak", "peak MiB")
+COLUMNS = ("case", "provider", "ms", "host µs", "kernel µs", "TFLOP/s", "GB/s", "tokens/s", "% peak", "peak MiB")
 
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """The terminal table: one row per (case, provider); baseline rows say how much faster each of ours is."""
     rows = result["results"]
     mine = sorted({r["provider"] for r in rows if ours(r["provider"])})
-    used = [c for c, key in zip(COLUMNS, (None, None, "ms", "host_us", "tflops", "gbs", "tokens_per_s", "fraction",
-                                          "peak_mib"))
+    used = [c for c, key in zip(COLUMNS, (None, None, "ms", "host_us", "kernel_us", "tflops", "gbs", "tokens_per_s",
+                                          "fraction", "peak_mib"))
             if key is None or any(r.get(key) is not None for r in rows)]
     header = used + [f"{p.removeprefix('fa:')} x" for p in mine] + ["note"]
     body, previous = [], None
     for r in rows:
         cells = {"case": r["case"] if r["case"] != previous else "", "provider": r["provider"],
-                 "ms": _fmt(r.get("ms"), 4), "host µs": _fmt(r.get("host_us")), "TFLOP/s": _fmt(r.get("tflops")),
+                 "ms": _fmt(r.get("ms"), 4), "host µs": _fmt(r.get("host_us")),
+                 "kernel µs": _fmt(r.get("kernel_us")), "TFLOP/s": _fmt(r.get("tflops")),
                  "GB/s": _fmt(r.get("gbs")),
                  "tokens/s": _fmt(r.get("tokens_per_s")), "peak MiB": _fmt(r.get("peak_mib")),
                  "% peak": "" if r.get("fraction") is None else f"{100 * r['fraction']:.0f}%"}

@@ -4,6 +4,10 @@
 cases it covers, the worst ratio (and its case), the median, and MET / MISSED / not measured. The ratio is a
 speed-up (baseline median time / ours) or, for the bandwidth targets, the fraction of the copy bandwidth measured
 in the same run. It reports and never fails: exit status 0 whatever the verdicts.
+
+Each CUDA row-op bandwidth target is judged twice: on the median time, and on the kernels alone (`kernel_us`, the
+profiler's device time). Where the host's launch path takes longer than the kernels, the first measures that path;
+the issue's bar is about the kernels.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class Target:
     baseline: str | None                  # provider name, "sdpa" (the fastest torch.sdpa kernel), or None: bandwidth
     threshold: float
     select: Callable[[dict], bool]        # which cases (by params) the target covers
+    fraction: str = "fraction"            # bandwidth targets: the row's key for its fraction of the copy rate
 
 
 def _attention_grid(direction: str) -> Callable[[dict], bool]:
@@ -49,6 +54,8 @@ TARGETS = [
            0.8, _attention_grid("forward")),
     *[Target("#4", f"CUDA {suite} {d} >= 85% of copy bandwidth", (suite,), "fa:cuda", None, 0.85, _rows(d))
       for suite in ROW_SUITES for d in ("forward", "backward")],
+    *[Target("#4", f"CUDA {suite} {d} >= 85% of copy bandwidth, kernels alone", (suite,), "fa:cuda", None, 0.85,
+             _rows(d), fraction="kernel_fraction") for suite in ROW_SUITES for d in ("forward", "backward")],
     *[Target("#4", f"CUDA {suite} {d} faster than {ROW_SUITES[suite]}", (suite,), "fa:cuda", ROW_SUITES[suite],
              1.0, _rows(d)) for suite in ROW_SUITES for d in ("forward", "backward")],
 ]
@@ -68,8 +75,8 @@ def _ratios(target: Target, results: dict[str, dict]) -> list[tuple[float, str]]
             if ours is None:
                 continue
             if target.baseline is None:
-                if ours.get("fraction") is not None:
-                    out.append((ours["fraction"], case))
+                if ours.get(target.fraction) is not None:
+                    out.append((ours[target.fraction], case))
                 continue
             if target.baseline == "sdpa":
                 base = [r["ms"] for p, r in providers.items() if p.startswith("torch.sdpa[")]

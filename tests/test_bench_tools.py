@@ -65,6 +65,17 @@ def test_row_ops_bandwidth_and_native_baseline():
     assert bandwidth["cases"] == 2 and bandwidth["verdict"] == "MISSED" and bandwidth["worst_case"] == "N16384"
     native = _verdict(results, "CUDA softmax forward faster than torch.softmax")
     assert native["cases"] == 2 and native["verdict"] == "MET"
+    assert _verdict(results, "CUDA softmax forward >= 85% of copy bandwidth, kernels alone")["cases"] == 0
+
+
+def test_row_ops_bandwidth_of_the_kernels_alone():
+    """A launch-bound case misses the bar on its median time and meets it on the profiler's device time."""
+    p = dict(direction="backward", dtype="bfloat16", M=8192, N=4096)
+    rows = [dict(_row("c", "fa:cuda", 0.25, **p), fraction=0.6, kernel_us=180.0, kernel_fraction=0.86)]
+    results = {"layernorm": {"results": rows}}
+    assert _verdict(results, "CUDA layernorm backward >= 85% of copy bandwidth")["verdict"] == "MISSED"
+    alone = _verdict(results, "CUDA layernorm backward >= 85% of copy bandwidth, kernels alone")
+    assert alone["verdict"] == "MET" and alone["worst"] == 0.86
 
 
 @pytest.mark.parametrize("module, vectors", [("bench_softmax", (0, 0)), ("bench_layernorm", (2, 3)),
@@ -201,10 +212,11 @@ def test_host_time_per_call_and_its_column(monkeypatch):
     leaf.grad = torch.ones(1)
     assert 1900 < harness.host_us(fn, (leaf,)) < 20000
     assert len(calls) == harness.HOST_CALLS and all(g is None for g in calls)
-    rows = [{"case": "c", "provider": "fa:triton", "ms": 0.05, "host_us": 80.0},
+    rows = [{"case": "c", "provider": "fa:triton", "ms": 0.05, "host_us": 80.0, "kernel_us": 31.5},
             {"case": "c", "provider": "torch.softmax", "ms": 0.02, "host_us": 9.0, "speedup": {"fa:triton": 0.4}}]
     header, body = harness.table_rows({"results": rows})
-    assert header[:4] == ["case", "provider", "ms", "host µs"] and [r[3] for r in body] == ["80", "9"]
+    assert header[:5] == ["case", "provider", "ms", "host µs", "kernel µs"]
+    assert [r[3:5] for r in body] == [["80", "31.5"], ["9", ""]]
 
 
 def test_cuda_graphs_option_refuses_backward_and_the_cpu(capsys):
