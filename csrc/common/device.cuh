@@ -51,6 +51,15 @@ __device__ __forceinline__ uint4 pack_vec(const float (&v)[16 / sizeof(T)]) {
   }
 }
 
+// The inverse of pack_vec: one 16-byte vector of T as 16 / sizeof(T) floats.
+template <typename T>
+__device__ __forceinline__ void unpack_vec(uint4 raw, float (&v)[16 / sizeof(T)]) {
+  alignas(16) T buf[16 / sizeof(T)];
+  *reinterpret_cast<uint4*>(buf) = raw;
+#pragma unroll
+  for (int j = 0; j < 16 / static_cast<int>(sizeof(T)); ++j) v[j] = to_float(buf[j]);
+}
+
 // 2^x from the SFU alone (ex2.approx.ftz: about 2 ulp, as exp2f, but a subnormal result flushes to 0), where
 // exp2f adds a range fix-up around it for subnormals. This is what Triton's tl.exp2 and nvcc --use_fast_math
 // give. exp2(-inf) = 0 and NaN stays NaN.
@@ -138,23 +147,39 @@ struct RowTile {
   float v[MAXV][V];
   float e;
 
-  __device__ __forceinline__ void load(const T* row, const RowSplit& s, int64_t vec0, bool edges,
-                                       Lanes l = Lanes::block()) {
-    const T* body = row + s.head;
+  // The loads as issued, before unpack() converts them (the compiler drops these registers after it).
+  uint4 raw[MAXV];
+  T raw_e;
+
+  // Issues the loads and uses none of them: a conversion beside its load, inside the load's bounds test, would
+  // wait there for the data, and the thread would have one 16-byte load in flight at a time instead of MAXV.
+  __device__ __forceinline__ void fetch(const T* row, const RowSplit& s, int64_t vec0, bool edges,
+                                        Lanes l = Lanes::block()) {
+    const uint4* body = reinterpret_cast<const uint4*>(row + s.head);
 #pragma unroll
     for (int k = 0; k < MAXV; ++k) {
       const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
-      if (vi < s.nvec) {
-        alignas(16) T buf[V];
-        *reinterpret_cast<uint4*>(buf) = __ldg(reinterpret_cast<const uint4*>(body + vi * V));
-#pragma unroll
-        for (int j = 0; j < V; ++j) v[k][j] = to_float(buf[j]);
-      }
+      if (vi < s.nvec) raw[k] = __ldg(body + vi);
     }
     if (edges) {
       const int64_t c = s.edge_col(l.first, V);
-      if (c >= 0) e = to_float(row[c]);
+      if (c >= 0) raw_e = row[c];
     }
+  }
+
+  __device__ __forceinline__ void unpack(const RowSplit& s, int64_t vec0, bool edges, Lanes l = Lanes::block()) {
+#pragma unroll
+    for (int k = 0; k < MAXV; ++k) {
+      const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
+      if (vi < s.nvec) unpack_vec<T>(raw[k], v[k]);
+    }
+    if (edges && s.edge_col(l.first, V) >= 0) e = to_float(raw_e);
+  }
+
+  __device__ __forceinline__ void load(const T* row, const RowSplit& s, int64_t vec0, bool edges,
+                                       Lanes l = Lanes::block()) {
+    fetch(row, s, vec0, edges, l);
+    unpack(s, vec0, edges, l);
   }
 
   __device__ __forceinline__ void store(T* row, const RowSplit& s, int64_t vec0, bool edges,
@@ -171,6 +196,16 @@ struct RowTile {
     }
   }
 };
+
+// Two tiles of the same slice (y and dy, x and dy): both rows' loads in flight before either is converted.
+template <typename T, int MAXV>
+__device__ __forceinline__ void load_pair(RowTile<T, MAXV>& a, const T* row_a, RowTile<T, MAXV>& b, const T* row_b,
+                                          const RowSplit& s, int64_t vec0, bool edges, Lanes l = Lanes::block()) {
+  a.fetch(row_a, s, vec0, edges, l);
+  b.fetch(row_b, s, vec0, edges, l);
+  a.unpack(s, vec0, edges, l);
+  b.unpack(s, vec0, edges, l);
+}
 
 // f(value_a&, value_b&, column) over the valid slots of one tile, or of two tiles with the same layout.
 template <typename T, int MAXV, typename F>

@@ -64,14 +64,13 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   const float rstd = a.rstd[row];
   RowTile<T, kMaxVecs> tx, tg;
   if (CACHED) {
-    tx.load(x, s, 0, true);
-    tg.load(dy, s, 0, true);
+    load_pair(tx, x, tg, dy, s, 0, true);
   }
   float sum_g = 0.f, sum_gx = 0.f;
   for (int64_t c = 0; c < segments; ++c) {
     if (!CACHED) {
-      tx.load(x, s, c * seg, c == 0);
-      tg.load(dy, s, c * seg, c == 0);
+      tx = {}, tg = {};  // nothing carries over from the last segment: its values would stay live (spills)
+      load_pair(tx, x, tg, dy, s, c * seg, c == 0);
     }
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
@@ -83,8 +82,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
   for (int64_t c = 0; c < segments; ++c) {
     if (!CACHED) {
-      tx.load(x, s, c * seg, c == 0);
-      tg.load(dy, s, c * seg, c == 0);
+      tx = {}, tg = {};
+      load_pair(tx, x, tg, dy, s, c * seg, c == 0);
     }
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
@@ -108,12 +107,7 @@ struct PackedRow {
       if (vi < nvec) raw[k] = __ldg(reinterpret_cast<const uint4*>(row) + vi);
     }
   }
-  __device__ __forceinline__ void unpack(int k, float (&out)[V]) const {
-    alignas(16) T buf[V];
-    *reinterpret_cast<uint4*>(buf) = raw[k];
-#pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = to_float(buf[j]);
-  }
+  __device__ __forceinline__ void unpack(int k, float (&out)[V]) const { unpack_vec<T>(raw[k], out); }
 };
 
 // Fused dx and dw / db partial sums, for cols a multiple of V (so every row starts 16-byte aligned and has no

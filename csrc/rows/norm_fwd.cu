@@ -38,25 +38,33 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs
   const int64_t segments = CACHED ? 1 : (s.nvec > seg ? (s.nvec + seg - 1) / seg : 1);
   RowTile<T, kMaxVecs> t;
   if (CACHED) t.load(x, s, 0, true, l);
+  // A long row's segment c, into a cleared tile: the last segment's values would otherwise stay live across
+  // the loop, beside the new loads in flight.
+  auto load_segment = [&](int64_t c) {
+    if (!CACHED) {
+      t = {};
+      t.load(x, s, c * seg, c == 0, l);
+    }
+  };
 
   float mean = 0.f;
   if (!RMS) {
     float sum = 0.f;
     for (int64_t c = 0; c < segments; ++c) {
-      if (!CACHED) t.load(x, s, c * seg, c == 0, l);
+      load_segment(c);
       for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sum += v; }, l);
     }
     mean = group.reduce(sum, SumOp(), 0.f, scratch) / a.cols;
   }
   float sq = 0.f;
   for (int64_t c = 0; c < segments; ++c) {
-    if (!CACHED) t.load(x, s, c * seg, c == 0, l);
+    load_segment(c);
     for_each(t, s, c * seg, c == 0, [&](float& v, int64_t) { sq += (v - mean) * (v - mean); }, l);
   }
   const float rstd = rsqrtf(group.reduce(sq, SumOp(), 0.f, scratch) / a.cols + a.eps);
 
   for (int64_t c = 0; c < segments; ++c) {
-    if (!CACHED) t.load(x, s, c * seg, c == 0, l);
+    load_segment(c);
     for_each_affine(t, s, c * seg, c == 0, a.weight, a.bias,
                     [&](float& v, float w, float b) { v = (v - mean) * rstd * w + b; }, l);
     t.store(a.y + row * a.cols, s, c * seg, c == 0, l);

@@ -21,8 +21,7 @@ __global__ void __launch_bounds__(kMaxThreads) softmax_bwd_cached(const T* __res
   constexpr bool edges = !WARP;  // a warp's rows are whole vectors
   const RowSplit s(row * cols, cols, vec_width<T>());
   RowTile<T, kMaxVecs> ty, tg;
-  ty.load(y + row * cols, s, 0, edges, l);
-  tg.load(dy + row * cols, s, 0, edges, l);
+  load_pair(ty, y + row * cols, tg, dy + row * cols, s, 0, edges, l);
   float dot = 0.f;
   for_each(ty, tg, s, 0, edges, [&](float& a, float& g, int64_t) { dot += a * g; }, l);
   dot = group.reduce(dot, SumOp(), 0.f, scratch);
@@ -40,8 +39,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t vec0 = chunk * kMaxVecs * blockDim.x;
   const bool edges = chunk == 0;
   RowTile<T, kMaxVecs> ty, tg;
-  ty.load(y + row * cols, s, vec0, edges);
-  tg.load(dy + row * cols, s, vec0, edges);
+  load_pair(ty, y + row * cols, tg, dy + row * cols, s, vec0, edges);
   float dot = 0.f;
   for_each(ty, tg, s, vec0, edges, [&](float& a, float& g, int64_t) { dot += a * g; });
   dot = block_reduce(dot, SumOp(), 0.f, scratch);
@@ -62,8 +60,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t vec0 = chunk * kMaxVecs * blockDim.x;
   const bool edges = chunk == 0;
   RowTile<T, kMaxVecs> ty, tg;
-  ty.load(y + row * cols, s, vec0, edges);
-  tg.load(dy + row * cols, s, vec0, edges);
+  load_pair(ty, y + row * cols, tg, dy + row * cols, s, vec0, edges);
   for_each(ty, tg, s, vec0, edges, [&](float& a, float& g, int64_t) { a = a * (g - dot); });
   ty.store(dx + row * cols, s, vec0, edges);
 }
