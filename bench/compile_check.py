@@ -72,9 +72,9 @@ def _source(fn, values: dict, constexprs: dict, no_specialize=()):
 
 
 def compile_one(job):
-    """job: (kernel label, config label, fn name in its module, values, constexprs, num_warps, num_stages, arch)
-    -> a result row."""
-    label, config, (module, fn_name), values, constexprs, num_warps, num_stages, arch = job
+    """job: (kernel label, config label, fn name in its module, values, constexprs, num_warps, num_stages, arch[,
+    other compile options, as the launcher passes them]) -> a result row."""
+    label, config, (module, fn_name), values, constexprs, num_warps, num_stages, arch, *options = job
     fn = getattr(sys.modules[module], fn_name)
     no_spec = getattr(fn, "do_not_specialize", ()) or ()
     no_spec = {fn.arg_names[p] if isinstance(p, int) else p for p in no_spec}
@@ -86,7 +86,7 @@ def compile_one(job):
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(_source(fn, values, constexprs, no_spec), target=GPUTarget("cuda", arch, 32),
-                               options=dict(num_warps=num_warps, num_stages=num_stages))
+                               options=dict(num_warps=num_warps, num_stages=num_stages, **(options or [{}])[0]))
     except Exception as e:  # noqa: BLE001 -- every failure is a finding to report, not to stop on
         row.update(seconds=round(time.perf_counter() - start, 1), error=f"{type(e).__name__}: {str(e)[-400:]}")
         return row
@@ -253,14 +253,15 @@ def row_jobs(full: bool, arch: int):
                                 DY=dtype, DX=dtype, DW_partial=torch.float32, DB_partial=torch.float32)
                     jobs.append((f"layer_norm_fwd {t}", f"{ncfg} {a}", (LN.__name__, "_layer_norm_forward_kernel"),
                                  dict(rows, **ptrs), flags, warps, 3, arch))
+                    no_fusion = dict(enable_fp_fusion=False)  # as the norm backward launches
                     jobs.append((f"layer_norm_bwd {t}", f"{ncfg} {a}",
                                  (LN.__name__, "_layer_norm_backward_kernel"), dict(rows, **ptrs), flags, warps, 3,
-                                 arch))
+                                 arch, no_fusion))
                     rflags = dict(flags, HAS_BIAS=False, CENTER=False)  # RMSNorm: the same kernels, uncentered
                     jobs.append((f"rms_norm_fwd {t}", f"{ncfg} {a[0]}", (LN.__name__, "_layer_norm_forward_kernel"),
                                  dict(rows, **ptrs), rflags, warps, 3, arch))
                     jobs.append((f"rms_norm_bwd {t}", f"{ncfg} {a[0]}", (LN.__name__, "_layer_norm_backward_kernel"),
-                                 dict(rows, **ptrs), rflags, warps, 3, arch))
+                                 dict(rows, **ptrs), rflags, warps, 3, arch, no_fusion))
         for block_n in (32, 64, 128):  # what sum_partials picks for 1k, 4k and 8k+ columns
             jobs.append((f"sum_partials {t}", f"G32 N{block_n}", (LN.__name__, "_sum_partials_kernel"),
                          dict(P0=torch.float32, Out0=dtype, P1=torch.float32, Out1=dtype, G=132, N=4096),
