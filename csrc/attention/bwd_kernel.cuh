@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   float* sDelta = sLse + BM;
 
   const int n_blocks = (p.k_len + BN - 1) / BN;
-  const int n0 = (blockIdx.x % n_blocks) * BN;
+  const int n0 = (blockIdx.x % n_blocks) * BN;  // causal: the first key blocks meet the most queries, and start first
   const int bhk = blockIdx.x / n_blocks;
   const int b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
   const int group = p.heads / p.kv_heads;
@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   T* sV = sK + BN * P;
 
   const int m_blocks = (p.q_len + BM - 1) / BM;
-  const int m0 = (blockIdx.x % m_blocks) * BM;
+  // Causal: a block further down has more keys to visit. Each head's blocks start from the last, so the grid's
+  // tail is light blocks (longest first); a head's blocks still run side by side, sharing K and V in L2.
+  const int m0 = (m_blocks - 1 - blockIdx.x % m_blocks) * BM;
   const int bh = blockIdx.x / m_blocks;
   const int b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
