@@ -63,15 +63,18 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   const float mean = RMS ? 0.f : a.mean[row];
   const float rstd = a.rstd[row];
   RowTile<T, kMaxVecs> tx, tg;
-  if (CACHED) {
-    load_pair(tx, x, tg, dy, s, 0, true);
-  }
-  float sum_g = 0.f, sum_gx = 0.f;
-  for (int64_t c = 0; c < segments; ++c) {
+  if (CACHED) load_pair(tx, x, tg, dy, s, 0, true);
+  // A long row's segment c, into cleared tiles: the last segment's values would otherwise stay live across the
+  // loop, beside the new loads in flight (which spilled 32 bytes at bf16).
+  auto load_segment = [&](int64_t c) {
     if (!CACHED) {
-      tx = {}, tg = {};  // nothing carries over from the last segment: its values would stay live (spills)
+      tx = {}, tg = {};
       load_pair(tx, x, tg, dy, s, c * seg, c == 0);
     }
+  };
+  float sum_g = 0.f, sum_gx = 0.f;
+  for (int64_t c = 0; c < segments; ++c) {
+    load_segment(c);
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
       sum_g += g;
@@ -81,10 +84,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   const float2 sums = row_sums<RMS>(sum_g, sum_gx, scratch);
   const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
   for (int64_t c = 0; c < segments; ++c) {
-    if (!CACHED) {
-      tx = {}, tg = {};
-      load_pair(tx, x, tg, dy, s, c * seg, c == 0);
-    }
+    load_segment(c);
     for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
       xv = rstd * (g - mean_g - (xv - mean) * rstd * mean_gx);
