@@ -219,6 +219,36 @@ def test_host_time_per_call_and_its_column(monkeypatch):
     assert [r[3:5] for r in body] == [["80", "31.5"], ["9", ""]]
 
 
+def test_device_time_per_call_sums_the_device_events(monkeypatch):
+    """device_us: the profiler's device events (kernels, memsets, copies) summed and divided by the calls; the
+    host's events are not device time; no device event gives None."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+    from torch.autograd import DeviceType
+
+    def event(device_type, us):
+        return SimpleNamespace(device_type=device_type, time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    recorded = []
+
+    @contextlib.contextmanager
+    def profile(activities):
+        recorded.clear()
+        yield SimpleNamespace(events=lambda: list(recorded))
+
+    monkeypatch.setattr(torch.profiler, "profile", profile)
+    calls = []
+
+    def fn():
+        calls.append(1)
+        recorded.extend([event(DeviceType.CPU, 1000.0), event(DeviceType.CUDA, 3.0), event(DeviceType.CUDA, 0.5)])
+
+    assert harness.device_us(fn) == 3.5 and len(calls) == harness.HOST_CALLS
+    assert harness.device_us(lambda: recorded.append(event(DeviceType.CPU, 7.0))) is None
+
+
 def test_cuda_graphs_option_refuses_backward_and_the_cpu(capsys):
     import pytest
     import torch
