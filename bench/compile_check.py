@@ -186,7 +186,8 @@ def attention_jobs(full: bool, arch: int):
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
             # Decoding: 1 or 16 queries of a GQA group of 4 heads (4 or 64 packed rows) against a long cache,
-            # split over the keys, fp32 partial outputs, then the merge.
+            # split over the keys, fp32 partial outputs, then the merge, its programmatic dependent from sm_90.
+            pdl = arch >= 90
             for Lq_dec in (1, 16):
                 for causal, mask, drop in ([_LIGHT, _HEAVY] if not full else _FLAG_SETS):
                     dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec,
@@ -195,7 +196,7 @@ def attention_jobs(full: bool, arch: int):
                     values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, lse_split_stride=16 * Lq_dec,
                                   keys_per_split=512, num_splits=16)
                     const = dict(_flags(dtype, D, causal, mask, drop), BLOCK_M=dc["BLOCK_M"], BLOCK_N=dc["BLOCK_N"],
-                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"])
+                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
@@ -203,9 +204,10 @@ def attention_jobs(full: bool, arch: int):
                 values = dict(PartOut=torch.float32, PartLse=torch.float32, Out=dtype, Lse=torch.float32,
                               num_splits=splits, out_split_stride=16 * D, lse_split_stride=16)
                 block_s = max(2, triton.next_power_of_2(splits))
-                const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D))
+                const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D), PDL=pdl)
                 jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}",
-                             (A.__name__, "_attn_combine"), values, const, 4 if D >= 128 else 2, 3, arch))
+                             (A.__name__, "_attn_combine"), values, const, 4 if D >= 128 else 2, 3, arch,
+                             dict(launch_pdl=pdl)))
             values = dict(O=dtype, DO=dtype, Delta=torch.float32, sob=8000 * D, soh=1000 * D, som=D, sod=1,
                           sdob=8000 * D, sdoh=1000 * D, sdom=D, sdod=1, H=8, Lq=1000)
             jobs.append((f"attn_delta {_SHORT[dtype]} D{D}", "M64", (A.__name__, "_attn_bwd_delta"), values,

@@ -56,6 +56,10 @@ DECODE_MAX_LQ = 16       # queries per head at most
 DECODE_MIN_LK = 1024     # keys at least
 SPLIT_MIN_KEYS = 256     # fewest keys one split handles (below that the combine costs more than it saves)
 MAX_SPLITS = 128
+# On sm_90+ the combine is launched as a programmatic dependent of the split kernel (PDL): it is set up while the
+# splits finish, instead of after, and waits for their results (griddepcontrol.wait) before it reads them. A
+# decoding step is tens of µs, a kernel boundary a few. FAST_ATTENTION_PDL=0 turns it off.
+PDL_MODE = os.environ.get("FAST_ATTENTION_PDL", "1")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-              PACK_GQA: tl.constexpr):
+              PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
@@ -256,6 +260,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
                                rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
                                seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT,
                                UPCAST, IEEE, TMA, True)
+    if PDL:  # the combine may start its set-up now; it reads nothing before this grid has finished
+        tl.extra.cuda.gdc_launch_dependents()
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
@@ -268,9 +274,14 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
 
 @triton.jit
 def _attn_combine(PartOut, PartLse, Out, Lse, num_splits, out_split_stride, lse_split_stride,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  PDL: tl.constexpr):
     """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
-    exp(lse_s - lse). PartOut (S, B*H*Lq, Dv) fp32, PartLse (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq)."""
+    exp(lse_s - lse). PartOut (S, B*H*Lq, Dv) fp32, PartLse (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq).
+    With PDL (launched as a programmatic dependent of the split kernel) it first waits for that grid to complete
+    and its writes to be visible."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -799,7 +810,8 @@ def _decode_config(block_d, elem_bytes, group_rows, heavy):
     program, BLOCK_M from 16 (the smallest tl.dot M) up to 64 as the rows need and registers allow; fp32's FMA
     dots keep one head per program. The key block keeps the pipelined K and V blocks near 64 KB of shared memory
     (128 KB for fp32 at head dim 256). With a mask or dropout each score also holds a mask value or a random
-    draw: such tiles stay at 16 x 64 or less, which compiled for sm_90 (bench/compile_check.py) do not spill."""
+    draw: such tiles stay at 16 x 64 or less. Compiled for sm_90 (bench/compile_check.py) the 16-bit ones spill
+    at most 64 bytes (head dim 16); fp32 with a float mask and dropout spills 1-3 KB at head dims 80 and up."""
     pack = elem_bytes == 2
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, TMA=False, PACK_GQA=pack, num_warps=4, num_stages=1)
@@ -853,14 +865,19 @@ def _num_splits(programs: int, Lk: int, device: torch.device, block_n: int) -> t
     return cdiv(Lk, keys), keys
 
 
-def _combine(part_out, part_lse, out, lse, splits):
+def _pdl(device: torch.device) -> bool:
+    """Whether the combine is launched as a programmatic dependent (PDL_MODE): Hopper or newer, not interpreted."""
+    return PDL_MODE != "0" and not INTERPRET and device.type == "cuda" and properties(device).major >= 9
+
+
+def _combine(part_out, part_lse, out, lse, splits, pdl):
     """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_lse (S, B, H, Lq) -> out, lse in place."""
     rows = lse.numel()
     dv = out.shape[-1]
     block_s = max(2, next_power_of_2(splits))
     _attn_combine[(rows,)](part_out, part_lse, out, lse, splits, part_out.stride(0), part_lse.stride(0),
-                           HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv),
-                           num_warps=4 if dv >= 128 else 2)
+                           HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv), PDL=pdl,
+                           num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
 
 
 def _decode_grid(B, H, Hkv, Lq, config, splits) -> int:
@@ -883,9 +900,9 @@ def _split_plan(q, k, mask=None, dropout_p=0.0):
     return config, splits, keys
 
 
-def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None):
+def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None, pdl=False):
     """Launch _attn_fwd writing out (B, H, Lq, Dv) and lse (B, H, Lq), or with a split plan the parts
-    (splits, B, H, Lq, Dv) and (splits, B, H, Lq)."""
+    (splits, B, H, Lq, Dv) and (splits, B, H, Lq); pdl: the combine follows as its programmatic dependent."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
@@ -898,7 +915,8 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
         return
     config, splits, keys = plan
     grid = (_decode_grid(B, H, Hkv, Lq, config, splits),)
-    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, **kwargs, **config)
+    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, PDL=pdl, **kwargs,
+                    **config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -945,8 +963,9 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     splits = plan[1]
     part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
-    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_lse, plan)
-    _combine(part_out, part_lse, out, lse, splits)
+    pdl = _pdl(q.device)
+    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_lse, plan, pdl)
+    _combine(part_out, part_lse, out, lse, splits, pdl)
     return out, lse
 
 

@@ -329,7 +329,7 @@ def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
     splits = []
     real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[-1]), real_combine(*a)))
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[4]), real_combine(*a)))
     B, H, Hkv, Lk = 2, 4, 2, 200
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 32, dtype)
     mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
@@ -348,7 +348,7 @@ def test_decoding_merge_of_many_splits(monkeypatch):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
     splits = []
     real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[-1]), real_combine(*a)))
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[4]), real_combine(*a)))
     # 1200 keys: splits of 64 keys at most (the GPU's fp32 key block), so over 16 on any device
     q, k, v = _qkv(1, 2, 1, 3, 1200, 16, torch.float32)
     mask = torch.rand(1, 1, 3, 1200, device=DEVICE) > 0.5
