@@ -14,16 +14,18 @@ struct AttnTraits {
   // addresses of each ldmatrix phase fall in distinct banks.
   static constexpr int kPitch = D + 8;
 
-  // forward: each warp owns kFwdMTiles 16-row tiles of queries (kFwdM = 128 per block, FlashAttention-2's block
-  // of 4 warps) and steps kFwdN keys at a time. Two tiles per warp halve the K / V fragments read from shared
-  // memory per mma against one. The fp32 output tile (MT x D / 2 per thread) and the scores (MT x kFwdN / 2)
-  // stay in registers; Q's fragments (MT x D / 4) too at D 32, else Q is re-read from shared memory each step,
-  // which lets D 64 step 64 keys at a time (the per-step softmax, rescale and barriers weigh twice as much
-  // against its mmas as at D 128; on the H200 it ran at 0.63-0.77x SDPA flash with 32 keys a step, D 128 at
-  // 0.76-0.79x). ptxas (sm_90): 194 / 242 / 232 / 254 registers for D 32 / 64 / 96 / 128, no spill; 64 keys a
-  // step spill at D >= 96, and at D 64 with Q in registers.
+  // forward: each warp owns kFwdMTiles 16-row tiles of queries (kFwdM = 128 per block) and steps kFwdN = 64 keys
+  // at a time: FlashAttention-2's 128 x 64 block of 4 warps, which torch's flash backend runs at every head dim
+  // up to 128. Two tiles per warp halve the K / V fragments read from shared memory per mma against one. The
+  // fp32 output tile (MT x D / 2 per thread) and the scores (MT x kFwdN / 2) stay in registers; Q's fragments
+  // (MT x D / 4) too at D 32, else Q is re-read from shared memory each step.
+  // Why 64 keys: each step's softmax, rescale test and two barriers weigh half as much against its mmas as with
+  // 32. On the H200, D 64 went from 0.63-0.77x SDPA flash at 32 keys a step to 0.76-0.91x at 64; D 128 stayed
+  // at 0.76-0.81x with 32. ptxas at 64 keys: 194 / 242 registers at D 32 / 64; 255 and a small spill at D 96
+  // (28 bytes of spill stores on sm_90, 56 on sm_80) and D 128 (80 / 112), less than FlashAttention-2's own
+  // 128 x 64 kernel at D 128 (255 registers, 172 bytes of spill stores on sm_80: flash-attention issue #1630).
   static constexpr int kFwdMTiles = 2;
-  static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = D <= 64 ? 64 : 32;
+  static constexpr int kFwdM = 16 * kWarps * kFwdMTiles, kFwdN = 64;
   static constexpr bool kFwdQInRegs = D <= 32;
   // dK/dV: 64 keys per block; queries per step shrink with D so that dK, dV (2 x D/2 fp32 per thread) plus
   // the S and dP tiles stay in registers
