@@ -59,7 +59,10 @@ def norm_suite(op: str) -> Suite:
 
     def providers(case: Case) -> dict:
         p = case.params
-        made = {f"fa:{b}": call(ours_fn, p, backend=b) for b in timed_backends()}
+        timed = timed_backends()
+        made = {f"fa:{b}": call(ours_fn, p, backend=b) for b in timed}
+        if {"triton", "cuda"} <= set(timed):  # backend=None: the Triton forward, then the CUDA backward
+            made["fa:auto"] = call(ours_fn, p)
         made[f"torch F.{op}"] = call(torch_fn, p)
         made["compile(reference)"] = call(compiled(reference_fn), p)
         if DEVICE == "cuda":

@@ -32,7 +32,8 @@ import torch
 # measured on the H200 (bench/results/nvidia-h200/): its attention ran at 1.2-1.4x torch's SDPA flash kernel
 # forward and backward, the CUDA kernels' at 0.5-0.6x; at 16k columns its row ops moved 84-98% of the copy
 # bandwidth, the CUDA ones 29-57% (at 1k columns the CUDA ones were faster, on tensors small enough that every
-# implementation was bound by its launch path). The CUDA backend is one backend="cuda" away.
+# implementation was bound by its launch path). The CUDA backend is one backend="cuda" away. The norms' backward
+# has its own order (_BACKWARD_ORDER below).
 NAMES = ("triton", "cuda", "reference")
 
 # Triton's interpreter must be chosen before triton is imported; we read the choice once, as triton does.
@@ -129,6 +130,27 @@ def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
         if why_not(name, op, device, **args) is None:
             return name
     raise AssertionError("the reference backend runs every call")
+
+
+# The backward of these ops prefers another order: on the H200 (bench/results/nvidia-h200/e7a0888/), the CUDA
+# LayerNorm / RMSNorm backward moved 1.05-1.7x the bytes per second of the Triton one (the Triton LayerNorm backward
+# spills at 16k columns), while the Triton forward was 1.03-1.4x faster than the CUDA one. backend=None therefore
+# runs each direction on its fastest backend; the two share the fp32 mean / rstd contract.
+_BACKWARD_ORDER = {
+    "layer_norm": ("cuda", "triton", "reference"),
+    "rms_norm": ("cuda", "triton", "reference"),
+}
+
+
+def resolve_backward(op: str, backend: str | None, forward: str, device: torch.device, **args) -> str:
+    """The backend that runs `op`'s backward, after resolve() gave `forward` for its forward: the same one when a
+    backend was asked for (by `backend=` or use_backend), else the fastest that can run it."""
+    if backend is not None or _default is not None or op not in _BACKWARD_ORDER:
+        return forward
+    for name in _BACKWARD_ORDER[op]:
+        if why_not(name, op, device, **args) is None:
+            return name
+    return forward
 
 
 def why_not(name: str, op: str, device: torch.device, **args) -> str | None:

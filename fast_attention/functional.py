@@ -29,7 +29,8 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     input, weight, bias = cast_inputs("layer_norm", input, weight, bias)
     shape = _norms.check("layer_norm", input, normalized_shape, weight, bias)
     name = backends.resolve("layer_norm", backend, input.device, input=input, weight=weight, bias=bias)
-    return call(_norms.layer_norm, input, shape, weight, bias, float(eps), name)[0]
+    backward = _backward_backend("layer_norm", backend, name, input, weight=weight, bias=bias)
+    return call(_norms.layer_norm, input, shape, weight, bias, float(eps), name, backward)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
@@ -40,7 +41,15 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     shape = _norms.check("rms_norm", input, normalized_shape, weight)
     eps = default_rms_eps(input.dtype) if eps is None else float(eps)
     name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
-    return call(_norms.rms_norm, input, shape, weight, eps, name)[0]
+    backward = _backward_backend("rms_norm", backend, name, input, weight=weight)
+    return call(_norms.rms_norm, input, shape, weight, eps, name, backward)[0]
+
+
+def _backward_backend(op: str, backend: str | None, forward: str, input: Tensor, **params) -> str:
+    """The backend of op's backward (backends.resolve_backward), resolved only when a gradient can flow."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *params.values()))):
+        return forward
+    return backends.resolve_backward(op, backend, forward, input.device, input=input, **params)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,

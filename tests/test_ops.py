@@ -13,20 +13,20 @@ OPS = torch.ops.fast_attention
 
 def _softmax_case(device, backend):
     x = torch.randn(3, 17, device=device, requires_grad=True)
-    return OPS.softmax.default, (x, 1)
+    return OPS.softmax.default, (x, 1, backend)
 
 
 def _layer_norm_case(device, backend):
     x = torch.randn(3, 17, device=device, requires_grad=True)
     w = torch.randn(17, device=device, requires_grad=True)
     b = torch.randn(17, device=device, requires_grad=True)
-    return OPS.layer_norm.default, (x, [17], w, b, 1e-5)
+    return OPS.layer_norm.default, (x, [17], w, b, 1e-5, backend, backend)  # forward and backward backends
 
 
 def _rms_norm_case(device, backend):
     x = torch.randn(3, 17, device=device, requires_grad=True)
     w = torch.randn(17, device=device, requires_grad=True)
-    return OPS.rms_norm.default, (x, [17], w, 1e-6)
+    return OPS.rms_norm.default, (x, [17], w, 1e-6, backend, backend)
 
 
 def _attention_inputs(backend):
@@ -38,20 +38,20 @@ def _attention_case(device, backend):
     dtype, D = _attention_inputs(backend)
     q, k, v = (torch.randn(1, 2, L, D, device=device, dtype=dtype, requires_grad=True) for L in (5, 7, 7))
     mask = torch.randn(1, 1, 5, 7, device=device, dtype=dtype)
-    return OPS.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False, 0.25, torch.tensor(0))
+    return OPS.scaled_dot_product_attention.default, (q, k, v, mask, 0.0, False, 0.25, torch.tensor(0), backend)
 
 
 def _attention_strided_case(device, backend):
     """query, key and value as projections give them: (B, L, H, D) storage seen as (B, H, L, D)."""
     dtype, D = _attention_inputs(backend)
     q, k, v = (torch.randn(1, L, 2, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_() for L in (5, 7, 7))
-    return OPS.scaled_dot_product_attention.default, (q, k, v, None, 0.0, True, 0.25, torch.tensor(0))
+    return OPS.scaled_dot_product_attention.default, (q, k, v, None, 0.0, True, 0.25, torch.tensor(0), backend)
 
 
 def _attention_weights_case(device, backend):
-    _, (q, k, v, mask, dropout_p, is_causal, scale, seed) = _attention_case(device, backend)
+    _, (q, k, v, mask, dropout_p, is_causal, scale, seed, _) = _attention_case(device, backend)
     lse = OPS.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, seed, "reference")[1]
-    return OPS.attention_weights.default, (q, k, lse, mask, is_causal, scale)
+    return OPS.attention_weights.default, (q, k, lse, mask, is_causal, scale, backend)
 
 
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
@@ -62,7 +62,7 @@ def test_opcheck(case, backend, device):
     # The op is called with the backend named, past the checks that turn a call the backend cannot run into
     # NotImplementedError: each case gives it inputs it takes.
     op, args = case(device, backend)
-    torch.library.opcheck(op, (*args, backend))
+    torch.library.opcheck(op, args)
 
 
 def test_profiler_shows_ops(backend, device):
@@ -292,6 +292,49 @@ def test_auto_choice_falls_back_for_float64(device):
     x = torch.randn(3, 5, dtype=torch.float64, device=device)
     assert backends.resolve("softmax", None, x.device, input=x) == "reference"
     torch.testing.assert_close(fa.softmax(x), torch.softmax(x, -1))
+
+
+def test_norm_backward_resolves_on_its_own_only_without_a_backend_asked_for(monkeypatch):
+    monkeypatch.setattr(backends, "why_not", lambda name, op, device, **args: None)  # every backend can run it
+    cpu = torch.device("cpu")
+    assert backends.resolve_backward("layer_norm", None, "triton", cpu) == "cuda"
+    assert backends.resolve_backward("rms_norm", None, "triton", cpu) == "cuda"
+    assert backends.resolve_backward("layer_norm", "triton", "triton", cpu) == "triton"
+    assert backends.resolve_backward("softmax", None, "triton", cpu) == "triton"
+    with fa.use_backend("triton"):
+        assert backends.resolve_backward("rms_norm", None, "triton", cpu) == "triton"
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_norm_backward_on_another_backend_than_the_forward(op, monkeypatch, device):
+    """backend=None may run a norm's backward on another backend than its forward (backends._BACKWARD_ORDER):
+    the backward backend gets the forward's mean / rstd, and the gradients are right. Here the forward runs on the
+    first backend and the backward on the reference; on a GPU with both kernel backends, the default order
+    (Triton forward, CUDA backward) runs too."""
+    names = fa.available_backends()
+    if len(names) < 2:
+        pytest.skip("needs two backends")
+    orders = [(names[0], ("reference",))]
+    if {"triton", "cuda"} <= set(names):
+        orders.append(("triton", backends._BACKWARD_ORDER[op]))
+    for forward, order in orders:
+        monkeypatch.setitem(backends._BACKWARD_ORDER, op, order)
+        backward = order[0]
+        ran = []
+        module = backends.get(backward)
+        real = getattr(module, f"{op}_backward")
+        monkeypatch.setattr(module, f"{op}_backward", lambda *a, real=real: ran.append(backward) or real(*a))
+        x = (torch.randn(5, 33, device=device) * 2 + 1).requires_grad_()
+        w = torch.randn(33, device=device, requires_grad=True)
+        params = (w, torch.randn(33, device=device, requires_grad=True)) if op == "layer_norm" else (w,)
+        assert backends.resolve(op, None, x.device, input=x) == forward
+        out = getattr(fa, op)(x, (33,), *params)
+        expected = getattr(reference, op)(x, (33,), *params)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, *params), dout)
+        assert ran == [backward]
+        for g, e in zip(grads, torch.autograd.grad(expected, (x, *params), dout)):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine")

@@ -49,7 +49,8 @@ def _rows_count(input: Tensor, normalized_shape) -> int:
 # ---------------------------------------------------------------------------------------------- layer_norm
 @torch.library.custom_op("fast_attention::layer_norm", mutates_args=())
 def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+               backend: str, backward_backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
         stats = input.new_empty(M, dtype=torch.float32)
@@ -60,7 +61,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
 
 
 @layer_norm.register_fake
-def _(input, normalized_shape, weight, bias, eps, backend):
+def _(input, normalized_shape, weight, bias, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
             input.new_empty(M, dtype=torch.float32), input.new_empty(M, dtype=torch.float32))
@@ -103,7 +104,7 @@ def _(grad_output, input, normalized_shape, weight, mean, rstd, has_bias, backen
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    input, ctx.normalized_shape, weight, bias, _, ctx.backend = inputs
+    input, ctx.normalized_shape, weight, bias, _, _, ctx.backend = inputs
     _, mean, rstd = output
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(mean, rstd)
@@ -114,7 +115,7 @@ def _layer_norm_backward(ctx, grad_output, _grad_mean, _grad_rstd):
     input, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = call(layer_norm_backward, grad_output, input, ctx.normalized_shape, weight, mean, rstd,
                       ctx.has_bias, ctx.backend)
-    return dx, None, _or_none(dw, weight is not None), _or_none(db, ctx.has_bias), None, None
+    return dx, None, _or_none(dw, weight is not None), _or_none(db, ctx.has_bias), None, None, None
 
 
 layer_norm.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
@@ -123,7 +124,8 @@ layer_norm.register_autograd(_layer_norm_backward, setup_context=_layer_norm_set
 # ------------------------------------------------------------------------------------------------ rms_norm
 @torch.library.custom_op("fast_attention::rms_norm", mutates_args=())
 def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor], eps: float,
-             backend: str) -> tuple[Tensor, Tensor]:
+             backend: str, backward_backend: str) -> tuple[Tensor, Tensor]:
+    """(y, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
         return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=torch.float32)
@@ -132,7 +134,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
 
 
 @rms_norm.register_fake
-def _(input, normalized_shape, weight, eps, backend):
+def _(input, normalized_shape, weight, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
     return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=torch.float32)
 
@@ -157,7 +159,7 @@ def _(grad_output, input, normalized_shape, weight, rstd, backend):
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    input, ctx.normalized_shape, weight, _, ctx.backend = inputs
+    input, ctx.normalized_shape, weight, _, _, ctx.backend = inputs
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
     ctx.save_for_backward(input, weight, rstd)
@@ -166,7 +168,7 @@ def _rms_norm_setup(ctx, inputs, output):
 def _rms_norm_backward(ctx, grad_output, _grad_rstd):
     input, weight, rstd = ctx.saved_tensors
     dx, dw = call(rms_norm_backward, grad_output, input, ctx.normalized_shape, weight, rstd, ctx.backend)
-    return dx, None, _or_none(dw, weight is not None), None, None
+    return dx, None, _or_none(dw, weight is not None), None, None, None
 
 
 rms_norm.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
