@@ -366,6 +366,7 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
+  const Tensor ws = float_workspace(fa::attention_forward_workspace_floats(p), q, p.split_out);
   check_launch(fa::attention_forward(p, current_stream(q)), op);
   return {out, lse};
 }

@@ -7,7 +7,8 @@
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover every code path: misaligned rows (odd widths),
 rows past one block's registers (multi-block softmax, chunked norms), partial tiles, causal, bool and additive
-masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes.
+masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, and decoding's
+split-KV kernel and merge.
 It also checks each result against the reference loosely, so a sanitizer-clean but wrong kernel still shows: every
 check runs, and the exit status is 1 if any was off.
 """
@@ -95,10 +96,28 @@ def attention():
                     q.double(), k.double(), lse.double(), rm, causal, scale), 1e-2)
 
 
+
+def decoding():
+    """The split-KV decoding kernel and its merge: 1024 keys and more, GQA groups packed into a warp's rows (two
+    row blocks at 8 heads x 3 queries), a partial last key tile, a bool mask with a fully masked row."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for E in _C.head_dims:
+            B, H, Hkv, Lq, Lk = 2, 8, 1, 3, 1100
+            q = torch.randn(B, H, Lq, E, device="cuda", dtype=dtype)
+            k, v = (torch.randn(B, Hkv, Lk, E, device="cuda", dtype=dtype) for _ in range(2))
+            mask = torch.rand(B, 1, Lq, Lk, device="cuda") > 0.3
+            mask[0, :, 1] = False
+            mask4 = mask.expand(B, H, Lq, Lk)
+            out, lse = _C.attention_forward(q, k, v, mask4, False, E ** -0.5)
+            ref, _ = reference.attention_forward(q.double(), k.double(), v.double(), mask4, False, E ** -0.5, 0.0, 0)
+            check(f"decoding {dtype} E={E}", out, ref, 3e-2)
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     rows()
     attention()
+    decoding()
     torch.cuda.synchronize()
     print(f"every kernel ran; {len(failed)} result(s) off the reference" + "".join(f"\n  {f}" for f in failed))
     sys.exit(1 if failed else 0)

@@ -441,6 +441,25 @@ def test_attention_finfo_min_mask_rows_are_uniform():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E", [64, 128])
+@pytest.mark.parametrize("Lq,H,Hkv,Lk,mask_kind", [(1, 32, 8, 4097, None), (5, 8, 2, 1000 + 1024, "bool"),
+                                                   (16, 4, 4, 3000, "float"), (3, 16, 1, 70000, None)])
+def test_attention_decoding_split_kv(dtype, E, Lq, H, Hkv, Lk, mask_kind):
+    """Decoding (Lq <= 16, Lk >= 1024; csrc/attention/decode_kernel.cuh): GQA groups packed into a warp's rows,
+    the keys split across warps and merged, masks with a fully masked row; the backward from its lse."""
+    q, k, v = _attention_inputs(dtype, 2, H, Hkv, Lq, Lk, E)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, Lq, Lk, device="cuda") > 0.2
+        mask[1, ..., 700:] = False  # batch 1: every split past the first key tiles sees no key
+        mask[0, :, 2] = False  # every key masked: zeros
+    elif mask_kind == "float":
+        mask = (torch.randn(2, H, Lq, Lk, device="cuda") * 2).to(dtype)
+    _check_attention(q, k, v, mask=mask, gqa=H != Hkv)
+
+
+@needs_gpu
 def test_attention_backward_is_deterministic():
     q, k, v = (t.requires_grad_() for t in _attention_inputs(torch.bfloat16, 2, 8, 2, 300, 300, 64))
     dout = torch.randn_like(q)

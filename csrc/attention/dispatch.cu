@@ -1,9 +1,40 @@
 // Runtime dtype and head dim -> the compiled instantiation (see instances.h). The binding has already checked
 // that the head dim is one of kHeadDims; anything else here is a programming error, reported as such.
 #include "../common/static_switch.h"
+#include "decode_kernel.cuh"
 #include "instances.h"
 
 namespace fa {
+
+// Decoding takes a few queries against at least kDecodeMinKeys keys, not causal (top-left causal, those queries
+// see at most kDecodeMaxQ keys: one tile of the tiled forward). The grid aims at kDecodeBlocksPerSm warps per SM:
+// the splits are as many as that takes, with at least kDecodeMinSplitKeys keys each, cut at whole tiles. A
+// function of the shape and the SM count only, so the bits do not vary run to run.
+DecodePlan decode_plan(const AttentionParams& p) {
+  if (p.causal || p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys) return {0, 0, 0};
+  const int keys = p.k_len;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) || sms < 1) {
+    cudaGetLastError();  // clear it: the launch checks cudaGetLastError
+    sms = 1;
+  }
+  DecodePlan plan{};
+  plan.row_blocks = (p.heads / p.kv_heads * p.q_len + kDecodeRows - 1) / kDecodeRows;
+  const int64_t warps = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_blocks;
+  const int64_t most = min(static_cast<int64_t>(kDecodeMaxSplits),
+                           static_cast<int64_t>((keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys));
+  const int64_t splits = max(static_cast<int64_t>(1), min(static_cast<int64_t>(kDecodeBlocksPerSm) * sms / warps, most));
+  const int per_split = static_cast<int>((keys + splits - 1) / splits);
+  plan.keys_per_split = (per_split + kDecodeN - 1) / kDecodeN * kDecodeN;
+  plan.splits = (keys + plan.keys_per_split - 1) / plan.keys_per_split;
+  return plan;
+}
+
+int64_t attention_forward_workspace_floats(const AttentionParams& p) {
+  const DecodePlan plan = decode_plan(p);
+  if (plan.splits <= 1) return 0;
+  return static_cast<int64_t>(plan.splits) * p.batch * p.heads * p.q_len * (p.head_dim + 1);
+}
 
 #define FA_HEADDIM_CASE(HEAD_DIM, VALUE, D, ...) \
   if (HEAD_DIM == VALUE) {                        \

@@ -36,6 +36,10 @@ struct AttentionParams {
   void* out;  // (B, H, Lq, D)
   int64_t o_batch_stride, o_head_stride, o_row_stride;
   float* lse;  // (B, H, Lq) contiguous, natural log; -inf for a row with every key masked
+  // forward, decoding (decode_kernel.cuh) with several key splits: attention_forward_workspace_floats(p) floats of
+  // fp32 scratch for the splits' parts, (splits, B, H, Lq, D), and then (the launcher sets split_lse) their lse
+  float* split_out;
+  float* split_lse;
 
   // backward
   const void* dout;  // (B, H, Lq, D)
@@ -45,6 +49,15 @@ struct AttentionParams {
   float* weights;      // attention_weights: (B, H, Lq, Lk) contiguous float32
 };
 
+// How a forward call is cut for decoding (a few queries against many keys): `splits` key ranges of
+// keys_per_split keys, each read by one warp per `row_blocks` blocks of 16 packed (GQA group x query) rows.
+// splits = 0: the tiled forward runs instead.
+struct DecodePlan {
+  int splits, keys_per_split, row_blocks;
+};
+
+DecodePlan decode_plan(const AttentionParams& p);
+int64_t attention_forward_workspace_floats(const AttentionParams& p);
 int attention_forward(const AttentionParams& p, cudaStream_t stream);
 int attention_backward(const AttentionParams& p, cudaStream_t stream);
 int attention_weights(const AttentionParams& p, cudaStream_t stream);

@@ -13,8 +13,6 @@
 
 namespace fa {
 
-constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 2^8 between rescales
-
 template <typename T, int D>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams p) {
   using Tr = AttnTraits<D>;
@@ -79,44 +77,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
                         [&](int nt, int e) { return make_int2(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e)); });
     }
 
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = -kInf;
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        // The row keeps the max it last rescaled to until a tile's max passes it by more than kRescaleSlack
-        // (FlashAttention-4's lazy rescaling). Within the slack P stays at most 2^8, which the fp32 sums and the
-        // 16-bit P of the P V mma hold at full relative precision, and O / sum at the end is the same quotient.
-        // Past the first key tiles the max rarely moves that far, so most steps skip the D / 4 multiplies of O
-        // per row (a branch the whole warp skips together). -inf + slack is -inf: the first finite tile rescales.
-        if (mx > row_max[mt][i] + kRescaleSlack) {
-          const float rescale = fast_exp2(row_max[mt][i] - mx);  // 0 from -inf: O and the sum are 0 then anyway
-          row_max[mt][i] = mx;
-          row_sum[mt][i] *= rescale;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            acc[mt][dt][2 * i] *= rescale;
-            acc[mt][dt][2 * i + 1] *= rescale;
-          }
-        }
-        // all masked so far: exp2(-inf - 0) = 0, not NaN
-        const float shift = row_max[mt][i] == -kInf ? 0.f : row_max[mt][i];
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            s[mt][nt][2 * i + j] = fast_exp2(s[mt][nt][2 * i + j] - shift);
-            sum += s[mt][nt][2 * i + j];
-          }
-        }
-        row_sum[mt][i] += sum;  // this lane's share; the quad is summed at the end
-      }
-    }
+    online_softmax<MT, BN, D>(s, row_max, row_sum, acc);
 
     cp_async_wait<0>();  // V_j has landed ...
     __syncthreads();     // ... for every thread, and every warp is done with K_j: sK is free
@@ -134,9 +95,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      float sum = row_sum[mt][i];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(row_sum[mt][i]);
       const int row = row_lo + mt * 16 + i * 8;
       if (row >= p.q_len) continue;
       const float inv = sum > 0.f ? 1.f / sum : 0.f;

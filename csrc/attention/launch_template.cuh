@@ -3,6 +3,7 @@
 #pragma once
 
 #include "bwd_kernel.cuh"
+#include "decode_kernel.cuh"
 #include "fwd_kernel.cuh"
 #include "instances.h"
 
@@ -13,24 +14,40 @@ namespace detail {
 // Grids are flattened to x (up to 2^31 - 1 blocks): y and z are limited to 65535, less than B * H may be.
 inline bool grid_fits(int64_t blocks) { return blocks > 0 && blocks <= 2147483647; }
 
-template <typename Kernel>
-int launch_with_smem(Kernel kernel, int64_t blocks, int threads, int smem, const AttentionParams& p,
-                     cudaStream_t stream) {
+template <typename Kernel, typename... Args>
+int launch_with_smem(Kernel kernel, int64_t blocks, int threads, int smem, cudaStream_t stream, const Args&... args) {
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   // Above 48 KiB of dynamic shared memory a kernel must opt in (sm_80 allows up to 163 KiB, sm_90 227 KiB).
   if (cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return err;
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(args...);
   return cudaGetLastError();
 }
 
 }  // namespace detail
 
+// Decoding: the split-KV kernel, then (with several splits) the merge of its parts.
+template <typename T, int D>
+int run_attention_decode(const AttentionParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  AttentionParams q = p;
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  if (plan.splits > 1) q.split_lse = q.split_out + plan.splits * rows * D;
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_blocks * plan.splits;
+  if (int err = detail::launch_with_smem(attention_decode_kernel<T, D>, blocks, 32, decode_smem_bytes<D>(), stream, q,
+                                         plan))
+    return err;
+  if (plan.splits == 1) return cudaSuccess;
+  if (!detail::grid_fits(rows)) return cudaErrorInvalidConfiguration;
+  attention_decode_combine_kernel<T, D><<<static_cast<unsigned>(rows), 32, 0, stream>>>(q, plan);
+  return cudaGetLastError();
+}
+
 template <typename T, int D>
 int run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = AttnTraits<D>;
+  if (const DecodePlan plan = decode_plan(p); plan.splits > 0) return run_attention_decode<T, D>(p, plan, stream);
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kFwdM - 1) / Tr::kFwdM);
-  return detail::launch_with_smem(attention_fwd_kernel<T, D>, blocks, Tr::kThreads, Tr::template fwd_smem<T>(), p,
-                                  stream);
+  return detail::launch_with_smem(attention_fwd_kernel<T, D>, blocks, Tr::kThreads, Tr::template fwd_smem<T>(),
+                                  stream, p);
 }
 
 template <typename T, int D>
@@ -43,11 +60,11 @@ int run_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
 
   const int64_t kv_blocks = static_cast<int64_t>(p.batch) * p.kv_heads * ((p.k_len + Tr::kBwdN - 1) / Tr::kBwdN);
   if (int err = detail::launch_with_smem(attention_bwd_dkdv_kernel<T, D>, kv_blocks, Tr::kThreads,
-                                         Tr::template dkdv_smem<T>(), p, stream))
+                                         Tr::template dkdv_smem<T>(), stream, p))
     return err;
   const int64_t q_blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kDqM - 1) / Tr::kDqM);
   return detail::launch_with_smem(attention_bwd_dq_kernel<T, D>, q_blocks, Tr::kThreads, Tr::template dq_smem<T>(),
-                                  p, stream);
+                                  stream, p);
 }
 
 }  // namespace fa

@@ -276,6 +276,62 @@ __device__ __forceinline__ float prob_from_lse(float score, float lse2) {
   return fast_exp2(d > 0.f ? 0.f : d);  // at most 1; NaN stays NaN (fminf would drop it)
 }
 
+constexpr float kRescaleSlack = 8.f;  // log2 units: P <= 2^8 between rescales
+
+// One key tile of the online softmax (FlashAttention-2's loop) over a warp's MT 16-row tiles: s holds the tile's
+// scores in log2 units (-inf where masked) as C fragments and leaves holding P = exp2(s - row max); row_max,
+// this lane's share of the row sums (row_sum; the 4 lanes of a quad share a row) and the fp32 output tiles acc
+// (rescaled when the max moves) carry over from tile to tile. A row whose keys are all masked so far keeps
+// max = -inf, sum = 0 and P = 0.
+template <int MT, int N, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[MT][N / 8][4], float (&row_max)[MT][2],
+                                               float (&row_sum)[MT][2], float (&acc)[MT][D / 8][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < N / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * i], s[mt][nt][2 * i + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // The row keeps the max it last rescaled to until a tile's max passes it by more than kRescaleSlack
+      // (FlashAttention-4's lazy rescaling). Within the slack P stays at most 2^8, which the fp32 sums and the
+      // 16-bit P of the P V mma hold at full relative precision, and O / sum at the end is the same quotient.
+      // Past the first key tiles the max rarely moves that far, so most steps skip the D / 4 multiplies of O
+      // per row (a branch the whole warp skips together). -inf + slack is -inf: the first finite tile rescales.
+      if (mx > row_max[mt][i] + kRescaleSlack) {
+        const float rescale = fast_exp2(row_max[mt][i] - mx);  // 0 from -inf: O and the sum are 0 then anyway
+        row_max[mt][i] = mx;
+        row_sum[mt][i] *= rescale;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          acc[mt][dt][2 * i] *= rescale;
+          acc[mt][dt][2 * i + 1] *= rescale;
+        }
+      }
+      // all masked so far: exp2(-inf - 0) = 0, not NaN
+      const float shift = row_max[mt][i] == -kInf ? 0.f : row_max[mt][i];
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < N / 8; ++nt) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          s[mt][nt][2 * i + j] = fast_exp2(s[mt][nt][2 * i + j] - shift);
+          sum += s[mt][nt][2 * i + j];
+        }
+      }
+      row_sum[mt][i] += sum;  // this lane's share; quad_sum adds the quad's at the end
+    }
+  }
+}
+
+// A row's sum from the shares of the 4 lanes of its quad.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
 // Two adjacent elements of one output row, as one 4-byte store.
 template <typename T>
 __device__ __forceinline__ void store2(T* dst, float lo, float hi) {

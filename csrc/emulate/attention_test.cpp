@@ -98,6 +98,10 @@ void run(const Case& c, const char* dtype, double tol) {
   p.out = out.data();
   p.o_batch_stride = p.q_batch_stride, p.o_head_stride = p.q_head_stride, p.o_row_stride = D;
   p.lse = lse.data();
+  std::vector<float> workspace(fa::attention_forward_workspace_floats(p));  // decoding's split parts
+  p.split_out = workspace.data();
+  const fa::DecodePlan plan = fa::decode_plan(p);
+  if (c.Lq <= 16 && c.Lk >= 1024 && !c.causal) expect(tag + " takes the split-KV path", plan.splits > 1 ? 0 : 1, 0);
   if (int err = fa::attention_forward(p, nullptr)) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
     return;
@@ -190,6 +194,11 @@ int main() {
       {2, 2, 2, 40, 70, 96, false, kBool},    {1, 2, 1, 33, 65, 128, false, kAdditive},
       {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
       {1, 1, 1, 300, 260, 64, true, kNone},  // D 64's 64-key steps: interior tiles below the diagonal
+      // decoding (decode_kernel.cuh): GQA groups packed into rows, several key splits (the emulated GPU has 3
+      // SMs), a partial last tile, a fully masked row, two row blocks; causal goes to the tiled forward
+      {1, 4, 1, 1, 1024, 128, false, kNone},  {2, 4, 2, 3, 1100, 64, false, kBool},
+      {1, 8, 1, 3, 1030, 96, false, kAdditive}, {1, 2, 2, 16, 2048, 32, false, kNone},
+      {1, 2, 1, 5, 1024, 64, true, kNone},
   };
   for (const Case& c : cases) {
     run<__nv_bfloat16>(c, "bf16", 2e-2);

@@ -112,6 +112,7 @@ inline void ldmatrix(uint32_t (&r)[4], const void* p, bool trans) {
 #define gridDim (emu::gdim)
 
 inline void __syncthreads() { emu::block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline float __shfl_xor_sync(unsigned, float v, int offset) {
   auto& w = (*emu::warps)[emu::lin / 32];
   const int lane = emu::lin % 32;

@@ -1,0 +1,186 @@
+// Flash-decoding: a few queries (q_len <= kDecodeMaxQ) against a long KV cache. The tiled forward would run one
+// 128-query block per (batch, head), most of its rows empty, each streaming the whole cache on its own: on the
+// H200 that read the cache at 200 GB/s. Here one warp is a block, and the work is cut finer twice:
+// - GQA packing: the rows of a warp are the queries of every head that shares one kv head (row r is query
+//   r % q_len of head kv_head * group + r / q_len), 16 at a time, so each K and V tile is read once per group
+//   instead of once per query head.
+// - Split-KV: the keys are cut into `splits` ranges, one warp each, so that the grid fills the GPU. Each writes
+//   its rows' output normalized on its own range plus their lse; attention_decode_combine_kernel merges them,
+//   weighting each part by exp(lse_part - lse). With one split the warp writes the result itself.
+// K and V tiles stream through kDecodeStages shared-memory buffers with cp.async, so the next tiles load while
+// the warp computes on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the online
+// softmax of primitives.cuh, O += P V.
+#pragma once
+
+#include "primitives.cuh"
+
+namespace fa {
+
+constexpr int kDecodeMaxQ = 16;       // queries per head at most
+constexpr int kDecodeMinKeys = 1024;  // keys at least
+constexpr int kDecodeRows = 16;       // packed rows per warp: one mma tile
+constexpr int kDecodeN = 32;          // keys per tile
+constexpr int kDecodeStages = 2;      // K / V tile buffers in flight per warp
+constexpr int kDecodeMinSplitKeys = 256;  // fewest keys per split: below that the merge costs more than it saves
+constexpr int kDecodeMaxSplits = 128;
+constexpr int kDecodeBlocksPerSm = 4;  // the grid aims at this many warps per SM (D 128: 39 KB of buffers each)
+
+template <int D>
+constexpr int decode_smem_bytes() {
+  return (kDecodeRows + 2 * kDecodeStages * kDecodeN) * (D + 8) * 2;
+}
+
+// Block ((b * kv_heads + kv_head) * row_blocks + row_block) * splits + split.
+template <typename T, int D>
+__global__ void __launch_bounds__(32) attention_decode_kernel(const AttentionParams p, const DecodePlan plan) {
+  constexpr int BN = kDecodeN, P = D + 8, S = kDecodeStages;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kDecodeRows * P;  // S buffers of BN rows, then V's
+  T* sV = sK + S * BN * P;
+
+  const int split = blockIdx.x % plan.splits;
+  const int row_block = blockIdx.x / plan.splits % plan.row_blocks;
+  const int bk = blockIdx.x / plan.splits / plan.row_blocks;
+  const int b = bk / p.kv_heads, hk = bk % p.kv_heads;
+  const int group = p.heads / p.kv_heads, rows = group * p.q_len;
+  const int r0 = row_block * kDecodeRows;
+  const int lane = threadIdx.x;
+
+  // Q's packed rows: 16 rows of D / 8 16-byte pieces; rows past the group's are zeros
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
+#pragma unroll
+  for (int it = 0; it < kDecodeRows * (D / 8) / 32; ++it) {
+    const int c = lane + it * 32, r = c / (D / 8), col = (c % (D / 8)) * 8;
+    const int row = r0 + r, h = hk * group + row / p.q_len, i = row % p.q_len;
+    const bool valid = row < rows;
+    cp_async_16(sQ + r * P + col, valid ? q + h * p.q_head_stride + i * p.q_row_stride + col : q, valid);
+  }
+
+  const int lo = split * plan.keys_per_split, hi = min(p.k_len, lo + plan.keys_per_split);
+  const int tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  // Tile t of K and V into buffer t % S. Not load_tile's fully unrolled loop: that kept the 32 source addresses
+  // of a tile live across the key loop (ptxas, sm_90, D 128: 255 registers and a spill; 166 and none so).
+  const auto load_kv = [&](int t) {
+#pragma unroll 4
+    for (int it = 0; it < BN * (D / 8) / 32; ++it) {
+      const int i = lane + it * 32, r = i / (D / 8), c = (i % (D / 8)) * 8;
+      const int key = lo + t * BN + r;
+      const bool valid = key < p.k_len;
+      cp_async_16(sK + ((t % S) * BN + r) * P + c, valid ? k + key * p.k_row_stride + c : k, valid);
+      cp_async_16(sV + ((t % S) * BN + r) * P + c, valid ? v + key * p.v_row_stride + c : v, valid);
+    }
+  };
+  // Group t holds tile t (and Q with tile 0); every stage commits one, empty or not, so the count stays fixed.
+#pragma unroll
+  for (int t = 0; t < S - 1; ++t) {
+    if (t < tiles) load_kv(t);
+    cp_async_commit();
+  }
+
+  const float scale2 = p.scale * kLog2e;
+  float row_max[1][2] = {{-kInf, -kInf}}, row_sum[1][2] = {{0.f, 0.f}};
+  float acc[1][D / 8][4] = {};
+  uint32_t qf[1][D / 16][4];
+  // A tile is interior when no score in it needs a test: no mask, not causal (decode_plan sends causal calls to
+  // the tiled forward), every key below k_len. Splits are whole tiles: no tile reaches into the next split.
+  const bool plain = p.mask_kind == MaskKind::kNone && !p.causal;
+  for (int t = 0; t < tiles; ++t) {
+    cp_async_wait<S - 2>();  // tile t has landed for this lane ...
+    __syncwarp();            // ... and for every lane, which are all done with tile t - 1's buffer
+    if (t + S - 1 < tiles) load_kv(t + S - 1);
+    cp_async_commit();
+    if (t == 0) load_a<D, P>(qf[0], sQ, lane);
+
+    const int n0 = lo + t * BN;
+    float s[1][BN / 8][4] = {};
+    mma_rs_bt_m<T, D, BN, P, 1>(s, qf, sK + (t % S) * BN * P, lane);
+    if (plain && n0 + BN <= p.k_len) {
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[0][nt][e] *= scale2;
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = r0 + frag_row(lane, e);  // a packed row: (head, query)
+          s[0][nt][e] = row < rows ? masked_score<T>(p, s[0][nt][e] * scale2, b, hk * group + row / p.q_len,
+                                                     row % p.q_len, n0 + frag_col(lane, nt, e))
+                                   : -kInf;
+        }
+      }
+    }
+    online_softmax<1, BN, D>(s, row_max, row_sum, acc);
+    mma_cs_m<T, BN, D, P, 1>(acc, s, sV + (t % S) * BN * P, lane);
+  }
+  cp_async_wait<0>();  // the Q copy, when this split has no keys
+
+  const int64_t part = static_cast<int64_t>(split) * p.batch * p.heads * p.q_len;  // rows before this split
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float sum = quad_sum(row_sum[0][i]);
+    const int row = r0 + lane / 4 + i * 8;
+    if (row >= rows) continue;
+    const int h = hk * group + row / p.q_len, qi = row % p.q_len;
+    const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + qi;  // (b, h, qi) in (B, H, Lq)
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float lse = sum > 0.f ? (row_max[0][i] + log2f(sum)) * kLn2 : -kInf;
+    if (plan.splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        store2<T>(out + dt * 8 + (lane % 4) * 2, acc[0][dt][2 * i] * inv, acc[0][dt][2 * i + 1] * inv);
+      if (lane % 4 == 0) p.lse[at] = lse;
+    } else {
+      float* out = p.split_out + (part + at) * D;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(out + dt * 8 + (lane % 4) * 2) =
+            make_float2(acc[0][dt][2 * i] * inv, acc[0][dt][2 * i + 1] * inv);
+      if (lane % 4 == 0) p.split_lse[part + at] = lse;
+    }
+  }
+}
+
+// One warp per (b, h, query): out = sum over splits of exp(lse_s - lse) * part_s, lse = log(sum of exp(lse_s)).
+// A split without keys for the row (lse_s = -inf) weighs 0; a row without any gives zeros and lse = -inf, as the
+// tiled forward. A NaN lse (a NaN in the mask) makes the row NaN.
+template <typename T, int D>
+__global__ void __launch_bounds__(32) attention_decode_combine_kernel(const AttentionParams p, const DecodePlan plan) {
+  constexpr int C = (D + 31) / 32;  // columns per lane
+  const int64_t at = blockIdx.x;   // (b, h, qi) in (B, H, Lq)
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  const int lane = threadIdx.x;
+  float m = -kInf;
+  for (int s = lane; s < plan.splits; s += 32) m = fmaxf(m, p.split_lse[s * rows + at]);
+  m = warp_reduce(m, MaxOp());
+  const float shift = m == -kInf ? 0.f : m;
+  float total = 0.f;
+  for (int s = lane; s < plan.splits; s += 32) total += expf(p.split_lse[s * rows + at] - shift);
+  total = warp_reduce(total, SumOp());
+  float acc[C] = {};
+  for (int s = 0; s < plan.splits; ++s) {
+    const float w = expf(p.split_lse[s * rows + at] - shift);
+    if (w == 0.f) continue;  // a split without keys for this row: its part is not read
+    const float* part = p.split_out + (s * rows + at) * D;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      if (lane + 32 * c < D) acc[c] += w * part[lane + 32 * c];
+    }
+  }
+  const int b = at / (static_cast<int64_t>(p.heads) * p.q_len), h = at / p.q_len % p.heads, qi = at % p.q_len;
+  T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride;
+  const float inv = total > 0.f ? 1.f / total : total == 0.f ? 0.f : total;  // NaN stays NaN
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    if (lane + 32 * c < D) out[lane + 32 * c] = from_float<T>(acc[c] * inv);
+  }
+  if (lane == 0) p.lse[at] = total > 0.f ? shift + logf(total) : total == 0.f ? -kInf : total;
+}
+
+}  // namespace fa
