@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "attention/flash.h"
 #include "rows/rows.h"
@@ -89,17 +90,33 @@ void check_stat(const Tensor& s, const Tensor& x, const char* op, const char* na
                     x.size(0), "), got ", s.numel());
 }
 
-// Weights and biases reach the kernels as float32, whatever their dtype: one conversion of `cols` values.
-Tensor param_f32(const OptTensor& w, const Tensor& x, const char* op, const char* name) {
-  if (!w.has_value()) return Tensor();
-  check_same_device(*w, x, op, name, "x");
-  TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), "fast_attention._C.", op, ": ", name,
-                   " must be a floating-point tensor, got ", w->scalar_type());
-  TORCH_CHECK_VALUE(w->numel() == x.size(1), "fast_attention._C.", op, ": ", name, " must have ", x.size(1),
-                    " elements (one per column), got ", w->numel());
-  return aligned_contiguous(w->to(at::kFloat));  // 16-byte aligned: the kernels read it as float4s
+// A norm's weight and bias, checked, in the dtype the kernels read them in: the rows' dtype when every one
+// present has it (a model's own parameters: read as they are, no conversion and no launch), else float32 (one
+// conversion of `cols` values each). Their gradients come back in that dtype.
+struct NormAffine {
+  Tensor weight, bias;
+  at::ScalarType dtype;
+};
+
+NormAffine norm_affine(const OptTensor& weight, const OptTensor& bias, const Tensor& x, const char* op) {
+  bool native = true;
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, std::pair{&bias, "bias"}}) {
+    if (!t->has_value()) continue;
+    const Tensor& w = **t;
+    check_same_device(w, x, op, name, "x");
+    TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), "fast_attention._C.", op, ": ", name,
+                     " must be a floating-point tensor, got ", w.scalar_type());
+    TORCH_CHECK_VALUE(w.numel() == x.size(1), "fast_attention._C.", op, ": ", name, " must have ", x.size(1),
+                      " elements (one per column), got ", w.numel());
+    native = native && w.scalar_type() == x.scalar_type();
+  }
+  const at::ScalarType dtype = native ? x.scalar_type() : at::kFloat;
+  // 16-byte aligned: the kernels read them as 16-byte vectors
+  const auto as_read = [&](const OptTensor& t) { return t.has_value() ? aligned_contiguous(t->to(dtype)) : Tensor(); };
+  return {as_read(weight), as_read(bias), dtype};
 }
 
+void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 float* f32_ptr(const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 cudaStream_t current_stream(const Tensor& t) {
@@ -176,8 +193,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_forward(const Tensor& x_in, const OptTen
   fa::NormParams p{};
   p.dtype = row_dtype(x_in, op, "x");
   c10::DeviceGuard guard(x_in.device());
-  const Tensor w = param_f32(weight, x_in, op, "weight");
-  const Tensor b = param_f32(bias, x_in, op, "bias");
+  const NormAffine affine = norm_affine(weight, bias, x_in, op);
   const Tensor x = aligned_contiguous(x_in);
   Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   Tensor mean = rms ? Tensor() : at::empty({x.size(0)}, x.options().dtype(at::kFloat));
@@ -188,8 +204,9 @@ std::tuple<Tensor, Tensor, Tensor> norm_forward(const Tensor& x_in, const OptTen
   p.rms = rms;
   p.eps = static_cast<float>(eps);
   p.x = x.data_ptr();
-  p.weight = f32_ptr(w);
-  p.bias = f32_ptr(b);
+  p.param_dtype = affine.dtype == x.scalar_type() ? p.dtype : fa::DType::kFloat32;
+  p.weight = ptr_or_null(affine.weight);
+  p.bias = ptr_or_null(affine.bias);
   p.out = y.data_ptr();
   p.mean = f32_ptr(mean);
   p.rstd = f32_ptr(rstd);
@@ -207,8 +224,8 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& we
   return {y, rstd};
 }
 
-// dweight / dbias come back as float32 (or undefined when not asked for); the Python side casts them to the
-// parameter's dtype.
+// dweight / dbias come back in the dtype norm_affine read the weight in (or undefined when not asked for); the
+// Python side casts them to the parameters' dtype where that differs.
 std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
                                                  const OptTensor& mean_in, const Tensor& rstd_in, bool need_dbias,
                                                  bool rms, const char* op) {
@@ -223,16 +240,17 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   if (mean_in.has_value()) check_stat(*mean_in, x_in, op, "mean");
   check_stat(rstd_in, x_in, op, "rstd");
   c10::DeviceGuard guard(x_in.device());
-  const Tensor w = param_f32(weight, x_in, op, "weight");
+  const NormAffine affine = norm_affine(weight, std::nullopt, x_in, op);
+  const Tensor& w = affine.weight;
   const Tensor x = aligned_contiguous(x_in), dy = aligned_contiguous(dy_in);
   const Tensor mean = mean_in.has_value() ? mean_in->contiguous() : Tensor();
   const Tensor rstd = rstd_in.contiguous();
   Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-  const auto f32 = x.options().dtype(at::kFloat);
+  const auto grad_options = x.options().dtype(affine.dtype);
   // The kernels write every column of dw / db; without rows the sums are zeros.
   const auto param_grad = [&](bool needed) {
     if (!needed) return Tensor();
-    return x.numel() == 0 ? at::zeros({x.size(1)}, f32) : at::empty({x.size(1)}, f32);
+    return x.numel() == 0 ? at::zeros({x.size(1)}, grad_options) : at::empty({x.size(1)}, grad_options);
   };
   Tensor dw = param_grad(w.defined());
   Tensor db = param_grad(need_dbias);
@@ -242,12 +260,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   p.rms = rms;
   p.x = x.data_ptr();
   p.dy = dy.data_ptr();
-  p.weight = f32_ptr(w);
+  p.param_dtype = affine.dtype == x.scalar_type() ? p.dtype : fa::DType::kFloat32;
+  p.weight = ptr_or_null(w);
   p.out = dx.data_ptr();
   p.mean = rms ? nullptr : f32_ptr(mean);
   p.rstd = f32_ptr(rstd);
-  p.dweight = f32_ptr(dw);
-  p.dbias = f32_ptr(db);
+  p.dweight = ptr_or_null(dw);
+  p.dbias = ptr_or_null(db);
   const Tensor ws = dw.defined() || db.defined() ? float_workspace(fa::norm_workspace_floats(p), x, p.workspace)
                                                   : Tensor();
   check_launch(fa::norm_backward(p, current_stream(x)), op);

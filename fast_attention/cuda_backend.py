@@ -4,7 +4,8 @@ fast_attention/backends.py.
 Importing this module fails when the extension was not built (no nvcc at install time, or
 FAST_ATTENTION_SKIP_CUDA=1); the registry then lists the backend as unavailable. _C validates its tensors and
 runs on torch's current stream; this module adds what is Python-side policy: which calls the kernels support
-(`unsupported`) and the parameter gradients' dtype (the kernels return them in float32).
+(`unsupported`) and the parameter gradients' dtype (the kernels return them in the dtype they read the parameters
+in: the rows' dtype when the parameters have it, else float32).
 """
 from __future__ import annotations
 

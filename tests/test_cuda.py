@@ -334,11 +334,13 @@ def test_norm_parameter_gradients_are_deterministic(cols):
 
 @needs_gpu
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
-def test_norms_take_parameter_views_off_16_byte_boundaries(kind):
-    """The kernels read fp32 weights and biases as float4s; views one element into their storage still work."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norms_take_parameter_views_off_16_byte_boundaries(kind, dtype):
+    """The kernels read weights and biases (in the rows' dtype) 16 bytes at a time; views one element into their
+    storage still work."""
     rows, cols = 33, 1024
-    x, dy = torch.randn(rows, cols, device="cuda"), torch.randn(rows, cols, device="cuda")
-    w, b = (torch.randn(cols + 1, device="cuda")[1:] for _ in range(2))
+    x, dy = (torch.randn(rows, cols, device="cuda", dtype=dtype) for _ in range(2))
+    w, b = (torch.randn(cols + 1, device="cuda", dtype=dtype)[1:] for _ in range(2))
     b = b if kind == "layer_norm" else None
     if kind == "layer_norm":
         fns = [lambda x, w, b, backend=backend: fa.layer_norm(x, (cols,), w, b, backend=backend)
@@ -351,7 +353,30 @@ def test_norms_take_parameter_views_off_16_byte_boundaries(kind):
     base = _grad(fns[2], _leaves(x, w, b), dy)
     assert_close(ours[0], base[0], ref[0], kind)
     for name, a, t, r in zip(("dx", "dweight", "dbias"), ours[1], base[1], ref[1]):
-        assert_close(a, t, r, f"{kind} {name}")
+        assert_close(a, t, r, f"{kind} {name}", floor=None if dtype == torch.float32 else 2e-3 * rows ** 0.5 *
+                     max(1.0, r.abs().max().item()))
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("cols", [1000, 1024])  # the two-pass backward and the fused one
+def test_norms_with_parameters_in_another_dtype(kind, cols):
+    """bfloat16 rows with float32 weight and bias (a mixed-precision model's master weights): the kernels read
+    the parameters as float32 and give their gradients in float32."""
+    x, dy = (torch.randn(65, cols, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w, b = (torch.randn(cols, device="cuda") for _ in range(2))
+    b = b if kind == "layer_norm" else None
+    ours_fn = (lambda x, w, b, backend: fa.layer_norm(x, (cols,), w, b, backend=backend)) if kind == "layer_norm" \
+        else (lambda x, w, b, backend: fa.rms_norm(x, (cols,), w, 1e-6, backend=backend))
+    ours = _grad(lambda x, w, b: ours_fn(x, w, b, "cuda"), _leaves(x, w, b), dy)
+    base = _grad(lambda x, w, b: ours_fn(x, w, b, "reference"), _leaves(x, w, b), dy)  # fp32 math, bf16 out
+    ref = _grad(lambda x, w, b: ours_fn(x, w, b, "reference"), _leaves(x, w, b, dtype=torch.float64),
+                dy.double())
+    assert ours[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in ours[1][1:] if g is not None)
+    assert_close(ours[0], base[0], ref[0], kind)
+    for name, a, t, r in zip(("dx", "dweight", "dbias"), ours[1], base[1], ref[1]):
+        assert_close(a, t, r, f"{kind} {name}", floor=None if name == "dx" else 2e-3 * 65 ** 0.5 *
+                     max(1.0, r.abs().max().item()))
 
 
 def _attention_inputs(dtype, B, H, Hkv, Lq, Lk, E, layout="contiguous"):

@@ -232,35 +232,39 @@ __device__ __forceinline__ void for_each(RowTile<T, MAXV>& a, const RowSplit& s,
   for_each(a, a, s, vec0, edges, [&](float& x, float&, int64_t c) { f(x, c); }, l);
 }
 
-// V consecutive floats p[col0..col0+V-1] of a per-column parameter (a norm's fp32 weight or bias), or `fill`
-// each when p is null: 16 bytes a load when `aligned` (p + col0 on a 16-byte boundary), else one at a time.
-template <int V>
-__device__ __forceinline__ void load_param(float (&out)[V], const float* p, int64_t col0, bool aligned, float fill) {
+// V consecutive values p[col0..col0+V-1] of a per-column parameter (a norm's weight or bias, fp32 or of the
+// rows' dtype) as floats, or `fill` each when p is null: 16 bytes a load when `aligned` (p + col0 on a 16-byte
+// boundary), else one element at a time.
+template <typename PT, int V>
+__device__ __forceinline__ void load_param(float (&out)[V], const PT* p, int64_t col0, bool aligned, float fill) {
+  constexpr int VP = 16 / sizeof(PT);
+  static_assert(V % VP == 0, "a tile vector spans whole 16-byte vectors of the parameters");
   if (p == nullptr) {
 #pragma unroll
     for (int j = 0; j < V; ++j) out[j] = fill;
   } else if (aligned) {
 #pragma unroll
-    for (int j = 0; j < V; j += 4) {
-      const float4 q = __ldg(reinterpret_cast<const float4*>(p + col0 + j));
-      out[j] = q.x, out[j + 1] = q.y, out[j + 2] = q.z, out[j + 3] = q.w;
+    for (int j = 0; j < V; j += VP) {
+      float part[VP];
+      unpack_vec<PT>(__ldg(reinterpret_cast<const uint4*>(p + col0 + j)), part);
+#pragma unroll
+      for (int i = 0; i < VP; ++i) out[j + i] = part[i];
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = __ldg(p + col0 + j);
+    for (int j = 0; j < V; ++j) out[j] = to_float(__ldg(p + col0 + j));
   }
 }
 
 // for_each over two tiles with the per-column parameters of each slot: f(value_a&, value_b&, w[col], bias[col]),
-// where a null w reads as 1 and a null bias as 0. w and bias are 16-byte aligned fp32 (N,) vectors, read 16
-// bytes at a time wherever the row's split allows (a head of a multiple of 4 columns: V is a multiple of 4).
-template <typename T, int MAXV, typename F>
+// where a null w reads as 1 and a null bias as 0. w and bias are 16-byte aligned (N,) vectors of PT (float or
+// T), read 16 bytes at a time wherever the row's split allows (a head of a multiple of 16 / sizeof(PT) columns).
+template <typename T, int MAXV, typename PT, typename F>
 __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, RowTile<T, MAXV>& b, const RowSplit& s,
-                                                int64_t vec0, bool edges, const float* w, const float* bias, F f,
+                                                int64_t vec0, bool edges, const PT* w, const PT* bias, F f,
                                                 Lanes l = Lanes::block()) {
   constexpr int V = RowTile<T, MAXV>::V;
-  static_assert(V % 4 == 0, "a tile vector spans whole float4s of the parameters");
-  const bool aligned = s.head % 4 == 0;
+  const bool aligned = s.head % (16 / sizeof(PT)) == 0;
 #pragma unroll
   for (int k = 0; k < MAXV; ++k) {
     const int64_t vi = vec0 + l.first + static_cast<int64_t>(k) * l.stride;
@@ -275,13 +279,13 @@ __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, RowTile<T, 
   }
   if (edges) {
     const int64_t c = s.edge_col(l.first, V);
-    if (c >= 0) f(a.e, b.e, w ? w[c] : 1.f, bias ? bias[c] : 0.f);
+    if (c >= 0) f(a.e, b.e, w ? to_float(w[c]) : 1.f, bias ? to_float(bias[c]) : 0.f);
   }
 }
 
-template <typename T, int MAXV, typename F>
+template <typename T, int MAXV, typename PT, typename F>
 __device__ __forceinline__ void for_each_affine(RowTile<T, MAXV>& a, const RowSplit& s, int64_t vec0, bool edges,
-                                                const float* w, const float* bias, F f, Lanes l = Lanes::block()) {
+                                                const PT* w, const PT* bias, F f, Lanes l = Lanes::block()) {
   for_each_affine(a, a, s, vec0, edges, w, bias, [&](float& x, float&, float wc, float bc) { f(x, wc, bc); }, l);
 }
 

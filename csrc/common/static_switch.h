@@ -36,3 +36,11 @@
     using T = __half;                                                           \
     return __VA_ARGS__();                                                       \
   }()
+
+// Row ops' parameters (a norm's weight and bias): of the rows' dtype T, or float32.
+#define FA_PARAM_SWITCH(PARAM_DTYPE, DTYPE, T, PT, ...)  \
+  [&] {                                                  \
+    if (PARAM_DTYPE == DTYPE) { using PT = T; return __VA_ARGS__(); } \
+    using PT = float;                                    \
+    return __VA_ARGS__();                                \
+  }()

@@ -33,11 +33,11 @@ constexpr int kSumChunks = 32;  // column_sums' first pass: chunks of partial ro
 // SM: one block walks its rows one at a time, so short rows need several blocks per SM.
 constexpr int64_t kBytesInFlight = 64 * 1024;
 
-template <typename T>
+template <typename T, typename PT>
 struct NormBwdArgs {
   const T* x;
   const T* dy;
-  const float* weight;
+  const PT* weight;
   const float* mean;
   const float* rstd;
   T* dx;
@@ -51,8 +51,9 @@ __device__ __forceinline__ float2 row_sums(float sum_g, float sum_gx, float2* sc
   return block_reduce(make_float2(sum_g, sum_gx), SumOp(), make_float2(0.f, 0.f), scratch);
 }
 
-template <typename T, bool RMS, bool CACHED>
-__global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdArgs<T> a) {
+template <typename T, typename PT, bool RMS, bool CACHED>
+__global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdArgs<T, PT> a) {
+  constexpr const PT* no_bias = nullptr;
   __shared__ float2 scratch[32];
   const int64_t row = blockIdx.x;
   const T* x = a.x + row * a.cols;
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   float sum_g = 0.f, sum_gx = 0.f;
   for (int64_t c = 0; c < segments; ++c) {
     load_segment(c);
-    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
+    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, no_bias, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
       sum_g += g;
       sum_gx += g * (xv - mean) * rstd;
@@ -85,7 +86,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_dx_kernel(const NormBwdA
   const float mean_g = sums.x / a.cols, mean_gx = sums.y / a.cols;
   for (int64_t c = 0; c < segments; ++c) {
     load_segment(c);
-    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, nullptr, [&](float& xv, float& gv, float w, float) {
+    for_each_affine(tx, tg, s, c * seg, c == 0, a.weight, no_bias, [&](float& xv, float& gv, float w, float) {
       const float g = __fmul_rn(gv, w);
       xv = rstd * (g - mean_g - (xv - mean) * rstd * mean_gx);
     });
@@ -113,9 +114,9 @@ struct PackedRow {
 // Fused dx and dw / db partial sums, for cols a multiple of V (so every row starts 16-byte aligned and has no
 // edge scalars) and at most kMaxVecs vectors per thread. Block b walks rows b, b + G, b + 2G, ... (G blocks),
 // then writes its sums to row b of part_w / part_b, (G, cols) fp32.
-template <typename T, bool RMS, bool HAS_W, bool HAS_B>
+template <typename T, typename PT, bool RMS, bool HAS_W, bool HAS_B>
 __global__ void __launch_bounds__(kMaxThreads)
-    norm_bwd_fused_kernel(const NormBwdArgs<T> a, int64_t rows, float* __restrict__ part_w,
+    norm_bwd_fused_kernel(const NormBwdArgs<T, PT> a, int64_t rows, float* __restrict__ part_w,
                           float* __restrict__ part_b) {
   constexpr int V = vec_width<T>();
   __shared__ float2 scratch[32];
@@ -218,12 +219,14 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
 // kColTile x kRowLanes block adds rows y, y + kRowLanes, ... in order, then lane 0 adds the lane sums in order.
 // Grid (column tiles, chunks, pairs); chunks = 1 gives the column sums of the whole (rows, cols) matrix. Grid z
 // picks the pair: (in0, out0), or (in1, out1), the dbias partials beside dweight's, summed in the same launch.
+// OT: float for partial sums, the parameters' dtype for the gradients themselves (rounded once, at the end).
+template <typename OT>
 __global__ void __launch_bounds__(kColTile * kRowLanes)
-    column_sums_kernel(const float* __restrict__ in0, float* __restrict__ out0, const float* __restrict__ in1,
-                       float* __restrict__ out1, int64_t rows, int64_t cols, int64_t chunk_rows) {
+    column_sums_kernel(const float* __restrict__ in0, OT* __restrict__ out0, const float* __restrict__ in1,
+                       OT* __restrict__ out1, int64_t rows, int64_t cols, int64_t chunk_rows) {
   __shared__ float lanes[kRowLanes][kColTile + 1];
   const float* in = blockIdx.z ? in1 : in0;
-  float* out = blockIdx.z ? out1 : out0;
+  OT* out = blockIdx.z ? out1 : out0;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
   const int64_t chunk = blockIdx.y;
   const int64_t r_end = min(rows, (chunk + 1) * chunk_rows);
@@ -235,7 +238,7 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
     for (int i = 1; i < kRowLanes; ++i) acc += lanes[i][threadIdx.x];
-    out[chunk * cols + col] = acc;
+    out[chunk * cols + col] = from_float<OT>(acc);
   }
 }
 
@@ -247,22 +250,24 @@ int64_t param_chunks(int64_t rows) {
 // The parameter gradients from their (rows, cols) partial sums, each a null pointer when absent: dweight =
 // the column sums of part_w, dbias those of part_b, in a fixed order and two launches for both: the sums over at
 // most kSumChunks chunks of rows into `scratch` ((kSumChunks, cols) per gradient), then the sums of those.
-int sum_columns(const float* part_w, const float* part_b, int64_t rows, int64_t cols, float* scratch, float* dweight,
-                float* dbias, cudaStream_t stream) {
+template <typename PT>
+int sum_columns(const float* part_w, const float* part_b, int64_t rows, int64_t cols, float* scratch, PT* dweight,
+                PT* dbias, cudaStream_t stream) {
   const int64_t chunk_rows = ceil_div(rows, kSumChunks);
   const int64_t chunks = ceil_div(rows, chunk_rows);
   const int64_t tiles = ceil_div(cols, kColTile);
   if (tiles > kMaxGrid) return cudaErrorInvalidConfiguration;
   // the present gradients as pairs 0 and (with both) 1
   const float* in0 = part_w ? part_w : part_b;
-  float* out0 = part_w ? dweight : dbias;
+  PT* out0 = part_w ? dweight : dbias;
   const unsigned pairs = part_w && part_b ? 2 : 1;
   float* chunk0 = scratch;
   float* chunk1 = scratch + kSumChunks * cols;
   const dim3 block(kColTile, kRowLanes);
-  column_sums_kernel<<<dim3(tiles, chunks, pairs), block, 0, stream>>>(in0, chunk0, part_b, chunk1, rows, cols,
-                                                                       chunk_rows);
-  column_sums_kernel<<<dim3(tiles, 1, pairs), block, 0, stream>>>(chunk0, out0, chunk1, dbias, chunks, cols, chunks);
+  column_sums_kernel<float><<<dim3(tiles, chunks, pairs), block, 0, stream>>>(in0, chunk0, part_b, chunk1, rows,
+                                                                              cols, chunk_rows);
+  column_sums_kernel<PT><<<dim3(tiles, 1, pairs), block, 0, stream>>>(chunk0, out0, chunk1, dbias, chunks, cols,
+                                                                      chunks);
   return cudaGetLastError();
 }
 
@@ -273,11 +278,12 @@ bool fused(const NormParams& p) {
   return (p.dweight || p.dbias) && p.cols % vec_width<T>() == 0 && cached_threads<T>(p.cols) != 0;
 }
 
-template <typename T, typename F>
+template <typename T, typename PT, typename F>
 auto fused_switch(const NormParams& p, F f) {
   return FA_BOOL_SWITCH(p.rms, RMS, [&] {
     return FA_BOOL_SWITCH(p.dweight != nullptr, HAS_W, [&] {
-      return FA_BOOL_SWITCH(p.dbias != nullptr, HAS_B, [&] { return f(norm_bwd_fused_kernel<T, RMS, HAS_W, HAS_B>); });
+      return FA_BOOL_SWITCH(p.dbias != nullptr, HAS_B,
+                            [&] { return f(norm_bwd_fused_kernel<T, PT, RMS, HAS_W, HAS_B>); });
     });
   });
 }
@@ -286,7 +292,7 @@ auto fused_switch(const NormParams& p, F f) {
 // kBytesInFlight of x and dy rows loading (more blocks add partial rows, not bandwidth), and at `rows`. G
 // depends only on the device, the dtype and the shape, so the summation order (and dw's bits) are fixed.
 // 0 when the occupancy query fails: the two-pass path is taken then.
-template <typename T>
+template <typename T, typename PT>
 int64_t fused_blocks(const NormParams& p) {
   int device = 0;
   if (cudaGetDevice(&device)) {
@@ -298,13 +304,13 @@ int64_t fused_blocks(const NormParams& p) {
   // kernel, threads).
   static std::mutex mutex;
   static std::map<std::tuple<int, const void*, int>, std::pair<int, int>> known;  // -> (SMs, blocks per SM)
-  const void* id = fused_switch<T>(p, [](auto kernel) { return reinterpret_cast<const void*>(kernel); });
+  const void* id = fused_switch<T, PT>(p, [](auto kernel) { return reinterpret_cast<const void*>(kernel); });
   std::lock_guard<std::mutex> lock(mutex);
   auto found = known.find({device, id, threads});
   if (found == known.end()) {
     int sms = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) ||
-        fused_switch<T>(p, [&](auto kernel) {
+        fused_switch<T, PT>(p, [&](auto kernel) {
           return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
         }) || per_sm < 1) {
       cudaGetLastError();
@@ -319,29 +325,31 @@ int64_t fused_blocks(const NormParams& p) {
   return blocks < p.rows ? blocks : p.rows;
 }
 
-template <typename T>
+template <typename T, typename PT>
 int launch(const NormParams& p, cudaStream_t stream) {
   if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
-  const NormBwdArgs<T> a{static_cast<const T*>(p.x), static_cast<const T*>(p.dy), p.weight, p.mean, p.rstd,
-                         static_cast<T*>(p.out), p.cols};
+  const NormBwdArgs<T, PT> a{static_cast<const T*>(p.x), static_cast<const T*>(p.dy),
+                             static_cast<const PT*>(p.weight), p.mean, p.rstd, static_cast<T*>(p.out), p.cols};
+  PT* dweight = static_cast<PT*>(p.dweight);
+  PT* dbias = static_cast<PT*>(p.dbias);
   const int cached = cached_threads<T>(p.cols);
   const int threads = cached ? cached : kMaxThreads;
-  if (const int64_t G = fused<T>(p) ? fused_blocks<T>(p) : 0) {
+  if (const int64_t G = fused<T>(p) ? fused_blocks<T, PT>(p) : 0) {
     // workspace: part_w (G, cols), part_b (G, cols), then the chunk sums of each (kSumChunks, cols)
     float* part_w = p.workspace;
     float* part_b = part_w + G * p.cols;
-    fused_switch<T>(p, [&](auto kernel) {
+    fused_switch<T, PT>(p, [&](auto kernel) {
       kernel<<<static_cast<unsigned>(G), threads, 0, stream>>>(a, p.rows, part_w, part_b);
       return 0;
     });
     if (int err = cudaGetLastError()) return err;
-    return sum_columns(p.dweight ? part_w : nullptr, p.dbias ? part_b : nullptr, G, p.cols, part_b + G * p.cols,
-                       p.dweight, p.dbias, stream);
+    return sum_columns(dweight ? part_w : nullptr, dbias ? part_b : nullptr, G, p.cols, part_b + G * p.cols, dweight,
+                       dbias, stream);
   }
 
   FA_BOOL_SWITCH(p.rms, RMS, [&] {
     FA_BOOL_SWITCH(cached != 0, CACHED,
-                   [&] { norm_bwd_dx_kernel<T, RMS, CACHED><<<p.rows, threads, 0, stream>>>(a); });
+                   [&] { norm_bwd_dx_kernel<T, PT, RMS, CACHED><<<p.rows, threads, 0, stream>>>(a); });
   });
   if (int err = cudaGetLastError()) return err;
 
@@ -358,25 +366,29 @@ int launch(const NormParams& p, cudaStream_t stream) {
     norm_param_partial_kernel<T><<<grid, dim3(kColTile, kRowLanes), 0, stream>>>(
         a.x, a.dy, p.rms ? nullptr : p.mean, p.rstd, part_w, part_b, p.rows, p.cols, chunk_rows);
     if (int err = cudaGetLastError()) return err;
-    return sum_columns(part_w, part_b, chunks, p.cols, sums, p.dweight, p.dbias, stream);
+    return sum_columns(part_w, part_b, chunks, p.cols, sums, dweight, dbias, stream);
   }
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename PT>
 int64_t workspace_floats(const NormParams& p) {
-  const int64_t G = fused<T>(p) ? fused_blocks<T>(p) : 0;
+  const int64_t G = fused<T>(p) ? fused_blocks<T, PT>(p) : 0;
   return 2 * ((G ? G : param_chunks(p.rows)) + kSumChunks) * p.cols;
 }
 
 }  // namespace
 
 int64_t norm_workspace_floats(const NormParams& p) {
-  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] { return workspace_floats<T>(p); });
+  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] {
+    return FA_PARAM_SWITCH(p.param_dtype, p.dtype, T, PT, [&] { return workspace_floats<T, PT>(p); });
+  });
 }
 
 int norm_backward(const NormParams& p, cudaStream_t stream) {
-  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, stream); });
+  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] {
+    return FA_PARAM_SWITCH(p.param_dtype, p.dtype, T, PT, [&] { return launch<T, PT>(p, stream); });
+  });
 }
 
 }  // namespace fa

@@ -11,12 +11,12 @@
 namespace fa {
 namespace {
 
-template <typename T>
+template <typename T, typename PT>
 struct NormFwdArgs {
   const T* x;
   T* y;
-  const float* weight;
-  const float* bias;
+  const PT* weight;
+  const PT* bias;
   float* mean;
   float* rstd;
   int64_t cols;
@@ -24,8 +24,8 @@ struct NormFwdArgs {
 };
 
 // The row's RowGroup holds it: a block, or for short rows of whole vectors (CACHED, WARP) a warp.
-template <typename T, bool RMS, bool CACHED, bool WARP>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs<T> a, int64_t rows) {
+template <typename T, typename PT, bool RMS, bool CACHED, bool WARP>
+__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs<T, PT> a, int64_t rows) {
   static_assert(CACHED || !WARP, "a warp holds only rows that fit in its registers");
   __shared__ float scratch[32];
   const RowGroup<WARP> group;
@@ -75,21 +75,22 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const NormFwdArgs
   }
 }
 
-template <typename T>
+template <typename T, typename PT>
 int launch(const NormParams& p, cudaStream_t stream) {
   if (p.rows > kMaxGrid) return cudaErrorInvalidConfiguration;
-  const NormFwdArgs<T> a{static_cast<const T*>(p.x), static_cast<T*>(p.out), p.weight, p.rms ? nullptr : p.bias,
-                         p.rms ? nullptr : p.mean, p.rstd, p.cols, p.eps};
+  const NormFwdArgs<T, PT> a{static_cast<const T*>(p.x), static_cast<T*>(p.out), static_cast<const PT*>(p.weight),
+                             p.rms ? nullptr : static_cast<const PT*>(p.bias), p.rms ? nullptr : p.mean, p.rstd,
+                             p.cols, p.eps};
   const bool warp = warp_rows<T>(p.cols);
   const int cached = warp ? 32 * kWarpRows : cached_threads<T>(p.cols);
   const int threads = cached ? cached : kMaxThreads;
   const int64_t blocks = warp ? ceil_div(p.rows, kWarpRows) : p.rows;
   FA_BOOL_SWITCH(p.rms, RMS, [&] {
     if (warp) {
-      norm_fwd_kernel<T, RMS, true, true><<<blocks, threads, 0, stream>>>(a, p.rows);
+      norm_fwd_kernel<T, PT, RMS, true, true><<<blocks, threads, 0, stream>>>(a, p.rows);
     } else {
       FA_BOOL_SWITCH(cached != 0, CACHED,
-                     [&] { norm_fwd_kernel<T, RMS, CACHED, false><<<blocks, threads, 0, stream>>>(a, p.rows); });
+                     [&] { norm_fwd_kernel<T, PT, RMS, CACHED, false><<<blocks, threads, 0, stream>>>(a, p.rows); });
     }
   });
   return cudaGetLastError();
@@ -98,7 +99,9 @@ int launch(const NormParams& p, cudaStream_t stream) {
 }  // namespace
 
 int norm_forward(const NormParams& p, cudaStream_t stream) {
-  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] { return launch<T>(p, stream); });
+  return FA_FLOAT_DTYPE_SWITCH(p.dtype, T, [&] {
+    return FA_PARAM_SWITCH(p.param_dtype, p.dtype, T, PT, [&] { return launch<T, PT>(p, stream); });
+  });
 }
 
 }  // namespace fa

@@ -1,6 +1,6 @@
 // Parameters and launchers of the row ops (softmax, LayerNorm, RMSNorm) over a contiguous (rows, cols) matrix.
 // Preconditions the binding guarantees: every pointer is 16-byte aligned, rows and cols are positive, weights
-// and biases are float32 (converted once at the binding, whatever the parameter dtype).
+// and biases are float32 or of the rows' dtype (param_dtype; the binding converts any other to float32 once).
 #pragma once
 
 #include "../common/launch.h"
@@ -27,13 +27,14 @@ struct NormParams {
   float eps;
   const void* x;
   const void* dy;      // backward only
-  const float* weight; // (cols,) or null
-  const float* bias;   // (cols,) or null; LayerNorm forward only
+  DType param_dtype;   // of weight, bias, dweight and dbias: float32 or dtype
+  const void* weight;  // (cols,) or null
+  const void* bias;    // (cols,) or null; LayerNorm forward only
   void* out;           // forward: y; backward: dx
   float* mean;         // (rows,): written by the forward, read by the backward; null for RMSNorm
   float* rstd;         // (rows,): likewise
-  float* dweight;      // backward: (cols,) float32, or null when there is no weight
-  float* dbias;        // backward: (cols,) float32, or null when there is no bias
+  void* dweight;       // backward: (cols,), or null when there is no weight
+  void* dbias;         // backward: (cols,), or null when there is no bias
   float* workspace;    // backward: norm_workspace_floats() floats, for the per-chunk partial sums
 };
 
