@@ -7,9 +7,9 @@
 // - Split-KV: the keys are cut into `splits` ranges, one warp each, so that the grid fills the GPU. Each writes
 //   its rows' output normalized on its own range plus their lse; attention_decode_combine_kernel merges them,
 //   weighting each part by exp(lse_part - lse). With one split the warp writes the result itself.
-// K and V tiles stream through kDecodeStages shared-memory buffers with cp.async, so the next tiles load while
-// the warp computes on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the online
-// softmax of primitives.cuh, O += P V.
+// K and V tiles stream through decode_stages<D>() shared-memory buffers with cp.async, so the next tiles load
+// while the warp computes on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the
+// online softmax of primitives.cuh, O += P V.
 #pragma once
 
 #include "primitives.cuh"
@@ -20,20 +20,25 @@ constexpr int kDecodeMaxQ = 16;       // queries per head at most
 constexpr int kDecodeMinKeys = 1024;  // keys at least
 constexpr int kDecodeRows = 16;       // packed rows per warp: one mma tile
 constexpr int kDecodeN = 32;          // keys per tile
-constexpr int kDecodeStages = 2;      // K / V tile buffers in flight per warp
 constexpr int kDecodeMinSplitKeys = 256;  // fewest keys per split: below that the merge costs more than it saves
 constexpr int kDecodeMaxSplits = 128;
 constexpr int kDecodeBlocksPerSm = 4;  // the grid aims at this many warps per SM (D 128: 39 KB of buffers each)
 
+// K / V tile buffers per warp: the tiles in flight while it computes are one fewer. With about 4 warps per SM
+// that is 64 KB of K and V loading per SM at D 128 (a tile of both is 17 KB), enough to cover the memory latency
+// at full bandwidth; D 64's tiles are half as big, so it keeps two in flight.
 template <int D>
-constexpr int decode_smem_bytes() {
-  return (kDecodeRows + 2 * kDecodeStages * kDecodeN) * (D + 8) * 2;
+__host__ __device__ constexpr int decode_stages() { return D <= 64 ? 3 : 2; }
+
+template <int D>
+__host__ __device__ constexpr int decode_smem_bytes() {
+  return (kDecodeRows + 2 * decode_stages<D>() * kDecodeN) * (D + 8) * 2;
 }
 
 // Block ((b * kv_heads + kv_head) * row_blocks + row_block) * splits + split.
 template <typename T, int D>
 __global__ void __launch_bounds__(32) attention_decode_kernel(const AttentionParams p, const DecodePlan plan) {
-  constexpr int BN = kDecodeN, P = D + 8, S = kDecodeStages;
+  constexpr int BN = kDecodeN, P = D + 8, S = decode_stages<D>();
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kDecodeRows * P;  // S buffers of BN rows, then V's

@@ -1,5 +1,8 @@
-// Runtime dtype and head dim -> the compiled instantiation (see instances.h). The binding has already checked
-// that the head dim is one of kHeadDims; anything else here is a programming error, reported as such.
+// Runtime dtype and head dim -> the compiled instantiation (see instances.h), and how a decoding call is cut
+// (decode_plan). The binding has already checked that the head dim is one of kHeadDims; anything else here is a
+// programming error, reported as such.
+#include <algorithm>
+
 #include "../common/static_switch.h"
 #include "decode_kernel.cuh"
 #include "instances.h"
@@ -12,7 +15,7 @@ namespace fa {
 // function of the shape and the SM count only, so the bits do not vary run to run.
 DecodePlan decode_plan(const AttentionParams& p) {
   if (p.causal || p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys) return {0, 0, 0};
-  const int keys = p.k_len;
+  const int64_t keys = p.k_len;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) || sms < 1) {
     cudaGetLastError();  // clear it: the launch checks cudaGetLastError
@@ -21,12 +24,11 @@ DecodePlan decode_plan(const AttentionParams& p) {
   DecodePlan plan{};
   plan.row_blocks = (p.heads / p.kv_heads * p.q_len + kDecodeRows - 1) / kDecodeRows;
   const int64_t warps = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_blocks;
-  const int64_t most = min(static_cast<int64_t>(kDecodeMaxSplits),
-                           static_cast<int64_t>((keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys));
-  const int64_t splits = max(static_cast<int64_t>(1), min(static_cast<int64_t>(kDecodeBlocksPerSm) * sms / warps, most));
-  const int per_split = static_cast<int>((keys + splits - 1) / splits);
-  plan.keys_per_split = (per_split + kDecodeN - 1) / kDecodeN * kDecodeN;
-  plan.splits = (keys + plan.keys_per_split - 1) / plan.keys_per_split;
+  const int64_t most = std::min<int64_t>(kDecodeMaxSplits, (keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(int64_t{kDecodeBlocksPerSm} * sms / warps, most));
+  const int64_t per_split = (keys + splits - 1) / splits;
+  plan.keys_per_split = static_cast<int>((per_split + kDecodeN - 1) / kDecodeN * kDecodeN);
+  plan.splits = static_cast<int>((keys + plan.keys_per_split - 1) / plan.keys_per_split);
   return plan;
 }
 
