@@ -9,6 +9,8 @@ in: the rows' dtype when the parameters have it, else float32).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -26,9 +28,15 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Kept per device: the query took a microsecond or two of every call's host time."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _device_reason(x: Tensor) -> str | None:
     if x.is_cuda:
-        capability = torch.cuda.get_device_capability(x.device)
+        capability = _capability(x.device)
         if capability < _MIN_CAPABILITY:
             return (f"its kernels are compiled for compute capability 8.0 or newer (cp.async, bf16 mma.sync); "
                     f"{x.device} is sm_{capability[0]}{capability[1]}")

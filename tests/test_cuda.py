@@ -121,13 +121,13 @@ def test_gpus_older_than_sm80_route_every_op_elsewhere(monkeypatch):
 
     from fast_attention import cuda_backend
 
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(cuda_backend, "_capability", lambda device: (7, 5))
     x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16, shape=(2, 3, 4, 64))
     for op, args in [("softmax", dict(input=x)), ("layer_norm", dict(input=x, weight=None, bias=None)),
                      ("rms_norm", dict(input=x, weight=None)),
                      ("scaled_dot_product_attention", dict(query=x, key=x, value=x))]:
         assert "sm_75" in cuda_backend.unsupported(op, **args), op
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(cuda_backend, "_capability", lambda device: (8, 0))
     assert cuda_backend.unsupported("softmax", input=x) is None
 
 
