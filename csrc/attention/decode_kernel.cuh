@@ -1,14 +1,14 @@
 // Flash-decoding: a few queries (q_len <= kDecodeMaxQ) against a long KV cache. The tiled forward would run one
 // 128-query block per (batch, head), most of its rows empty, each streaming the whole cache on its own: on the
-// H200 that read the cache at 200 GB/s. Here one warp is a block, and the work is cut finer twice:
-// - GQA packing: the rows of a warp are the queries of every head that shares one kv head (row r is query
-//   r % q_len of head kv_head * group + r / q_len), 16 at a time, so each K and V tile is read once per group
-//   instead of once per query head.
-// - Split-KV: the keys are cut into `splits` ranges, one warp each, so that the grid fills the GPU. Each writes
+// H200 that read the cache at 200 GB/s. Here a block is one to kDecodeMaxWarps warps, and the work is cut finer:
+// - GQA packing: the rows of a block are the queries of every head that shares one kv head (row r is query
+//   r % q_len of head kv_head * group + r / q_len), 16 per warp, so each K and V tile is read once per group
+//   (up to 64 rows) instead of once per query head.
+// - Split-KV: the keys are cut into `splits` ranges, one block each, so that the grid fills the GPU. Each writes
 //   its rows' output normalized on its own range plus their lse; attention_decode_combine_kernel merges them,
-//   weighting each part by exp(lse_part - lse). With one split the warp writes the result itself.
+//   weighting each part by exp(lse_part - lse). With one split the block writes the result itself.
 // K and V tiles stream through decode_stages<D>() shared-memory buffers with cp.async, so the next tiles load
-// while the warp computes on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the
+// while the warps compute on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the
 // online softmax of primitives.cuh, O += P V.
 #pragma once
 
@@ -19,45 +19,48 @@ namespace fa {
 constexpr int kDecodeMaxQ = 16;       // queries per head at most
 constexpr int kDecodeMinKeys = 1024;  // keys at least
 constexpr int kDecodeRows = 16;       // packed rows per warp: one mma tile
+constexpr int kDecodeMaxWarps = 4;    // warps of a block, sharing its K and V tiles
 constexpr int kDecodeN = 32;          // keys per tile
 constexpr int kDecodeMinSplitKeys = 256;  // fewest keys per split: below that the merge costs more than it saves
 constexpr int kDecodeMaxSplits = 128;
-constexpr int kDecodeBlocksPerSm = 4;  // the grid aims at this many warps per SM (D 128: 39 KB of buffers each)
+constexpr int kDecodeBlocksPerSm = 4;  // the grid aims at this many blocks per SM, each streaming its own keys
 
-// K / V tile buffers per warp: the tiles in flight while it computes are one fewer. With about 4 warps per SM
+// K / V tile buffers per block: the tiles in flight while it computes are one fewer. With about 4 blocks per SM
 // that is 64 KB of K and V loading per SM at D 128 (a tile of both is 17 KB), enough to cover the memory latency
 // at full bandwidth; D 64's tiles are half as big, so it keeps two in flight.
 template <int D>
 __host__ __device__ constexpr int decode_stages() { return D <= 64 ? 3 : 2; }
 
 template <int D>
-__host__ __device__ constexpr int decode_smem_bytes() {
-  return (kDecodeRows + 2 * decode_stages<D>() * kDecodeN) * (D + 8) * 2;
+__host__ __device__ constexpr int decode_smem_bytes(int warps) {
+  return (warps * kDecodeRows + 2 * decode_stages<D>() * kDecodeN) * (D + 8) * 2;
 }
 
-// Block ((b * kv_heads + kv_head) * row_blocks + row_block) * splits + split.
+// plan.warps warps a block; block ((b * kv_heads + kv_head) * row_groups + row_group) * splits + split, where
+// row group g holds rows 16 * warps * g onwards (16 a warp).
 template <typename T, int D>
-__global__ void __launch_bounds__(32) attention_decode_kernel(const AttentionParams p, const DecodePlan plan) {
+__global__ void __launch_bounds__(32 * kDecodeMaxWarps)
+    attention_decode_kernel(const AttentionParams p, const DecodePlan plan) {
   constexpr int BN = kDecodeN, P = D + 8, S = decode_stages<D>();
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kDecodeRows * P;  // S buffers of BN rows, then V's
+  const int row_groups = (plan.row_blocks + plan.warps - 1) / plan.warps;
+  T* sQ = reinterpret_cast<T*>(smem);  // 16 rows a warp
+  T* sK = sQ + plan.warps * kDecodeRows * P;  // S buffers of BN rows, then V's
   T* sV = sK + S * BN * P;
 
   const int split = blockIdx.x % plan.splits;
-  const int row_block = blockIdx.x / plan.splits % plan.row_blocks;
-  const int bk = blockIdx.x / plan.splits / plan.row_blocks;
+  const int row_group = blockIdx.x / plan.splits % row_groups;
+  const int bk = blockIdx.x / plan.splits / row_groups;
   const int b = bk / p.kv_heads, hk = bk % p.kv_heads;
   const int group = p.heads / p.kv_heads, rows = group * p.q_len;
-  const int r0 = row_block * kDecodeRows;
-  const int lane = threadIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int block_r0 = row_group * plan.warps * kDecodeRows, r0 = block_r0 + warp * kDecodeRows;
 
-  // Q's packed rows: 16 rows of D / 8 16-byte pieces; rows past the group's are zeros
+  // Q's packed rows, D / 8 16-byte pieces each; rows past the group's are zeros
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride;
-#pragma unroll
-  for (int it = 0; it < kDecodeRows * (D / 8) / 32; ++it) {
-    const int c = lane + it * 32, r = c / (D / 8), col = (c % (D / 8)) * 8;
-    const int row = r0 + r, h = hk * group + row / p.q_len, i = row % p.q_len;
+  for (int c = threadIdx.x; c < plan.warps * kDecodeRows * (D / 8); c += blockDim.x) {
+    const int r = c / (D / 8), col = (c % (D / 8)) * 8;
+    const int row = block_r0 + r, h = hk * group + row / p.q_len, i = row % p.q_len;
     const bool valid = row < rows;
     cp_async_16(sQ + r * P + col, valid ? q + h * p.q_head_stride + i * p.q_row_stride + col : q, valid);
   }
@@ -66,12 +69,13 @@ __global__ void __launch_bounds__(32) attention_decode_kernel(const AttentionPar
   const int tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  // Tile t of K and V into buffer t % S. Not load_tile's fully unrolled loop: that kept the 32 source addresses
-  // of a tile live across the key loop (ptxas, sm_90, D 128: 255 registers and a spill; 166 and none so).
+  // Tile t of K and V into buffer t % S, by every thread of the block. Not load_tile's fully unrolled loop: for
+  // one warp that kept the 32 source addresses of a tile live across the key loop (ptxas, sm_90, D 128: 255
+  // registers and a spill; 166 and none so).
   const auto load_kv = [&](int t) {
 #pragma unroll 4
-    for (int it = 0; it < BN * (D / 8) / 32; ++it) {
-      const int i = lane + it * 32, r = i / (D / 8), c = (i % (D / 8)) * 8;
+    for (int i = threadIdx.x; i < BN * (D / 8); i += blockDim.x) {
+      const int r = i / (D / 8), c = (i % (D / 8)) * 8;
       const int key = lo + t * BN + r;
       const bool valid = key < p.k_len;
       cp_async_16(sK + ((t % S) * BN + r) * P + c, valid ? k + key * p.k_row_stride + c : k, valid);
@@ -93,11 +97,11 @@ __global__ void __launch_bounds__(32) attention_decode_kernel(const AttentionPar
   // the tiled forward), every key below k_len. Splits are whole tiles: no tile reaches into the next split.
   const bool plain = p.mask_kind == MaskKind::kNone && !p.causal;
   for (int t = 0; t < tiles; ++t) {
-    cp_async_wait<S - 2>();  // tile t has landed for this lane ...
-    __syncwarp();            // ... and for every lane, which are all done with tile t - 1's buffer
+    cp_async_wait<S - 2>();  // tile t has landed for this thread ...
+    __syncthreads();         // ... and for every thread, all of which are done with tile t - 1's buffer
     if (t + S - 1 < tiles) load_kv(t + S - 1);
     cp_async_commit();
-    if (t == 0) load_a<D, P>(qf[0], sQ, lane);
+    if (t == 0) load_a<D, P>(qf[0], sQ + warp * kDecodeRows * P, lane);
 
     const int n0 = lo + t * BN;
     float s[1][BN / 8][4] = {};

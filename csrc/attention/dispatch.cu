@@ -10,11 +10,11 @@
 namespace fa {
 
 // Decoding takes a few queries against at least kDecodeMinKeys keys, not causal (top-left causal, those queries
-// see at most kDecodeMaxQ keys: one tile of the tiled forward). The grid aims at kDecodeBlocksPerSm warps per SM:
+// see at most kDecodeMaxQ keys: one tile of the tiled forward). The grid aims at kDecodeBlocksPerSm blocks per SM:
 // the splits are as many as that takes, with at least kDecodeMinSplitKeys keys each, cut at whole tiles. A
 // function of the shape and the SM count only, so the bits do not vary run to run.
 DecodePlan decode_plan(const AttentionParams& p) {
-  if (p.causal || p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys) return {0, 0, 0};
+  if (p.causal || p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys) return {0, 0, 0, 0};
   const int64_t keys = p.k_len;
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) || sms < 1) {
@@ -23,9 +23,11 @@ DecodePlan decode_plan(const AttentionParams& p) {
   }
   DecodePlan plan{};
   plan.row_blocks = (p.heads / p.kv_heads * p.q_len + kDecodeRows - 1) / kDecodeRows;
-  const int64_t warps = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_blocks;
+  plan.warps = std::min(plan.row_blocks, kDecodeMaxWarps);
+  const int row_groups = (plan.row_blocks + plan.warps - 1) / plan.warps;  // blocks per (batch, kv head, split)
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * row_groups;
   const int64_t most = std::min<int64_t>(kDecodeMaxSplits, (keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys);
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(int64_t{kDecodeBlocksPerSm} * sms / warps, most));
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(int64_t{kDecodeBlocksPerSm} * sms / blocks, most));
   const int64_t per_split = (keys + splits - 1) / splits;
   plan.keys_per_split = static_cast<int>((per_split + kDecodeN - 1) / kDecodeN * kDecodeN);
   plan.splits = static_cast<int>((keys + plan.keys_per_split - 1) / plan.keys_per_split);

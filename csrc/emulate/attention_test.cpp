@@ -195,10 +195,11 @@ int main() {
       {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
       {1, 1, 1, 300, 260, 64, true, kNone},  // D 64's 64-key steps: interior tiles below the diagonal
       // decoding (decode_kernel.cuh): GQA groups packed into rows, several key splits (the emulated GPU has 3
-      // SMs), a partial last tile, a fully masked row, two row blocks; causal goes to the tiled forward
+      // SMs), a partial last tile, a fully masked row, blocks of 2 and 4 warps; causal goes to the tiled forward
       {1, 4, 1, 1, 1024, 128, false, kNone},  {2, 4, 2, 3, 1100, 64, false, kBool},
       {1, 8, 1, 3, 1030, 96, false, kAdditive}, {1, 2, 2, 16, 2048, 32, false, kNone},
       {1, 2, 1, 5, 1024, 64, true, kNone},
+      {1, 16, 1, 5, 1024, 32, false, kBool},  // 80 rows: blocks of 4 warps, the second with one working warp
   };
   for (const Case& c : cases) {
     run<__nv_bfloat16>(c, "bf16", 2e-2);
