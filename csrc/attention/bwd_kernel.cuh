@@ -84,8 +84,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
 
       float s[BM / 8][4] = {};  // S^T = K Q^T: 16 keys x BM queries per warp
       mma_ss_bt<T, D, BM, P>(s, sK + warp * 16 * P, sQ, lane);
-      scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0, BM, n0 + warp * 16, 16), b, h,
-                        [&](int nt, int e) { return make_int2(m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8); });
+      scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0, BM, n0 + warp * 16, 16), b,
+                        [&](int nt, int e) { return make_int3(m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8, h); });
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
-    scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b, h,
-                      [&](int nt, int e) { return make_int2(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e)); });
+    scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b,
+                      [&](int nt, int e) { return make_int3(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll

@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int r0 = row_lo + mt * 16;
-      scale_and_mask<T>(s[mt], p, scale2, unmasked_tile(p, warp_m0 + mt * 16, 16, n0, BN), b, h,
-                        [&](int nt, int e) { return make_int2(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e)); });
+      scale_and_mask<T>(s[mt], p, scale2, unmasked_tile(p, warp_m0 + mt * 16, 16, n0, BN), b,
+                        [&](int nt, int e) { return make_int3(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
     }
 
     online_softmax<MT, BN, D>(s, row_max, row_sum, acc);

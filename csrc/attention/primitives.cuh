@@ -241,10 +241,11 @@ __device__ __forceinline__ bool unmasked_tile(const AttentionParams& p, int q0, 
 }
 
 // s = scale2 * s, then masked_score on each score of a warp's fragment tile unless the tile is `interior`
-// (unmasked_tile), where it would change nothing. at(nt, e) gives fragment slot (nt, e)'s {query row, key col}.
+// (unmasked_tile), where it would change nothing. at(nt, e) gives fragment slot (nt, e)'s {query row, key col,
+// query head}: the head is the same for the whole tile but in decoding, whose rows pack a GQA group's heads.
 template <typename T, int NTILES, typename At>
 __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const AttentionParams& p, float scale2,
-                                               bool interior, int b, int h, At at) {
+                                               bool interior, int b, At at) {
   if (interior) {
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
@@ -257,8 +258,8 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const Atte
   for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int2 rc = at(nt, e);
-      s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, h, rc.x, rc.y);
+      const int3 at_e = at(nt, e);
+      s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, at_e.z, at_e.x, at_e.y);
     }
   }
 }
