@@ -36,21 +36,20 @@ __host__ __device__ constexpr int decode_smem_bytes(int warps) {
   return (warps * kDecodeRows + 2 * decode_stages<D>() * kDecodeN) * (D + 8) * 2;
 }
 
-// plan.warps warps a block; block ((b * kv_heads + kv_head) * row_groups + row_group) * splits + split, where
-// row group g holds rows 16 * warps * g onwards (16 a warp).
+// plan.warps warps a block; block ((b * kv_heads + kv_head) * plan.row_groups + row_group) * splits + split,
+// where row group g holds rows 16 * warps * g onwards (16 a warp).
 template <typename T, int D>
 __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
     attention_decode_kernel(const AttentionParams p, const DecodePlan plan) {
   constexpr int BN = kDecodeN, P = D + 8, S = decode_stages<D>();
   extern __shared__ __align__(16) unsigned char smem[];
-  const int row_groups = (plan.row_blocks + plan.warps - 1) / plan.warps;
   T* sQ = reinterpret_cast<T*>(smem);  // 16 rows a warp
   T* sK = sQ + plan.warps * kDecodeRows * P;  // S buffers of BN rows, then V's
   T* sV = sK + S * BN * P;
 
   const int split = blockIdx.x % plan.splits;
-  const int row_group = blockIdx.x / plan.splits % row_groups;
-  const int bk = blockIdx.x / plan.splits / row_groups;
+  const int row_group = blockIdx.x / plan.splits % plan.row_groups;
+  const int bk = blockIdx.x / plan.splits / plan.row_groups;
   const int b = bk / p.kv_heads, hk = bk % p.kv_heads;
   const int group = p.heads / p.kv_heads, rows = group * p.q_len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -106,24 +105,12 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
     const int n0 = lo + t * BN;
     float s[1][BN / 8][4] = {};
     mma_rs_bt_m<T, D, BN, P, 1>(s, qf, sK + (t % S) * BN * P, lane);
-    if (plain && n0 + BN <= p.k_len) {
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[0][nt][e] *= scale2;
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = r0 + frag_row(lane, e);  // a packed row: (head, query)
-          s[0][nt][e] = row < rows ? masked_score<T>(p, s[0][nt][e] * scale2, b, hk * group + row / p.q_len,
-                                                     row % p.q_len, n0 + frag_col(lane, nt, e))
-                                   : -kInf;
-        }
-      }
-    }
+    // A packed row is (head, query); the rows past the group's go to query q_len, which masked_score masks.
+    scale_and_mask<T>(s[0], p, scale2, plain && n0 + BN <= p.k_len, b, [&](int nt, int e) {
+      const int row = r0 + frag_row(lane, e);
+      return row < rows ? make_int3(row % p.q_len, n0 + frag_col(lane, nt, e), hk * group + row / p.q_len)
+                        : make_int3(p.q_len, 0, hk * group);
+    });
     online_softmax<1, BN, D>(s, row_max, row_sum, acc);
     mma_cs_m<T, BN, D, P, 1>(acc, s, sV + (t % S) * BN * P, lane);
   }

@@ -22,10 +22,10 @@ DecodePlan decode_plan(const AttentionParams& p) {
     sms = 1;
   }
   DecodePlan plan{};
-  plan.row_blocks = (p.heads / p.kv_heads * p.q_len + kDecodeRows - 1) / kDecodeRows;
-  plan.warps = std::min(plan.row_blocks, kDecodeMaxWarps);
-  const int row_groups = (plan.row_blocks + plan.warps - 1) / plan.warps;  // blocks per (batch, kv head, split)
-  const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * row_groups;
+  const int row_blocks = (p.heads / p.kv_heads * p.q_len + kDecodeRows - 1) / kDecodeRows;  // a warp each
+  plan.warps = std::min(row_blocks, kDecodeMaxWarps);
+  plan.row_groups = (row_blocks + plan.warps - 1) / plan.warps;
+  const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_groups;
   const int64_t most = std::min<int64_t>(kDecodeMaxSplits, (keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys);
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(int64_t{kDecodeBlocksPerSm} * sms / blocks, most));
   const int64_t per_split = (keys + splits - 1) / splits;

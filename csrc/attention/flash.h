@@ -50,10 +50,10 @@ struct AttentionParams {
 };
 
 // How a forward call is cut for decoding (a few queries against many keys): `splits` key ranges of
-// keys_per_split keys; the packed (GQA group x query) rows in row_blocks blocks of 16, one warp each, `warps` of
-// them a block, sharing its K and V tiles. splits = 0: the tiled forward runs instead.
+// keys_per_split keys; the packed (GQA group x query) rows 16 a warp, `warps` warps a block sharing its K and V
+// tiles, row_groups blocks per (batch, kv head, split). splits = 0: the tiled forward runs instead.
 struct DecodePlan {
-  int splits, keys_per_split, row_blocks, warps;
+  int splits, keys_per_split, warps, row_groups;
 };
 
 DecodePlan decode_plan(const AttentionParams& p);
