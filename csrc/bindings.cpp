@@ -96,6 +96,7 @@ void check_stat(const Tensor& s, const Tensor& x, const char* op, const char* na
 struct NormAffine {
   Tensor weight, bias;
   at::ScalarType dtype;
+  fa::DType kernel_dtype;  // the same, as NormParams::param_dtype
 };
 
 NormAffine norm_affine(const OptTensor& weight, const OptTensor& bias, const Tensor& x, const char* op) {
@@ -113,7 +114,7 @@ NormAffine norm_affine(const OptTensor& weight, const OptTensor& bias, const Ten
   const at::ScalarType dtype = native ? x.scalar_type() : at::kFloat;
   // 16-byte aligned: the kernels read them as 16-byte vectors
   const auto as_read = [&](const OptTensor& t) { return t.has_value() ? aligned_contiguous(t->to(dtype)) : Tensor(); };
-  return {as_read(weight), as_read(bias), dtype};
+  return {as_read(weight), as_read(bias), dtype, native ? row_dtype(x, op, "x") : fa::DType::kFloat32};
 }
 
 void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
@@ -204,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_forward(const Tensor& x_in, const OptTen
   p.rms = rms;
   p.eps = static_cast<float>(eps);
   p.x = x.data_ptr();
-  p.param_dtype = affine.dtype == x.scalar_type() ? p.dtype : fa::DType::kFloat32;
+  p.param_dtype = affine.kernel_dtype;
   p.weight = ptr_or_null(affine.weight);
   p.bias = ptr_or_null(affine.bias);
   p.out = y.data_ptr();
@@ -260,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   p.rms = rms;
   p.x = x.data_ptr();
   p.dy = dy.data_ptr();
-  p.param_dtype = affine.dtype == x.scalar_type() ? p.dtype : fa::DType::kFloat32;
+  p.param_dtype = affine.kernel_dtype;
   p.weight = ptr_or_null(w);
   p.out = dx.data_ptr();
   p.mean = rms ? nullptr : f32_ptr(mean);
