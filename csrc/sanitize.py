@@ -98,10 +98,10 @@ def attention():
                     q.double(), k.double(), lse.double(), rm, causal, scale), 1e-2)
 
 
-
 def decoding():
-    """The split-KV decoding kernel and its merge: 1024 keys and more, GQA groups packed into a warp's rows (two
-    row blocks at 8 heads x 3 queries), a partial last key tile, a bool mask with a fully masked row."""
+    """The split-KV decoding kernel and its merge: 1024 keys and more, a GQA group packed into one block's rows (8
+    heads x 3 queries: two warps sharing each K and V tile), a partial last key tile, a bool mask with a fully
+    masked row."""
     for dtype in (torch.float16, torch.bfloat16):
         for E in _C.head_dims:
             B, H, Hkv, Lq, Lk = 2, 8, 1, 3, 1100
