@@ -373,13 +373,24 @@ void check_lse(const Tensor& lse, const fa::AttentionParams& p, const Tensor& q,
                     "), got ", lse.sizes());
 }
 
+// Dropout's probability and seed (fast_attention's op draws the seed from torch's generator per call).
+void set_dropout(fa::AttentionParams& p, double dropout_p, int64_t seed, const char* op) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "fast_attention._C.", op,
+                    ": dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));  // as the Triton launcher computes it
+  p.seed = static_cast<uint64_t>(seed);
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                             const OptTensor& mask, bool causal, double scale) {
+                                             const OptTensor& mask, bool causal, double scale, double dropout_p,
+                                             int64_t seed) {
   constexpr const char* op = "attention_forward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
+  set_dropout(p, dropout_p, seed, op);
   Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
   Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.k_len == 0) return {out.zero_(), lse.fill_(-INFINITY)};
@@ -393,7 +404,8 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                      const OptTensor& mask, bool causal, double scale) {
+                                                      const OptTensor& mask, bool causal, double scale,
+                                                      double dropout_p, int64_t seed) {
   constexpr const char* op = "attention_backward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
@@ -401,6 +413,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   check_same_device(out, q, op, "out", "query");
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
+  set_dropout(p, dropout_p, seed, op);
   check_lse(lse, p, q, op);
   check_same_dtype(dout, q, op, "dout", "query");
   check_same_dtype(out, q, op, "out", "query");
@@ -459,10 +472,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight fp32 | None)", py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("rstd"));
   m.def("attention_forward", &attention_forward, "-> (out, lse fp32 (B, H, Lq))", py::arg("query"),
-        py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
+        py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_backward", &attention_backward, "-> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("out"), py::arg("lse"), py::arg("attn_mask"),
-        py::arg("is_causal"), py::arg("scale"));
+        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
         py::arg("key"), py::arg("lse"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
   m.attr("head_dims") = py::make_tuple(32, 64, 96, 128);

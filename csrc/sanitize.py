@@ -7,8 +7,8 @@
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover every code path: misaligned rows (odd widths),
 rows past one block's registers (multi-block softmax, chunked norms), partial tiles, causal, bool and additive
-masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, and decoding's
-split-KV kernel and merge.
+masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, dropout, and
+decoding's split-KV kernel and merge.
 It also checks each result against the reference loosely, so a sanitizer-clean but wrong kernel still shows: every
 check runs, and the exit status is 1 if any was off.
 """
@@ -115,10 +115,33 @@ def decoding():
             check(f"decoding {dtype} E={E}", out, ref, 3e-2)
 
 
+def dropout():
+    """Dropout in the forward and both backward kernels, against the reference given the Triton kernels' decisions
+    for the same seed (which the CUDA kernels draw too)."""
+    from fast_attention.kernels import attention as triton_kernels
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for E in _C.head_dims:
+            B, H, Hkv, Lq, Lk, p, seed = 1, 4, 2, 70, 130, 0.3, 2**40 + 12345
+            q, k, v = (torch.randn(B, h, L, E, device="cuda", dtype=dtype) for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+            scale = E ** -0.5
+            out, lse = _C.attention_forward(q, k, v, None, False, scale, p, seed)
+            keep = triton_kernels.dropout_mask(seed, p, B, H, Lq, Lk, "cuda")
+            xs = [t.double().requires_grad_() for t in (q, k, v)]
+            ref = reference.scaled_dot_product_attention(*xs, dropout_p=p, enable_gqa=True, dropout_mask=keep)
+            tag = f"attention dropout {dtype} E={E}"
+            check(f"{tag} fwd", out, ref, 3e-2)
+            dout = torch.randn_like(out)
+            grads = _C.attention_backward(dout, q, k, v, out, lse, None, False, scale, p, seed)
+            for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, xs, dout.double())):
+                check(f"{tag} {name}", g, r, 5e-2)
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     rows()
     attention()
+    dropout()
     decoding()
     torch.cuda.synchronize()
     print(f"every kernel ran; {len(failed)} result(s) off the reference" + "".join(f"\n  {f}" for f in failed))

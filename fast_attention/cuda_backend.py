@@ -59,8 +59,6 @@ def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     if value.shape[-1] != query.shape[-1]:
         return (f"its attention kernels need value's head dim ({value.shape[-1]}) to equal query's "
                 f"({query.shape[-1]})")
-    if dropout_p > 0.0:
-        return f"its attention kernels do not implement dropout (dropout_p must be 0, got {dropout_p})"
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, query.dtype):
         return (f"its attention kernels read an additive attn_mask in query's dtype ({_name(query.dtype)}), got "
                 f"{_name(attn_mask.dtype)}")
@@ -110,19 +108,14 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _no_dropout(dropout_p: float) -> None:
-    if dropout_p > 0.0:  # unsupported() routes these calls elsewhere; reaching here is a caller's bug
-        raise NotImplementedError("fast_attention cuda backend: attention dropout is not implemented")
-
-
+# Dropout draws the Triton kernels' decisions for the same seed (csrc/attention/primitives.cuh, dropout_keep): the
+# two backends drop the same probabilities.
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    _no_dropout(dropout_p)
-    return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale))
+    return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    _no_dropout(dropout_p)
-    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, lse, mask, is_causal, scale))
+    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed))
 
 
 def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):

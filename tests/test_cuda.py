@@ -104,7 +104,7 @@ def test_unsupported_gives_reasons():
     assert "float16 or bfloat16" in attn(dtype=torch.float32)
     assert "head dim 80" in attn(E=80)
     assert "value's head dim (32)" in attn(Ev=32)
-    assert "dropout" in attn(dropout_p=0.1)
+    assert attn(dropout_p=0.1) is None  # the Triton kernels' decisions (tests/test_cuda_emulated.py)
     assert attn(mask_dtype=torch.bool) is None and attn(mask_dtype=torch.float16) is None
     assert "attn_mask in query's dtype" in attn(mask_dtype=torch.float32)  # torch allows it; Triton runs it
     x64 = torch.empty(2, 3, dtype=torch.float64)
@@ -505,7 +505,37 @@ def test_attention_weights_match_reference(is_causal):
 
 
 @needs_gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or "triton" not in fa.available_backends(), reason="needs triton")
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E,is_causal,Hkv,Lq,Lk", [(64, False, 2, 97, 130), (128, True, 4, 130, 97),
+                                                   (32, False, 1, 3, 2000)])  # a decoding shape: the tiled forward
+def test_attention_dropout_drops_what_triton_drops(dtype, E, is_causal, Hkv, Lq, Lk):
+    """With dropout, the CUDA kernels drop the probabilities the Triton kernels drop for the same seed: the output
+    and gradients against the reference given the Triton kernels' mask, and against the Triton backend itself."""
+    from fast_attention.kernels import attention as triton_kernels
+
+    p, torch_seed = 0.3, 1234
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(dtype, 2, 4, Hkv, Lq, Lk, E))
+    dout = torch.randn_like(q)
+    torch.manual_seed(torch_seed)
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))  # what the API draws after manual_seed
+    keep = triton_kernels.dropout_mask(seed, p, 2, 4, Lq, Lk, "cuda")
+    results = {}
+    for name in ("cuda", "triton"):
+        torch.manual_seed(torch_seed)
+        out = fa.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=is_causal, enable_gqa=True,
+                                              backend=name)
+        results[name] = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out = reference.scaled_dot_product_attention(*xs, dropout_p=p, is_causal=is_causal, enable_gqa=True,
+                                                   dropout_mask=keep)
+    oracle = (r_out, *torch.autograd.grad(r_out, xs, dout.double()))
+    for what, ours, theirs, r in zip(("out", "dq", "dk", "dv"), results["cuda"], results["triton"], oracle):
+        assert_close(ours, theirs, r, what)
+
+
+@needs_gpu
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="needs the Triton backend")
 @pytest.mark.parametrize("dtype", LOW)
 def test_cuda_agrees_with_triton(dtype):
     _check_attention(*_attention_inputs(dtype, 2, 4, 4, 129, 129, 64), is_causal=True, against="triton")

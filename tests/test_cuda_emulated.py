@@ -63,6 +63,9 @@ def test_source_rewrites():
     assert "asm" not in emulated_source((CSRC / "common" / "device.cuh").read_text()), "new inline PTX in device.cuh"
 
 
+MAINS = ("emulate/rows_test.cpp", "emulate/attention_test.cpp", "emulate/dropout_test.cpp")
+
+
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory):
     """Every csrc/ unit and the emulation's own, compiled for the emulation: {name: object path}."""
@@ -72,7 +75,7 @@ def objects(tmp_path_factory):
     for unit in list(src.rglob("*.cu")) + list(src.rglob("*.cuh")):
         unit.write_text(emulated_source(unit.read_text()))
     units = sorted(str(p.relative_to(src)) for p in src.rglob("*.cu")) + [
-        "emulate/runtime.cpp", "emulate/rows_test.cpp", "emulate/attention_test.cpp"]
+        "emulate/runtime.cpp", *MAINS]
     flags = ["-std=c++20", "-O1", "-w", f"-I{INCLUDE}", f"-I{src}", f"-I{src / 'emulate'}", "-x", "c++",
              "-include", str(src / "emulate" / "emu.h")]
 
@@ -88,14 +91,18 @@ def objects(tmp_path_factory):
     return {unit: obj for unit, obj, _ in built}
 
 
-def _run(objects, main: str, tmp_path) -> str:
-    """Link `main` with every kernel unit and run it; its output, which must end in '0 failed'."""
-    others = ("emulate/rows_test.cpp", "emulate/attention_test.cpp")
-    objs = [str(o) for unit, o in objects.items() if unit not in others or unit == main]
+def _link(objects, main: str, tmp_path) -> Path:
+    """`main` linked with every kernel unit: the executable."""
+    objs = [str(o) for unit, o in objects.items() if unit not in MAINS or unit == main]
     exe = tmp_path / Path(main).stem
     link = subprocess.run([CXX, *objs, "-o", str(exe), "-lpthread"], capture_output=True, text=True)
     assert link.returncode == 0, link.stderr[-3000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=900)
+    return exe
+
+
+def _run(objects, main: str, tmp_path) -> str:
+    """Link `main` and run it; its output, which must end in '0 failed'."""
+    run = subprocess.run([str(_link(objects, main, tmp_path))], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0 and run.stdout.rstrip().endswith(" 0 failed"), run.stdout[-5000:] + run.stderr[-2000:]
     return run.stdout
 
@@ -106,3 +113,52 @@ def test_row_kernels_match_float64_under_emulation(objects, tmp_path):
 
 def test_attention_kernels_match_float64_under_emulation(objects, tmp_path):
     _run(objects, "emulate/attention_test.cpp", tmp_path)
+
+
+# Dropout: the CUDA kernels must drop what the Triton kernels drop for the same seed (kernels/attention.py draws
+# tl.rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p), so that the backends agree with dropout on.
+def _triton_interpreted():
+    import fast_attention as fa
+
+    return "triton" in fa.available_backends() and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="compares with the Triton kernels under the interpreter")
+def test_dropout_uniforms_are_tritons(objects, tmp_path):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def uniforms(Out, Offsets, seed, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(Out + i, tl.rand(seed, tl.load(Offsets + i)))
+
+    # Offsets past 2^32 (the counter's second word) and seeds past 2^32 (the key's second word), as int64 like the
+    # kernels' counters; random ones and the extremes.
+    offsets = torch.cat([torch.randint(0, 2**40, (120,)), torch.tensor([0, 1, 2**32 - 1, 2**32, 2**40 + 7,
+                                                                        2**62, 2**63 - 1, 12345])])
+    exe = _link(objects, "emulate/dropout_test.cpp", tmp_path)
+    for seed in (0, 1, 2**31 + 5, int(torch.randint(0, 2**62, ()))):
+        expected = torch.empty(len(offsets), dtype=torch.float32)
+        uniforms[(1,)](expected, offsets, seed, N=len(offsets))
+        pairs = "".join(f"{seed} {o}\n" for o in offsets.tolist())
+        run = subprocess.run([str(exe), "uniforms"], input=pairs, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        got = torch.tensor([int(w, 16) for w in run.stdout.split()], dtype=torch.int64).to(torch.int32)
+        assert torch.equal(got.view(torch.float32), expected), f"seed {seed}"
+
+
+@pytest.mark.skipif(not _triton_interpreted(), reason="compares with the Triton kernels under the interpreter")
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_tritons(objects, tmp_path, p):
+    from fast_attention.kernels import attention as kernels
+
+    B, H, Lq, Lk = 2, 3, 7, 45
+    seed = int(torch.randint(0, 2**62, ()))
+    expected = kernels.dropout_mask(seed, p, B, H, Lq, Lk, "cpu")
+    exe = _link(objects, "emulate/dropout_test.cpp", tmp_path)
+    run = subprocess.run([str(exe), "mask", str(B), str(H), str(Lq), str(Lk), repr(p), str(seed)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    got = torch.tensor([c == "1" for c in run.stdout.strip()]).view(B, H, Lq, Lk)
+    assert torch.equal(got, expected)

@@ -7,6 +7,8 @@
 // Kernels 2 and 3 both recompute S and P from the saved lse: twice the Q K^T work of a one-pass backward
 // with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and dS are rounded
 // to the input dtype only as mma operands (as in the forward's P V).
+// DROPOUT regenerates the forward's decisions (dropout_keep): dV takes the dropped P, and dP is dropped the same
+// way before dS = P (dP - delta) (delta = rowsum(dO * O), O being the dropped output).
 #pragma once
 
 #include "kernel_traits.h"
@@ -33,7 +35,7 @@ __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const Attentio
   if (lane == 0) p.delta[r] = acc;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
   using Tr = AttnTraits<D>;
   constexpr int BN = Tr::kBwdN, BM = Tr::kBwdM, P = Tr::kPitch, NT = Tr::kThreads;
@@ -91,14 +93,28 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = prob_from_lse(s[nt][e], sLse[frag_col(lane, nt, e)]);
       }
-      mma_cs<T, BM, D, P>(dv, s, sdO, lane);  // dV += P^T dO
+      // Dropout: this thread's decisions as bits (slot (nt, e) at bit 4 nt + e), for dV's P and for dP.
+      static_assert(BM / 8 * 4 <= 32, "a thread's slots fit one word of decisions");
+      uint32_t kept = 0;
+      if constexpr (DROPOUT) {
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            kept |= uint32_t{dropout_keep(p, b, h, m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8)} << (4 * nt + e);
+        }
+      }
+      const auto dropped = [&](int nt, int e, float v) {
+        return !DROPOUT ? v : (kept >> (4 * nt + e) & 1u) ? v * p.dropout_scale : 0.f;
+      };
+      mma_cs<T, BM, D, P>(dv, s, sdO, lane, dropped);  // dV += P^T dO (P dropped)
 
       float dpt[BM / 8][4] = {};  // dP^T = V dO^T
       mma_ss_bt<T, D, BM, P>(dpt, sV + warp * 16 * P, sdO, lane);
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= dpt[nt][e] - sDelta[frag_col(lane, nt, e)];  // dS^T
+        for (int e = 0; e < 4; ++e) s[nt][e] *= dropped(nt, e, dpt[nt][e]) - sDelta[frag_col(lane, nt, e)];  // dS^T
       }
       mma_cs<T, BM, D, P>(dk, s, sQ, lane);  // dK += dS^T Q
       __syncthreads();  // every warp is done with this Q / dO tile before the next overwrites it
@@ -121,7 +137,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
   using Tr = AttnTraits<D>;
   constexpr int BM = Tr::kDqM, BN = Tr::kDqN, P = Tr::kPitch, NT = Tr::kThreads;
@@ -185,7 +201,10 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2;
-        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+        float dpe = dp[nt][e];
+        if constexpr (DROPOUT)
+          dpe = dropout_keep(p, b, h, row_lo + i * 8, n0 + frag_col(lane, nt, e)) ? dpe * p.dropout_scale : 0.f;
+        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dpe - delta[i]);  // dS = P (dP - delta)
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

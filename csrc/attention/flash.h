@@ -22,6 +22,11 @@ struct AttentionParams {
   int batch, heads, kv_heads, q_len, k_len, head_dim;
   float scale;  // softmax scale (1 / sqrt(D) by default); scores are scale * q . k
   bool causal;  // top-left aligned: query i sees keys j <= i
+  // Dropout on the probabilities (after the softmax, as torch's): each kept with 1 - dropout_p and scaled by
+  // dropout_scale = 1 / (1 - dropout_p), or zeroed, as decided by dropout_keep (primitives.cuh) from `seed`.
+  // dropout_p = 0: none. The forward and the backward of one call take the same seed.
+  float dropout_p, dropout_scale;
+  uint64_t seed;
 
   const void *q, *k, *v;
   int64_t q_batch_stride, q_head_stride, q_row_stride;

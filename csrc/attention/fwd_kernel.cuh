@@ -3,7 +3,8 @@
 // fragment it reads serving all of its tiles. Softmax is online in base 2 (scale * log2(e) folded into the
 // scores); the output is rescaled when the running max grows by more than a factor 2^8 and divided by the row
 // sum once at the end. Saves lse = max + log(sum) in fp32. A row whose keys are all masked keeps max = -inf and
-// sum = 0: it writes zeros and lse = -inf.
+// sum = 0: it writes zeros and lse = -inf. DROPOUT: the probabilities enter P V dropped (after the row sums have
+// counted them, as dropout follows the softmax).
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -13,7 +14,7 @@
 
 namespace fa {
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams p) {
   using Tr = AttnTraits<D>;
   constexpr int MT = Tr::kFwdMTiles, BM = Tr::kFwdM, BN = Tr::kFwdN, P = Tr::kPitch, NT = Tr::kThreads;
@@ -78,6 +79,13 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
     }
 
     online_softmax<MT, BN, D>(s, row_max, row_sum, acc);
+    if constexpr (DROPOUT) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = row_lo + mt * 16;
+        dropout(s[mt], p, b, [&](int nt, int e) { return make_int3(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
+      }
+    }
 
     cp_async_wait<0>();  // V_j has landed ...
     __syncthreads();     // ... for every thread, and every warp is done with K_j: sK is free

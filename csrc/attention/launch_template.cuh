@@ -2,6 +2,7 @@
 // (fwd_hdim64_fp16.cu, ...), which nvcc compiles in parallel.
 #pragma once
 
+#include "../common/static_switch.h"
 #include "bwd_kernel.cuh"
 #include "decode_kernel.cuh"
 #include "fwd_kernel.cuh"
@@ -46,8 +47,10 @@ int run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = AttnTraits<D>;
   if (const DecodePlan plan = decode_plan(p); plan.splits > 0) return run_attention_decode<T, D>(p, plan, stream);
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kFwdM - 1) / Tr::kFwdM);
-  return detail::launch_with_smem(attention_fwd_kernel<T, D>, blocks, Tr::kThreads, Tr::template fwd_smem<T>(),
-                                  stream, p);
+  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] {
+    return detail::launch_with_smem(attention_fwd_kernel<T, D, DROPOUT>, blocks, Tr::kThreads,
+                                    Tr::template fwd_smem<T>(), stream, p);
+  });
 }
 
 template <typename T, int D>
@@ -59,12 +62,14 @@ int run_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
   if (cudaError_t err = cudaGetLastError()) return err;
 
   const int64_t kv_blocks = static_cast<int64_t>(p.batch) * p.kv_heads * ((p.k_len + Tr::kBwdN - 1) / Tr::kBwdN);
-  if (int err = detail::launch_with_smem(attention_bwd_dkdv_kernel<T, D>, kv_blocks, Tr::kThreads,
-                                         Tr::template dkdv_smem<T>(), stream, p))
-    return err;
   const int64_t q_blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kDqM - 1) / Tr::kDqM);
-  return detail::launch_with_smem(attention_bwd_dq_kernel<T, D>, q_blocks, Tr::kThreads, Tr::template dq_smem<T>(),
-                                  stream, p);
+  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] {
+    if (int err = detail::launch_with_smem(attention_bwd_dkdv_kernel<T, D, DROPOUT>, kv_blocks, Tr::kThreads,
+                                           Tr::template dkdv_smem<T>(), stream, p))
+      return err;
+    return detail::launch_with_smem(attention_bwd_dq_kernel<T, D, DROPOUT>, q_blocks, Tr::kThreads,
+                                    Tr::template dq_smem<T>(), stream, p);
+  });
 }
 
 }  // namespace fa

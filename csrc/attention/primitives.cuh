@@ -78,13 +78,19 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 
 // --- end of inline PTX
 
-// The A fragment of columns 16kk..16kk+15 from C fragments (n-tiles 2kk and 2kk+1) of a 16-row tile.
-template <typename T>
-__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
-  a[0] = pack2<T>(lo[0], lo[1]);
-  a[1] = pack2<T>(lo[2], lo[3]);
-  a[2] = pack2<T>(hi[0], hi[1]);
-  a[3] = pack2<T>(hi[2], hi[3]);
+// The identity on a C fragment's values (mma_cs_m's default transform).
+struct AsIs {
+  __device__ __forceinline__ float operator()(int, int, float v) const { return v; }
+};
+
+// The A fragment of columns 16kk..16kk+15 from C fragments (n-tiles 2kk and 2kk+1) of a 16-row tile, each value
+// passed through f(n-tile, slot, value) on its way.
+template <typename T, typename F>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4], int kk, F f) {
+  a[0] = pack2<T>(f(2 * kk, 0, lo[0]), f(2 * kk, 1, lo[1]));
+  a[1] = pack2<T>(f(2 * kk, 2, lo[2]), f(2 * kk, 3, lo[3]));
+  a[2] = pack2<T>(f(2 * kk + 1, 0, hi[0]), f(2 * kk + 1, 1, hi[1]));
+  a[3] = pack2<T>(f(2 * kk + 1, 2, hi[2]), f(2 * kk + 1, 3, hi[3]));
 }
 
 // A ROWS x D tile (rows row0.. of a (L, D) matrix with row pitch `row_stride`) into shared memory with pitch
@@ -172,15 +178,15 @@ __device__ __forceinline__ void mma_ss_bt_m(float (&acc)[MT][N / 8][4], const T*
 
 // acc[mt] += C_mt B: C_mt the warp's mt-th 16 x K fp32 tile (K / 8 C fragments, e.g. probabilities), rounded to T
 // as the A operand without leaving registers; B a K x N [k][n] tile (n contiguous) at sB, read with
-// ldmatrix.trans.
-template <typename T, int K, int N, int P, int MT>
+// ldmatrix.trans. With f, the operand is f(n-tile, slot, value) of each value instead (the backward's dropout).
+template <typename T, int K, int N, int P, int MT, typename F = AsIs>
 __device__ __forceinline__ void mma_cs_m(float (&acc)[MT][N / 8][4], const float (&c)[MT][K / 8][4], const T* sB,
-                                         int lane) {
+                                         int lane, F f = {}) {
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], c[mt][2 * kk], c[mt][2 * kk + 1]);
+    for (int mt = 0; mt < MT; ++mt) c_to_a<T>(a[mt], c[mt][2 * kk], c[mt][2 * kk + 1], kk, f);
 #pragma unroll
     for (int np = 0; np < N / 16; ++np) {
       uint32_t b[4];
@@ -200,10 +206,11 @@ __device__ __forceinline__ void mma_ss_bt(float (&acc)[N / 8][4], const T* sA, c
   mma_ss_bt_m<T, K, N, P, 1>(reinterpret_cast<float (&)[1][N / 8][4]>(acc), sA, sB, lane);
 }
 
-template <typename T, int K, int N, int P>
-__device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* sB, int lane) {
+template <typename T, int K, int N, int P, typename F = AsIs>
+__device__ __forceinline__ void mma_cs(float (&acc)[N / 8][4], const float (&c)[K / 8][4], const T* sB, int lane,
+                                       F f = {}) {
   mma_cs_m<T, K, N, P, 1>(reinterpret_cast<float (&)[1][N / 8][4]>(acc),
-                          reinterpret_cast<const float (&)[1][K / 8][4]>(c), sB, lane);
+                          reinterpret_cast<const float (&)[1][K / 8][4]>(c), sB, lane, f);
 }
 
 // Where element e of C fragment nt sits in its warp tile: row frag_row (0..15), column frag_col (0..N-1).
@@ -323,6 +330,48 @@ __device__ __forceinline__ void online_softmax(float (&s)[MT][N / 8][4], float (
         }
       }
       row_sum[mt][i] += sum;  // this lane's share; quad_sum adds the quad's at the end
+    }
+  }
+}
+
+// Dropout, decided exactly as the Triton kernels decide it (kernels/attention.py), so that both backends drop the
+// same probabilities for the same seed: (b, h, i, j) is kept iff tl.rand(seed, ((b * H + h) * Lq + i) * Lk + j)
+// >= dropout_p. That is Philox4x32-10 of the counter (offset's low word, its high word, 0, 0) under the key
+// (seed's low word, its high word); the first output word, as an int32 folded onto [0, 2^31) (~x where negative),
+// times the largest float under 2^-31. Counter-based: the backward regenerates the forward's decisions.
+__device__ __forceinline__ float philox_uniform(uint64_t seed, uint64_t offset) {
+  uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t a0 = c0, a2 = c2;
+    c0 = __umulhi(0xCD9E8D57u, a2) ^ c1 ^ k0;
+    c2 = __umulhi(0xD2511F53u, a0) ^ c3 ^ k1;
+    c1 = 0xCD9E8D57u * a2;
+    c3 = 0xD2511F53u * a0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const int32_t x = static_cast<int32_t>(c0);
+  return static_cast<float>(x < 0 ? ~x : x) * 4.6566127342e-10f;
+}
+
+// Whether dropout keeps the probability of (batch b, query head h, query row, key col).
+__device__ __forceinline__ bool dropout_keep(const AttentionParams& p, int b, int h, int row, int col) {
+  const uint64_t offset = ((static_cast<uint64_t>(b) * p.heads + h) * p.q_len + row) * p.k_len + col;
+  return philox_uniform(p.seed, offset) >= p.dropout_p;
+}
+
+// Dropout on a warp's fragment tile of probabilities: the kept ones times dropout_scale, the others 0. at(nt, e)
+// gives slot (nt, e)'s {query row, key col, query head}, as for scale_and_mask.
+template <int NTILES, typename At>
+__device__ __forceinline__ void dropout(float (&s)[NTILES][4], const AttentionParams& p, int b, At at) {
+#pragma unroll
+  for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int3 at_e = at(nt, e);
+      s[nt][e] = dropout_keep(p, b, at_e.z, at_e.x, at_e.y) ? s[nt][e] * p.dropout_scale : 0.f;
     }
   }
 }

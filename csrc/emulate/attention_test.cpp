@@ -1,7 +1,8 @@
 // csrc/attention's launchers (forward, backward, and the probabilities for need_weights) under the CPU emulation
 // of emu.h and ptx.h, against a float64 reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA,
-// boolean masks with a fully masked row, additive masks, lengths that leave partial tiles. Prints each failure and
-// exits 1 if any. Built and run by tests/test_cuda_emulated.py.
+// boolean masks with a fully masked row, additive masks, lengths that leave partial tiles, dropout (the reference
+// drops what dropout_keep decides; dropout_test.cpp checks those decisions against Triton's). Prints each failure
+// and exits 1 if any. Built and run by tests/test_cuda_emulated.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "attention/flash.h"
+#include "attention/primitives.cuh"
 #include "emu.h"
 
 static std::mt19937 rng(4321);
@@ -30,6 +32,7 @@ struct Case {
   int B, H, Hkv, Lq, Lk, D;
   bool causal;
   Mask mask;
+  float dropout = 0.f;
 };
 
 void expect(const std::string& what, double err, double bound) {
@@ -56,7 +59,8 @@ void run(const Case& c, const char* dtype, double tol) {
   const std::string tag = std::string(dtype) + " D" + std::to_string(D) + " B" + std::to_string(B) + " H" +
                           std::to_string(H) + "/" + std::to_string(Hkv) + " Lq" + std::to_string(Lq) + " Lk" +
                           std::to_string(Lk) + (c.causal ? " causal" : "") +
-                          (c.mask == kBool ? " bool" : c.mask == kAdditive ? " additive" : "");
+                          (c.mask == kBool ? " bool" : c.mask == kAdditive ? " additive" : "") +
+                          (c.dropout > 0 ? " dropout " + std::to_string(c.dropout) : "");
   std::normal_distribution<float> nd(0.f, 1.f);
   auto make = [&](size_t n) {
     std::vector<T> v(n);
@@ -84,6 +88,9 @@ void run(const Case& c, const char* dtype, double tol) {
   p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.k_len = Lk, p.head_dim = D;
   p.scale = scale;
   p.causal = c.causal;
+  p.dropout_p = c.dropout;
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - c.dropout));
+  p.seed = 0x9E3779B97F4A7C15ull >> 1;  // both words of the Philox key in play
   p.q = q.data(), p.k = k.data(), p.v = v.data();
   p.q_batch_stride = (int64_t)H * Lq * D, p.q_head_stride = (int64_t)Lq * D, p.q_row_stride = D;
   p.k_batch_stride = (int64_t)Hkv * Lk * D, p.k_head_stride = (int64_t)Lk * D, p.k_row_stride = D;
@@ -101,7 +108,8 @@ void run(const Case& c, const char* dtype, double tol) {
   std::vector<float> workspace(fa::attention_forward_workspace_floats(p));  // decoding's split parts
   p.split_out = workspace.data();
   const fa::DecodePlan plan = fa::decode_plan(p);
-  if (c.Lq <= 16 && c.Lk >= 1024 && !c.causal) expect(tag + " takes the split-KV path", plan.splits > 1 ? 0 : 1, 0);
+  if (c.Lq <= 16 && c.Lk >= 1024 && !c.causal)  // with dropout the tiled forward runs it
+    expect(tag + " takes the split-KV path", (plan.splits > 1) == (c.dropout == 0) ? 0 : 1, 0);
   if (int err = fa::attention_forward(p, nullptr)) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
     return;
@@ -150,15 +158,20 @@ void run(const Case& c, const char* dtype, double tol) {
         for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;  // a fully masked row gives zeros
         for (int j = 0; j < Lk; ++j) rweights[(((size_t)b * H + h) * Lq + i) * Lk + j] = pr[j];
         rlse[((size_t)b * H + h) * Lq + i] = sum > 0 ? m + std::log(sum) : -INFINITY;
+        // dropout after the softmax: the kept probabilities scaled by 1 / (1 - p), the others 0
+        std::vector<double> drop(Lk, 1.0);
+        if (c.dropout > 0)
+          for (int j = 0; j < Lk; ++j) drop[j] = fa::dropout_keep(p, b, h, i, j) ? 1.0 / (1.0 - c.dropout) : 0.0;
         double* o = &ro[(((size_t)b * H + h) * Lq + i) * D];
         for (int d = 0; d < D; ++d) {
           o[d] = 0;
-          for (int j = 0; j < Lk; ++j) o[d] += pr[j] * tof(V[j * D + d]);
+          for (int j = 0; j < Lk; ++j) o[d] += pr[j] * drop[j] * tof(V[j * D + d]);
         }
-        double rowdot = 0;  // rowsum(dP * P) = dO . O
+        double rowdot = 0;  // rowsum(dP * P), dP dropped = dO . O
         for (int j = 0; j < Lk; ++j) {
           dp[j] = 0;
           for (int d = 0; d < D; ++d) dp[j] += (double)tof(dO[i * D + d]) * tof(V[j * D + d]);
+          dp[j] *= drop[j];
           rowdot += dp[j] * pr[j];
         }
         for (int j = 0; j < Lk; ++j) {
@@ -166,7 +179,7 @@ void run(const Case& c, const char* dtype, double tol) {
           for (int d = 0; d < D; ++d) {
             rdq[(((size_t)b * H + h) * Lq + i) * D + d] += scale * ds * tof(K[j * D + d]);
             rdk[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += scale * ds * tof(Q[i * D + d]);
-            rdv[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += pr[j] * tof(dO[i * D + d]);
+            rdv[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += pr[j] * drop[j] * tof(dO[i * D + d]);
           }
         }
       }
@@ -200,6 +213,10 @@ int main() {
       {1, 8, 1, 3, 1030, 96, false, kAdditive}, {1, 2, 2, 16, 2048, 32, false, kNone},
       {1, 2, 1, 5, 1024, 64, true, kNone},
       {1, 16, 1, 5, 1024, 32, false, kBool},  // 80 rows: blocks of 4 warps, the second with one working warp
+      // dropout: every head dim, GQA, causal, masks; a decoding shape, which then takes the tiled forward
+      {1, 2, 1, 70, 90, 64, false, kNone, 0.3f},    {2, 2, 2, 40, 70, 128, true, kNone, 0.2f},
+      {1, 2, 2, 33, 65, 32, false, kBool, 0.5f},    {1, 2, 1, 50, 45, 96, false, kAdditive, 0.1f},
+      {1, 4, 2, 3, 1030, 64, false, kNone, 0.25f},
   };
   for (const Case& c : cases) {
     run<__nv_bfloat16>(c, "bf16", 2e-2);
