@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
-    scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b,
+    scale_and_mask<T, BN == 64>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b,
                       [&](int nt, int e) { return make_int3(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {

@@ -15,7 +15,7 @@ namespace fa {
 // with these 64-row tiles, so it needs its own tile shapes.
 constexpr int kHeadDims[] = {32, 64, 96, 128};
 
-enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2, kAny = -1 };  // kAny: kernels' "read it from p"
 
 struct AttentionParams {
   DType dtype;

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/device.cuh"
 #include "flash.h"
@@ -225,14 +226,16 @@ __device__ __forceinline__ float finite_log2e(float x) {
 }
 
 // The score of (query row, key col) in log2 units (x is already scale * log2(e) * q.k), or -inf where masked:
-// past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value.
-template <typename T>
+// past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value. KIND:
+// the mask kind, or kAny to read it from p.
+template <typename T, MaskKind KIND = MaskKind::kAny>
 __device__ __forceinline__ float masked_score(const AttentionParams& p, float x, int b, int h, int row, int col) {
   if (row >= p.q_len || col >= p.k_len || (p.causal && col > row)) return -kInf;
-  if (p.mask_kind == MaskKind::kNone) return x;
+  const MaskKind kind = KIND == MaskKind::kAny ? p.mask_kind : KIND;
+  if (kind == MaskKind::kNone) return x;
   const int64_t at = b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride +
                      col * p.mask_k_stride;
-  if (p.mask_kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
+  if (kind == MaskKind::kBool) return static_cast<const uint8_t*>(p.mask)[at] ? x : -kInf;
   // A finite mask value stays finite, or a row padded with finfo.min (Hugging Face's mask; a uniform average in
   // torch) would be a dead row of zeros; a real -inf stays -inf.
   const float add = to_float(static_cast<const T*>(p.mask)[at]);
@@ -250,7 +253,11 @@ __device__ __forceinline__ bool unmasked_tile(const AttentionParams& p, int q0, 
 // s = scale2 * s, then masked_score on each score of a warp's fragment tile unless the tile is `interior`
 // (unmasked_tile), where it would change nothing. at(nt, e) gives fragment slot (nt, e)'s {query row, key col,
 // query head}: the head is the same for the whole tile but in decoding, whose rows pack a GQA group's heads.
-template <typename T, int NTILES, typename At>
+// BY_KIND: one loop over the scores per mask kind instead of the kind tested per score. In the dQ kernel's 16 x 64
+// tiles (head dims up to 64) the per-score test had ptxas keep both kinds' loads and addresses for all 32 scores
+// in flight: 255 registers and 212 bytes of spill stores at head dim 64 (96 at 32), 168 and 16 (149 and none) by
+// kind (sm_90). Elsewhere the three loops cost more than they save (the forward at head dim 128: 80 -> 96 bytes).
+template <typename T, bool BY_KIND = false, int NTILES, typename At>
 __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const AttentionParams& p, float scale2,
                                                bool interior, int b, At at) {
   if (interior) {
@@ -261,14 +268,21 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const Atte
     }
     return;
   }
+  const auto each = [&](auto kind) {  // kind: MaskKind::kAny (read from p), or one kind as a constant
 #pragma unroll
-  for (int nt = 0; nt < NTILES; ++nt) {
+    for (int nt = 0; nt < NTILES; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int3 at_e = at(nt, e);
-      s[nt][e] = masked_score<T>(p, s[nt][e] * scale2, b, at_e.z, at_e.x, at_e.y);
+      for (int e = 0; e < 4; ++e) {
+        const int3 at_e = at(nt, e);
+        s[nt][e] = masked_score<T, decltype(kind)::value>(p, s[nt][e] * scale2, b, at_e.z, at_e.x, at_e.y);
+      }
     }
-  }
+  };
+  using Kind = MaskKind;
+  if (!BY_KIND) each(std::integral_constant<Kind, Kind::kAny>{});
+  else if (p.mask_kind == Kind::kBool) each(std::integral_constant<Kind, Kind::kBool>{});
+  else if (p.mask_kind == Kind::kAdditive) each(std::integral_constant<Kind, Kind::kAdditive>{});
+  else each(std::integral_constant<Kind, Kind::kNone>{});
 }
 
 // The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked

@@ -207,6 +207,7 @@ int main() {
       {2, 2, 2, 40, 70, 96, false, kBool},    {1, 2, 1, 33, 65, 128, false, kAdditive},
       {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
       {1, 1, 1, 300, 260, 64, true, kNone},  // D 64's 64-key steps: interior tiles below the diagonal
+      {2, 2, 1, 45, 77, 64, false, kAdditive},  // the dQ kernel's masks by kind (head dims up to 64)
       // decoding (decode_kernel.cuh): GQA groups packed into rows, several key splits (the emulated GPU has 3
       // SMs), a partial last tile, a fully masked row, blocks of 2 and 4 warps; causal goes to the tiled forward
       {1, 4, 1, 1, 1024, 128, false, kNone},  {2, 4, 2, 3, 1100, 64, false, kBool},
