@@ -11,7 +11,9 @@
 #endif
 
 #include <cstdint>
+#include <iterator>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 
@@ -321,9 +323,13 @@ AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, con
                     ": sequence lengths must be below 2^31 - 129 and batch * heads below 2^31");
   if (tiled) {
     bool known = false;
-    for (int d : fa::kHeadDims) known = known || d == D;
+    std::string dims;
+    for (int d : fa::kHeadDims) {
+      known = known || d == D;
+      dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+    }
     TORCH_CHECK_VALUE(known, "fast_attention._C.", op, ": head dim ", D,
-                      " has no compiled kernel; supported head dims: 32, 64, 96, 128");
+                      " has no compiled kernel; supported head dims: ", dims);
   }
   p.batch = static_cast<int>(B);
   p.heads = static_cast<int>(H);
@@ -479,5 +485,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
         py::arg("key"), py::arg("lse"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
-  m.attr("head_dims") = py::make_tuple(32, 64, 96, 128);
+  py::tuple head_dims(std::size(fa::kHeadDims));
+  for (size_t i = 0; i < std::size(fa::kHeadDims); ++i) head_dims[i] = fa::kHeadDims[i];
+  m.attr("head_dims") = head_dims;
 }

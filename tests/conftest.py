@@ -39,7 +39,7 @@ def device():
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A test run with backend=X that asks X for something X does not implement (the CUDA kernels take no
-    float32 or head dim 80, say) gets NotImplementedError naming X and the reason, by design: report
+    float32 or head dim 256, say) gets NotImplementedError naming X and the reason, by design: report
     it as skipped with that reason, so the shared tests can run every backend on a GPU. Any other error fails."""
     outcome = yield
     report = outcome.get_result()

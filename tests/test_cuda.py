@@ -102,7 +102,7 @@ def test_unsupported_gives_reasons():
 
     assert attn() is None and attn(E=128, dtype=torch.bfloat16) is None
     assert "float16 or bfloat16" in attn(dtype=torch.float32)
-    assert "head dim 80" in attn(E=80)
+    assert "head dim 48" in attn(E=48) and attn(E=80) is None and attn(E=16) is None
     assert "value's head dim (32)" in attn(Ev=32)
     assert attn(dropout_p=0.1) is None  # the Triton kernels' decisions (tests/test_cuda_emulated.py)
     assert attn(mask_dtype=torch.bool) is None and attn(mask_dtype=torch.float16) is None
@@ -415,7 +415,7 @@ def _check_attention(q, k, v, mask=None, is_causal=False, gqa=False, against="to
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", LOW)
-@pytest.mark.parametrize("E", [32, 64, 96, 128])
+@pytest.mark.parametrize("E", [16, 32, 64, 80, 96, 128])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (97, 111), (128, 64), (200, 333)])
 def test_attention_matches_reference(dtype, E, is_causal, Lq, Lk):

@@ -50,8 +50,10 @@ int64_t attention_forward_workspace_floats(const AttentionParams& p) {
 // Keep in step with kHeadDims (flash.h) and the instantiation files.
 #define FA_HEADDIM_SWITCH(HEAD_DIM, D, ...)         \
   [&] {                                             \
+    FA_HEADDIM_CASE(HEAD_DIM, 16, D, __VA_ARGS__)   \
     FA_HEADDIM_CASE(HEAD_DIM, 32, D, __VA_ARGS__)   \
     FA_HEADDIM_CASE(HEAD_DIM, 64, D, __VA_ARGS__)   \
+    FA_HEADDIM_CASE(HEAD_DIM, 80, D, __VA_ARGS__)   \
     FA_HEADDIM_CASE(HEAD_DIM, 96, D, __VA_ARGS__)   \
     FA_HEADDIM_CASE(HEAD_DIM, 128, D, __VA_ARGS__)  \
     return static_cast<int>(cudaErrorInvalidValue); \

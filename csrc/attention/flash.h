@@ -13,7 +13,7 @@ namespace fa {
 // The head dims with a compiled kernel. Each costs one forward and one backward instantiation per dtype
 // (about 5 s of nvcc per arch each). 256 is left out: its fp32 output tile alone is 128 registers per thread
 // with these 64-row tiles, so it needs its own tile shapes.
-constexpr int kHeadDims[] = {32, 64, 96, 128};
+constexpr int kHeadDims[] = {16, 32, 64, 80, 96, 128};
 
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2, kAny = -1 };  // kAny: kernels' "read it from p"
 

@@ -99,10 +99,12 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], c
 template <typename T, int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int row0, int len) {
   constexpr int kChunks = D / 8;  // 16-byte pieces per row
-  static_assert((ROWS * kChunks) % THREADS == 0, "every thread copies the same number of pieces");
+  constexpr int kPieces = ROWS * kChunks, kIters = (kPieces + THREADS - 1) / THREADS;
 #pragma unroll
-  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
+  for (int it = 0; it < kIters; ++it) {
     const int i = threadIdx.x + it * THREADS;
+    // Head dims 16 and 80 leave the last round part of the threads (D 80: 32 rows x 10 pieces on 128 threads).
+    if (kPieces % THREADS != 0 && i >= kPieces) break;
     const int r = i / kChunks, c = (i % kChunks) * 8;
     const bool valid = row0 + r < len;
     cp_async_16(smem + r * (D + 8) + c, valid ? base + (row0 + r) * row_stride + c : base, valid);

@@ -218,6 +218,10 @@ int main() {
       {1, 2, 1, 70, 90, 64, false, kNone, 0.3f},    {2, 2, 2, 40, 70, 128, true, kNone, 0.2f},
       {1, 2, 2, 33, 65, 32, false, kBool, 0.5f},    {1, 2, 1, 50, 45, 96, false, kAdditive, 0.1f},
       {1, 4, 2, 3, 1030, 64, false, kNone, 0.25f},
+      // head dims 16 and 80, whose tiles do not split evenly over the block's threads: tiled and decoding
+      {1, 2, 1, 70, 90, 16, true, kNone},  {2, 2, 2, 40, 70, 80, false, kBool},
+      {1, 2, 1, 33, 65, 80, true, kNone, 0.2f}, {1, 4, 2, 3, 1100, 80, false, kAdditive},
+      {1, 4, 1, 1, 1030, 16, false, kNone},
   };
   for (const Case& c : cases) {
     run<__nv_bfloat16>(c, "bf16", 2e-2);

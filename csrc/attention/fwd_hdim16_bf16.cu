@@ -1,0 +1,6 @@
+// The fwd attention instantiation for head dim 16, bf16.
+#include "launch_template.cuh"
+
+namespace fa {
+template int run_attention_fwd<__nv_bfloat16, 16>(const AttentionParams&, cudaStream_t);
+}  // namespace fa
