@@ -194,17 +194,15 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
-    scale_and_mask<T, BN == 64>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b,
-                      [&](int nt, int e) { return make_int3(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
+    const auto slot = [&](int nt, int e) { return make_int3(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); };
+    scale_and_mask<T, BN == 64>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b, slot);
+    if constexpr (DROPOUT) dropout(dp, p, b, slot);  // dP dropped as the forward dropped P
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2;
-        float dpe = dp[nt][e];
-        if constexpr (DROPOUT)
-          dpe = dropout_keep(p, b, h, row_lo + i * 8, n0 + frag_col(lane, nt, e)) ? dpe * p.dropout_scale : 0.f;
-        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dpe - delta[i]);  // dS = P (dP - delta)
+        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

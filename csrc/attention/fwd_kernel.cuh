@@ -71,20 +71,20 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
     } else {
       mma_ss_bt_m<T, D, BN, P, MT>(s, sQw, sK, lane);
     }
+    // Tile mt's slot (nt, e): {query row, key col, head}, for scale_and_mask and dropout.
+    const auto slot = [&](int mt) {
+      return [&, mt](int nt, int e) {
+        return make_int3(row_lo + mt * 16 + (e / 2) * 8, n0 + frag_col(lane, nt, e), h);
+      };
+    };
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int r0 = row_lo + mt * 16;
-      scale_and_mask<T>(s[mt], p, scale2, unmasked_tile(p, warp_m0 + mt * 16, 16, n0, BN), b,
-                        [&](int nt, int e) { return make_int3(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
-    }
+    for (int mt = 0; mt < MT; ++mt)
+      scale_and_mask<T>(s[mt], p, scale2, unmasked_tile(p, warp_m0 + mt * 16, 16, n0, BN), b, slot(mt));
 
     online_softmax<MT, BN, D>(s, row_max, row_sum, acc);
     if constexpr (DROPOUT) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int r0 = row_lo + mt * 16;
-        dropout(s[mt], p, b, [&](int nt, int e) { return make_int3(r0 + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); });
-      }
+      for (int mt = 0; mt < MT; ++mt) dropout(s[mt], p, b, slot(mt));
     }
 
     cp_async_wait<0>();  // V_j has landed ...
