@@ -1,6 +1,7 @@
 """The CUDA kernels (csrc/) run on the CPU: built by the host C++ compiler against the CPU emulation of the CUDA
 execution model in csrc/emulate/ (emu.h; ptx.h for the attention kernels' inline PTX), then checked against
-float64 by csrc/emulate/rows_test.cpp and attention_test.cpp.
+float64 by csrc/emulate/rows_test.cpp and attention_test.cpp (tiles_test.cpp and dropout_test.cpp check two of
+their pieces on their own).
 
 This checks the kernels' logic (indexing, fragment layouts, reductions, masking, the partition of rows and columns
 among blocks) on a machine without a GPU; their speed, memory ordering and races need the GPU (tests/test_cuda.py,
@@ -63,7 +64,7 @@ def test_source_rewrites():
     assert "asm" not in emulated_source((CSRC / "common" / "device.cuh").read_text()), "new inline PTX in device.cuh"
 
 
-MAINS = ("emulate/rows_test.cpp", "emulate/attention_test.cpp", "emulate/dropout_test.cpp")
+MAINS = ("emulate/rows_test.cpp", "emulate/attention_test.cpp", "emulate/dropout_test.cpp", "emulate/tiles_test.cpp")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,10 @@ def test_row_kernels_match_float64_under_emulation(objects, tmp_path):
 
 def test_attention_kernels_match_float64_under_emulation(objects, tmp_path):
     _run(objects, "emulate/attention_test.cpp", tmp_path)
+
+
+def test_attention_tiles_load_within_their_bounds(objects, tmp_path):
+    _run(objects, "emulate/tiles_test.cpp", tmp_path)
 
 
 # Dropout: the CUDA kernels must drop what the Triton kernels drop for the same seed (kernels/attention.py draws
