@@ -14,10 +14,11 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import torch
 import torch.nn.functional as F
 
-import fast_attention as fa
-from fast_attention import reference
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
 from bench.harness import (ATTENTION_FLOPS, DEVICE, DIRECTIONS, SHORT, Case, Check, Mode, Skip, Suite, compiled,
                            directed, dtype_name, optional_import, timed_backends, triplets)
+import fast_attention as fa
+from fast_attention import reference
 
 DIRECTION_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 WIDTH, TOKENS = 2048, 16384
@@ -28,7 +29,10 @@ SDPA_KERNELS = {"math": "MATH", "flash": "FLASH_ATTENTION", "efficient": "EFFICI
 
 
 def attention_flops(B, H, Lq, Lk, D, causal, direction) -> float:
-    return 4.0 * B * H * Lq * Lk * D * (0.5 if causal else 1.0) * DIRECTION_FACTOR[direction]
+    """4 B H D FLOPs per score cell computed, forward; causal (top-left) computes Lq^2 / 2 cells when Lq <= Lk
+    (FlashAttention's half of the square when Lq = Lk), and Lq Lk - Lk^2 / 2 when the queries outnumber the keys."""
+    cells = (Lq * Lq / 2 if Lq <= Lk else Lq * Lk - Lk * Lk / 2) if causal else Lq * Lk
+    return 4.0 * B * H * cells * D * DIRECTION_FACTOR[direction]
 
 
 def cases(mode: Mode) -> list:

@@ -16,11 +16,12 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import torch
 import torch.nn.functional as F
 
-import fast_attention as fa
-from fast_attention import reference
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
 from bench.bench_attention import SDPA_KERNELS, attention_flops
 from bench.harness import (DEVICE, Case, Check, Mode, Suite, compiled, directed, dtype_name, optional_import,
                            timed_backends, triplets)
+import fast_attention as fa
+from fast_attention import reference
 
 
 def cases(mode: Mode) -> list:

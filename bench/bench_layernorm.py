@@ -14,10 +14,11 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import torch
 import torch.nn.functional as F
 
-import fast_attention as fa
-from fast_attention import reference
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
 from bench.harness import (DEVICE, DIRECTIONS, ROW_BYTES, SHORT, Case, Check, Mode, Skip, Suite, compiled, directed,
                            dtype_name, optional_import, row_shapes, timed_backends, triplets)
+import fast_attention as fa
+from fast_attention import reference
 
 EPS = 1e-5
 

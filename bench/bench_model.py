@@ -23,8 +23,9 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import torch
 from torch import nn
 
-import fast_attention as fa
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
 from bench.harness import DEVICE, Case, Check, Mode, Skip, Suite, timed_backends, triplets
+import fast_attention as fa
 
 try:
     from fast_attention.models import Transformer, TransformerConfig
@@ -54,11 +55,12 @@ def cases(mode: Mode) -> list:
         train, prompts, tokens_per_step, gen_batch = (64, 128), (32, 64), 256, 2
     new = NEW_TOKENS[mode.gpu]
     out = [Case({"task": "train step", "T": T, "B": tokens_per_step // T}, tokens=tokens_per_step,
-                flops=_train_flops(mode, tokens_per_step // T, T)) for T in train]
+                flops=_train_flops(mode, tokens_per_step // T, T), backward=True) for T in train]
     out += [Case({"task": "generate", "T": P, "B": gen_batch, "new": new}, tokens=gen_batch * new) for P in prompts]
     for task in ("swap: train step", "swap: inference"):
         out += [Case({"task": task, "T": T, "B": tokens_per_step // T}, tokens=tokens_per_step,
-                     flops=_torch_lm_flops(mode, tokens_per_step // T, T, task == "swap: train step"))
+                     flops=_torch_lm_flops(mode, tokens_per_step // T, T, task == "swap: train step"),
+                     backward=task == "swap: train step")
                 for T in train]
     return out
 
@@ -183,7 +185,7 @@ def providers(case: Case) -> dict:
     fastest = timed_backends()[0]
     # One length only: each compilation of the whole training step takes about a minute.
     if DEVICE == "cuda" and p["task"] == "train step" and p["T"] == 1024 and fastest != "reference":
-        made[f"compile(model, fa:{fastest})"] = train(fastest, compile_model=True)
+        made[f"fa:{fastest} + torch.compile(model)"] = train(fastest, compile_model=True)
     return made
 
 

@@ -12,10 +12,11 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import torch
 
-import fast_attention as fa
-from fast_attention import reference
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
 from bench.harness import (DEVICE, DIRECTIONS, ROW_BYTES, SHORT, Case, Check, Mode, Skip, Suite, compiled, directed,
                            dtype_name, optional_import, row_shapes, timed_backends, triplets)
+import fast_attention as fa
+from fast_attention import reference
 
 # Tensors of M x N elements moved: forward reads x, writes y; backward reads y and dy, writes dx.
 MOVED = {"forward": 2, "backward": 3, "forward+backward": 5}

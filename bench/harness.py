@@ -9,6 +9,7 @@ torch.cuda.max_memory_allocated during one call (inputs and saved tensors includ
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib.util
 import json
@@ -41,8 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEVICE = "cuda" if GPU else "cpu"
 INTERPRETED = not GPU  # Triton's interpreter: correct, but its speed means nothing
 
-ATTENTION_FLOPS = ("attention FLOPs: forward 4*B*H*Lq*Lk*D (half when causal), backward 2.5x forward, "
-                   "forward+backward 3.5x forward")
+ATTENTION_FLOPS = ("attention FLOPs: forward 4*B*H*Lq*Lk*D (causal: half when Lq = Lk, the top-left triangle's "
+                   "cells otherwise), backward 2.5x forward, forward+backward 3.5x forward")
 ROW_BYTES = ("bytes: each user-visible input read once and each output written once (x, weight, bias, dy in; "
              "y, dx, dweight, dbias out); the M-sized fp32 statistics are not counted")
 
@@ -69,6 +70,7 @@ class Case:
     flops: float | None = None
     bytes: float | None = None
     tokens: int | None = None
+    backward: bool = False  # the timed call runs a backward pass itself (a training step): --cuda-graphs skips it
 
 
 @dataclass
@@ -102,7 +104,8 @@ def timed_backends() -> list[str]:
 
 
 def ours(provider: str) -> bool:
-    return provider.startswith("fa:") and provider != "fa:reference"
+    """Our kernels, alone or under torch.compile ("fa:triton + torch.compile(model)"); not the reference."""
+    return provider.startswith("fa:") and not provider.startswith("fa:reference")
 
 
 def directed(direction: str, forward: Callable, leaves) -> tuple:
@@ -308,7 +311,7 @@ def measure(setup: Callable, case: Case, limits: dict, quick: bool, graphs: bool
         made = setup()
         fn, clear = made if isinstance(made, tuple) else (made, ())
         if graphs:
-            if clear:
+            if clear or case.backward:
                 raise Skip("skipped: --cuda-graphs times forward calls only (a replayed backward would accumulate "
                            "into the same gradients)")
             fn = graphed(fn)
@@ -500,13 +503,16 @@ def default_out() -> Path:
     return RESULTS / slug
 
 
+@functools.cache
 def _git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it: the numbers then belong to no commit as such."""
+    """HEAD, with "-dirty" when tracked files other than the results differ from it: the numbers then belong to no
+    commit as such. The results are left out, since a run rewrites them (the committed bench/results/cpu/ among
+    them)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
         return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
     except Exception:  # no git, or not a checkout: the rest of the metadata still stands
         return "unknown"
@@ -785,7 +791,8 @@ def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="all", choices=("all",) + SUITES, help="which slice to run (default all)")
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing")
+    parser.add_argument("--quick", action="store_true",
+                        help="shorter timing, and on a GPU fewer shapes (the CPU suite is small already)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default bench/results/<gpu-name> or bench/results/cpu)")
     parser.add_argument("--no-plots", action="store_true", help="skip the matplotlib PNGs")
@@ -806,6 +813,13 @@ def main(argv=None) -> int:
     out = args.out or default_out()
     if args.cuda_graphs and not GPU:
         parser.error("--cuda-graphs needs a GPU")
+    for option, pattern in (("--exclude", args.exclude), ("--cases", args.cases)):
+        try:
+            re.compile(pattern or "")
+        except re.error as e:
+            parser.error(f"{option} {pattern!r} is not a regular expression: {e}")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
     mode = Mode(gpu=GPU, quick=args.quick, checks=not args.no_checks, exclude=args.exclude, cases=args.cases,
                 graphs=args.cuda_graphs)
     names = SUITES if args.suite == "all" else (args.suite,)

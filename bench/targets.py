@@ -1,7 +1,9 @@
 """The issues' speed targets judged from a results folder, so a GPU run's verdict is read off, not eyeballed.
 
-`python -m bench.targets [DIR]` (default: every folder under bench/results/ but cpu) prints, per target, how many
-cases it covers, the worst ratio (and its case), the median, and MET / MISSED / not measured. The ratio is a
+`python -m bench.targets [DIR ...]` (default: every GPU run under bench/results/, oldest first, the newest last)
+prints, per target, how many cases it covers, the worst ratio (and its case), the median, and MET / MISSED / not
+measured. A run is a folder of suite JSONs; its graphs/ subfolder (the same session's --cuda-graphs run) stands in
+for the suites it holds, as the decoding target is about the kernels without the host's launch path. The ratio is a
 speed-up (baseline median time / ours) or, for the bandwidth targets, the fraction of the copy bandwidth measured
 in the same run. It reports and never fails: exit status 0 whatever the verdicts.
 
@@ -104,13 +106,32 @@ def judge(results: dict[str, dict]) -> list[dict]:
     return verdicts
 
 
+SUITES = ("attention", "decoding", "softmax", "layernorm", "rmsnorm", "model")
+
+
 def load(folder: Path) -> dict[str, dict]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
+    """{suite: its JSON} of a run folder, those of its graphs/ subfolder in place of the eager ones."""
+    paths = {p.stem: p for p in sorted(folder.glob("*.json")) if p.stem in SUITES}
+    paths.update({p.stem: p for p in sorted((folder / "graphs").glob("*.json")) if p.stem in SUITES})
+    return {suite: json.loads(path.read_text()) for suite, path in paths.items()}
 
 
-def markdown(folder: Path, verdicts: list[dict]) -> str:
-    lines = [f"Targets judged from `{folder}`:", "", "| issue | target | cases | worst (case) | median | verdict |",
-             "|---|---|---|---|---|---|"]
+def runs(root: Path = RESULTS) -> list[Path]:
+    """The GPU runs under root: folders holding suite JSONs (not cpu/, and graphs/ goes with its run), by date."""
+    found = [d for d in [root, *root.rglob("*")] if d.is_dir() and d.name != "graphs"
+             and "cpu" not in d.relative_to(root).parts and any((d / f"{s}.json").exists() for s in SUITES)]
+    return sorted(found, key=lambda d: (_date(load(d)), str(d)))
+
+
+def _date(results: dict[str, dict]) -> str:
+    return min((r.get("env", {}).get("date") or "" for r in results.values()), default="")
+
+
+def markdown(folder: Path, verdicts: list[dict], results: dict[str, dict] | None = None) -> str:
+    env = next(iter((results or {}).values()), {}).get("env", {})
+    run = f" ({env.get('gpu')}, commit {str(env.get('git_commit'))[:10]}, {env.get('date')})" if env else ""
+    lines = [f"Targets judged from `{folder}`{run}:", "",
+             "| issue | target | cases | worst (case) | median | verdict |", "|---|---|---|---|---|---|"]
     for v in verdicts:
         worst = f"{v['worst']:.2f} ({v['worst_case']})" if "worst" in v else ""
         median = f"{v['median']:.2f}" if "median" in v else ""
@@ -120,11 +141,15 @@ def markdown(folder: Path, verdicts: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    folders = [Path(a) for a in args] or sorted(p for p in RESULTS.iterdir() if p.is_dir() and p.name != "cpu")
+    folders = [Path(a) for a in args] or runs()
     if not folders:
         print(f"no GPU results under {RESULTS} yet: run the benchmark suites on a GPU first")
     for folder in folders:
-        print(markdown(folder, judge(load(folder))) + "\n")
+        results = load(folder)
+        if not results:
+            print(f"{folder}: no suite results ({', '.join(s + '.json' for s in SUITES)}) here\n")
+            continue
+        print(markdown(folder, judge(results), results) + "\n")
     return 0
 
 

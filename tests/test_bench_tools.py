@@ -2,6 +2,7 @@
 results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU),
 `python -m bench --checks-only`, the harness's --exclude, --cases and --no-checks, and bench/precompile.py's worker."""
 import importlib
+import json
 import random
 
 import pytest
@@ -52,6 +53,32 @@ def test_decoding_against_the_fastest_sdpa_kernel():
             _row("c", "torch.sdpa[efficient]", 0.9, **p), _row("c", "torch.sdpa[math]", None, **p)]
     v = _verdict({"decoding": {"results": rows}}, "Triton decoding >= 1.0x torch SDPA (its fastest kernel)")
     assert v["verdict"] == "MISSED" and abs(v["worst"] - 0.9) < 1e-12
+
+
+def _write_run(folder, date, **suites):
+    folder.mkdir(parents=True, exist_ok=True)
+    for suite, rows in suites.items():
+        (folder / f"{suite}.json").write_text(json.dumps({"env": {"date": date, "gpu": "G"}, "results": rows}))
+
+
+def test_runs_are_the_folders_of_suite_results_with_their_graphs(tmp_path):
+    """`python -m bench.targets` with no folder: every GPU run under bench/results/, by date; a run's graphs/
+    (its --cuda-graphs decoding) stands in for its eager suite of the same name; cpu/ and folders of other files
+    are not runs."""
+    p = dict(Lq=1, Lk=8192)
+    eager = [_row("c", "fa:triton", 2.0, **p), _row("c", "torch.sdpa[flash]", 1.0, **p)]
+    graphed = [_row("c", "fa:triton", 1.0, **p), _row("c", "torch.sdpa[flash]", 1.25, **p)]
+    _write_run(tmp_path / "gpu", "2026-01-02", decoding=eager)
+    _write_run(tmp_path / "gpu" / "abc", "2026-01-01", decoding=eager)
+    _write_run(tmp_path / "gpu" / "abc" / "graphs", "2026-01-01", decoding=graphed)
+    _write_run(tmp_path / "cpu", "2026-01-03", decoding=eager)
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "compile" / "sm90.json").write_text("{}")
+    assert targets.runs(tmp_path) == [tmp_path / "gpu" / "abc", tmp_path / "gpu"]
+    target = "Triton decoding >= 1.0x torch SDPA (its fastest kernel)"
+    assert _verdict(targets.load(tmp_path / "gpu" / "abc"), target)["worst"] == 1.25
+    assert _verdict(targets.load(tmp_path / "gpu"), target)["worst"] == 0.5
+    assert set(targets.SUITES) == set(harness.SUITES)
 
 
 def test_row_ops_bandwidth_and_native_baseline():
@@ -149,6 +176,51 @@ def test_cases_selects_cases_by_label(tmp_path):
     mode = harness.Mode(gpu=False, quick=True, checks=False, cases="^fwd D")
     result = harness.run_suite(suite, mode, LIMITS, tmp_path, progress=False)
     assert [r["case"] for r in result["results"]] == ["fwd D64 L1024"]
+
+
+def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
+    for argv, said in ((["--exclude", "["], "--exclude '[' is not a regular expression"),
+                       (["--cases", "("], "--cases '(' is not a regular expression")):
+        with pytest.raises(SystemExit):
+            harness.main([*argv, "--suite", "softmax", "--out", str(tmp_path)])
+        assert said in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit):
+        harness.main(["--suite", "softmax", "--out", str(tmp_path / "file")])
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_the_commit_is_dirty_for_code_not_for_results(tmp_path, monkeypatch):
+    """A run rewrites the tracked JSONs under bench/results/: its later suites must not call the tree dirty."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "x.json").write_text("1")
+    (tmp_path / "code.py").write_text("1")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    commit = harness._git_commit.__wrapped__
+    (tmp_path / "bench" / "results" / "x.json").write_text("2")
+    assert not commit().endswith("-dirty")
+    (tmp_path / "code.py").write_text("2")
+    assert commit().endswith("-dirty")
+
+
+def test_causal_flops_count_the_top_left_triangle():
+    from bench.bench_attention import attention_flops
+
+    def cells(Lq, Lk, causal):  # as the convention counts them: half of L x L when square
+        return attention_flops(1, 1, Lq, Lk, 1, causal, "forward") / 4
+
+    assert cells(40, 40, True) == 800 and cells(40, 40, False) == 1600
+    assert cells(17, 40, True) == 17 * 17 / 2  # the 17 queries see 1..17 keys of the 40
+    assert cells(40, 17, True) == 40 * 17 - 17 * 17 / 2  # queries 17.. see all 17 keys
+    assert harness.ours("fa:triton + torch.compile(model)") and not harness.ours("torch.compile(reference)")
 
 
 def test_checks_run_the_first_config_and_restore_autotuning(monkeypatch):
@@ -257,7 +329,28 @@ def test_cuda_graphs_option_refuses_backward_and_the_cpu(capsys):
     leaf = torch.ones(1, requires_grad=True)
     row = harness.measure(lambda: (lambda: None, [leaf]), harness.Case({}), {}, quick=True, graphs=True)
     assert row["ms"] is None and "forward calls only" in row["note"]
+    # A training step runs its own backward: it has no gradients for the harness to clear, its Case says so.
+    row = harness.measure(lambda: (lambda: None), harness.Case({}, backward=True), {}, quick=True, graphs=True)
+    assert row["ms"] is None and "forward calls only" in row["note"]
     if not harness.GPU:
         with pytest.raises(SystemExit):
             harness.main(["--cuda-graphs", "--suite", "softmax"])
         assert "--cuda-graphs needs a GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(harness.GPU, reason="the interpreter is for machines without a GPU")
+@pytest.mark.parametrize("script", ["attention", "decoding", "softmax", "layernorm", "rmsnorm", "model"])
+def test_each_suite_script_runs_triton_under_the_interpreter(script):
+    """`python bench/bench_<suite>.py` on its own, as bench/README says it runs: TRITON_INTERPRET must be set
+    before fast_attention imports triton, or the script checks the reference backend alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import runpy, sys; runpy.run_path({str(harness.REPO / 'bench' / f'bench_{script}.py')!r}); "
+            "print(sys.modules['fast_attention'].available_backends())")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "triton" in run.stdout, run.stdout
