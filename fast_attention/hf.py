@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import nn as fa_nn
 
 NAME = "fast_attention"
 _TRIGGER = "transformers.modeling_utils"
@@ -170,6 +171,18 @@ def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32, device="cpu").to(weight.device)
     with torch.no_grad():
-        got = module(x).float()
+        got = type(module).forward(module, x).float()  # not module(x): its hooks must not see the probe
         want = torch.nn.functional.rms_norm(x, tuple(weight.shape), weight.float(), eps)
     return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+class RMSNorm(fa_nn.RMSNorm):
+    """What swap() puts in place of a Hugging Face RMSNorm (LlamaRMSNorm and its copies), which returns
+    weight * normalized(x).to(x.dtype): the result takes the promoted dtype of the weight and x. Where the two
+    agree, that is rms_norm with the weight; where they differ (a float32 weight beside bfloat16 activations, as
+    `_keep_in_fp32_modules` leaves it), the normalization in x's dtype times the weight, as HF computes it."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.weight is None or self.weight.dtype == input.dtype:
+            return super().forward(input)
+        return self.weight * F.rms_norm(input, self.normalized_shape, None, self.eps, backend=self.backend)

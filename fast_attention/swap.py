@@ -18,7 +18,7 @@ from . import nn as fa_nn
 _ORIGINAL = "_fast_attention_original"  # on a new module: the module it replaced (shares its parameters)
 _SAVED = "_fast_attention_saved"  # on a torch Transformer layer / encoder or a HF model: {attribute: old value}
 
-# torch.nn type -> our type; exact types, or subclasses that keep the torch forward
+# torch.nn type -> our type (exact types only: see _why_not)
 _OURS = {
     nn.MultiheadAttention: fa_nn.MultiheadAttention,
     nn.LayerNorm: fa_nn.LayerNorm,
@@ -56,40 +56,52 @@ def swap(model: nn.Module, *, backend: str | None = None) -> SwapReport:
     its training mode. Hugging Face models are switched to attn_implementation="fast_attention".
 
     In torch.nn.TransformerEncoderLayer / TransformerEncoder whose modules were replaced, torch's fused eval-mode
-    path and nested-tensor conversion are turned off (they would bypass the new modules). Subclasses with their
-    own forward, and modules whose forward was wrapped per instance, are skipped, with the reason in the report.
-    `backend` is given to every new module (None: automatic choice). Returns the report; `unswap` undoes it.
+    path and nested-tensor conversion are turned off (they would bypass the new modules). Subclasses, modules
+    whose parameters are reparametrized (parametrize, pruning, weight norm) and modules whose forward was wrapped
+    per instance are skipped, with the reason in the report. `backend` is given to every new module (None:
+    automatic choice) and, when given, to the fast_attention.nn modules already there. Every module is judged
+    before any is replaced. Returns the report; `unswap` undoes it.
     """
     if backend is not None:
         backends._check_name(backend)
     report = SwapReport()
+    makers: dict[int, object] = {}  # id -> how to replace the module (None: left as it is), judged once
+    plan = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in makers:
+            makers[id(module)] = _judge(name, module, backend, report)
+        if makers[id(module)] is not None:
+            plan.append((name, module, makers[id(module)]))
     done: dict[int, nn.Module] = {}  # a module shared by several parents gets one replacement, put in each
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if id(module) in done:
-            _set_child(model, name, done[id(module)])
-            continue
-        if isinstance(module, tuple(_OURS.values())):
-            module.backend = backend
-            report.skipped.append(Entry(name, type(module).__name__,
-                                        f"already fast_attention.nn; backend set to {backend!r}"))
-            continue
-        maker, why_not = _maker(module)
-        if maker is None and why_not is None:
-            continue
-        if why_not is None and not name:
-            why_not = "the model itself cannot be replaced in place; use fast_attention.nn directly"
-        if why_not is not None:
-            report.skipped.append(Entry(name, type(module).__name__, why_not))
-            continue
-        new = maker(module, backend)
-        _share(module, new)
-        object.__setattr__(new, _ORIGINAL, module)
-        _set_child(model, name, new)
-        done[id(module)] = new
-        report.replaced.append(Entry(name, type(module).__name__, f"-> fast_attention.nn.{type(new).__name__}"))
+    for name, module, maker in plan:
+        if id(module) not in done:
+            new = maker(module, backend)
+            _share(module, new)
+            object.__setattr__(new, _ORIGINAL, module)
+            done[id(module)] = new
+            report.replaced.append(Entry(name, type(module).__name__, f"-> fast_attention.nn.{type(new).__name__}"))
+        _set_child(model, name, done[id(module)])
     _turn_off_torch_fast_paths(model, report)
     _switch_hf_attention(model, report)
     return report
+
+
+def _judge(name: str, module: nn.Module, backend: str | None, report: SwapReport):
+    """The function that builds module's replacement, or None (with the reason in the report where it is one of
+    the modules swap() replaces)."""
+    if isinstance(module, tuple(_OURS.values())):
+        if backend is not None:
+            module.backend = backend
+        report.skipped.append(Entry(name, type(module).__name__, "already fast_attention.nn" + (
+            f"; backend set to {backend!r}" if backend is not None else "")))
+        return None
+    maker, why_not = _maker(module)
+    if maker is not None and not name:
+        why_not = "the model itself cannot be replaced in place; use fast_attention.nn directly"
+    if why_not is not None:
+        report.skipped.append(Entry(name, type(module).__name__, why_not))
+        return None
+    return maker
 
 
 def unswap(model: nn.Module) -> SwapReport:
@@ -156,18 +168,15 @@ _MAKERS = {nn.MultiheadAttention: _mha, nn.LayerNorm: _layer_norm, nn.RMSNorm: _
 
 
 def _hf_rms_norm(m, backend):
-    return fa_nn.RMSNorm(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
+    return hf.RMSNorm(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
 
 
 def _maker(module):
     """(function building the replacement, None), (None, reason to skip), or (None, None) when not ours."""
     for torch_type, make in _MAKERS.items():
         if isinstance(module, torch_type):
-            if type(module).forward is not torch_type.forward:
-                return None, f"subclass of torch.nn.{torch_type.__name__} with its own forward"
-            if "forward" in module.__dict__:
-                return None, "its forward is wrapped on the instance (e.g. by accelerate hooks)"
-            return make, None
+            why_not = _why_not(module, torch_type)
+            return (make, None) if why_not is None else (None, why_not)
     eps = hf.rms_norm_eps(module)
     if eps is None:
         return None, None
@@ -178,6 +187,23 @@ def _maker(module):
     if not hf.computes_rms_norm(module, eps):
         return None, "its forward is not x / sqrt(mean(x^2) + eps) * weight (checked on a probe input)"
     return _hf_rms_norm, None
+
+
+def _why_not(module: nn.Module, torch_type: type) -> str | None:
+    """Why an instance of torch_type (one of _MAKERS') cannot be replaced, or None when it can."""
+    kind = f"torch.nn.{torch_type.__name__}"
+    if nn.utils.parametrize.is_parametrized(module):
+        return "its parameters are parametrized (torch.nn.utils.parametrize)"
+    if type(module).forward is not torch_type.forward:
+        return f"subclass of {kind} with its own forward"
+    if type(module) is not torch_type:
+        return f"subclass of {kind}: the replacement would not keep its type, methods and attributes"
+    if "forward" in module.__dict__:
+        return "its forward is wrapped on the instance (e.g. by accelerate hooks)"
+    fresh = _MAKERS[torch_type](module, None, torch_type)  # the same configuration, on the meta device
+    if (module._parameters.keys(), module._buffers.keys()) != (fresh._parameters.keys(), fresh._buffers.keys()):
+        return f"its parameters or buffers are not {kind}'s (pruning and weight norm rename them)"
+    return None
 
 
 _HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",

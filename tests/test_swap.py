@@ -164,6 +164,44 @@ def test_swap_skips_what_it_cannot_replace_and_reports_it():
         fa.swap(model, backend="nope")
 
 
+def test_swap_leaves_reparametrized_modules_and_subclasses_whole():
+    """Modules swap() cannot rebuild faithfully are judged before any module is replaced, and left as they are:
+    parametrized, pruned and weight-normed parameters, and subclasses (their type, methods and attributes)."""
+    from torch.nn.utils import parametrize, prune
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    class Tagged(nn.LayerNorm):  # the torch forward, but a type and an attribute of its own
+        tag = "mine"
+
+    parametrized = nn.LayerNorm(8)
+    parametrize.register_parametrization(parametrized, "weight", Double())
+    pruned = nn.MultiheadAttention(8, 2)
+    prune.l1_unstructured(pruned, "in_proj_weight", 0.3)
+    with pytest.warns(FutureWarning):
+        weight_normed = nn.utils.weight_norm(nn.LayerNorm(8), dim=0)
+    model = nn.Sequential(parametrized, pruned, weight_normed, Tagged(8), nn.LayerNorm(8))
+    x = torch.randn(3, 2, 8)
+    before = model[0](x), model[1](x, x, x)[0], model[2](x), model[3](x)
+    report = fa.swap(model)
+    assert [e.name for e in report.skipped] == ["0", "1", "2", "3"] and [e.name for e in report.replaced] == ["4"]
+    assert "parametrized" in report.skipped[0].reason and "pruning" in report.skipped[1].reason
+    assert "weight norm" in report.skipped[2].reason and "subclass" in report.skipped[3].reason
+    assert type(model[3]) is Tagged and isinstance(model[4], fa.nn.LayerNorm)
+    after = model[0](x), model[1](x, x, x)[0], model[2](x), model[3](x)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_swap_keeps_the_backend_of_fast_attention_modules_unless_given_one():
+    model = nn.Sequential(fa.nn.LayerNorm(4, backend="reference"))
+    assert "backend set" not in fa.swap(model).skipped[0].reason and model[0].backend == "reference"
+    fa.swap(model, backend="triton" if "triton" in fa.available_backends() else "reference")
+    assert model[0].backend == ("triton" if "triton" in fa.available_backends() else "reference")
+
+
 def test_swap_keeps_hooks():
     model = nn.Sequential(nn.LayerNorm(6))
     seen = []
@@ -250,6 +288,27 @@ def test_hugging_face_llama_under_autocast(backend, device):
     assert ours.dtype == theirs.dtype
     assert_close(ours, theirs, ref)
     assert_ran_ours(names, "rms_norm")
+
+
+def test_hugging_face_rms_norm_keeps_its_dtype_and_hooks_see_no_probe():
+    """LlamaRMSNorm returns weight * normalized(x).to(x.dtype): a float32 weight beside bfloat16 activations gives
+    float32, and so must its replacement. Judging it (a probe forward) must not run its hooks."""
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+    calls = []
+    norm.register_forward_hook(lambda *args: calls.append(1))
+    model = nn.Sequential(norm)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    expected = model(x)
+    report = fa.swap(model)
+    assert len(calls) == 1 and [e.name for e in report.replaced] == ["0"]
+    got = model(x)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2**-7, atol=1e-6)  # HF's two roundings, to a bfloat16 ulp
 
 
 def test_hugging_face_registration_in_either_import_order(fresh_python):
