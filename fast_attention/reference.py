@@ -104,7 +104,7 @@ def layer_norm_forward(x: Tensor, weight, bias, eps: float):
         y = y * weight.to(y.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype), mean.float(), rstd.float()
+    return y.to(x.dtype), mean, rstd  # the statistics in the compute dtype, as stat_dtype says
 
 
 def layer_norm_backward(dy: Tensor, x: Tensor, weight, mean: Tensor, rstd: Tensor, has_bias: bool):
@@ -124,7 +124,7 @@ def rms_norm_forward(x: Tensor, weight, eps: float):
     y = x32 * rstd[:, None]
     if weight is not None:
         y = y * weight.to(y.dtype)
-    return y.to(x.dtype), rstd.float()
+    return y.to(x.dtype), rstd
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight, rstd: Tensor):
@@ -184,7 +184,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     if drop is not None:
         p = p * drop
     out = p @ _repeat_kv(v.to(p.dtype), q.shape[1])
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
@@ -208,7 +208,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
 
 
 def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
-    return _probabilities(q, k, mask, is_causal, scale, lse)[0].float()
+    return _probabilities(q, k, mask, is_causal, scale, lse)[0]
 
 
 def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float):

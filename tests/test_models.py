@@ -323,6 +323,11 @@ def test_bad_configs_and_calls_raise():
         TransformerConfig(pos_encoding="alibi")
     with pytest.raises(ValueError, match="n_kv_heads"):
         TransformerConfig(n_heads=8, n_kv_heads=3)
+    for field in ("n_heads", "n_kv_heads", "d_model", "vocab_size", "max_seq_len", "n_layers"):
+        with pytest.raises(ValueError, match=f"{field} must be at least 1"):
+            TransformerConfig(**{field: 0})
+    with pytest.raises(ValueError, match="src_key_padding_mask"):
+        Transformer(tiny())(tokens(1, 3), src_key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="max_seq_len"):
         Transformer(tiny()).generate(tokens(1, 30), 20)
     with pytest.raises(ValueError, match="encoder-only"):

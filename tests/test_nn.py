@@ -173,6 +173,29 @@ def test_multihead_attention_self_attention(backend, cfg):
     compare_mha(ours, theirs, reference, [x], self_attention=True, key_padding_mask=kpm)
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_multihead_attention_self_attention_projects_once(monkeypatch, batch_first):
+    """As torch: self-attention (query is key is value) takes one packed (3E, E) projection, batch_first too."""
+    m = fa.nn.MultiheadAttention(E, H, batch_first=batch_first, backend="reference")
+    shapes = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: shapes.append(tuple(w.shape)) or
+                        linear(x, w, b))
+    x = torch.randn(N, S, E) if batch_first else torch.randn(S, N, E)
+    m(x, x, x)
+    assert shapes == [(3 * E, E), (E, E)]
+
+
+def test_multihead_attention_weights_dtype_under_autocast():
+    """softmax(bmm(q, k^T)) under CPU autocast: torch's weights come out in the autocast dtype (its CPU autocast
+    leaves softmax alone), and so do ours."""
+    ours, theirs, _ = trio(fa.nn.MultiheadAttention, torch.nn.MultiheadAttention, E, H, backend="reference")
+    q, k, v = mha_inputs({})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out, w), (out_t, w_t) = ours(q, k, v), theirs(q, k, v)
+    assert (out.dtype, w.dtype) == (out_t.dtype, w_t.dtype)
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("with_padding", [False, True])
 def test_multihead_attention_is_causal(backend, need_weights, with_padding):
@@ -280,6 +303,8 @@ def test_multihead_attention_bad_input(backend):
         m(torch.randn(L, N, E + 1), k, v)
     with pytest.raises(TypeError, match="key_padding_mask must be bool or floating point"):
         m(q, k, v, key_padding_mask=torch.zeros(N, S, dtype=torch.int64))
+    with pytest.raises(NotImplementedError, match="float key_padding_mask"):
+        m(q, k, v, key_padding_mask=torch.zeros(N, S, requires_grad=True))
     with pytest.raises(ValueError, match="backend must be one of"):
         fa.nn.MultiheadAttention(E, H, backend="nope")(q, k, v)
 

@@ -294,6 +294,36 @@ def test_auto_choice_falls_back_for_float64(device):
     torch.testing.assert_close(fa.softmax(x), torch.softmax(x, -1))
 
 
+def test_float64_is_float64_accurate(device):
+    """float64 runs on the reference backend in float64, its saved statistics (mean, rstd, logsumexp) and the
+    attention weights included: the gradients match torch's float64 ones, not merely to float32's precision."""
+    def grads(f, *leaves):
+        out = f(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        return outs, torch.autograd.grad(outs, leaves, [torch.randn_like(o) for o in outs])
+
+    def same(f, g, *shapes):
+        leaves = [torch.randn(s, dtype=torch.float64, device=device, requires_grad=True) for s in shapes]
+        state = torch.get_rng_state()  # the same output gradients for both
+        ours = grads(f, *leaves)
+        torch.set_rng_state(state)
+        theirs = grads(g, *leaves)
+        for a, b in zip([*ours[0], *ours[1]], [*theirs[0], *theirs[1]]):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    tf = torch.nn.functional
+    same(lambda x, w, b: fa.layer_norm(x, (33,), w, b), lambda x, w, b: tf.layer_norm(x, (33,), w, b),
+         (5, 33), (33,), (33,))
+    same(lambda x, w: fa.rms_norm(x, (33,), w), lambda x, w: tf.rms_norm(x, (33,), w), (5, 33), (33,))
+    same(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, is_causal=True),
+         lambda q, k, v: tf.scaled_dot_product_attention(q, k, v, is_causal=True), (2, 3, 9, 8), (2, 3, 13, 8),
+         (2, 3, 13, 8))
+    ours, theirs = fa.nn.MultiheadAttention(8, 2, dtype=torch.float64), torch.nn.MultiheadAttention(8, 2)
+    ours.to(device).load_state_dict(theirs.double().to(device).state_dict())
+    same(lambda x: ours(x, x, x), lambda x: theirs(x, x, x), (4, 2, 8))  # the weights too
+
+
 def test_norm_backward_resolves_on_its_own_only_without_a_backend_asked_for(monkeypatch):
     monkeypatch.setattr(backends, "why_not", lambda name, op, device, **args: None)  # every backend can run it
     cpu = torch.device("cpu")

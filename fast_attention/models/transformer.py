@@ -61,6 +61,11 @@ class TransformerConfig:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+        for field in ("vocab_size", "src_vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "n_kv_heads",
+                      "d_ff"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"TransformerConfig: {field} must be at least 1, got {value!r}")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"TransformerConfig: d_model ({self.d_model}) must be divisible by n_heads "
                              f"({self.n_heads}), and n_heads by n_kv_heads ({self.n_kv_heads})")
@@ -259,7 +264,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, src: Tensor | None = None,
                 src_key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        self._check_src(src)
+        self._check_src(src, src_key_padding_mask)
         if self.cfg.kind == "encoder":
             logits = self.head(self.encode(idx, src_key_padding_mask))
         else:
@@ -269,10 +274,13 @@ class Transformer(nn.Module):
             return logits, None
         return logits, torch_F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # over B * T positions
 
-    def _check_src(self, src: Tensor | None) -> None:
+    def _check_src(self, src: Tensor | None, src_key_padding_mask: Tensor | None = None) -> None:
         if (src is not None) != (self.cfg.kind == "encoder-decoder"):
             raise ValueError(f"Transformer: src is required by kind 'encoder-decoder' and only by it; this model is "
                              f"{self.cfg.kind!r} (an encoder-only model reads idx)")
+        if src_key_padding_mask is not None and self.cfg.kind == "decoder":
+            raise ValueError("Transformer: src_key_padding_mask masks the source of an encoder or encoder-decoder; "
+                             "this model is a 'decoder', whose causal mask is its own")
 
     def encode(self, src: Tensor, src_key_padding_mask: Tensor | None = None) -> Tensor:
         """src (B, S) -> the encoder's output (B, S, C); padded positions are never attended to."""

@@ -12,6 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.parameter import Parameter
 
 from .. import functional as F
+from ..ops._autocast import attention_weights_dtype
 
 
 class MultiheadAttention(torch.nn.Module):
@@ -125,6 +126,9 @@ class MultiheadAttention(torch.nn.Module):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise TypeError(f"fast_attention.nn.MultiheadAttention: {name} must be bool or floating point, got "
                                 f"{mask.dtype}")
+            if mask is not None and mask.is_floating_point() and mask.requires_grad and torch.is_grad_enabled():
+                raise NotImplementedError(f"fast_attention.nn.MultiheadAttention: gradients with respect to a float "
+                                          f"{name} are not supported; pass {name}.detach()")
         if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
                           "both instead.", stacklevel=2)
@@ -135,7 +139,12 @@ class MultiheadAttention(torch.nn.Module):
             if attn_mask is not None and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
         elif self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+            # one transpose per distinct tensor, as torch, so that self-attention (query is key is value) keeps
+            # its packed projection in _project
+            same_qk, same_kv = query is key, key is value
+            query = query.transpose(0, 1)
+            key = query if same_qk else key.transpose(0, 1)
+            value = key if same_kv else value.transpose(0, 1)
         # from here on, (L, N, E) layout, as torch's functional MHA
         L, N, _ = query.shape
         q, k, v = self._project(query, key, value)  # (L, N, E), (S, N, E), (S, N, E)
@@ -158,7 +167,8 @@ class MultiheadAttention(torch.nn.Module):
         if need_weights:
             out, weights = F.scaled_dot_product_attention_with_weights(q, k, v, mask, dropout_p, causal,
                                                                        backend=self.backend)
-            weights = (weights.mean(dim=1) if average_attn_weights else weights).to(query.dtype)
+            weights = (weights.mean(dim=1) if average_attn_weights else weights).to(
+                attention_weights_dtype(query))
             if not batched:
                 weights = weights.squeeze(0)
         else:

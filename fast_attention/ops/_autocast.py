@@ -51,6 +51,20 @@ def cast_inputs(op: str, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], 
     return tuple(_cast(t, device_type, dtype) for t in tensors)
 
 
+_BMM_CASTS = _where_torch_casts("aten::bmm")
+
+
+def attention_weights_dtype(query: Tensor) -> torch.dtype:
+    """The dtype of torch.nn.MultiheadAttention's attention weights for this query: softmax(bmm(q, k^T)), which
+    under autocast is float32 where torch casts softmax (CUDA), else the bmm's autocast dtype (CPU); the query's
+    own dtype without autocast."""
+    device_type = query.device.type
+    if (query.dtype == torch.float64 or device_type not in _BMM_CASTS
+            or not torch.is_autocast_enabled(device_type)):
+        return query.dtype
+    return torch.float32 if device_type in POLICY["softmax"][1] else torch.get_autocast_dtype(device_type)
+
+
 def _cast(t: Optional[Tensor], device_type: str, dtype: torch.dtype) -> Optional[Tensor]:
     eligible = (isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
                 and t.device.type == device_type)

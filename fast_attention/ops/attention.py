@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_float, check_same_device
+from ._checks import check_float, check_same_device, stat_dtype
 from ._direct import call
 
 OP = "scaled_dot_product_attention"
@@ -81,7 +81,7 @@ def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Opti
 def _empty_result(query, key, value):
     B, H, Lq, _ = query.shape
     out = query.new_zeros(B, H, Lq, value.shape[-1])
-    lse = query.new_full((B, H, Lq), float("-inf"), dtype=torch.float32)
+    lse = query.new_full((B, H, Lq), float("-inf"), dtype=stat_dtype(query))
     return out, lse
 
 
@@ -98,7 +98,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 @scaled_dot_product_attention.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend):
     B, H, Lq, _ = query.shape
-    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=torch.float32)
+    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=stat_dtype(query))
 
 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
@@ -139,10 +139,11 @@ scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_c
 @torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
 def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                       scale: float, backend: str) -> Tensor:
-    """softmax(scale * q k^T + mask) as float32 (B, H, Lq, Lk), from the forward's logsumexp; masked rows are 0."""
+    """softmax(scale * q k^T + mask) as float32 (float64 for float64 inputs) (B, H, Lq, Lk), from the forward's
+    logsumexp; masked rows are 0."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
-        return query.new_zeros(B, H, Lq, key.shape[-2], dtype=torch.float32)
+        return query.new_zeros(B, H, Lq, key.shape[-2], dtype=stat_dtype(query))
     return backends.get(backend).attention_weights(query, key, lse, expand_mask(attn_mask, query, key), is_causal,
                                                    scale)
 
@@ -150,7 +151,7 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
 @attention_weights.register_fake
 def _(query, key, lse, attn_mask, is_causal, scale, backend):
     B, H, Lq, _ = query.shape
-    return query.new_empty(B, H, Lq, key.shape[-2], dtype=torch.float32)
+    return query.new_empty(B, H, Lq, key.shape[-2], dtype=stat_dtype(query))
 
 
 @torch.library.custom_op("fast_attention::attention_weights_backward", mutates_args=())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._checks import check_float, check_same_device
+from ._checks import check_float, check_same_device, stat_dtype
 from ._direct import call
 
 
@@ -53,7 +53,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
     """(y, mean, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
-        stats = input.new_empty(M, dtype=torch.float32)
+        stats = input.new_empty(M, dtype=stat_dtype(input))
         return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
     y, mean, rstd = backends.get(backend).layer_norm_forward(_as_rows(input, normalized_shape), _flat(weight),
                                                              _flat(bias), eps)
@@ -64,7 +64,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
 def _(input, normalized_shape, weight, bias, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(M, dtype=torch.float32), input.new_empty(M, dtype=torch.float32))
+            input.new_empty(M, dtype=stat_dtype(input)), input.new_empty(M, dtype=stat_dtype(input)))
 
 
 def _param_grad(grad: Optional[Tensor], like: Tensor, shape) -> Tensor:
@@ -128,7 +128,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
     """(y, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
-        return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=torch.float32)
+        return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=stat_dtype(input))
     y, rstd = backends.get(backend).rms_norm_forward(_as_rows(input, normalized_shape), _flat(weight), eps)
     return y.reshape(input.shape), rstd
 
@@ -136,7 +136,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
 @rms_norm.register_fake
 def _(input, normalized_shape, weight, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=torch.float32)
+    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=stat_dtype(input))
 
 
 @torch.library.custom_op("fast_attention::rms_norm_backward", mutates_args=())
