@@ -227,8 +227,9 @@ std::tuple<Tensor, Tensor> rms_norm_forward(const Tensor& x, const OptTensor& we
   return {y, rstd};
 }
 
-// dweight / dbias come back in the dtype norm_affine read the weight in (or undefined when not asked for); the
-// Python side casts them to the parameters' dtype where that differs.
+// dweight / dbias come back in the dtype norm_affine read the weight in, float32 without a weight (a 16-bit sum
+// of many rows' dy overflows), or undefined when not asked for; the Python side casts them to the parameters'
+// dtype where that differs.
 std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tensor& x_in, const OptTensor& weight,
                                                  const OptTensor& mean_in, const Tensor& rstd_in, bool need_dbias,
                                                  bool rms, const char* op) {
@@ -243,7 +244,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(const Tensor& dy_in, const Tens
   if (mean_in.has_value()) check_stat(*mean_in, x_in, op, "mean");
   check_stat(rstd_in, x_in, op, "rstd");
   c10::DeviceGuard guard(x_in.device());
-  const NormAffine affine = norm_affine(weight, std::nullopt, x_in, op);
+  const NormAffine affine = weight.has_value() ? norm_affine(weight, std::nullopt, x_in, op)
+                                               : NormAffine{Tensor(), Tensor(), at::kFloat, fa::DType::kFloat32};
   const Tensor& w = affine.weight;
   const Tensor x = aligned_contiguous(x_in), dy = aligned_contiguous(dy_in);
   const Tensor mean = mean_in.has_value() ? mean_in->contiguous() : Tensor();
@@ -471,11 +473,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"));
   m.def("layer_norm_forward", &layer_norm_forward, "-> (y, mean fp32, rstd fp32)", py::arg("x"),
         py::arg("weight"), py::arg("bias"), py::arg("eps"));
-  m.def("layer_norm_backward", &layer_norm_backward, "-> (dx, dweight fp32 | None, dbias fp32 | None)",
+  m.def("layer_norm_backward", &layer_norm_backward,
+        "-> (dx, dweight | None, dbias | None), in the weight's dtype where it is x's, else fp32",
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("need_dbias"));
   m.def("rms_norm_forward", &rms_norm_forward, "-> (y, rstd fp32)", py::arg("x"), py::arg("weight"),
         py::arg("eps"));
-  m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight fp32 | None)", py::arg("dy"), py::arg("x"),
+  m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight | None), dweight as layer_norm_backward's", py::arg("dy"), py::arg("x"),
         py::arg("weight"), py::arg("rstd"));
   m.def("attention_forward", &attention_forward, "-> (out, lse fp32 (B, H, Lq))", py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),

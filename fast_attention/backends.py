@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import warnings
 
 import torch
@@ -46,7 +47,9 @@ _MODULES = {
 }
 _loaded: dict[str, object] = {}
 _load_errors: dict[str, str] = {}
-_default: str | None = None
+_default: str | None = None  # process-wide, set by a plain fa.use_backend(name) call
+_scoped = threading.local()  # per thread: .names, the backends of the `with fa.use_backend(...)` blocks it is in
+_lock = threading.Lock()
 
 
 def _module(name: str):
@@ -92,32 +95,45 @@ def _check_name(name: str) -> None:
 
 
 class use_backend:
-    """Set the default backend: `fa.use_backend("triton")`, or `with fa.use_backend("reference"): ...`.
-
-    `use_backend(None)` restores automatic choice. As a context manager it restores the previous default on exit.
-    """
+    """Set the default backend: `fa.use_backend("triton")` for the whole process, or `with
+    fa.use_backend("reference"): ...` for the calling thread until the block ends (blocks nest; other threads
+    keep their own). `use_backend(None)` restores automatic choice."""
 
     def __init__(self, name: str | None):
         if name is not None:
             _check_name(name)
         global _default
-        self._previous = _default
-        _default = name
+        with _lock:
+            self._previous, _default = _default, name
         self.name = name
 
     def __enter__(self):
+        # A block is its thread's alone: take back the process-wide setting __init__ made, unless another call
+        # has changed it since (as another thread's block, entering in between, may have).
+        global _default
+        with _lock:
+            if _default == self.name:
+                _default = self._previous
+        if not hasattr(_scoped, "names"):
+            _scoped.names = []
+        _scoped.names.append(self.name)
         return self
 
     def __exit__(self, *exc):
-        global _default
-        _default = self._previous
+        _scoped.names.pop()
         return False
+
+
+def default_backend() -> str | None:
+    """The backend use_backend set for this thread: its innermost `with` block's, else the process-wide one."""
+    names = getattr(_scoped, "names", None)
+    return names[-1] if names else _default
 
 
 def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
     """The backend that runs `op` on `device`: the one asked for (or an error saying why it cannot), or the
     fastest that can."""
-    asked = backend if backend is not None else _default
+    asked = backend if backend is not None else default_backend()
     if asked is not None:
         _check_name(asked)
         reason = why_not(asked, op, device, **args)
@@ -145,7 +161,7 @@ _BACKWARD_ORDER = {
 def resolve_backward(op: str, backend: str | None, forward: str, device: torch.device, **args) -> str:
     """The backend that runs `op`'s backward, after resolve() gave `forward` for its forward: the same one when a
     backend was asked for (by `backend=` or use_backend), else the fastest that can run it."""
-    if backend is not None or _default is not None or op not in _BACKWARD_ORDER:
+    if backend is not None or default_backend() is not None or op not in _BACKWARD_ORDER:
         return forward
     for name in _BACKWARD_ORDER[op]:
         if why_not(name, op, device, **args) is None:

@@ -94,7 +94,7 @@ def layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, ep
 
 def layer_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, has_bias: bool):
     dx, dw, db = _C.layer_norm_backward(dy.to(x.dtype), x, weight, mean, rstd, has_bias)
-    param_dtype = x.dtype if weight is None else weight.dtype
+    param_dtype = torch.float32 if weight is None else weight.dtype  # as the Triton backend's (kernels/layer_norm.py)
     return dx, (None if weight is None else dw.to(weight.dtype)), (db.to(param_dtype) if has_bias else None)
 
 

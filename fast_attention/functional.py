@@ -58,8 +58,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """torch.nn.functional.scaled_dot_product_attention, fused: never builds the Lq x Lk matrix (on the kernel
     backends).
 
-    query (B, H, Lq, E) or (N, Lq, E); key (B, Hkv, Lk, E); value (B, Hkv, Lk, Ev) -> (B, H, Lq, Ev).
-    With enable_gqa, H must be a multiple of Hkv and query head h attends with key/value head h // (H // Hkv).
+    query (B, H, Lq, E); key (B, Hkv, Lk, E); value (B, Hkv, Lk, Ev) -> (B, H, Lq, Ev); as torch, any rank from
+    2 works too, (..., L, E), the dims before the last two broadcasting (B may be several dims or none; a key and
+    value head dim of 1 serves every query head). With enable_gqa, H must be a multiple of Hkv and query head h
+    attends with key/value head h // (H // Hkv).
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
     is_causal: top-left aligned, as torch; with Lq=2, Lk=5 the kept entries are::
 
@@ -81,9 +83,9 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. Gradients flow through them to query and key,
     as through torch's."""
     out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-    q4, k4, mask, is_causal, scale = args
+    q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
     weights = call(_attention.attention_weights, q4, k4, lse, mask, is_causal, scale, name)
-    return out, weights.squeeze(0) if query.dim() == 3 else weights
+    return out, weights.reshape(_attention.output_shape(query, key, value, batch, H, key.shape[-2]))
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
@@ -91,12 +93,11 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropo
 
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
-    scale = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("fast_attention.scaled_dot_product_attention: gradients with respect to a float "
                                   "attn_mask are not supported; pass attn_mask.detach()")
-    three_d = query.dim() == 3
-    q, k, v = (t.unsqueeze(0) for t in (query, key, value)) if three_d else (query, key, value)
+    q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
     if dropout_p > 0.0:
@@ -105,4 +106,6 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, lse = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
                     scale, seed, name)
-    return (out.squeeze(0) if three_d else out), lse, (q, k, attn_mask, bool(is_causal), scale), name
+    if out.dim() != query.dim() or q is not query:
+        out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
+    return out, lse, (q, k, attn_mask, bool(is_causal), scale, (query, key, value, batch, H)), name

@@ -114,7 +114,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight, mean: Tensor, rstd: Tenso
     g = dy32 if weight is None else dy32 * weight.to(ct)
     dx = rstd.to(ct)[:, None] * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     dweight = None if weight is None else (dy32 * xhat).sum(0).to(weight.dtype)
-    dbias = (dy32.sum(0).to(weight.dtype if weight is not None else x.dtype)) if has_bias else None
+    dbias = (dy32.sum(0).to(weight.dtype if weight is not None else ct)) if has_bias else None
     return dx.to(x.dtype), dweight, dbias
 
 

@@ -325,7 +325,7 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.T
     """dy, x (M, N) contiguous; weight (N,) or None; mean, rstd (M,) fp32 from the forward.
 
     Returns (dx (M, N) in x's dtype, dweight (N,) in weight's dtype or None, dbias (N,) or None), dbias in
-    weight's dtype, or x's without a weight.
+    weight's dtype, or float32 without a weight.
     """
     M, N = x.shape
     dx = torch.empty_like(x)
@@ -340,7 +340,9 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight, mean: torch.T
         dy, x, x if weight is None else weight, mean, rstd, dx, dw_partial, db_partial, dy.stride(0), x.stride(0),
         dx.stride(0), M, N, rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, BLOCK_N=block,
         ONE_BLOCK=one_block, CENTER=True, num_warps=num_warps, enable_fp_fusion=False)
-    param_dtype = x.dtype if weight is None else weight.dtype
+    # Without a weight, dbias in float32: summed in x's 16-bit dtype it overflowed (70,000 rows of ones); autograd
+    # gives it the bias's dtype.
+    param_dtype = torch.float32 if weight is None else weight.dtype
     if weight is not None and has_bias:
         dweight, dbias = sum_partials((dw_partial, param_dtype), (db_partial, param_dtype))
     else:

@@ -666,7 +666,7 @@ def _x(*shape, dtype=torch.float32):
      ValueError, "attn_mask"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"attn_mask": _x(5, 6, dtype=torch.float16)},
      TypeError, "attn_mask must be bool, float32 or query's dtype"),
-    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"dropout_p": 1.0}, NotImplementedError, "dropout_p=1"),
 ])
 def test_bad_input(backend, args, kwargs, error, words):
     with pytest.raises(error, match=words):
@@ -702,6 +702,30 @@ def test_nan_in_the_mask_gives_nan_as_torch(backend):
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert torch.equal(out.isnan(), expected.isnan()) and out[:, :, 2].isnan().all()
     torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("shapes,kwargs", [
+    (((5, 8), (6, 8), (6, 8)), {}),  # 2-D: no batch, no heads
+    (((2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 4)), {"is_causal": True}),  # 5-D, Ev != E
+    (((2, 2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)), {}),  # key and value broadcast over the batch (stride 0)
+    (((2, 2, 5, 8), (2, 1, 6, 8), (2, 1, 6, 8)), {}),  # one key / value head for every query head
+    (((2, 1, 5, 8), (2, 3, 6, 8), (2, 3, 6, 8)), {}),  # one query head for every key head
+    (((2, 5, 8), (1, 2, 6, 8), (1, 2, 6, 8)), {}),  # mixed ranks
+    (((3, 1, 4, 5, 8), (1, 2, 2, 6, 8), (1, 2, 2, 6, 8)), {"enable_gqa": True}),
+    (((2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 8)), {"attn_mask": (3, 1, 5, 6)}),
+])
+def test_any_rank_and_broadcast_batch_dims_as_torch(backend, shapes, kwargs):
+    """torch SDPA takes (..., L, E) of any rank from 2, broadcasting the dims before the last two (enable_gqa: the
+    head dim divides instead): the same output shape, values and gradients."""
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    D = 32 if backend == "cuda" else 8
+    q, k, v = (torch.randn(*s[:-1], D if s[-1] == 8 else s[-1], device=DEVICE, dtype=dtype, requires_grad=True)
+               for s in shapes)
+    if backend == "cuda" and v.shape[-1] != D:
+        pytest.skip("the CUDA kernels take Ev == E")
+    if "attn_mask" in kwargs:
+        kwargs = {"attn_mask": torch.rand(kwargs["attn_mask"], device=DEVICE) > 0.3}
+    check_sdpa(backend, q, k, v, **kwargs)
 
 
 @needs_triton

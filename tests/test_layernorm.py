@@ -83,6 +83,17 @@ def test_layer_norm_without_weight_or_bias(backend, device, weight, bias, dtype)
     check_norm("layer_norm", backend, x, (127,), *params(127, device, dtype, weight, bias))
 
 
+def test_layer_norm_bias_gradient_without_weight_keeps_its_range(backend, device):
+    """A float32 bias beside float16 rows and no weight (torch's CUDA kernel takes the mix): dbias sums every
+    row's dy, 81,920 here, past float16's largest value (65,504). It is summed and returned in float32, as
+    torch's; it was inf."""
+    x = torch.randn(40, 2, device=device).half().requires_grad_()
+    bias = torch.zeros(2, device=device, requires_grad=True)
+    out = fa.layer_norm(x, (2,), None, bias, backend=backend)
+    out.backward(torch.full_like(out, 2048))
+    torch.testing.assert_close(bias.grad, torch.full_like(bias, 2048 * 40), rtol=0, atol=0)
+
+
 def test_layer_norm_two_normalized_dims(backend, device):
     x = torch.randn(2, 3, 5, 7, device=device)
     check_norm("layer_norm", backend, x, (5, 7), *params((5, 7), device, torch.float32), eps=1e-3)

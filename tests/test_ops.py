@@ -1,6 +1,7 @@
 """The op layer: custom-op registration (opcheck), the eager path around it, torch.compile, backend resolution and
 bad input."""
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -283,9 +284,38 @@ def test_use_backend_sets_default_and_restores():
     with fa.use_backend("reference"):
         with torch.profiler.profile() as prof:
             fa.softmax(x)
-        assert backends._default == "reference"
-    assert backends._default is None
+        assert backends.default_backend() == "reference"
+    assert backends.default_backend() is None
     assert any(e.name == "fast_attention::softmax" for e in prof.events())
+    fa.use_backend("reference")  # a plain call: the whole process's default
+    try:
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(backends.default_backend()))
+        thread.start()
+        thread.join()
+        assert seen == ["reference"]
+    finally:
+        fa.use_backend(None)
+
+
+def test_use_backend_blocks_belong_to_their_thread():
+    """Threads in `with fa.use_backend(...)` blocks at once each see their own, and leave no default behind."""
+    names = ["reference", "triton", None, "reference", "triton", None] * 2
+    barrier = threading.Barrier(len(names))
+    seen = {}
+
+    def work(i, name):
+        with fa.use_backend(name):
+            barrier.wait()  # every block entered before any reads or leaves
+            seen[i] = backends.default_backend()
+            barrier.wait()
+
+    threads = [threading.Thread(target=work, args=(i, name)) for i, name in enumerate(names)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen == dict(enumerate(names)) and backends.default_backend() is None and backends._default is None
 
 
 def test_auto_choice_falls_back_for_float64(device):
@@ -377,6 +407,8 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
 @pytest.mark.parametrize("call, error, match", [
     (lambda: fa.softmax(torch.arange(6)), TypeError, "input must be a floating-point tensor"),
     (lambda: fa.softmax(torch.randn(2, 3), dim=2), IndexError, "dim must be in"),
+    (lambda: fa.softmax(torch.randn(2, 3), dim=True), TypeError, "dim must be an int, got bool"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3.0,)), TypeError, "normalized_shape must be an int"),
     (lambda: fa.layer_norm(torch.randn(2, 3), (4,)), ValueError, "normalized_shape"),
     (lambda: fa.layer_norm(torch.randn(2, 3), (3,), torch.randn(4)), ValueError, "weight must have shape"),
     (lambda: fa.layer_norm(torch.randn(2, 3), (3,), None, torch.randn(2)), ValueError, "bias must have shape"),
@@ -390,6 +422,13 @@ def test_bad_input_names_the_argument(call, error, match):
         call()
 
 
+def test_integer_arguments_take_what_torch_takes():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(fa.softmax(x, np.int64(1)), torch.softmax(x, 1))
+    torch.testing.assert_close(fa.layer_norm(x, (np.int64(3),)), torch.nn.functional.layer_norm(x, (3,)))
+
+
 def _qkv(B=1, H=2, Lq=4, Lk=6, D=16, Hkv=None, dtype=torch.float32):
     Hkv = H if Hkv is None else Hkv
     return (torch.randn(B, H, Lq, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype),
@@ -397,15 +436,20 @@ def _qkv(B=1, H=2, Lq=4, Lk=6, D=16, Hkv=None, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("args, kwargs, error, match", [
-    ((_qkv()[0], torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)), {}, ValueError, "same batch size"),
+    ((torch.randn(2, 2, 4, 16), torch.randn(3, 2, 6, 16), torch.randn(3, 2, 6, 16)), {}, ValueError,
+     "must broadcast"),
     ((_qkv()[0], torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)), {}, ValueError, "key's head dim"),
-    ((_qkv()[0], *_qkv(Hkv=1)[1:]), {}, ValueError, "enable_gqa=True"),
+    ((torch.randn(1, 4, 4, 16), *_qkv(Hkv=2)[1:]), {}, ValueError, "enable_gqa=True"),
     ((torch.randn(1, 3, 4, 16), *_qkv(Hkv=2)[1:]), {"enable_gqa": True}, ValueError, "divisible"),
     ((_qkv()[0], _qkv()[1], _qkv(dtype=torch.float16)[2]), {}, TypeError, "same dtype"),
     (_qkv(), {"attn_mask": torch.ones(3, 6, dtype=torch.bool)}, ValueError, "attn_mask of shape"),
     (_qkv(), {"attn_mask": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "attn_mask must be bool"),
-    (_qkv(), {"dropout_p": 1.0}, ValueError, "dropout_p"),
-    ((torch.randn(4, 16), torch.randn(4, 16), torch.randn(4, 16)), {}, ValueError, "query must be 3-D"),
+    (_qkv(), {"dropout_p": 1.5}, ValueError, "dropout_p"),
+    (_qkv(), {"dropout_p": 1.0}, NotImplementedError, "dropout_p=1"),
+    ((torch.randn(16), torch.randn(4, 16), torch.randn(4, 16)), {}, ValueError, "query must have at least 2 dims"),
+    ((torch.randn(4, 0), torch.randn(4, 0), torch.randn(4, 16)), {}, NotImplementedError, "head dim of 0"),
+    ((torch.randn(1, 2, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 1, 6, 16)), {}, ValueError,
+     "same number of heads"),
     ((_qkv()[0], _qkv()[1], torch.randn(1, 2, 5, 16)), {}, ValueError, "value must have as many positions"),
 ])
 def test_attention_bad_input(args, kwargs, error, match):
@@ -433,6 +477,17 @@ def test_empty_tensors_behave_as_torch(backend, device, shape):
         torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (shape[-1],), w))
         out.sum().backward()
         torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("op", ["rms_norm_backward", "layer_norm_backward"])
+def test_empty_input_parameter_gradients_match_their_fake(device, op):
+    """An empty input's weight gradient has the weight's dtype, as the fake kernel says: inductor sizes and reads
+    its buffers by the fake's dtype, and read a float16 result as float32 before."""
+    x = torch.empty(0, 5, dtype=torch.float16, device=device)
+    w, stat = torch.randn(5, device=device), torch.empty(0, device=device)
+    args = (x, x, [5], w, stat, "reference") if op == "rms_norm_backward" else (x, x, [5], w, stat, stat, True,
+                                                                                 "reference")
+    torch.library.opcheck(getattr(OPS, op).default, args)
 
 
 def test_reference_oracle_matches_torch():

@@ -17,47 +17,32 @@ from ._direct import call
 OP = "scaled_dot_product_attention"
 
 
-def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> float:
-    """Validate torch SDPA's arguments; return the softmax scale."""
+def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[float, tuple, int]:
+    """Validate torch SDPA's arguments; return the softmax scale and broadcast()'s batch shape and heads.
+
+    As torch: tensors of any rank >= 2, (..., L, E); the dims before the last two broadcast across query, key and
+    value, except that with enable_gqa the head dim (-3) of key and value divides query's instead."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_float(name, t, OP)
-        if t.dim() not in (3, 4):
-            raise ValueError(f"fast_attention.{OP}: {name} must be 3-D (N, L, E) or 4-D (B, H, L, E), "
-                             f"got shape {tuple(t.shape)}")
-    if not query.dim() == key.dim() == value.dim():
-        raise ValueError(f"fast_attention.{OP}: query, key and value must have the same number of dims, got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
+        if t.dim() < 2:
+            raise ValueError(f"fast_attention.{OP}: {name} must have at least 2 dims (..., L, E), got shape "
+                             f"{tuple(t.shape)}")
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"fast_attention.{OP}: query, key and value must have the same dtype, got "
                         f"{query.dtype}, {key.dtype} and {value.dtype}")
     check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)
-    if not query.shape[0] == key.shape[0] == value.shape[0]:
-        raise ValueError(f"fast_attention.{OP}: query, key and value must have the same batch size (dim 0), got "
-                         f"{query.shape[0]}, {key.shape[0]} and {value.shape[0]}")
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"fast_attention.{OP}: key's head dim (last dim) must equal query's, got {key.shape[-1]} "
                          f"and {query.shape[-1]}")
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"fast_attention.{OP}: value must have as many positions (dim -2) as key, got "
                          f"{value.shape[-2]} and {key.shape[-2]}")
-    if query.dim() == 4:
-        H, Hk, Hv = query.shape[1], key.shape[1], value.shape[1]
-        if Hk != Hv:
-            raise ValueError(f"fast_attention.{OP}: key and value must have the same number of heads, got {Hk} "
-                             f"and {Hv}")
-        if H != Hk and not enable_gqa:
-            raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hk}; pass "
-                             f"enable_gqa=True for grouped-query attention")
-        if H % Hk != 0:
-            raise ValueError(f"fast_attention.{OP}: with enable_gqa the number of query heads ({H}) must be "
-                             f"divisible by the number of key/value heads ({Hk})")
-    elif query.shape[0] != key.shape[0]:
-        raise ValueError(f"fast_attention.{OP}: 3-D query and key must have the same dim 0")
+    batch, H, _ = broadcast(query, key, value, enable_gqa)
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):  # torch's rule
             raise TypeError(f"fast_attention.{OP}: attn_mask must be bool, float32 or query's dtype "
                             f"({query.dtype}), got {attn_mask.dtype}")
-        weights_shape = (*query.shape[:-1], key.shape[-2])
+        weights_shape = output_shape(query, key, value, batch, H, key.shape[-2])
         try:
             if torch.broadcast_shapes(attn_mask.shape, weights_shape) != weights_shape:
                 raise RuntimeError
@@ -66,9 +51,77 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
                              f"to the attention weights' shape {tuple(weights_shape)}") from None
         if is_causal:
             raise ValueError(f"fast_attention.{OP}: pass either attn_mask or is_causal=True, not both (as torch)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"fast_attention.{OP}: dropout_p must be in [0, 1), got {dropout_p}")
-    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"fast_attention.{OP}: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 1.0:
+        raise NotImplementedError(f"fast_attention.{OP}: dropout_p=1 drops every probability (the output is all "
+                                  f"zeros); not supported")
+    if query.shape[-1] == 0 and query.shape[-2] > 0 and key.shape[-2] > 0 and value.shape[-1] > 0:
+        raise NotImplementedError(f"fast_attention.{OP}: a head dim of 0 (every score 0) is not supported")
+    return (1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)), batch, H
+
+
+def _heads(t: Tensor) -> int:
+    return t.shape[-3] if t.dim() >= 3 else 1
+
+
+def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int, int]:
+    """(batch, H, Hkv): the broadcast shape of the dims before the head dim (-3), the output's heads, and key's
+    and value's heads, which divide H (one key/value head per group of query heads): a key / value head dim of
+    1 serves every query head, with or without enable_gqa; a query head dim of 1 is shared by every key head."""
+    H, Hk, Hv = _heads(query), _heads(key), _heads(value)
+    if Hk != Hv:
+        raise ValueError(f"fast_attention.{OP}: key and value must have the same number of heads (dim -3), got "
+                         f"{Hk} and {Hv}")
+    if Hk == 0 or H == 0:
+        if H != Hk:
+            raise ValueError(f"fast_attention.{OP}: query has {H} heads and key and value {Hk}")
+    elif enable_gqa:
+        if H % Hk != 0:
+            raise ValueError(f"fast_attention.{OP}: with enable_gqa the number of query heads ({H}) must be "
+                             f"divisible by the number of key/value heads ({Hk})")
+    elif H != Hk and Hk != 1 and H != 1:
+        raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hk}; pass "
+                         f"enable_gqa=True for grouped-query attention")
+    if query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]:
+        return (query.shape[0],), max(H, Hk), Hk  # the common case, without broadcast_shapes' microseconds
+    try:
+        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+    except RuntimeError:
+        raise ValueError(f"fast_attention.{OP}: the batch dims of query, key and value (before dim -3) must "
+                         f"broadcast, got shapes {tuple(query.shape)}, {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}") from None
+    return tuple(batch), max(H, Hk), Hk
+
+
+def as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], batch: tuple, H: int):
+    """The ops' operands from torch SDPA's: query (B, H, Lq, E), key and value (B, Hkv, Lk, .) with B the
+    product of the batch dims, and the mask broadcastable to (B, H, Lq, Lk). Views where the shapes allow: a
+    broadcast batch dim keeps stride 0 (the kernels read it in place, and autograd sums its gradient); a query
+    head dim of 1 shared by several key heads is copied out."""
+    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[:2] == (*batch, H)
+            and key.shape[0] == value.shape[0] == query.shape[0]):
+        return query, key, value, attn_mask  # already so: every 4-D call but broadcast ones
+    B = math.prod(batch)
+
+    def four(t: Tensor, heads: int) -> Tensor:
+        t = t.reshape((1,) * (3 - t.dim()) + tuple(t.shape)) if t.dim() < 3 else t
+        return t.expand(*batch, heads, *t.shape[-2:]).reshape(B, heads, *t.shape[-2:])
+
+    q = four(query, H)
+    if _heads(query) != H:
+        q = q.contiguous()  # tensor descriptors take no zero head stride
+    k, v = four(key, _heads(key)), four(value, _heads(value))
+    if attn_mask is not None and len(batch) > 1:
+        attn_mask = attn_mask.expand(*batch, H, q.shape[-2], k.shape[-2]).reshape(B, H, q.shape[-2], k.shape[-2])
+    return q, k, v, attn_mask
+
+
+def output_shape(query: Tensor, key: Tensor, value: Tensor, batch: tuple, H: int, last: int) -> tuple:
+    """The shape torch gives the output (last = Ev) or the attention weights (last = Lk): (*batch, H, Lq, last),
+    without the head dim where every input is 2-D."""
+    shape = (*batch, H, query.shape[-2], last)
+    return shape[1:] if max(query.dim(), key.dim(), value.dim()) == 2 else shape
 
 
 def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Optional[Tensor]:

@@ -3,6 +3,7 @@
 The forward ops also return the fp32 statistics (mean and rstd, or rstd) that backward reuses.
 """
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -16,9 +17,13 @@ from ._direct import call
 def check(op: str, input: Tensor, normalized_shape, weight: Optional[Tensor], bias: Optional[Tensor] = None) -> list[int]:
     """Validate; return normalized_shape as a list of ints."""
     check_float("input", input, op)
-    if isinstance(normalized_shape, int):
-        normalized_shape = [normalized_shape]
-    normalized_shape = [int(n) for n in normalized_shape]
+    try:
+        if isinstance(normalized_shape, int):
+            normalized_shape = [normalized_shape]
+        normalized_shape = [operator.index(n) for n in normalized_shape]  # not 5.7 or "5", as torch
+    except TypeError:
+        raise TypeError(f"fast_attention.{op}: normalized_shape must be an int or a sequence of ints, got "
+                        f"{normalized_shape!r}") from None
     n = len(normalized_shape)
     if n == 0 or input.dim() < n or list(input.shape[input.dim() - n:]) != normalized_shape:
         raise ValueError(f"fast_attention.{op}: normalized_shape {tuple(normalized_shape)} must match the trailing "
@@ -83,8 +88,9 @@ def _or_none(grad: Tensor, present: bool) -> Optional[Tensor]:
 @torch.library.custom_op("fast_attention::layer_norm_backward", mutates_args=())
 def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
                         mean: Tensor, rstd: Tensor, has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias); dweight / dbias are empty when there is no weight / bias."""
-    param_dtype = input.dtype if weight is None else weight.dtype
+    """(dx, dweight, dbias); dweight / dbias are empty when there is no weight / bias. They have the weight's dtype;
+    without a weight dbias is float32 (float64 for float64 input), which autograd casts to the bias's dtype."""
+    param_dtype = stat_dtype(input) if weight is None else weight.dtype
     if input.numel() == 0:
         dw = _param_grad_shape(weight is not None, input, normalized_shape, param_dtype).zero_()
         db = _param_grad_shape(has_bias, input, normalized_shape, param_dtype).zero_()
@@ -97,7 +103,7 @@ def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: li
 
 @layer_norm_backward.register_fake
 def _(grad_output, input, normalized_shape, weight, mean, rstd, has_bias, backend):
-    param_dtype = input.dtype if weight is None else weight.dtype
+    param_dtype = stat_dtype(input) if weight is None else weight.dtype
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
             _param_grad_shape(weight is not None, input, normalized_shape, param_dtype),
             _param_grad_shape(has_bias, input, normalized_shape, param_dtype))
@@ -144,7 +150,8 @@ def rms_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list
                       rstd: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(dx, dweight); dweight is empty when there is no weight."""
     if input.numel() == 0:
-        dw = _param_grad_shape(weight is not None, input, normalized_shape, input.dtype).zero_()
+        param_dtype = input.dtype if weight is None else weight.dtype  # as the fake kernel says
+        dw = _param_grad_shape(weight is not None, input, normalized_shape, param_dtype).zero_()
         return torch.zeros_like(input, memory_format=torch.contiguous_format), dw
     dx, dw = backends.get(backend).rms_norm_backward(
         _as_rows(grad_output, normalized_shape), _as_rows(input, normalized_shape), _flat(weight), rstd)

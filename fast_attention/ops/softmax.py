@@ -1,4 +1,6 @@
 """fast_attention::softmax: torch.softmax over one dim, forward and backward on any backend."""
+import operator
+
 import torch
 from torch import Tensor
 
@@ -10,8 +12,12 @@ from ._direct import call
 def check(input: Tensor, dim: int) -> int:
     """Validate; return dim as a non-negative int."""
     check_float("input", input, "softmax")
-    if not isinstance(dim, int):
-        raise TypeError(f"fast_attention.softmax: dim must be an int, got {type(dim).__name__}")
+    try:
+        if isinstance(dim, bool):
+            raise TypeError
+        dim = operator.index(dim)  # ints, and integers that say they are (numpy's), as torch
+    except TypeError:
+        raise TypeError(f"fast_attention.softmax: dim must be an int, got {type(dim).__name__}") from None
     ndim = max(input.dim(), 1)
     if not -ndim <= dim < ndim:
         raise IndexError(f"fast_attention.softmax: dim must be in [{-ndim}, {ndim - 1}] for an input of shape "
