@@ -420,6 +420,9 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
         result["notes"].append("Correctness checks not run with this timing run (--no-checks).")
     cases = [case for case in suite.cases(mode)
              if not mode.cases or re.search(mode.cases, suite.label(case.params))]
+    if mode.cases and not cases:
+        result["notes"].append(f"--cases {mode.cases!r} matches none of this suite's cases: nothing timed.")
+        print(f"{suite.name}: --cases {mode.cases!r} matches none of its cases", file=sys.stderr)
     work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()
             if not (mode.exclude and re.search(mode.exclude, name))]
     bar = _progress(len(work), suite.name, progress)

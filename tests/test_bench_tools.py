@@ -176,6 +176,9 @@ def test_cases_selects_cases_by_label(tmp_path):
     mode = harness.Mode(gpu=False, quick=True, checks=False, cases="^fwd D")
     result = harness.run_suite(suite, mode, LIMITS, tmp_path, progress=False)
     assert [r["case"] for r in result["results"]] == ["fwd D64 L1024"]
+    mode.cases = "^nothing"
+    result = harness.run_suite(suite, mode, LIMITS, tmp_path, progress=False)
+    assert result["results"] == [] and any("matches none" in note for note in result["notes"])
 
 
 def test_bad_options_are_refused_before_anything_runs(tmp_path, capsys):
