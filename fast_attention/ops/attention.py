@@ -61,15 +61,12 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return (1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)), batch, H
 
 
-def _heads(t: Tensor) -> int:
-    return t.shape[-3] if t.dim() >= 3 else 1
-
-
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int, int]:
     """(batch, H, Hkv): the broadcast shape of the dims before the head dim (-3), the output's heads, and key's
     and value's heads, which divide H (one key/value head per group of query heads): a key / value head dim of
     1 serves every query head, with or without enable_gqa; a query head dim of 1 is shared by every key head."""
-    H, Hk, Hv = _heads(query), _heads(key), _heads(value)
+    qs, ks, vs = query.shape, key.shape, value.shape  # each .shape is a new object: read once
+    H, Hk, Hv = (s[-3] if len(s) >= 3 else 1 for s in (qs, ks, vs))
     if Hk != Hv:
         raise ValueError(f"fast_attention.{OP}: key and value must have the same number of heads (dim -3), got "
                          f"{Hk} and {Hv}")
@@ -83,14 +80,13 @@ def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tu
     elif H != Hk and Hk != 1 and H != 1:
         raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hk}; pass "
                          f"enable_gqa=True for grouped-query attention")
-    if query.dim() == key.dim() == value.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]:
-        return (query.shape[0],), max(H, Hk), Hk  # the common case, without broadcast_shapes' microseconds
+    if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0]:
+        return (qs[0],), max(H, Hk), Hk  # the common case, without broadcast_shapes' microseconds
     try:
-        batch = torch.broadcast_shapes(*(t.shape[:-3] for t in (query, key, value)))
+        batch = torch.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
     except RuntimeError:
         raise ValueError(f"fast_attention.{OP}: the batch dims of query, key and value (before dim -3) must "
-                         f"broadcast, got shapes {tuple(query.shape)}, {tuple(key.shape)} and "
-                         f"{tuple(value.shape)}") from None
+                         f"broadcast, got shapes {tuple(qs)}, {tuple(ks)} and {tuple(vs)}") from None
     return tuple(batch), max(H, Hk), Hk
 
 
@@ -99,8 +95,8 @@ def as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     product of the batch dims, and the mask broadcastable to (B, H, Lq, Lk). Views where the shapes allow: a
     broadcast batch dim keeps stride 0 (the kernels read it in place, and autograd sums its gradient); a query
     head dim of 1 shared by several key heads is copied out."""
-    if (query.dim() == key.dim() == value.dim() == 4 and query.shape[:2] == (*batch, H)
-            and key.shape[0] == value.shape[0] == query.shape[0]):
+    qs, ks, vs = query.shape, key.shape, value.shape
+    if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and qs[1] == H:
         return query, key, value, attn_mask  # already so: every 4-D call but broadcast ones
     B = math.prod(batch)
 
@@ -109,9 +105,10 @@ def as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
         return t.expand(*batch, heads, *t.shape[-2:]).reshape(B, heads, *t.shape[-2:])
 
     q = four(query, H)
-    if _heads(query) != H:
-        q = q.contiguous()  # tensor descriptors take no zero head stride
-    k, v = four(key, _heads(key)), four(value, _heads(value))
+    if len(qs) < 3 or qs[-3] != H:
+        q = q.contiguous()  # a shared query head: tensor descriptors take no zero head stride
+    Hkv = ks[-3] if len(ks) >= 3 else 1
+    k, v = four(key, Hkv), four(value, Hkv)
     if attn_mask is not None and len(batch) > 1:
         attn_mask = attn_mask.expand(*batch, H, q.shape[-2], k.shape[-2]).reshape(B, H, q.shape[-2], k.shape[-2])
     return q, k, v, attn_mask
