@@ -85,7 +85,8 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
     weights = call(_attention.attention_weights, q4, k4, lse, mask, is_causal, scale, name)
-    return out, weights.reshape(_attention.output_shape(query, key, value, batch, H, key.shape[-2]))
+    shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
+    return out, weights if weights.shape == shape else weights.reshape(shape)
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
