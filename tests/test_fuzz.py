@@ -6,7 +6,7 @@ import torch
 import fast_attention as fa
 
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_attention import TMA_EMULATED, _mask, _qkv, check_sdpa  # noqa: E402
 from test_layernorm import check_norm  # noqa: E402
@@ -46,6 +46,8 @@ def test_norm_fuzz(backend, device, rows, normalized, dtype, kind, weight, bias,
        kind=st.sampled_from(["none", "causal", "bool", "key_padding", "float", "dead_rows"]),
        layout=st.sampled_from(["bhld", "blhd"]), tma=st.booleans())
 def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, kind, layout, tma):
+    # CUDA's kernels take 16-bit inputs at their head dims: other draws would stop the run at its first example.
+    assume(backend != "cuda" or (dtype != torch.float32 and D in (16, 64)))
     if backend == "triton":  # the tensor-descriptor path where the inputs allow it, or pointer loads only
         from fast_attention.kernels import attention as kernels
 

@@ -223,7 +223,7 @@ def test_compile_multihead_attention_training(backend, device, need_weights):
 
 def test_compile_dropout_is_seeded(backend, device):
     torch._dynamo.reset()
-    q = torch.randn(1, 2, 6, 16, device=device)
+    q = torch.randn(1, 2, 6, 16, device=device, dtype=torch.float16 if backend == "cuda" else torch.float32)
     # Eagerly first: a backend without dropout raises NotImplementedError (reported as a skip), which dynamo
     # would wrap in its own error.
     fa.scaled_dot_product_attention(q, q, q, dropout_p=0.5, backend=backend)
