@@ -768,12 +768,14 @@ def fixed_configs(monkeypatch):
         monkeypatch.setattr(kernels, "AUTOTUNE", False)
 
 
+# The shapes vary fastest: consecutive tests share their kernels (head dim, dtype, mask kind), so the xdist worker
+# that takes a run of them compiles each kernel once, rather than every worker compiling nearly every kernel.
 @gpu_only
+@pytest.mark.parametrize("Lq,Lk,Hkv", [(1, 1, 4), (17, 257, 2), (257, 17, 1), (113, 113, 4), (1, 1500, 2),
+                                       (1023, 1025, 1)])
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("D", [16, 64, 80, 128, 256], ids=_dim_id)
-@pytest.mark.parametrize("Lq,Lk,Hkv", [(1, 1, 4), (17, 257, 2), (257, 17, 1), (113, 113, 4), (1, 1500, 2),
-                                       (1023, 1025, 1)])
 def test_full_grid_gpu(backend, fixed_configs, kind, dtype, D, Lq, Lk, Hkv):
     q, k, v = _qkv(2, 4, Hkv, Lq, Lk, D, dtype, layout="blhd" if D % 32 else "bhld")
     mask, causal = _mask(kind, 2, 4, Lq, Lk, dtype)
@@ -782,10 +784,10 @@ def test_full_grid_gpu(backend, fixed_configs, kind, dtype, D, Lq, Lk, Hkv):
 
 @gpu_only
 @needs_triton
+@pytest.mark.parametrize("Lq,Lk,Hkv", [(17, 257, 2), (257, 17, 1), (1023, 1025, 4)])  # fastest, as above
 @pytest.mark.parametrize("kind", MASK_KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
 @pytest.mark.parametrize("D", [16, 64, 80, 128, 256], ids=_dim_id)
-@pytest.mark.parametrize("Lq,Lk,Hkv", [(17, 257, 2), (257, 17, 1), (1023, 1025, 4)])
 def test_tma_grid_gpu(fixed_configs, monkeypatch, kind, dtype, D, Lq, Lk, Hkv):
     """The tensor-descriptor forward (sm_90+) on every mask kind and head dim."""
     from fast_attention.kernels import attention as kernels
