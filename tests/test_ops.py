@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fast_attention as fa
 from fast_attention import backends, reference
@@ -477,6 +478,14 @@ def test_empty_tensors_behave_as_torch(backend, device, shape):
         torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (shape[-1],), w))
         out.sum().backward()
         torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("shapes", [[(1, 1, 0, 0)] * 3, [(0, 2, 3, 0), (0, 2, 4, 0), (0, 2, 4, 5)],
+                                    [(2, 0, 3, 8)] * 3, [(2, 3, 8), (2, 0, 8), (2, 0, 8)]])
+def test_attention_empty_shapes_as_torch(device, shapes):
+    """Empty outputs, a head dim of 0 among them (no scale to divide by), come back in torch's shape."""
+    q, k, v = (torch.randn(s, device=device) for s in shapes)
+    assert fa.scaled_dot_product_attention(q, k, v).shape == F.scaled_dot_product_attention(q, k, v).shape
 
 
 @pytest.mark.parametrize("op", ["rms_norm_backward", "layer_norm_backward"])

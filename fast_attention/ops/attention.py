@@ -56,9 +56,10 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if dropout_p == 1.0:
         raise NotImplementedError(f"fast_attention.{OP}: dropout_p=1 drops every probability (the output is all "
                                   f"zeros); not supported")
-    if query.shape[-1] == 0 and query.shape[-2] > 0 and key.shape[-2] > 0 and value.shape[-1] > 0:
+    if query.shape[-1] == 0 and math.prod(batch) * H * query.shape[-2] * key.shape[-2] * value.shape[-1] > 0:
         raise NotImplementedError(f"fast_attention.{OP}: a head dim of 0 (every score 0) is not supported")
-    return (1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)), batch, H
+    E = query.shape[-1]  # 0 only where the output is empty: the scale is then never used
+    return (float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
 
 
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int, int]:
