@@ -478,8 +478,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("need_dbias"));
   m.def("rms_norm_forward", &rms_norm_forward, "-> (y, rstd fp32)", py::arg("x"), py::arg("weight"),
         py::arg("eps"));
-  m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight | None), dweight as layer_norm_backward's", py::arg("dy"), py::arg("x"),
-        py::arg("weight"), py::arg("rstd"));
+  m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight | None), dweight as layer_norm_backward's",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
   m.def("attention_forward", &attention_forward, "-> (out, lse fp32 (B, H, Lq))", py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("dropout_p") = 0.0, py::arg("seed") = 0);

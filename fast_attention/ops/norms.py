@@ -134,7 +134,8 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
     """(y, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
-        return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=stat_dtype(input))
+        return (torch.empty_like(input, memory_format=torch.contiguous_format),
+                input.new_empty(M, dtype=stat_dtype(input)))
     y, rstd = backends.get(backend).rms_norm_forward(_as_rows(input, normalized_shape), _flat(weight), eps)
     return y.reshape(input.shape), rstd
 
