@@ -204,13 +204,15 @@ def test_swap_keeps_the_backend_of_fast_attention_modules_unless_given_one():
 
 def test_swap_keeps_hooks():
     model = nn.Sequential(nn.LayerNorm(6))
-    seen = []
+    seen, saved = [], []
     handle = model[0].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    model[0].register_state_dict_post_hook(lambda m, state, prefix, local: saved.append(type(m)))
     fa.swap(model)
     model(torch.randn(2, 6))
     handle.remove()
     model(torch.randn(2, 6))
-    assert seen == [fa.nn.LayerNorm]
+    model.state_dict()
+    assert seen == [fa.nn.LayerNorm] and saved == [fa.nn.LayerNorm]
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face

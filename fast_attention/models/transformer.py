@@ -352,7 +352,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def attention_maps(self, idx: Tensor, **kwargs) -> list[Tensor]:
         """Run forward(idx, **kwargs) and return each self-attention layer's probabilities, fp32 (B, H, T, T),
-        encoder layers first."""
+        encoder layers first. In the model's mode: in training mode dropout acts on the layers before the last, so
+        call eval() first for maps that do not vary from call to call."""
         layers = [b.self_attn for stack in (self.encoder, self.decoder) if stack is not None for b in stack]
         for attn in layers:
             attn.keep_weights = True
