@@ -234,7 +234,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
     # causal: dropping it there saves little and (compiled for sm_90) makes those loops spill.
     EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
     lo = split * keys_per_split
-    hi = tl.minimum(Lk, lo + keys_per_split)
+    hi = lo + tl.minimum(keys_per_split, Lk - lo)  # lo + keys_per_split could pass 2^31 with Lk just under it
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -929,6 +929,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # more (a sequence-first layout of a huge batch, say) could wrap around. q, k, v and dO are then read from a
 # contiguous copy; a mask is not (that copy would materialize its broadcast dims), so such a mask is unsupported.
 _MAX_TILE_STRIDE = 2**31 // MAX_HEAD_DIM
+# Positions (a block start plus a block of up to 256) are int32 too: lengths up to 2^31 - 257.
+MAX_LENGTH = 2**31 - 257
 
 
 def _tileable(t: torch.Tensor) -> torch.Tensor:
@@ -946,6 +948,9 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     if attn_mask is not None and max(map(abs, attn_mask.stride()[-2:])) >= _MAX_TILE_STRIDE:
         return (f"attn_mask has strides {attn_mask.stride()}: the Triton attention kernels take row and column "
                 f"strides below {_MAX_TILE_STRIDE}")
+    if max(query.shape[-2], key.shape[-2]) > MAX_LENGTH:
+        return (f"the lengths are {query.shape[-2]} and {key.shape[-2]}: the Triton attention kernels count "
+                f"positions in int32, up to {MAX_LENGTH}")
     return None
 
 
@@ -971,7 +976,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """dout, out (B, H, Lq, Dv), lse fp32 (B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
-    dout, q, k, v = _tileable(dout), _tileable(q), _tileable(k), _tileable(v)
+    dout, out, q, k, v = _tileable(dout), _tileable(out), _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     lse = lse.contiguous()

@@ -746,6 +746,11 @@ def test_triton_rejects_what_it_cannot_run():
         fa.scaled_dot_product_attention(q64, q64, q64, backend="triton")
     # With no backend named, such calls fall back to one that runs them.
     assert fa.scaled_dot_product_attention(q, q, q).shape == (1, 2, 5, 320)
+    # Positions are int32 in the kernels: a length that a block past it would wrap is refused (shapes only).
+    from fast_attention.kernels import attention as kernels
+
+    q, k = torch.empty(1, 1, 1, 64, device="meta"), torch.empty(1, 1, kernels.MAX_LENGTH + 1, 64, device="meta")
+    assert "int32" in kernels.unsupported(q, k, k) and kernels.unsupported(q, k[:, :, 1:], k[:, :, 1:]) is None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
     cp_async_16(sQ + r * P + col, valid ? q + h * p.q_head_stride + i * p.q_row_stride + col : q, valid);
   }
 
-  const int lo = split * plan.keys_per_split, hi = min(p.k_len, lo + plan.keys_per_split);
+  // lo + keys_per_split could pass 2^31 with k_len just under it
+  const int lo = split * plan.keys_per_split, hi = lo + min(plan.keys_per_split, p.k_len - lo);
   const int tiles = hi > lo ? (hi - lo + BN - 1) / BN : 0;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
