@@ -82,21 +82,24 @@ def unsupported(op: str, **args) -> str | None:
     return None
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 inputs, else float32: what this backend computes in, and so (it is the one backend that
+    runs float64) the dtype of every op's saved statistics (LayerNorm's mean and rstd, attention's logsumexp) and
+    of attention weights."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def softmax_forward(x: Tensor) -> Tensor:
-    return torch.softmax(x.to(_compute_dtype(x)), dim=-1).to(x.dtype)
+    return torch.softmax(x.to(compute_dtype(x)), dim=-1).to(x.dtype)
 
 
 def softmax_backward(y: Tensor, dy: Tensor) -> Tensor:
-    y32, dy32 = y.to(_compute_dtype(y)), dy.to(_compute_dtype(y))
+    y32, dy32 = y.to(compute_dtype(y)), dy.to(compute_dtype(y))
     return (y32 * (dy32 - (y32 * dy32).sum(-1, keepdim=True))).to(dy.dtype)
 
 
 def layer_norm_forward(x: Tensor, weight, bias, eps: float):
-    x32 = x.to(_compute_dtype(x))
+    x32 = x.to(compute_dtype(x))
     mean = x32.mean(-1)
     rstd = torch.rsqrt((x32 - mean[:, None]).square().mean(-1) + eps)
     y = (x32 - mean[:, None]) * rstd[:, None]
@@ -104,11 +107,11 @@ def layer_norm_forward(x: Tensor, weight, bias, eps: float):
         y = y * weight.to(y.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype), mean, rstd  # the statistics in the compute dtype, as stat_dtype says
+    return y.to(x.dtype), mean, rstd  # in the compute dtype
 
 
 def layer_norm_backward(dy: Tensor, x: Tensor, weight, mean: Tensor, rstd: Tensor, has_bias: bool):
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     x32, dy32 = x.to(ct), dy.to(ct)
     xhat = (x32 - mean.to(ct)[:, None]) * rstd.to(ct)[:, None]
     g = dy32 if weight is None else dy32 * weight.to(ct)
@@ -119,7 +122,7 @@ def layer_norm_backward(dy: Tensor, x: Tensor, weight, mean: Tensor, rstd: Tenso
 
 
 def rms_norm_forward(x: Tensor, weight, eps: float):
-    x32 = x.to(_compute_dtype(x))
+    x32 = x.to(compute_dtype(x))
     rstd = torch.rsqrt(x32.square().mean(-1) + eps)
     y = x32 * rstd[:, None]
     if weight is not None:
@@ -128,7 +131,7 @@ def rms_norm_forward(x: Tensor, weight, eps: float):
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight, rstd: Tensor):
-    ct = _compute_dtype(x)
+    ct = compute_dtype(x)
     x32, dy32, r = x.to(ct), dy.to(ct), rstd.to(ct)[:, None]
     xhat = x32 * r
     g = dy32 if weight is None else dy32 * weight.to(ct)
@@ -159,7 +162,7 @@ def _probabilities(q, k, mask, is_causal, scale, lse=None):
 
 
 def _scores(q, k, mask, is_causal, scale):
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     s = (q.to(ct) @ _repeat_kv(k.to(ct), H).transpose(-2, -1)) * scale
     if is_causal:
@@ -175,7 +178,7 @@ def _dropout_scale(q, k, dropout_p, seed):
         return None
     B, H, Lq, _ = q.shape
     keep = dropout_mask(seed, dropout_p, (B, H, Lq, k.shape[-2]), q.device)
-    return keep.to(_compute_dtype(q)) / (1.0 - dropout_p)
+    return keep.to(compute_dtype(q)) / (1.0 - dropout_p)
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
@@ -189,7 +192,7 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form; dropout's mask is drawn again from the seed."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     p, _ = _probabilities(q, k, mask, is_causal, scale, lse)
@@ -215,7 +218,7 @@ def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scal
     """dQ, dK through the probabilities w = softmax(scale q k^T + mask), fp32 (B, H, Lq, Lk): the softmax gradient
     dS = w * (dw - rowsum(dw * w)), then dQ = scale dS K and dK = scale dS^T Q (each GQA group summed). Masked
     entries and masked rows have w = 0, so dS is 0 there: the mask itself is not needed."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w, dw = w.to(ct), dw.to(ct)

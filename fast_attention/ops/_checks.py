@@ -15,12 +15,6 @@ def check_float(name: str, t: Tensor, op: str) -> None:
                         f"(float16, bfloat16, float32 or float64), got {t.dtype}")
 
 
-def stat_dtype(t: Tensor) -> torch.dtype:
-    """The dtype of the statistics an op saves (LayerNorm's mean and rstd, attention's logsumexp) and of attention
-    weights: float32, or float64 for float64 inputs (which the reference backend computes in float64)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def check_same_device(op: str, **tensors) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]

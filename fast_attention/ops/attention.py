@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_float, check_same_device, stat_dtype
+from ._checks import check_float, check_same_device
 from ._direct import call
 
 OP = "scaled_dot_product_attention"
@@ -37,7 +37,7 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"fast_attention.{OP}: value must have as many positions (dim -2) as key, got "
                          f"{value.shape[-2]} and {key.shape[-2]}")
-    batch, H, _ = broadcast(query, key, value, enable_gqa)
+    batch, H = broadcast(query, key, value, enable_gqa)
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):  # torch's rule
             raise TypeError(f"fast_attention.{OP}: attn_mask must be bool, float32 or query's dtype "
@@ -62,10 +62,10 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return (float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
 
 
-def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int, int]:
-    """(batch, H, Hkv): the broadcast shape of the dims before the head dim (-3), the output's heads, and key's
-    and value's heads, which divide H (one key/value head per group of query heads): a key / value head dim of
-    1 serves every query head, with or without enable_gqa; a query head dim of 1 is shared by every key head."""
+def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int]:
+    """(batch, H): the broadcast shape of the dims before the head dim (-3), and the output's heads, which key's
+    and value's heads divide (one key/value head per group of query heads): a key / value head dim of 1 serves
+    every query head, with or without enable_gqa; a query head dim of 1 is shared by every key head."""
     qs, ks, vs = query.shape, key.shape, value.shape  # each .shape is a new object: read once
     H, Hk, Hv = (s[-3] if len(s) >= 3 else 1 for s in (qs, ks, vs))
     if Hk != Hv:
@@ -82,13 +82,13 @@ def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tu
         raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hk}; pass "
                          f"enable_gqa=True for grouped-query attention")
     if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0]:
-        return (qs[0],), max(H, Hk), Hk  # the common case, without broadcast_shapes' microseconds
+        return (qs[0],), max(H, Hk)  # the common case, without broadcast_shapes' microseconds
     try:
         batch = torch.broadcast_shapes(qs[:-3], ks[:-3], vs[:-3])
     except RuntimeError:
         raise ValueError(f"fast_attention.{OP}: the batch dims of query, key and value (before dim -3) must "
                          f"broadcast, got shapes {tuple(qs)}, {tuple(ks)} and {tuple(vs)}") from None
-    return tuple(batch), max(H, Hk), Hk
+    return tuple(batch), max(H, Hk)
 
 
 def as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], batch: tuple, H: int):
@@ -132,7 +132,7 @@ def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Opti
 def _empty_result(query, key, value):
     B, H, Lq, _ = query.shape
     out = query.new_zeros(B, H, Lq, value.shape[-1])
-    lse = query.new_full((B, H, Lq), float("-inf"), dtype=stat_dtype(query))
+    lse = query.new_full((B, H, Lq), float("-inf"), dtype=reference.compute_dtype(query))
     return out, lse
 
 
@@ -149,7 +149,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 @scaled_dot_product_attention.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend):
     B, H, Lq, _ = query.shape
-    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=stat_dtype(query))
+    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=reference.compute_dtype(query))
 
 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
@@ -194,7 +194,7 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     logsumexp; masked rows are 0."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
-        return query.new_zeros(B, H, Lq, key.shape[-2], dtype=stat_dtype(query))
+        return query.new_zeros(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
     return backends.get(backend).attention_weights(query, key, lse, expand_mask(attn_mask, query, key), is_causal,
                                                    scale)
 
@@ -202,7 +202,7 @@ def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
 @attention_weights.register_fake
 def _(query, key, lse, attn_mask, is_causal, scale, backend):
     B, H, Lq, _ = query.shape
-    return query.new_empty(B, H, Lq, key.shape[-2], dtype=stat_dtype(query))
+    return query.new_empty(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
 
 
 @torch.library.custom_op("fast_attention::attention_weights_backward", mutates_args=())

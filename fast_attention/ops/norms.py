@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
-from ._checks import check_float, check_same_device, stat_dtype
+from .. import backends, reference
+from ._checks import check_float, check_same_device
 from ._direct import call
 
 
@@ -58,7 +58,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
     """(y, mean, rstd) by `backend`; autograd runs the backward on `backward_backend`."""
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
-        stats = input.new_empty(M, dtype=stat_dtype(input))
+        stats = input.new_empty(M, dtype=reference.compute_dtype(input))
         return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
     y, mean, rstd = backends.get(backend).layer_norm_forward(_as_rows(input, normalized_shape), _flat(weight),
                                                              _flat(bias), eps)
@@ -68,8 +68,9 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
 @layer_norm.register_fake
 def _(input, normalized_shape, weight, bias, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
-    return (torch.empty_like(input, memory_format=torch.contiguous_format),
-            input.new_empty(M, dtype=stat_dtype(input)), input.new_empty(M, dtype=stat_dtype(input)))
+    stats = reference.compute_dtype(input)
+    return (torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=stats),
+            input.new_empty(M, dtype=stats))
 
 
 def _param_grad(grad: Optional[Tensor], like: Tensor, shape) -> Tensor:
@@ -90,7 +91,7 @@ def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: li
                         mean: Tensor, rstd: Tensor, has_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); dweight / dbias are empty when there is no weight / bias. They have the weight's dtype;
     without a weight dbias is float32 (float64 for float64 input), which autograd casts to the bias's dtype."""
-    param_dtype = stat_dtype(input) if weight is None else weight.dtype
+    param_dtype = reference.compute_dtype(input) if weight is None else weight.dtype
     if input.numel() == 0:
         dw = _param_grad_shape(weight is not None, input, normalized_shape, param_dtype).zero_()
         db = _param_grad_shape(has_bias, input, normalized_shape, param_dtype).zero_()
@@ -103,7 +104,7 @@ def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: li
 
 @layer_norm_backward.register_fake
 def _(grad_output, input, normalized_shape, weight, mean, rstd, has_bias, backend):
-    param_dtype = stat_dtype(input) if weight is None else weight.dtype
+    param_dtype = reference.compute_dtype(input) if weight is None else weight.dtype
     return (torch.empty_like(input, memory_format=torch.contiguous_format),
             _param_grad_shape(weight is not None, input, normalized_shape, param_dtype),
             _param_grad_shape(has_bias, input, normalized_shape, param_dtype))
@@ -135,7 +136,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
     M = _rows_count(input, normalized_shape)
     if input.numel() == 0:
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
-                input.new_empty(M, dtype=stat_dtype(input)))
+                input.new_empty(M, dtype=reference.compute_dtype(input)))
     y, rstd = backends.get(backend).rms_norm_forward(_as_rows(input, normalized_shape), _flat(weight), eps)
     return y.reshape(input.shape), rstd
 
@@ -143,7 +144,8 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
 @rms_norm.register_fake
 def _(input, normalized_shape, weight, eps, backend, backward_backend):
     M = _rows_count(input, normalized_shape)
-    return torch.empty_like(input, memory_format=torch.contiguous_format), input.new_empty(M, dtype=stat_dtype(input))
+    return (torch.empty_like(input, memory_format=torch.contiguous_format),
+            input.new_empty(M, dtype=reference.compute_dtype(input)))
 
 
 @torch.library.custom_op("fast_attention::rms_norm_backward", mutates_args=())
