@@ -30,11 +30,10 @@ import warnings
 import torch
 
 # In order of preference, the fastest first: backend=None takes the first that can run the call. Triton first, as
-# measured on the H200 (bench/results/nvidia-h200/): its attention ran at 1.2-1.4x torch's SDPA flash kernel
-# forward and backward, the CUDA kernels' at 0.5-0.6x; at 16k columns its row ops moved 84-98% of the copy
-# bandwidth, the CUDA ones 29-57% (at 1k columns the CUDA ones were faster, on tensors small enough that every
-# implementation was bound by its launch path). The CUDA backend is one backend="cuda" away. The norms' backward
-# has its own order (_BACKWARD_ORDER below).
+# measured on the H200 (bench/results/nvidia-h200/e7a0888/): its attention ran at 1.2-1.4x torch's SDPA flash
+# kernel forward and backward, the CUDA forward at 0.76-0.89x; at 16k columns its row ops' forward moved 88-93% of
+# the copy bandwidth, the CUDA ones 64-84% (at 1k columns the two were within 5% of each other in the forward).
+# The CUDA backend is one backend="cuda" away. The norms' backward has its own order (_BACKWARD_ORDER below).
 NAMES = ("triton", "cuda", "reference")
 
 # Triton's interpreter must be chosen before triton is imported; we read the choice once, as triton does.
@@ -62,8 +61,9 @@ def _module(name: str):
             _loaded[name] = module
         except Exception as e:  # a missing triton or an unbuilt extension: the backend is just unavailable
             _load_errors[name] = f"{type(e).__name__}: {e}"
-            if name == "cuda" and torch.cuda.is_available():
-                warnings.warn(f"fast_attention: the CUDA backend is not available ({_load_errors[name]})")
+            # say so where the backend was expected to run (a GPU, or Triton's interpreter asked for)
+            if torch.cuda.is_available() or (name == "triton" and TRITON_INTERPRET):
+                warnings.warn(f"fast_attention: the {name} backend is not available ({_load_errors[name]})")
     return _loaded.get(name)
 
 

@@ -2,6 +2,7 @@
 bad input."""
 import contextlib
 import threading
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,21 @@ def test_unavailable_backend_is_left_out_with_its_reason(monkeypatch):
     monkeypatch.setattr(backends, "_load_errors", {})
     assert "reference" not in fa.available_backends()
     assert backends._load_errors["reference"] == "RuntimeError: no reason at all"
+
+
+def test_triton_backend_that_cannot_load_warns_where_it_was_asked_for(monkeypatch):
+    """With TRITON_INTERPRET=1 the user asked for Triton on the CPU: its falling back to the reference is said, once."""
+    import fast_attention.kernels
+
+    monkeypatch.setattr(backends, "TRITON_INTERPRET", True)
+    monkeypatch.setattr(fast_attention.kernels, "unavailable", lambda: "the interpreter cannot run here")
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_load_errors", {})
+    with pytest.warns(UserWarning, match="the triton backend is not available .*the interpreter cannot run here"):
+        assert "triton" not in fa.available_backends()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "triton" not in fa.available_backends()  # said once
 
 
 def test_unknown_backend_lists_valid_names():
