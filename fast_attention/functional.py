@@ -59,9 +59,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     backends).
 
     query (B, H, Lq, E); key (B, Hkv, Lk, E); value (B, Hkv, Lk, Ev) -> (B, H, Lq, Ev); as torch, any rank from
-    2 works too, (..., L, E), the dims before the last two broadcasting (B may be several dims or none; a key and
-    value head dim of 1 serves every query head). With enable_gqa, H must be a multiple of Hkv and query head h
-    attends with key/value head h // (H // Hkv).
+    2 works too, (..., L, E), the dims before the last two broadcasting (B may be several dims or none; key
+    and value with one head, Hkv = 1, serve every query head). With enable_gqa, H must be a multiple of Hkv
+    and query head h attends with key/value head h // (H // Hkv).
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (B, H, Lq, Lk).
     is_causal: top-left aligned, as torch; with Lq=2, Lk=5 the kept entries are::
 

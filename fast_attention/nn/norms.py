@@ -34,7 +34,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm(normalized_shape, eps=None, elementwise_affine=True), fused; eps=None means
-    torch.finfo(input.dtype).eps, as torch.
+    torch.finfo of the dtype the statistics are computed in (float32 for 16-bit inputs), as torch.
 
     input (*, *normalized_shape) -> output of the same shape and dtype; rstd is kept in fp32."""
 

@@ -64,8 +64,8 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int]:
     """(batch, H): the broadcast shape of the dims before the head dim (-3), and the output's heads, which key's
-    and value's heads divide (one key/value head per group of query heads): a key / value head dim of 1 serves
-    every query head, with or without enable_gqa; a query head dim of 1 is shared by every key head."""
+    and value's heads divide (one key/value head per group of query heads): key / value with a heads dim of size 1
+    serve every query head, with or without enable_gqa; a query heads dim of size 1 is shared by every key head."""
     qs, ks, vs = query.shape, key.shape, value.shape  # each .shape is a new object: read once
     H, Hk, Hv = (s[-3] if len(s) >= 3 else 1 for s in (qs, ks, vs))
     if Hk != Hv:
@@ -95,7 +95,7 @@ def as_4d(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     """The ops' operands from torch SDPA's: query (B, H, Lq, E), key and value (B, Hkv, Lk, .) with B the
     product of the batch dims, and the mask broadcastable to (B, H, Lq, Lk). Views where the shapes allow: a
     broadcast batch dim keeps stride 0 (the kernels read it in place, and autograd sums its gradient); a query
-    head dim of 1 shared by several key heads is copied out."""
+    heads dim of size 1 shared by several key heads is copied out."""
     qs, ks, vs = query.shape, key.shape, value.shape
     if len(qs) == len(ks) == len(vs) == 4 and qs[0] == ks[0] == vs[0] and qs[1] == H:
         return query, key, value, attn_mask  # already so: every 4-D call but broadcast ones
