@@ -9,6 +9,7 @@ from . import backends
 from .reference import default_rms_eps
 from .ops import attention as _attention
 from .ops._autocast import cast_inputs
+from .ops._checks import as_float
 from .ops._direct import call
 from .ops import norms as _norms
 from .ops import softmax as _softmax
@@ -30,7 +31,8 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     shape = _norms.check("layer_norm", input, normalized_shape, weight, bias)
     name = backends.resolve("layer_norm", backend, input.device, input=input, weight=weight, bias=bias)
     backward = _backward_backend("layer_norm", backend, name, input, weight=weight, bias=bias)
-    return call(_norms.layer_norm, input, shape, weight, bias, float(eps), name, backward)[0]
+    eps = as_float(eps, "eps", "layer_norm")
+    return call(_norms.layer_norm, input, shape, weight, bias, eps, name, backward)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
@@ -39,7 +41,7 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     machine epsilon of the dtype the op computes in (float32 for float16/bfloat16 inputs)."""
     input, weight = cast_inputs("rms_norm", input, weight)
     shape = _norms.check("rms_norm", input, normalized_shape, weight)
-    eps = default_rms_eps(input.dtype) if eps is None else float(eps)
+    eps = default_rms_eps(input.dtype) if eps is None else as_float(eps, "eps", "rms_norm")
     name = backends.resolve("rms_norm", backend, input.device, input=input, weight=weight)
     backward = _backward_backend("rms_norm", backend, name, input, weight=weight)
     return call(_norms.rms_norm, input, shape, weight, eps, name, backward)[0]

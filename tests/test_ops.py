@@ -433,6 +433,9 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     (lambda: fa.rms_norm(torch.randint(0, 3, (2, 3)), (3,)), TypeError, "input"),
     (lambda: fa.rms_norm(torch.randn(2, 3), (2, 3, 1)), ValueError, "normalized_shape"),
     (lambda: fa.layer_norm(torch.randn(2, 3), (3,), torch.randn(3, device="meta")), ValueError, "weight is on meta"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), eps=None), TypeError, "eps must be a float, got NoneType"),
+    (lambda: fa.layer_norm(torch.randn(2, 3), (3,), eps="1e-5"), TypeError, "eps must be a float, got str"),
+    (lambda: fa.rms_norm(torch.randn(2, 3), (3,), eps="x"), TypeError, "eps must be a float, got str"),
 ])
 def test_bad_input_names_the_argument(call, error, match):
     with pytest.raises(error, match=match):
@@ -444,6 +447,18 @@ def test_integer_arguments_take_what_torch_takes():
     x = torch.randn(2, 3)
     torch.testing.assert_close(fa.softmax(x, np.int64(1)), torch.softmax(x, 1))
     torch.testing.assert_close(fa.layer_norm(x, (np.int64(3),)), torch.nn.functional.layer_norm(x, (3,)))
+
+
+def test_float_arguments_take_what_torch_takes():
+    """eps, scale and dropout_p: Python and numpy numbers, and one-element tensors, as torch's argument parser."""
+    np = pytest.importorskip("numpy")
+    x, (q, k, v) = torch.randn(2, 3), _qkv()
+    for eps in (np.float32(0.25), torch.tensor(0.25), 1):
+        torch.testing.assert_close(fa.layer_norm(x, (3,), eps=eps), torch.nn.functional.layer_norm(x, (3,), eps=eps))
+        torch.testing.assert_close(fa.rms_norm(x, (3,), eps=eps), torch.nn.functional.rms_norm(x, (3,), eps=eps))
+    for scale in (np.float64(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(fa.scaled_dot_product_attention(q, k, v, scale=scale, dropout_p=torch.tensor(0.0)),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5))
 
 
 def _qkv(B=1, H=2, Lq=4, Lk=6, D=16, Hkv=None, dtype=torch.float32):
@@ -462,6 +477,9 @@ def _qkv(B=1, H=2, Lq=4, Lk=6, D=16, Hkv=None, dtype=torch.float32):
     (_qkv(), {"attn_mask": torch.ones(3, 6, dtype=torch.bool)}, ValueError, "attn_mask of shape"),
     (_qkv(), {"attn_mask": torch.ones(4, 6, dtype=torch.int64)}, TypeError, "attn_mask must be bool"),
     (_qkv(), {"dropout_p": 1.5}, ValueError, "dropout_p"),
+    (_qkv(), {"dropout_p": None}, TypeError, "dropout_p must be a float, got NoneType"),
+    (_qkv(), {"scale": "a"}, TypeError, "scale must be a float, got str"),
+    (_qkv(), {"attn_mask": [[True] * 6] * 4}, TypeError, "attn_mask must be a torch.Tensor or None, got list"),
     (_qkv(), {"dropout_p": 1.0}, NotImplementedError, "dropout_p=1"),
     ((torch.randn(16), torch.randn(4, 16), torch.randn(4, 16)), {}, ValueError, "query must have at least 2 dims"),
     ((torch.randn(4, 0), torch.randn(4, 0), torch.randn(4, 16)), {}, NotImplementedError, "head dim of 0"),

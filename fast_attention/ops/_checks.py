@@ -1,6 +1,8 @@
 """Input checks shared by the op boundaries: one message style, naming the argument and what was expected."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,15 @@ def check_float(name: str, t: Tensor, op: str) -> None:
     if t.dtype not in FLOATS:
         raise TypeError(f"fast_attention.{op}: {name} must be a floating-point tensor "
                         f"(float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def as_float(value, name: str, op: str) -> float:
+    """A float argument (eps, scale, dropout_p) as a Python float: a real number or a one-element tensor, as torch
+    takes; anything else, a string or None among them, is a TypeError naming the argument."""
+    real = isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))  # Sym*: traced by torch.compile
+    if real or (isinstance(value, Tensor) and value.numel() == 1):
+        return float(value)
+    raise TypeError(f"fast_attention.{op}: {name} must be a float, got {type(value).__name__}")
 
 
 def check_same_device(op: str, **tensors) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_float, check_same_device
+from ._checks import as_float, check_float, check_same_device
 from ._direct import call
 
 OP = "scaled_dot_product_attention"
@@ -30,6 +30,9 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"fast_attention.{OP}: query, key and value must have the same dtype, got "
                         f"{query.dtype}, {key.dtype} and {value.dtype}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"fast_attention.{OP}: attn_mask must be a torch.Tensor or None, got "
+                        f"{type(attn_mask).__name__}")
     check_same_device(OP, query=query, key=key, value=value, attn_mask=attn_mask)
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"fast_attention.{OP}: key's head dim (last dim) must equal query's, got {key.shape[-1]} "
@@ -51,6 +54,7 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
                              f"to the attention weights' shape {tuple(weights_shape)}") from None
         if is_causal:
             raise ValueError(f"fast_attention.{OP}: pass either attn_mask or is_causal=True, not both (as torch)")
+    dropout_p = as_float(dropout_p, "dropout_p", OP)
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"fast_attention.{OP}: dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p == 1.0:
@@ -59,7 +63,7 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if query.shape[-1] == 0 and math.prod(batch) * H * query.shape[-2] * key.shape[-2] * value.shape[-1] > 0:
         raise NotImplementedError(f"fast_attention.{OP}: a head dim of 0 (every score 0) is not supported")
     E = query.shape[-1]  # 0 only where the output is empty: the scale is then never used
-    return (float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
+    return (as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
 
 
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int]:
