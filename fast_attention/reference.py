@@ -150,15 +150,14 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _probabilities(q, k, mask, is_causal, scale, lse=None):
-    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk); rows with every key masked are zeros."""
+def _probabilities(q, k, mask, is_causal, scale):
+    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the logsumexp the kernels save; rows with every
+    key masked are zeros. The backward and the weights compute P again this way rather than as exp(s - lse), as the
+    kernels do: in a row masked with finfo.min everywhere, lse == s (log(Lk) is below the float spacing there), so
+    exp(s - lse) would be 1 where torch gives uniform weights 1 / Lk. The oracle stays exact there."""
     s = _scores(q, k, mask, is_causal, scale)
     dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
-    if lse is None:
-        # softmax itself, not exp(s - lse): in a row masked with finfo.min everywhere, lse == s (log(Lk) is below
-        # the float spacing there) and exp(s - lse) would be 1, where torch gives uniform weights 1 / Lk.
-        return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), torch.logsumexp(s, dim=-1)
-    return (s - lse[..., None].to(s.dtype)).exp().masked_fill(dead, 0.0), lse
+    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), torch.logsumexp(s, dim=-1)
 
 
 def _scores(q, k, mask, is_causal, scale):
@@ -195,7 +194,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    p, _ = _probabilities(q, k, mask, is_causal, scale, lse)
+    p, _ = _probabilities(q, k, mask, is_causal, scale)  # not from lse: see _probabilities
     do, o = dout.to(ct), out.to(ct)
     drop = _dropout_scale(q, k, dropout_p, seed)
     p_dropped = p if drop is None else p * drop
@@ -211,7 +210,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
 
 
 def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
-    return _probabilities(q, k, mask, is_causal, scale, lse)[0]
+    return _probabilities(q, k, mask, is_causal, scale)[0]  # not from lse: see _probabilities
 
 
 def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float):

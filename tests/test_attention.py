@@ -204,6 +204,27 @@ def test_finfo_min_mask_rows_are_uniform(backend):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finfo_min_mask_rows_reference_gradients_and_weights(dtype):
+    """The oracle is exact on such rows in the backward and the weights too (1 / Lk each, torch's gradients): it
+    computes P again with softmax, not from the saved lse, which cannot resolve log(Lk) at -3.4e38 (the kernels'
+    documented limit, kernels/attention.py)."""
+    q, k, v = _qkv(1, 2, 2, 9, 12, 16, dtype)
+    mask = torch.zeros(1, 1, 9, 12, device=DEVICE, dtype=dtype)
+    mask[..., 3, :] = torch.finfo(dtype).min
+    mask[..., 5, 4:] = torch.finfo(dtype).min
+    dout = torch.randn(1, 2, 9, 16, device=DEVICE, dtype=dtype)
+    out, w = functional.scaled_dot_product_attention_with_weights(q, k, v, attn_mask=mask, backend="reference")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
+    torch.testing.assert_close(w[:, :, 3], torch.full_like(w[:, :, 3], 1 / 12))
+    torch.testing.assert_close(w, torch.softmax(q @ k.transpose(-2, -1) / 4 + mask, -1).to(w.dtype))
+    for name, got, want in zip("qkv", grads, expected_grads):
+        torch.testing.assert_close(got, want, msg=lambda m: f"d{name}: {m}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dropout
 # ----------------------------------------------------------------------------------------------------------
