@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fast_attention as fa
 from fast_attention import backends, reference
@@ -517,9 +518,12 @@ def test_empty_tensors_behave_as_torch(backend, device, shape):
 @pytest.mark.parametrize("shapes", [[(1, 1, 0, 0)] * 3, [(0, 2, 3, 0), (0, 2, 4, 0), (0, 2, 4, 5)],
                                     [(2, 0, 3, 8)] * 3, [(2, 3, 8), (2, 0, 8), (2, 0, 8)]])
 def test_attention_empty_shapes_as_torch(device, shapes):
-    """Empty outputs, a head dim of 0 among them (no scale to divide by), come back in torch's shape."""
+    """Empty outputs, a head dim of 0 among them (no scale to divide by), come back in torch's shape (its math
+    kernel's: torch 2.11's default CPU kernel dies with SIGFPE on zero heads, taking pytest with it)."""
     q, k, v = (torch.randn(s, device=device) for s in shapes)
-    assert fa.scaled_dot_product_attention(q, k, v).shape == F.scaled_dot_product_attention(q, k, v).shape
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v).shape
+    assert fa.scaled_dot_product_attention(q, k, v).shape == expected
 
 
 @pytest.mark.parametrize("op", ["rms_norm_backward", "layer_norm_backward"])
