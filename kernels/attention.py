@@ -925,10 +925,12 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# The kernels address a block as (row in block) x (row stride) in int32: a row or column stride of 2^31 / 256 or
-# more (a sequence-first layout of a huge batch, say) could wrap around. q, k, v and dO are then read from a
-# contiguous copy; a mask is not (that copy would materialize its broadcast dims), so such a mask is unsupported.
-_MAX_TILE_STRIDE = 2**31 // MAX_HEAD_DIM
+# The kernels address an element of a block as (row in block) x (row stride) + (column) x (column stride) in
+# int32, rows and columns each below 256: with both strides under 2^30 / 256, each product is under 2^30 and their
+# sum under 2^31. A larger stride (a sequence-first layout of a huge batch, say) could wrap around: q, k, v and dO
+# are then read from a contiguous copy; a mask is not (that copy would materialize its broadcast dims), so such a
+# mask is unsupported.
+_MAX_TILE_STRIDE = 2**30 // MAX_HEAD_DIM
 # Positions (a block start plus a block of up to 256) are int32 too: lengths up to 2^31 - 257.
 MAX_LENGTH = 2**31 - 257
 

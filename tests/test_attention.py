@@ -704,13 +704,14 @@ def test_bad_input(backend, args, kwargs, error, words):
 
 @needs_triton
 def test_huge_row_strides_are_read_from_a_copy():
-    """A row stride of 2^23 elements times a 256-row block would wrap the kernels' int32 tile offsets: such
-    inputs are copied first (a mask is refused instead: a copy would materialize its broadcast dims)."""
+    """A row stride of 2^22 elements or more, with a column stride as large, could wrap the kernels' int32 tile
+    offsets (row x row stride + column x column stride): such inputs are copied first (a mask is refused instead:
+    a copy would materialize its broadcast dims)."""
     from fast_attention.kernels import attention as kernels
 
     stride = kernels._MAX_TILE_STRIDE
     storage = torch.randn(stride + 64, device=DEVICE, dtype=torch.float16)
-    k = storage.as_strided((1, 1, 2, 16), (0, 0, stride, 1))  # two keys 2^23 elements apart
+    k = storage.as_strided((1, 1, 2, 16), (0, 0, stride, 1))  # two keys 2^22 elements apart
     assert kernels._tileable(k).is_contiguous() and kernels._tileable(k.contiguous()).data_ptr() != k.data_ptr()
     q = torch.randn(1, 1, 3, 16, device=DEVICE, dtype=torch.float16)
     with torch.no_grad():
