@@ -70,10 +70,13 @@ def _mask(kind, B, H, Lq, Lk, dtype):
     if kind == "key_padding":
         lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
         lengths[0] = Lk
+        if B > 1:
+            lengths[-1] = 0  # a batch entry with every key padded: its rows give zeros
         return (torch.arange(Lk, device=DEVICE) < lengths[:, None]).view(B, 1, 1, Lk), False
     if kind == "float":
         m = torch.randn(B, 1, Lq, Lk, device=DEVICE).to(dtype)
         m[..., 1::3] = float("-inf")  # additive -inf masks, mixed with finite biases
+        m[..., 2::5, :] = float("-inf")  # and rows with -inf everywhere: zeros
         return m, False
     if kind == "dead_rows":
         m = torch.rand(B, H, Lq, Lk, device=DEVICE) > 0.5
