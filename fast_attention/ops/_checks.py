@@ -20,6 +20,8 @@ def check_float(name: str, t: Tensor, op: str) -> None:
 def as_float(value, name: str, op: str) -> float:
     """A float argument (eps, scale, dropout_p) as a Python float: a real number or a one-element tensor, as torch
     takes; anything else, a string or None among them, is a TypeError naming the argument."""
+    if type(value) is float:  # the common case, without isinstance's ABC check (0.3 us a call)
+        return value
     real = isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt))  # Sym*: traced by torch.compile
     if real or (isinstance(value, Tensor) and value.numel() == 1):
         return float(value)
