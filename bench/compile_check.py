@@ -119,7 +119,7 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     kv_strides = (Hkv * Lk * D, Lk * D, D, 1)
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
-    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Lse=torch.float32, Delta=torch.float32,
+    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Lse=torch.float32, LogSum=torch.float32, Delta=torch.float32,
              DQ=dtype, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=0.1, scale=0.1,
              dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
@@ -196,13 +196,13 @@ def attention_jobs(full: bool, arch: int):
                     values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, lse_split_stride=16 * Lq_dec,
                                   keys_per_split=512, num_splits=16)
                     const = dict(_flags(dtype, D, causal, mask, drop), BLOCK_M=dc["BLOCK_M"], BLOCK_N=dc["BLOCK_N"],
-                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
+                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], SPLIT=True, PDL=pdl)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits in (2, 128):
-                values = dict(PartOut=torch.float32, PartLse=torch.float32, Out=dtype, Lse=torch.float32,
-                              num_splits=splits, out_split_stride=16 * D, lse_split_stride=16)
+                values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
+                              Lse=torch.float32, num_splits=splits, out_split_stride=16 * D, lse_split_stride=16)
                 block_s = max(2, triton.next_power_of_2(splits))
                 const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D), PDL=pdl)
                 jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}",

@@ -49,7 +49,8 @@ _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 MAX_HEAD_DIM = 256
 
 # Decoding (flash-decoding): few queries against many keys leave most SMs idle with one program per query
-# block, so the keys are cut into splits that run in parallel and a second kernel merges their (out, lse).
+# block, so the keys are cut into splits that run in parallel and a second kernel merges their (out, row max, log
+# row sum).
 # Decoding is bound by reading the KV cache: for 16-bit inputs the query heads of a GQA group share one program
 # (PACK_GQA), so each K and V block is read once per group rather than once per query head.
 DECODE_MAX_LQ = 16       # queries per head at most
@@ -179,20 +180,22 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_fwd(Q, K, V, Mask, Out, Lse,
+def _attn_fwd(Q, K, V, Mask, Out, Lse, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, lse_split_stride,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-              PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
+              PACK_GQA: tl.constexpr, SPLIT: tl.constexpr = False, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
 
-    Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself), Lse: (num_splits, B, H,
-    Lq) contiguous, natural log. With several splits each part is normalized on its own and merged by _attn_combine.
+    Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself); Lse: (B, H, Lq)
+    contiguous, natural log. With several splits each part is normalized on its own and merged by _attn_combine:
+    Lse and LogSum, (num_splits, B, H, Lq), receive each split's row max and the log of its row sum (natural
+    units) apart, for their sum cannot resolve the log where the max is huge (a row masked with finfo.min).
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -265,31 +268,37 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse,
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.math.log2(tl.where(live, l_i, 1.0))) * _LN2, float("-inf"))
+    log2_sum = tl.math.log2(tl.where(live, l_i, 1.0))
     rows = bh * Lq + offs_m  # (b, h, i) in Out and Lse
     o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Lse + split * lse_split_stride + rows, lse, mask=row_ok)
+    if SPLIT:
+        tl.store(Lse + split * lse_split_stride + rows, tl.where(live, m_i * _LN2, float("-inf")), mask=row_ok)
+        tl.store(LogSum + split * lse_split_stride + rows, log2_sum * _LN2, mask=row_ok)
+    else:
+        tl.store(Lse + rows, tl.where(live, (m_i + log2_sum) * _LN2, float("-inf")), mask=row_ok)
 
 
 @triton.jit
-def _attn_combine(PartOut, PartLse, Out, Lse, num_splits, out_split_stride, lse_split_stride,
+def _attn_combine(PartOut, PartMax, PartLogSum, Out, Lse, num_splits, out_split_stride, lse_split_stride,
                   HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
                   PDL: tl.constexpr):
     """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
-    exp(lse_s - lse). PartOut (S, B*H*Lq, Dv) fp32, PartLse (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq).
-    With PDL (launched as a programmatic dependent of the split kernel) it first waits for that grid to complete
-    and its writes to be visible."""
+    its share of the row sum, exp(max_s - m + log_sum_s) / total. PartOut (S, B*H*Lq, Dv) fp32, PartMax and
+    PartLogSum (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq). With PDL (launched as a programmatic dependent
+    of the split kernel) it first waits for that grid to complete and its writes to be visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    lse_s = tl.load(PartLse + offs_s.to(tl.int64) * lse_split_stride + row, mask=offs_s < num_splits,
-                    other=float("-inf"))
-    m = tl.max(lse_s, 0)
+    in_range = offs_s < num_splits
+    max_s = tl.load(PartMax + offs_s.to(tl.int64) * lse_split_stride + row, mask=in_range, other=float("-inf"))
+    m = tl.max(max_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp(lse_s - m_safe), 0)  # dead splits (keys all masked, or past the causal limit) weigh 0
+    log_sum_s = tl.load(PartLogSum + offs_s.to(tl.int64) * lse_split_stride + row, mask=in_range, other=0.0)
+    # Dead splits (keys all masked, or past the causal limit) have max_s = -inf and weigh 0.
+    total = tl.sum(tl.exp(max_s - m_safe + log_sum_s), 0)
     # The parts are summed CHUNK_S splits at a time: all 128 splits of a 256 head dim at once would be 256 fp32
     # registers per thread, and spill.
     offs_c = tl.arange(0, CHUNK_S)
@@ -297,8 +306,8 @@ def _attn_combine(PartOut, PartLse, Out, Lse, num_splits, out_split_stride, lse_
     for start in range(0, num_splits, CHUNK_S):
         s = start + offs_c
         s_ok = s < num_splits
-        w = tl.exp(tl.load(PartLse + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=float("-inf"))
-                   - m_safe)
+        w = tl.exp(tl.load(PartMax + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=float("-inf"))
+                   - m_safe + tl.load(PartLogSum + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=0.0))
         parts = tl.load(PartOut + s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
                         mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += tl.sum(parts * w[:, None], 0)
@@ -870,14 +879,15 @@ def _pdl(device: torch.device) -> bool:
     return PDL_MODE != "0" and not INTERPRET and device.type == "cuda" and properties(device).major >= 9
 
 
-def _combine(part_out, part_lse, out, lse, splits, pdl):
-    """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_lse (S, B, H, Lq) -> out, lse in place."""
+def _combine(part_out, part_max, part_log_sum, out, lse, splits, pdl):
+    """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_max and part_log_sum (S, B, H, Lq) -> out, lse in
+    place."""
     rows = lse.numel()
     dv = out.shape[-1]
     block_s = max(2, next_power_of_2(splits))
-    _attn_combine[(rows,)](part_out, part_lse, out, lse, splits, part_out.stride(0), part_lse.stride(0),
-                           HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv), PDL=pdl,
-                           num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
+    _attn_combine[(rows,)](part_out, part_max, part_log_sum, out, lse, splits, part_out.stride(0),
+                           part_max.stride(0), HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16),
+                           BLOCK_DV=_block(dv), PDL=pdl, num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
 
 
 def _decode_grid(B, H, Hkv, Lq, config, splits) -> int:
@@ -900,13 +910,15 @@ def _split_plan(q, k, mask=None, dropout_p=0.0):
     return config, splits, keys
 
 
-def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None, pdl=False):
-    """Launch _attn_fwd writing out (B, H, Lq, Dv) and lse (B, H, Lq), or with a split plan the parts
-    (splits, B, H, Lq, Dv) and (splits, B, H, Lq); pdl: the combine follows as its programmatic dependent."""
+def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None, pdl=False, log_sum=None):
+    """Launch _attn_fwd writing out (B, H, Lq, Dv) and lse (B, H, Lq), or with a split plan of several splits
+    the parts (splits, B, H, Lq, Dv), their row maxima into lse and log row sums into log_sum (splits, B, H, Lq);
+    pdl: the combine follows as its programmatic dependent."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
-    args = (q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
+    args = (q, k, v, mask_t, out, lse, lse if log_sum is None else log_sum, *q.stride(), *k.stride(), *v.stride(),
+            *mask_strides)
     kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed),
                   HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
     if plan is None:
@@ -915,8 +927,8 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
         return
     config, splits, keys = plan
     grid = (_decode_grid(B, H, Hkv, Lq, config, splits),)
-    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, PDL=pdl, **kwargs,
-                    **config)
+    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, SPLIT=splits > 1,
+                    PDL=pdl, **kwargs, **config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -969,10 +981,10 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
         return out, lse
     splits = plan[1]
     part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
+    part_max, part_log_sum = torch.empty((2, splits, B, H, Lq), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
-    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_lse, plan, pdl)
-    _combine(part_out, part_lse, out, lse, splits, pdl)
+    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_max, plan, pdl, part_log_sum)
+    _combine(part_out, part_max, part_log_sum, out, lse, splits, pdl)
     return out, lse
 
 

@@ -361,7 +361,7 @@ def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
     splits = []
     real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[4]), real_combine(*a)))
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
     B, H, Hkv, Lk = 2, 4, 2, 200
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 32, dtype)
     mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
@@ -380,7 +380,7 @@ def test_decoding_merge_of_many_splits(monkeypatch):
     monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
     splits = []
     real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[4]), real_combine(*a)))
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
     # 1200 keys: splits of 64 keys at most (the GPU's fp32 key block), so over 16 on any device
     q, k, v = _qkv(1, 2, 1, 3, 1200, 16, torch.float32)
     mask = torch.rand(1, 1, 3, 1200, device=DEVICE) > 0.5
@@ -392,6 +392,32 @@ def test_decoding_merge_of_many_splits(monkeypatch):
                                                   enable_gqa=True)
     assert splits and min(splits) > 16, "fewer splits than one merge chunk"
     assert_close(out, expected, oracle)
+
+
+@needs_triton
+def test_decoding_finfo_min_mask_rows_are_uniform(monkeypatch):
+    """A row masked with finfo.min everywhere merges to torch's uniform average over splits of unequal key counts:
+    each split's lse (~ -3.4e38) cannot resolve log(its keys), so the merge must weigh the splits by their row
+    sums kept apart from their maxima."""
+    from fast_attention.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
+    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
+    splits = []
+    real_combine = kernels._combine
+    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
+    q, k, v = _qkv(1, 4, 2, 3, 150, 16, torch.float32)
+    mask = torch.randn(1, 1, 3, 150, device=DEVICE)
+    mask[..., 1, :] = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton")
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    config, n, keys = kernels._split_plan(q, k, mask)
+    assert splits == [n] and n > 1 and 150 % keys, "no split-KV path with a partial last split"
+    uniform = v.detach().mean(2).repeat_interleave(2, dim=1)
+    torch.testing.assert_close(out[:, :, 1], uniform, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
