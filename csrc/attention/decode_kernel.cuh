@@ -5,8 +5,10 @@
 //   r % q_len of head kv_head * group + r / q_len), 16 per warp, so each K and V tile is read once per group
 //   (up to 64 rows) instead of once per query head.
 // - Split-KV: the keys are cut into `splits` ranges, one block each, so that the grid fills the GPU. Each writes
-//   its rows' output normalized on its own range plus their lse; attention_decode_combine_kernel merges them,
-//   weighting each part by exp(lse_part - lse). With one split the block writes the result itself.
+//   its rows' output normalized on its own range plus their max and log sum, apart (their sum, the lse, cannot
+//   resolve the log sum when the max is huge: a row masked with finfo.min); attention_decode_combine_kernel
+//   merges them, weighting each part by its share of the row's sum. With one split the block writes the result
+//   itself.
 // K and V tiles stream through decode_stages<D>() shared-memory buffers with cp.async, so the next tiles load
 // while the warps compute on one. The math is the forward's: S = Q K^T with Q's fragments in registers, the
 // online softmax of primitives.cuh, O += P V.
@@ -126,8 +128,8 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
     const int h = hk * group + row / p.q_len, qi = row % p.q_len;
     const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + qi;  // (b, h, qi) in (B, H, Lq)
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    const float lse = sum > 0.f ? (row_max[0][i] + log2f(sum)) * kLn2 : -kInf;
     if (plan.splits == 1) {
+      const float lse = sum > 0.f ? (row_max[0][i] + log2f(sum)) * kLn2 : -kInf;
       T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt)
@@ -139,14 +141,18 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
       for (int dt = 0; dt < D / 8; ++dt)
         *reinterpret_cast<float2*>(out + dt * 8 + (lane % 4) * 2) =
             make_float2(acc[0][dt][2 * i] * inv, acc[0][dt][2 * i + 1] * inv);
-      if (lane % 4 == 0) p.split_lse[part + at] = lse;
+      if (lane % 4 == 0) {
+        p.split_max[part + at] = sum > 0.f ? row_max[0][i] * kLn2 : -kInf;
+        p.split_log_sum[part + at] = sum > 0.f ? log2f(sum) * kLn2 : 0.f;
+      }
     }
   }
 }
 
-// One warp per (b, h, query): out = sum over splits of exp(lse_s - lse) * part_s, lse = log(sum of exp(lse_s)).
-// A split without keys for the row (lse_s = -inf) weighs 0; a row without any gives zeros and lse = -inf, as the
-// tiled forward. A NaN lse (a NaN in the mask) makes the row NaN.
+// One warp per (b, h, query): out = sum over splits of w_s * part_s / total, w_s = exp(max_s - m + log_sum_s) with
+// m the largest max_s, total the sum of the w_s; lse = m + log(total). A split without keys for the row
+// (max_s = -inf) weighs 0; a row without any gives zeros and lse = -inf, as the tiled forward. A NaN (in the mask)
+// makes the row NaN.
 template <typename T, int D>
 __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const AttentionParams p, const DecodePlan plan) {
   constexpr int C = (D + 31) / 32;  // columns per lane
@@ -154,15 +160,16 @@ __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const Atte
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
   const int lane = threadIdx.x;
   float m = -kInf;
-  for (int s = lane; s < plan.splits; s += 32) m = fmaxf(m, p.split_lse[s * rows + at]);
+  for (int s = lane; s < plan.splits; s += 32) m = fmaxf(m, p.split_max[s * rows + at]);
   m = warp_reduce(m, MaxOp());
   const float shift = m == -kInf ? 0.f : m;
+  auto weight = [&](int s) { return expf(p.split_max[s * rows + at] - shift + p.split_log_sum[s * rows + at]); };
   float total = 0.f;
-  for (int s = lane; s < plan.splits; s += 32) total += expf(p.split_lse[s * rows + at] - shift);
+  for (int s = lane; s < plan.splits; s += 32) total += weight(s);
   total = warp_reduce(total, SumOp());
   float acc[C] = {};
   for (int s = 0; s < plan.splits; ++s) {
-    const float w = expf(p.split_lse[s * rows + at] - shift);
+    const float w = weight(s);
     if (w == 0.f) continue;  // a split without keys for this row: its part is not read
     const float* part = p.split_out + (s * rows + at) * D;
 #pragma unroll

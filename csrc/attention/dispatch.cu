@@ -38,7 +38,7 @@ DecodePlan decode_plan(const AttentionParams& p) {
 int64_t attention_forward_workspace_floats(const AttentionParams& p) {
   const DecodePlan plan = decode_plan(p);
   if (plan.splits <= 1) return 0;
-  return static_cast<int64_t>(plan.splits) * p.batch * p.heads * p.q_len * (p.head_dim + 1);
+  return static_cast<int64_t>(plan.splits) * p.batch * p.heads * p.q_len * (p.head_dim + 2);
 }
 
 #define FA_HEADDIM_CASE(HEAD_DIM, VALUE, D, ...) \

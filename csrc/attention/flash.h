@@ -42,9 +42,11 @@ struct AttentionParams {
   int64_t o_batch_stride, o_head_stride, o_row_stride;
   float* lse;  // (B, H, Lq) contiguous, natural log; -inf for a row with every key masked
   // forward, decoding (decode_kernel.cuh) with several key splits: attention_forward_workspace_floats(p) floats of
-  // fp32 scratch for the splits' parts, (splits, B, H, Lq, D), and then (the launcher sets split_lse) their lse
+  // fp32 scratch for the splits' parts, (splits, B, H, Lq, D), and then (the launcher sets the two pointers) their
+  // rows' max and log sum, (splits, B, H, Lq) each, natural units
   float* split_out;
-  float* split_lse;
+  float* split_max;
+  float* split_log_sum;
 
   // backward
   const void* dout;  // (B, H, Lq, D)

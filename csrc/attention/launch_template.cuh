@@ -31,7 +31,10 @@ template <typename T, int D>
 int run_attention_decode(const AttentionParams& p, const DecodePlan& plan, cudaStream_t stream) {
   AttentionParams q = p;
   const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
-  if (plan.splits > 1) q.split_lse = q.split_out + plan.splits * rows * D;
+  if (plan.splits > 1) {
+    q.split_max = q.split_out + plan.splits * rows * D;
+    q.split_log_sum = q.split_max + plan.splits * rows;
+  }
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_groups * plan.splits;
   if (int err = detail::launch_with_smem(attention_decode_kernel<T, D>, blocks, 32 * plan.warps,
                                          decode_smem_bytes<D>(plan.warps), stream, q, plan))
