@@ -78,6 +78,11 @@ def _mask(kind, B, H, Lq, Lk, dtype):
         m[..., 1::3] = float("-inf")  # additive -inf masks, mixed with finite biases
         m[..., 2::5, :] = float("-inf")  # and rows with -inf everywhere: zeros
         return m, False
+    if kind == "hf_padding":  # Hugging Face's key padding: added, 0 or the dtype's finfo.min, no row fully padded
+        lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
+        lengths[0] = Lk
+        kept = (torch.arange(Lk, device=DEVICE) < lengths[:, None]).view(B, 1, 1, Lk)
+        return torch.zeros(B, 1, 1, Lk, device=DEVICE, dtype=dtype).masked_fill(~kept, torch.finfo(dtype).min), False
     if kind == "dead_rows":
         m = torch.rand(B, H, Lq, Lk, device=DEVICE) > 0.5
         m[:, :, ::4] = False  # every key masked in these rows: torch gives zeros
@@ -118,8 +123,9 @@ def check_sdpa(backend, q, k, v, attn_mask=None, is_causal=False, scale=None, en
 # Values and gradients (a small combined grid on the CPU)
 # ----------------------------------------------------------------------------------------------------------
 # Every mask kind in float32; the half types with the kinds whose masking differs most (the GPU grid has all).
-MASK_CASES = [(kind, torch.float32) for kind in MASK_KINDS] + [
-    (kind, dtype) for kind in ("causal", "key_padding", "float") for dtype in (torch.float16, torch.bfloat16)]
+MASK_CASES = [(kind, torch.float32) for kind in MASK_KINDS + ("hf_padding",)] + [
+    (kind, dtype) for kind in ("causal", "key_padding", "float", "hf_padding")
+    for dtype in (torch.float16, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("kind,dtype", MASK_CASES)

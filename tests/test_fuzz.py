@@ -43,7 +43,7 @@ def test_norm_fuzz(backend, device, rows, normalized, dtype, kind, weight, bias,
 @FUZZ
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(1, 40),
        Lk=st.integers(1, 40), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
-       kind=st.sampled_from(["none", "causal", "bool", "key_padding", "float", "dead_rows"]),
+       kind=st.sampled_from(["none", "causal", "bool", "key_padding", "float", "hf_padding", "dead_rows"]),
        layout=st.sampled_from(["bhld", "blhd"]), tma=st.booleans())
 def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, kind, layout, tma):
     # CUDA's kernels take 16-bit inputs at their head dims: other draws would stop the run at its first example.
@@ -61,7 +61,7 @@ def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, k
 @FUZZ
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), Lq=st.integers(1, 16),
        Lk=st.integers(16, 300), D=st.sampled_from([16, 40, 64]), dtype=DTYPES,
-       kind=st.sampled_from(["none", "causal", "key_padding", "float", "dead_rows"]))
+       kind=st.sampled_from(["none", "causal", "key_padding", "float", "hf_padding", "dead_rows"]))
 def test_decoding_fuzz(monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, kind):
     """The split-KV decoding path of the Triton forward (thresholds lowered so that small caches take it), with
     its GQA-packed rows; values and gradients (the backward is the regular one)."""
