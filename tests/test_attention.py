@@ -355,12 +355,9 @@ def test_attention_weights(backend, kind, dtype):
         assert_close(g, g_torch, g_ref, f"weights' {name}")
 
 
-@needs_triton
-@pytest.mark.parametrize("Lq,kind,dtype", [(1, "none", torch.float32), (5, "key_padding", torch.float16),
-                                           (16, "causal", torch.bfloat16), (3, "float", torch.float32)])
-def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
-    """Few queries, many keys: the split-KV path (forced here with small thresholds) runs and is right, including
-    splits whose keys are all masked (key padding, causal)."""
+def _small_decoding_thresholds(monkeypatch):
+    """Lets 64 keys or more take the split-KV path, in splits of 32 keys or more: (the kernels' module, the list
+    to which each merge appends its split count)."""
     from fast_attention.kernels import attention as kernels
 
     monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
@@ -368,6 +365,16 @@ def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
     splits = []
     real_combine = kernels._combine
     monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
+    return kernels, splits
+
+
+@needs_triton
+@pytest.mark.parametrize("Lq,kind,dtype", [(1, "none", torch.float32), (5, "key_padding", torch.float16),
+                                           (16, "causal", torch.bfloat16), (3, "float", torch.float32)])
+def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
+    """Few queries, many keys: the split-KV path (forced here with small thresholds) runs and is right, including
+    splits whose keys are all masked (key padding, causal)."""
+    _, splits = _small_decoding_thresholds(monkeypatch)
     B, H, Hkv, Lk = 2, 4, 2, 200
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 32, dtype)
     mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
@@ -380,13 +387,7 @@ def test_decoding_split_kv(monkeypatch, Lq, kind, dtype):
 @needs_triton
 def test_decoding_merge_of_many_splits(monkeypatch):
     """More splits than the merge sums at once (it goes through them in chunks), with dead splits among them."""
-    from fast_attention.kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
-    splits = []
-    real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
+    _, splits = _small_decoding_thresholds(monkeypatch)
     # 1200 keys: splits of 64 keys at most (the GPU's fp32 key block), so over 16 on any device
     q, k, v = _qkv(1, 2, 1, 3, 1200, 16, torch.float32)
     mask = torch.rand(1, 1, 3, 1200, device=DEVICE) > 0.5
@@ -405,13 +406,7 @@ def test_decoding_finfo_min_mask_rows_are_uniform(monkeypatch):
     """A row masked with finfo.min everywhere merges to torch's uniform average over splits of unequal key counts:
     each split's lse (~ -3.4e38) cannot resolve log(its keys), so the merge must weigh the splits by their row
     sums kept apart from their maxima."""
-    from fast_attention.kernels import attention as kernels
-
-    monkeypatch.setattr(kernels, "DECODE_MIN_LK", 64)
-    monkeypatch.setattr(kernels, "SPLIT_MIN_KEYS", 32)
-    splits = []
-    real_combine = kernels._combine
-    monkeypatch.setattr(kernels, "_combine", lambda *a: (splits.append(a[5]), real_combine(*a)))
+    kernels, splits = _small_decoding_thresholds(monkeypatch)
     q, k, v = _qkv(1, 4, 2, 3, 150, 16, torch.float32)
     mask = torch.randn(1, 1, 3, 150, device=DEVICE)
     mask[..., 1, :] = torch.finfo(torch.float32).min
@@ -419,7 +414,7 @@ def test_decoding_finfo_min_mask_rows_are_uniform(monkeypatch):
         out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend="triton")
         with sdpa_kernel(SDPBackend.MATH):
             expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    config, n, keys = kernels._split_plan(q, k, mask)
+    _, n, keys = kernels._split_plan(q, k, mask)
     assert splits == [n] and n > 1 and 150 % keys, "no split-KV path with a partial last split"
     uniform = v.detach().mean(2).repeat_interleave(2, dim=1)
     torch.testing.assert_close(out[:, :, 1], uniform, atol=1e-5, rtol=1e-5)
