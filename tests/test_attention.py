@@ -764,6 +764,17 @@ def test_nan_in_the_mask_gives_nan_as_torch(backend):
     torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
 
 
+def test_nan_in_the_mask_gives_nan_in_decoding(backend):
+    """The same in decoding (few queries, 1024 keys or more), where the split that meets the NaN must not be merged
+    away as a split without keys."""
+    q, k, v = _qkv(1, 4, 2, 2, 1100, 16, torch.float16)
+    mask = torch.zeros(2, 1100, device=DEVICE, dtype=torch.float16)
+    mask[1, 700] = float("nan")
+    with torch.no_grad():
+        out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, backend=backend)
+    assert out[:, :, 1].isnan().all() and not out[:, :, 0].isnan().any()
+
+
 @pytest.mark.parametrize("shapes,kwargs", [
     (((5, 8), (6, 8), (6, 8)), {}),  # 2-D: no batch, no heads
     (((2, 3, 2, 5, 8), (2, 3, 2, 6, 8), (2, 3, 2, 6, 4)), {"is_causal": True}),  # 5-D, Ev != E

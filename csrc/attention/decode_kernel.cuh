@@ -142,7 +142,9 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
         *reinterpret_cast<float2*>(out + dt * 8 + (lane % 4) * 2) =
             make_float2(acc[0][dt][2 * i] * inv, acc[0][dt][2 * i + 1] * inv);
       if (lane % 4 == 0) {
-        p.split_max[part + at] = sum > 0.f ? row_max[0][i] * kLn2 : -kInf;
+        // A NaN score (a NaN in the mask) makes the sum NaN: the max then carries it into the merge, which would
+        // otherwise weigh this split 0, as one without keys, and drop the NaN that torch gives the row.
+        p.split_max[part + at] = sum > 0.f ? row_max[0][i] * kLn2 : sum == 0.f ? -kInf : sum;
         p.split_log_sum[part + at] = sum > 0.f ? log2f(sum) * kLn2 : 0.f;
       }
     }
