@@ -119,9 +119,9 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     kv_strides = (Hkv * Lk * D, Lk * D, D, 1)
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
-    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Lse=torch.float32, LogSum=torch.float32, Delta=torch.float32,
-             DQ=dtype, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=0.1, scale=0.1,
-             dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
+    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Lse=torch.float32, LogSum=torch.float32,
+             Delta=torch.float32, DQ=dtype, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
+             qk_scale=0.1, scale=0.1, dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
         v.update(zip((prefix + s for s in "bhmd"), strides))

@@ -57,6 +57,16 @@ def _qkv(B, H, Hkv, Lq, Lk, D, dtype, Dv=None, layout="bhld"):
             _tensor((B, Hkv, Lk, Dv or D), dtype, layout))
 
 
+def _kept_keys(B, Lk, empty_entry):
+    """(B, 1, 1, Lk) bool key padding: the first batch entry keeps every key, the others a random prefix of at
+    least one, or with empty_entry (and B > 1) the last keeps none."""
+    lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
+    lengths[0] = Lk
+    if empty_entry and B > 1:
+        lengths[-1] = 0  # a batch entry with every key padded: its rows give zeros
+    return (torch.arange(Lk, device=DEVICE) < lengths[:, None]).view(B, 1, 1, Lk)
+
+
 def _mask(kind, B, H, Lq, Lk, dtype):
     """(attn_mask, is_causal) for a mask kind; every user mask leaves some row or key fully masked somewhere."""
     if kind == "none":
@@ -68,21 +78,15 @@ def _mask(kind, B, H, Lq, Lk, dtype):
         m[:, 0] = True  # no dead rows here: "dead_rows" tests those
         return m, False
     if kind == "key_padding":
-        lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
-        lengths[0] = Lk
-        if B > 1:
-            lengths[-1] = 0  # a batch entry with every key padded: its rows give zeros
-        return (torch.arange(Lk, device=DEVICE) < lengths[:, None]).view(B, 1, 1, Lk), False
+        return _kept_keys(B, Lk, empty_entry=True), False
     if kind == "float":
         m = torch.randn(B, 1, Lq, Lk, device=DEVICE).to(dtype)
         m[..., 1::3] = float("-inf")  # additive -inf masks, mixed with finite biases
         m[..., 2::5, :] = float("-inf")  # and rows with -inf everywhere: zeros
         return m, False
     if kind == "hf_padding":  # Hugging Face's key padding: added, 0 or the dtype's finfo.min, no row fully padded
-        lengths = torch.randint(1, Lk + 1, (B,), device=DEVICE)
-        lengths[0] = Lk
-        kept = (torch.arange(Lk, device=DEVICE) < lengths[:, None]).view(B, 1, 1, Lk)
-        return torch.zeros(B, 1, 1, Lk, device=DEVICE, dtype=dtype).masked_fill(~kept, torch.finfo(dtype).min), False
+        padded = ~_kept_keys(B, Lk, empty_entry=False)
+        return torch.zeros(B, 1, 1, Lk, device=DEVICE, dtype=dtype).masked_fill(padded, torch.finfo(dtype).min), False
     if kind == "dead_rows":
         m = torch.rand(B, H, Lq, Lk, device=DEVICE) > 0.5
         m[:, :, ::4] = False  # every key masked in these rows: torch gives zeros
