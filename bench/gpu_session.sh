@@ -48,8 +48,14 @@ step() {  # step NAME COMMAND...: run it within the time left, log to NAME.log, 
     return
   fi
   local start=$SECONDS
-  timeout --signal=INT --kill-after=20 "$left" "$@" >"$LOGS/$name.log" 2>&1
+  timeout --signal=INT --kill-after=20 "$left" "$@" >"$LOGS/$name.log" 2>&1 &
+  local pid=$!
+  wait "$pid"
   local rc=$?
+  # timeout leads a process group of its own and returns when its command does: what the command started and left
+  # running (xdist workers past the SIGINT) is still in that group. It would share the GPU and the CPUs with the
+  # steps after it, timing steps too: at 81a2eed torch's own host time per call doubled after a stopped test phase.
+  kill -KILL -- "-$pid" 2>/dev/null
   local how=""
   ((rc == 124 || rc == 130)) && how=" (stopped at the deadline)"
   echo "$name: exit $rc$how, $((SECONDS - start)) s" | tee -a "$LOGS/steps.txt"
@@ -68,6 +74,16 @@ XDIST=${XDIST:-8}
 PARALLEL=()  # pytest-xdist's workers where it is installed (the GPU image has it)
 python -c "import xdist" 2>/dev/null && PARALLEL=(-n "$XDIST")
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
+
+settle() {  # settle NAME: before a timing step, wait (30 s at most) until no process computes on the GPU; say if any does
+  local apps
+  for _ in {1..30}; do
+    apps=$(nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null)
+    [[ -z $apps ]] && return
+    sleep 1
+  done
+  echo "$1: timed while other processes computed on the GPU: $(tr '\n' ';' <<<"$apps")" | tee -a "$LOGS/steps.txt"
+}
 
 gpu_arch() {  # the first GPU's compute capability, "9.0"; nothing (setup.py's default) if nvidia-smi cannot say
   nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' '
@@ -118,6 +134,7 @@ run_phase() {
       local kind=${phase%%:*} spec=${phase#*:}
       local suite=${spec%%/*} args=(--no-progress "${BENCH_ARGS[@]}")
       [[ $spec == */* ]] && args+=(--cases "${spec#*/}")
+      settle "${kind}_$suite"
       if [[ $kind == bench ]]; then
         step "bench_$suite" python -m bench --suite "$suite" --out "$LOGS/results" "${args[@]}"
       else
