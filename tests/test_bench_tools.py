@@ -47,6 +47,20 @@ def test_backward_and_missing_providers():
     assert _verdict(results, "CUDA attention forward >= 0.8x torch SDPA flash")["verdict"] == "not measured"
 
 
+def test_kernels_alone_judges_the_profilers_device_times():
+    """A host-bound case misses on the median time and meets on the kernels' own times, each side's."""
+    rows = _attention(0.35, 0.28, L=1024)
+    rows[0]["kernel_us"], rows[1]["kernel_us"] = 213.0, 274.0
+    rows += _attention(0.5, 0.6, L=2048)  # no profiler at these medians nor where both are 1 ms or more: the median
+    rows += _attention(1.2, 1.5, L=4096)
+    results = {"attention": {"results": rows}}
+    what = "Triton attention forward >= 1.0x torch SDPA flash"
+    assert _verdict(results, what)["verdict"] == "MISSED"
+    alone = _verdict(results, what + ", kernels alone")
+    assert alone["cases"] == 2 and alone["verdict"] == "MET" and abs(alone["worst"] - 1.25) < 1e-12
+    assert targets.KERNEL_BOUND_MS == harness.HOST_BELOW_MS
+
+
 def test_decoding_against_the_fastest_sdpa_kernel():
     p = dict(Lq=1, Lk=8192)
     rows = [_row("c", "fa:triton", 1.0, **p), _row("c", "torch.sdpa[flash]", 1.5, **p),
