@@ -8,6 +8,7 @@
 #   smoke            every suite's correctness checks of every backend, no timing (python -m bench --checks-only)
 #   sanitize         compute-sanitizer memcheck and racecheck on a small run of every CUDA kernel
 #   sanitize:GROUPS  the same for some of csrc/sanitize.py's groups: "sanitize:attention,dropout,decoding"
+#   racecheck[:GROUPS]  racecheck alone (memcheck of the attention group takes about 35 s on the H200)
 #   tests            the test suite without the big GPU grids, in XDIST pytest-xdist workers (default 8) where
 #                    xdist is installed
 #   tests:EXPR       the part of it a pytest -k EXPR selects: "tests:cuda or norm"
@@ -102,11 +103,11 @@ run_phase() {
     install) step install env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(gpu_arch)}" \
                python -m pip install --no-build-isolation --no-deps --no-index -e . ;;
     smoke) step smoke python -m bench --checks-only --no-progress ;;
-    sanitize | sanitize:*)
+    sanitize | sanitize:* | racecheck | racecheck:*)
       local groups=()  # sanitize:attention,decoding: those groups of csrc/sanitize.py only
       [[ $phase == *:* ]] && IFS=, read -ra groups <<<"${phase#*:}"
       # no caching allocator: each tensor its own allocation, so an overrun cannot land inside a pooled block
-      step sanitize_memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      [[ $phase == sanitize* ]] && step sanitize_memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         /usr/local/cuda/bin/compute-sanitizer --tool memcheck python csrc/sanitize.py ${groups[@]+"${groups[@]}"}
       step sanitize_racecheck /usr/local/cuda/bin/compute-sanitizer --tool racecheck --racecheck-report all \
         python csrc/sanitize.py ${groups[@]+"${groups[@]}"} ;;
