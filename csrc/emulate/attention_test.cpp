@@ -60,6 +60,28 @@ double rel_err(const std::vector<double>& ref, const std::vector<float>& got) {
   return std::isnan(e) ? INFINITY : e / m;
 }
 
+// Params of contiguous (B, H, L, D) q, out and (B, Hkv, Lk, D) k, v with a dense (B, H, Lq, Lk) mask, of the
+// dtype named "bf16" or "fp16", without a causal mask or dropout.
+template <class T>
+fa::AttentionParams dense_params(const char* dtype, int B, int H, int Hkv, int Lq, int Lk, int D, const T* q,
+                                 const T* k, const T* v, fa::MaskKind mask_kind, const void* mask, T* out,
+                                 float* lse) {
+  fa::AttentionParams p{};
+  p.dtype = std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.k_len = Lk, p.head_dim = D;
+  p.scale = 1.f / std::sqrt((float)D);
+  p.q = q, p.k = k, p.v = v;
+  p.q_batch_stride = (int64_t)H * Lq * D, p.q_head_stride = (int64_t)Lq * D, p.q_row_stride = D;
+  p.k_batch_stride = (int64_t)Hkv * Lk * D, p.k_head_stride = (int64_t)Lk * D, p.k_row_stride = D;
+  p.v_batch_stride = p.k_batch_stride, p.v_head_stride = p.k_head_stride, p.v_row_stride = D;
+  p.mask_kind = mask_kind, p.mask = mask;
+  p.mask_batch_stride = (int64_t)H * Lq * Lk, p.mask_head_stride = (int64_t)Lq * Lk, p.mask_q_stride = Lk;
+  p.mask_k_stride = 1;
+  p.out = out, p.lse = lse;
+  p.o_batch_stride = p.q_batch_stride, p.o_head_stride = p.q_head_stride, p.o_row_stride = D;
+  return p;
+}
+
 template <class T>
 void run(const Case& c, const char* dtype, double tol) {
   const int B = c.B, H = c.H, Hkv = c.Hkv, Lq = c.Lq, Lk = c.Lk, D = c.D, G = H / Hkv;
@@ -93,30 +115,18 @@ void run(const Case& c, const char* dtype, double tol) {
   if (c.mask == kFinfoMin)
     for (int b = 0; b < B; ++b)
       for (int d = 0; d < D; ++d) dout[(((size_t)b * H) * Lq + Lq - 1) * D + d] = fromf<T>(0.f);
-  const float scale = 1.f / std::sqrt((float)D);
-
-  fa::AttentionParams p{};
-  p.dtype = sizeof(T) == 2 && std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
-  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.k_len = Lk, p.head_dim = D;
-  p.scale = scale;
+  std::vector<T> out((size_t)B * H * Lq * D), dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<float> lse((size_t)B * H * Lq), delta(lse.size());
+  const fa::MaskKind kind = c.mask == kBool ? fa::MaskKind::kBool : c.mask == kNone ? fa::MaskKind::kNone
+                                                                                     : fa::MaskKind::kAdditive;
+  const void* mask = c.mask == kBool ? (const void*)keep.data() : (const void*)add.data();
+  fa::AttentionParams p =
+      dense_params(dtype, B, H, Hkv, Lq, Lk, D, q.data(), k.data(), v.data(), kind, mask, out.data(), lse.data());
+  const float scale = p.scale;
   p.causal = c.causal;
   p.dropout_p = c.dropout;
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - c.dropout));
   p.seed = 0x9E3779B97F4A7C15ull >> 1;  // both words of the Philox key in play
-  p.q = q.data(), p.k = k.data(), p.v = v.data();
-  p.q_batch_stride = (int64_t)H * Lq * D, p.q_head_stride = (int64_t)Lq * D, p.q_row_stride = D;
-  p.k_batch_stride = (int64_t)Hkv * Lk * D, p.k_head_stride = (int64_t)Lk * D, p.k_row_stride = D;
-  p.v_batch_stride = p.k_batch_stride, p.v_head_stride = p.k_head_stride, p.v_row_stride = D;
-  p.mask_kind = c.mask == kBool ? fa::MaskKind::kBool : c.mask == kNone ? fa::MaskKind::kNone
-                                                                         : fa::MaskKind::kAdditive;
-  p.mask = c.mask == kBool ? (const void*)keep.data() : (const void*)add.data();
-  p.mask_batch_stride = (int64_t)H * Lq * Lk, p.mask_head_stride = (int64_t)Lq * Lk, p.mask_q_stride = Lk;
-  p.mask_k_stride = 1;
-  std::vector<T> out((size_t)B * H * Lq * D), dq(q.size()), dk(k.size()), dv(v.size());
-  std::vector<float> lse((size_t)B * H * Lq), delta(lse.size());
-  p.out = out.data();
-  p.o_batch_stride = p.q_batch_stride, p.o_head_stride = p.q_head_stride, p.o_row_stride = D;
-  p.lse = lse.data();
   std::vector<float> workspace(fa::attention_forward_workspace_floats(p));  // decoding's split parts
   p.split_out = workspace.data();
   const fa::DecodePlan plan = fa::decode_plan(p);
@@ -235,20 +245,10 @@ void nan_row_in_decoding(const char* dtype) {
   for (auto* t : {&q, &k, &v})
     for (auto& e : *t) e = fromf<T>(nd(rng));
   add[700] = fromf<T>(NAN);
-  fa::AttentionParams p{};
-  p.dtype = std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
-  p.batch = 1, p.heads = H, p.kv_heads = 1, p.q_len = 1, p.k_len = Lk, p.head_dim = D;
-  p.scale = 0.125f;
-  p.q = q.data(), p.k = k.data(), p.v = v.data();
-  p.q_batch_stride = (int64_t)H * D, p.q_head_stride = D, p.q_row_stride = D;
-  p.k_batch_stride = p.v_batch_stride = (int64_t)Lk * D, p.k_head_stride = p.v_head_stride = (int64_t)Lk * D;
-  p.k_row_stride = p.v_row_stride = D;
-  p.mask_kind = fa::MaskKind::kAdditive, p.mask = add.data();
-  p.mask_batch_stride = (int64_t)H * Lk, p.mask_head_stride = Lk, p.mask_q_stride = Lk, p.mask_k_stride = 1;
   std::vector<T> out((size_t)H * D);
   std::vector<float> lse(H);
-  p.out = out.data(), p.o_batch_stride = (int64_t)H * D, p.o_head_stride = D, p.o_row_stride = D;
-  p.lse = lse.data();
+  fa::AttentionParams p = dense_params(dtype, 1, H, 1, 1, Lk, D, q.data(), k.data(), v.data(),
+                                       fa::MaskKind::kAdditive, add.data(), out.data(), lse.data());
   std::vector<float> workspace(fa::attention_forward_workspace_floats(p));
   p.split_out = workspace.data();
   const std::string tag = std::string(dtype) + " decoding, a NaN in the mask";
