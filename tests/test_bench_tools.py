@@ -1,9 +1,15 @@
 """The benchmark tools a GPU session leans on: bench/targets.py, which judges the issues' speed targets from
 results JSON (its arithmetic and case selection, on made-up rows: the real figures need a GPU),
-`python -m bench --checks-only`, the harness's --exclude, --cases and --no-checks, and bench/precompile.py's worker."""
+`python -m bench --checks-only`, the harness's --exclude, --cases and --no-checks, bench/precompile.py's worker, and
+bench/gpu_session.sh, which a GPU session gets one call to run."""
 import importlib
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
@@ -371,3 +377,24 @@ def test_each_suite_script_runs_triton_under_the_interpreter(script):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "triton" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="bench/gpu_session.sh needs bash and coreutils' timeout")
+def test_gpu_session_runs_its_phases_and_returns_their_logs(tmp_path):
+    """The phases run in order, each step's exit status lands in steps.txt, `racecheck:` runs no memcheck, an
+    unknown phase is reported, and the logs come back as one archive (here without a GPU: the sanitizer fails)."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), DEADLINE_S="150", XDIST="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    phases = ["tests:kernels_alone_judges@90", "racecheck:decoding", "no_such_phase"]
+    done = subprocess.run(["bash", "bench/gpu_session.sh", *phases], cwd=harness.REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    steps = (out / "steps.txt").read_text()
+    assert "tests_kernels_alone_judges: exit 0," in steps, steps
+    assert "sanitize_racecheck: exit" in steps and "sanitize_memcheck" not in steps, steps
+    assert "no_such_phase: unknown phase" in steps, steps
+    with tarfile.open(out / "session.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"session/env.txt", "session/steps.txt", "session/tests_kernels_alone_judges.log"} <= names, names
