@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -426,6 +427,7 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
     work = [(case, name, setup) for case in cases for name, setup in suite.providers(case).items()
             if not (mode.exclude and re.search(mode.exclude, name))]
     bar = _progress(len(work), suite.name, progress)
+    cpu_before, wall_before = cpu_seconds(), time.perf_counter()
     last_of_case = {id(case): i for i, (case, _, _) in enumerate(work)}
     for i, (case, name, setup) in enumerate(work):
         bar.set_postfix_str(f"{suite.label(case.params)} {name}"[:60])
@@ -438,9 +440,38 @@ def run_suite(suite: Suite, mode: Mode, limits: dict, out: Path, progress: bool 
             result["triton_autotune"] = triton_autotune_choices()
             _save_json(result, out)
     bar.close()
+    result["other_cpu_cores"] = other_cpu_cores(cpu_before, cpu_seconds(), time.perf_counter() - wall_before)
+    if mode.gpu and (result["other_cpu_cores"] or 0) > BUSY_HOST_CORES:
+        result["notes"].append(f"Other processes kept {result['other_cpu_cores']:.1f} CPU cores busy on average "
+                               f"while this suite ran: a median whose host µs passes its kernel µs measures that "
+                               f"host, and its kernel µs the kernels.")
     result["complete"] = True
     _save_json(result, out)
     return result
+
+
+BUSY_HOST_CORES = 0.5  # other processes' average CPU use past which a GPU run's notes say the host was busy
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has spent busy, those of this process and its finished children), or None
+    where /proc/stat is not there (not Linux)."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return busy, sum(r.ru_utime + r.ru_stime for r in own)
+
+
+def other_cpu_cores(before, after, wall_s: float) -> float | None:
+    """The CPU cores that other processes kept busy on average over wall_s, from two cpu_seconds() readings: the
+    host's share of a timing run (a busy host slows every call's launch path, torch's too)."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall_s
 
 
 def triton_autotune_choices() -> list[dict]:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -398,3 +399,32 @@ def test_gpu_session_runs_its_phases_and_returns_their_logs(tmp_path):
     with tarfile.open(out / "session.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"session/env.txt", "session/steps.txt", "session/tests_kernels_alone_judges.log"} <= names, names
+
+
+def test_other_processes_cpu_cores_from_two_readings():
+    assert harness.other_cpu_cores((10.0, 2.0), (13.0, 3.0), 2.0) == 1.0  # 3 s busy, 1 s of them ours, in 2 s
+    assert harness.other_cpu_cores((10.0, 2.0), (10.5, 3.0), 2.0) == 0.0  # ours counted in, not in the host's yet
+    assert harness.other_cpu_cores(None, (1.0, 1.0), 1.0) is None
+
+
+@pytest.mark.skipif(harness.cpu_seconds() is None, reason="reads /proc/stat (Linux)")
+@pytest.mark.skipif("PYTEST_XDIST_WORKER" in os.environ, reason="the other xdist workers' CPU use varies under it")
+def test_a_busy_child_counts_as_another_process_and_our_own_work_does_not():
+    def window(work):
+        before, start = harness.cpu_seconds(), time.perf_counter()
+        work()
+        return harness.other_cpu_cores(before, harness.cpu_seconds(), time.perf_counter() - start)
+
+    def spin():
+        end = time.perf_counter() + 0.8
+        while time.perf_counter() < end:
+            pass
+
+    ours = window(spin)
+    burn = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # the child's start-up
+        theirs = window(lambda: time.sleep(0.8))
+    finally:
+        burn.wait()
+    assert theirs - ours > 0.5, (ours, theirs)
