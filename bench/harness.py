@@ -454,16 +454,35 @@ BUSY_HOST_CORES = 0.5  # other processes' average CPU use past which a GPU run's
 
 
 def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds the whole machine has spent busy, those of this process and its finished children), or None
-    where /proc/stat is not there (not Linux)."""
+    """(CPU seconds the whole machine has spent busy, those of this process and its descendants), or None where
+    /proc is not there (not Linux)."""
     try:
         first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
         return None
+    ticks = os.sysconf("SC_CLK_TCK")
     user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
     own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return busy, sum(r.ru_utime + r.ru_stime for r in own)
+    return (user + nice + system + irq + softirq + steal) / ticks, (
+        sum(r.ru_utime + r.ru_stime for r in own) + _live_descendants_ticks() / ticks)
+
+
+def _live_descendants_ticks() -> int:
+    """CPU ticks of this process's descendants still running (torch.compile's compile workers, say), which
+    RUSAGE_CHILDREN counts only once they have ended and been waited for."""
+    parent, ticks = {}, {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:  # after the command's closing parenthesis: state ppid ... utime (12th) stime (13th)
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+            parent[int(entry.name)], ticks[int(entry.name)] = int(fields[1]), int(fields[11]) + int(fields[12])
+    ours, found = {os.getpid()}, True
+    while found:
+        found = {pid for pid, ppid in parent.items() if ppid in ours and pid not in ours}
+        ours |= found
+    return sum(ticks[pid] for pid in ours if pid != os.getpid())
 
 
 def other_cpu_cores(before, after, wall_s: float) -> float | None:

@@ -408,9 +408,11 @@ def test_other_processes_cpu_cores_from_two_readings():
     assert harness.other_cpu_cores(None, (1.0, 1.0), 1.0) is None
 
 
-@pytest.mark.skipif(harness.cpu_seconds() is None, reason="reads /proc/stat (Linux)")
+@pytest.mark.skipif(harness.cpu_seconds() is None, reason="reads /proc (Linux)")
 @pytest.mark.skipif("PYTEST_XDIST_WORKER" in os.environ, reason="the other xdist workers' CPU use varies under it")
-def test_a_busy_child_counts_as_another_process_and_our_own_work_does_not():
+def test_other_processes_cpu_counts_and_ours_and_our_childrens_does_not():
+    burn = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+
     def window(work):
         before, start = harness.cpu_seconds(), time.perf_counter()
         work()
@@ -421,11 +423,15 @@ def test_a_busy_child_counts_as_another_process_and_our_own_work_does_not():
         while time.perf_counter() < end:
             pass
 
-    ours = window(spin)
-    burn = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    child = subprocess.Popen([sys.executable, "-c", burn])  # ours, still running (a compile worker, say)
     try:
-        time.sleep(0.3)  # the child's start-up
-        theirs = window(lambda: time.sleep(0.8))
+        time.sleep(0.3)  # its start-up
+        ours = window(spin)
     finally:
-        burn.wait()
+        child.wait()
+    # another process: its parent, our child, has ended, so it is no descendant of ours
+    orphan = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {burn!r}])"
+    subprocess.run([sys.executable, "-c", orphan], check=True)
+    time.sleep(0.3)
+    theirs = window(lambda: time.sleep(0.8))
     assert theirs - ours > 0.5, (ours, theirs)
