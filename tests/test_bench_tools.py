@@ -72,8 +72,15 @@ def test_decoding_against_the_fastest_sdpa_kernel():
     p = dict(Lq=1, Lk=8192)
     rows = [_row("c", "fa:triton", 1.0, **p), _row("c", "torch.sdpa[flash]", 1.5, **p),
             _row("c", "torch.sdpa[efficient]", 0.9, **p), _row("c", "torch.sdpa[math]", None, **p)]
-    v = _verdict({"decoding": {"results": rows}}, "Triton decoding >= 1.0x torch SDPA (its fastest kernel)")
+    what = "Triton decoding >= 1.0x torch SDPA (its fastest kernel)"
+    v = _verdict({"decoding": {"results": rows}}, what)
     assert v["verdict"] == "MISSED" and abs(v["worst"] - 0.9) < 1e-12
+    # Kernels alone: the eager median of a decoding call is mostly the host's launch path (the H100 run at 05be00b:
+    # Triton's kernels 8.6 us, its median 105 us); the profiler's device times judge the kernels.
+    for row, us in zip(rows, (20.0, 30.0, 25.0, None)):
+        row["kernel_us"] = us
+    alone = _verdict({"decoding": {"results": rows}}, what + ", kernels alone")
+    assert alone["verdict"] == "MET" and abs(alone["worst"] - 1.25) < 1e-12
 
 
 def _write_run(folder, date, **suites):
