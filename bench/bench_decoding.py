@@ -65,9 +65,12 @@ def providers(case: Case) -> dict:
             return directed("forward", lambda: fn(q, k, v), ())
         return setup
 
-    for backend in timed_backends():
+    timed = timed_backends()
+    for backend in timed:
         made[f"fa:{backend}"] = run(lambda q, k, v, b=backend: fa.scaled_dot_product_attention(
             q, k, v, enable_gqa=True, backend=b))
+    if {"triton", "cuda"} <= set(timed):  # backend=None: CUDA called eagerly, Triton captured in a CUDA graph
+        made["fa:auto"] = run(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -32,8 +32,11 @@ import torch
 # In order of preference, the fastest first: backend=None takes the first that can run the call. Triton first, as
 # measured on the H200 (bench/results/nvidia-h200/e7a0888/): its attention ran at 1.2-1.4x torch's SDPA flash
 # kernel forward and backward, the CUDA forward at 0.76-0.89x; at 16k columns its row ops' forward moved 88-93% of
-# the copy bandwidth, the CUDA ones 64-84% (at 1k columns the two were within 5% of each other in the forward).
-# The CUDA backend is one backend="cuda" away. The norms' backward has its own order (_BACKWARD_ORDER below).
+# the copy bandwidth, the CUDA ones 64-84% (at 1k columns the two were within 5% of each other in the forward). On
+# the H100 (bench/results/nvidia-h100-80gb-hbm3/05be00b/) the Triton attention forward ran at 1.4-1.8x the CUDA
+# one, the Triton row ops' forward at 1.0-1.06x.
+# The CUDA backend is one backend="cuda" away. The norms' backward has its own order (_BACKWARD_ORDER below), and so
+# has decoding called eagerly (_EAGER_DECODING_ORDER).
 NAMES = ("triton", "cuda", "reference")
 
 # Triton's interpreter must be chosen before triton is imported; we read the choice once, as triton does.
@@ -142,10 +145,31 @@ def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
                 f"fast_attention.{op}: backend={asked!r} cannot run this call: {reason.removeprefix('unsupported: ')}"
             )
         return asked
-    for name in NAMES:
+    for name in _EAGER_DECODING_ORDER if _eager_decoding(op, **args) else NAMES:
         if why_not(name, op, device, **args) is None:
             return name
     raise AssertionError("the reference backend runs every call")
+
+
+# Decoding called eagerly prefers CUDA. On the H100 (bench/results/nvidia-h100-80gb-hbm3/05be00b/, 20 cases of Lq
+# 1-16 against 1k-32k cached keys), every eager decoding call on the Triton backend was bound by its launch path:
+# 105-473 µs a call (170-432 µs of host time, its two kernels launched from Python), where the CUDA backend's took
+# 25-274 µs, 0.15-0.89x as long in all 20. Captured into a CUDA graph the launch path is gone and the Triton
+# kernels are the faster ones (0.39-0.94x the CUDA kernels' time, in all 20): a call made while a graph is being
+# captured keeps NAMES, and so does one torch.compile traces (its graph may be replayed as a CUDA graph).
+# The shapes are those both backends give their split-KV kernels, where the two were measured.
+_EAGER_DECODING_ORDER = ("cuda", "triton", "reference")
+DECODE_MAX_LQ = 16     # kernels/attention.py and csrc/attention/decode_kernel.cuh, the same bounds
+DECODE_MIN_LK = 1024
+
+
+def _eager_decoding(op: str, query=None, key=None, dropout_p=0.0, is_causal=False, **_) -> bool:
+    """Whether an attention call is decoding (few queries, a long cache, no causal mask, no dropout) on a GPU,
+    run eagerly: neither traced by torch.compile nor captured into a CUDA graph."""
+    return (op == "scaled_dot_product_attention" and query.shape[-2] <= DECODE_MAX_LQ
+            and key.shape[-2] >= DECODE_MIN_LK and not is_causal and dropout_p == 0.0
+            and query.device.type == "cuda" and not torch.compiler.is_compiling()
+            and not torch.cuda.is_current_stream_capturing())
 
 
 # The backward of these ops prefers another order: on the H200 (bench/results/nvidia-h200/e7a0888/), the CUDA

@@ -383,6 +383,34 @@ def test_norm_backward_resolves_on_its_own_only_without_a_backend_asked_for(monk
         assert backends.resolve_backward("rms_norm", None, "triton", cpu) == "triton"
 
 
+def test_eager_decoding_prefers_cuda_and_a_graph_capture_triton(monkeypatch):
+    """backend=None runs decoding (Lq <= 16 queries, >= 1024 keys, not causal, no dropout) on the CUDA backend
+    when called eagerly, where the Triton one's launch path dominates, and on Triton while a CUDA graph is being
+    captured or torch.compile traces, where its kernels are the faster (backends._EAGER_DECODING_ORDER). Stand-ins for CUDA tensors: only
+    shapes and the device are read."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(backends, "why_not", lambda name, op, device, **args: None)  # every backend can run it
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    gpu = torch.device("cuda")
+
+    def resolve(Lq=1, Lk=4096, backend=None, **args):
+        q = SimpleNamespace(shape=(2, 8, Lq, 64), device=gpu)
+        k = SimpleNamespace(shape=(2, 2, Lk, 64), device=gpu)
+        return backends.resolve("scaled_dot_product_attention", backend, gpu, query=q, key=k, value=k, **args)
+
+    assert resolve() == resolve(Lq=16, Lk=1024) == "cuda"
+    assert resolve(Lq=17) == resolve(Lk=1023) == resolve(is_causal=True) == resolve(dropout_p=0.1) == "triton"
+    assert resolve(backend="triton") == "triton"
+    with fa.use_backend("triton"):
+        assert resolve() == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert resolve() == "triton"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    capturing[0] = True
+    assert resolve() == "triton"
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_norm_backward_on_another_backend_than_the_forward(op, monkeypatch, device):
     """backend=None may run a norm's backward on another backend than its forward (backends._BACKWARD_ORDER):
