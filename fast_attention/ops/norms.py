@@ -39,12 +39,21 @@ def check(op: str, input: Tensor, normalized_shape, weight: Optional[Tensor], bi
     return normalized_shape
 
 
+# The reshapes below are skipped where they would change nothing: a view costs host time that a small call waits
+# on. With a no-op kernel, fa.layer_norm of a (1, 64) input spent 12.9 µs in Python on the CPU machine before and
+# 8.5 µs after; of a (1, 3, 64) one, 12.7 and 12.0 µs (torch's own F.layer_norm, kernel included: 2.3 µs).
 def _as_rows(input: Tensor, normalized_shape) -> Tensor:
-    return input.reshape(-1, math.prod(normalized_shape)).contiguous()
+    n = math.prod(normalized_shape)
+    rows = input if input.dim() == 2 and input.shape[1] == n else input.reshape(-1, n)
+    return rows.contiguous()
 
 
 def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(-1).contiguous()
+    return t if t is None or (t.dim() == 1 and t.is_contiguous()) else t.reshape(-1).contiguous()
+
+
+def _shaped(out: Tensor, like: Tensor) -> Tensor:
+    return out if out.shape == like.shape else out.reshape(like.shape)
 
 
 def _rows_count(input: Tensor, normalized_shape) -> int:
@@ -62,7 +71,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
         return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
     y, mean, rstd = backends.get(backend).layer_norm_forward(_as_rows(input, normalized_shape), _flat(weight),
                                                              _flat(bias), eps)
-    return y.reshape(input.shape), mean, rstd
+    return _shaped(y, input), mean, rstd
 
 
 @layer_norm.register_fake
@@ -99,7 +108,7 @@ def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: li
     dx, dw, db = backends.get(backend).layer_norm_backward(
         _as_rows(grad_output, normalized_shape), _as_rows(input, normalized_shape), _flat(weight), mean, rstd,
         has_bias)
-    return dx.reshape(input.shape), _param_grad(dw, input, normalized_shape), _param_grad(db, input, normalized_shape)
+    return _shaped(dx, input), _param_grad(dw, input, normalized_shape), _param_grad(db, input, normalized_shape)
 
 
 @layer_norm_backward.register_fake
@@ -138,7 +147,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
                 input.new_empty(M, dtype=reference.compute_dtype(input)))
     y, rstd = backends.get(backend).rms_norm_forward(_as_rows(input, normalized_shape), _flat(weight), eps)
-    return y.reshape(input.shape), rstd
+    return _shaped(y, input), rstd
 
 
 @rms_norm.register_fake
@@ -158,7 +167,7 @@ def rms_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list
         return torch.zeros_like(input, memory_format=torch.contiguous_format), dw
     dx, dw = backends.get(backend).rms_norm_backward(
         _as_rows(grad_output, normalized_shape), _as_rows(input, normalized_shape), _flat(weight), rstd)
-    return dx.reshape(input.shape), _param_grad(dw, input, normalized_shape)
+    return _shaped(dx, input), _param_grad(dw, input, normalized_shape)
 
 
 @rms_norm_backward.register_fake
