@@ -7,9 +7,10 @@ for the suites it holds, as the decoding target is about the kernels without the
 speed-up (baseline median time / ours) or, for the bandwidth targets, the fraction of the copy bandwidth measured
 in the same run. It reports and never fails: exit status 0 whatever the verdicts.
 
-Each attention, decoding and CUDA row-op target is judged twice: on the median time, and on the kernels alone (`kernel_us`,
-the profiler's device time, ours and the baseline's). Where the host's launch path takes longer than the kernels, the
-first measures that path (and whatever else kept the CPU busy during the run); the issues' bars are about the kernels.
+Each attention, decoding and CUDA row-op target is judged twice: on the median time, and on the kernels alone
+(`kernel_us`, the profiler's device time, ours and the baseline's). Where the host's launch path takes longer than
+the kernels, the first measures that path (and whatever else kept the CPU busy during the run); the issues' bars are
+about the kernels.
 """
 from __future__ import annotations
 

@@ -386,8 +386,8 @@ def test_norm_backward_resolves_on_its_own_only_without_a_backend_asked_for(monk
 def test_eager_decoding_prefers_cuda_and_a_graph_capture_triton(monkeypatch):
     """backend=None runs decoding (Lq <= 16 queries, >= 1024 keys, not causal, no dropout) on the CUDA backend
     when called eagerly, where the Triton one's launch path dominates, and on Triton while a CUDA graph is being
-    captured or torch.compile traces, where its kernels are the faster (backends._EAGER_DECODING_ORDER). Stand-ins for CUDA tensors: only
-    shapes and the device are read."""
+    captured or torch.compile traces, where its kernels are the faster (backends._EAGER_DECODING_ORDER).
+    Stand-ins for CUDA tensors: only shapes and the device are read."""
     from types import SimpleNamespace
     monkeypatch.setattr(backends, "why_not", lambda name, op, device, **args: None)  # every backend can run it
     capturing = [False]
