@@ -69,7 +69,7 @@ def providers(case: Case) -> dict:
     for backend in timed:
         made[f"fa:{backend}"] = run(lambda q, k, v, b=backend: fa.scaled_dot_product_attention(
             q, k, v, enable_gqa=True, backend=b))
-    if {"triton", "cuda"} <= set(timed):  # backend=None: CUDA called eagerly, Triton captured in a CUDA graph
+    if {"triton", "cuda"} <= set(timed):  # backend=None: CUDA first for decoding
         made["fa:auto"] = run(lambda q, k, v: fa.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
     from torch.nn.attention import SDPBackend, sdpa_kernel

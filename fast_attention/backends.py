@@ -36,7 +36,7 @@ import torch
 # the H100 (bench/results/nvidia-h100-80gb-hbm3/05be00b/) the Triton attention forward ran at 1.4-1.8x the CUDA
 # one, the Triton row ops' forward at 1.0-1.06x.
 # The CUDA backend is one backend="cuda" away. The norms' backward has its own order (_BACKWARD_ORDER below), and so
-# has decoding called eagerly (_EAGER_DECODING_ORDER).
+# has decoding outside torch.compile (_DECODING_ORDER).
 NAMES = ("triton", "cuda", "reference")
 
 # Triton's interpreter must be chosen before triton is imported; we read the choice once, as triton does.
@@ -145,31 +145,34 @@ def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
                 f"fast_attention.{op}: backend={asked!r} cannot run this call: {reason.removeprefix('unsupported: ')}"
             )
         return asked
-    for name in _EAGER_DECODING_ORDER if _eager_decoding(op, **args) else NAMES:
+    for name in _DECODING_ORDER if _decoding_call(op, **args) else NAMES:
         if why_not(name, op, device, **args) is None:
             return name
     raise AssertionError("the reference backend runs every call")
 
 
-# Decoding called eagerly prefers CUDA. On the H100 (bench/results/nvidia-h100-80gb-hbm3/05be00b/, 20 cases of Lq
-# 1-16 against 1k-32k cached keys), every eager decoding call on the Triton backend was bound by its launch path:
-# 105-473 µs a call (170-432 µs of host time, its two kernels launched from Python), where the CUDA backend's took
-# 25-274 µs, 0.15-0.89x as long in all 20. Captured into a CUDA graph the launch path is gone and the Triton
-# kernels are the faster ones (0.39-0.94x the CUDA kernels' time, in all 20): a call made while a graph is being
-# captured keeps NAMES, and so does one torch.compile traces (its graph may be replayed as a CUDA graph).
-# The shapes are those both backends give their split-KV kernels, where the two were measured.
-_EAGER_DECODING_ORDER = ("cuda", "triton", "reference")
+# Decoding prefers CUDA. On the H100 (bench/results/nvidia-h100-80gb-hbm3/05be00b/, 20 cases of Lq 1-16 against
+# 1k-32k cached keys), every decoding call on the Triton backend was bound by its launch path: 105-473 µs a call
+# (170-432 µs of host time, its two kernels launched from Python), where the CUDA backend's took 25-274 µs,
+# 0.15-0.89x as long in all 20. Replayed from a CUDA graph the launch path is gone and the Triton kernels are the
+# faster ones (0.39-0.94x the CUDA kernels' time): a graph's maker can ask for backend="triton". The order does not
+# change inside a capture, since the eager calls that warm a graph up must compile what the capture will launch.
+# Under torch.compile it stays Triton first, its graph being a candidate for CUDA-graph replay
+# (mode="reduce-overhead"). The shapes are those both backends give their split-KV kernels, where the two were
+# measured.
+_DECODING_ORDER = ("cuda", "triton", "reference")
 DECODE_MAX_LQ = 16     # kernels/attention.py and csrc/attention/decode_kernel.cuh, the same bounds
 DECODE_MIN_LK = 1024
 
 
-def _eager_decoding(op: str, query=None, key=None, dropout_p=0.0, is_causal=False, **_) -> bool:
+def _decoding_call(op: str, query=None, key=None, dropout_p=0.0, is_causal=False, **_) -> bool:
     """Whether an attention call is decoding (few queries, a long cache, no causal mask, no dropout) on a GPU,
-    run eagerly: neither traced by torch.compile nor captured into a CUDA graph."""
-    return (op == "scaled_dot_product_attention" and query.shape[-2] <= DECODE_MAX_LQ
-            and key.shape[-2] >= DECODE_MIN_LK and not is_causal and dropout_p == 0.0
-            and query.device.type == "cuda" and not torch.compiler.is_compiling()
-            and not torch.cuda.is_current_stream_capturing())
+    outside torch.compile."""
+    # is_compiling first: under torch.compile, comparing the lengths would add guards on them (a recompile when a
+    # growing cache passes 1024 keys).
+    return (op == "scaled_dot_product_attention" and not torch.compiler.is_compiling()
+            and query.device.type == "cuda" and query.shape[-2] <= DECODE_MAX_LQ and key.shape[-2] >= DECODE_MIN_LK
+            and not is_causal and dropout_p == 0.0)
 
 
 # The backward of these ops prefers another order: on the H200 (bench/results/nvidia-h200/e7a0888/), the CUDA
