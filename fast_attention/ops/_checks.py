@@ -40,12 +40,12 @@ def check_same_device(op: str, **tensors) -> None:
 def rows(x: Tensor, dim: int) -> Tensor:
     """x as a contiguous (M, N) matrix whose rows run along `dim`."""
     if dim == x.dim() - 1:  # the common case, without movedim's dispatch (about 1 us each in eager mode)
-        return x.reshape(-1, x.shape[-1]).contiguous()
+        return (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).contiguous()  # a view costs 0.4 us too
     return x.movedim(dim, -1).reshape(-1, x.shape[dim]).contiguous()
 
 
 def unrows(y2d: Tensor, like: Tensor, dim: int) -> Tensor:
     """The inverse of rows(): a contiguous tensor shaped like `like`."""
     if dim == like.dim() - 1:
-        return y2d.reshape(like.shape)  # a view: the backends return y2d contiguous
+        return y2d if y2d.shape == like.shape else y2d.reshape(like.shape)  # the backends return y2d contiguous
     return y2d.reshape(like.movedim(dim, -1).shape).movedim(-1, dim).contiguous()
