@@ -47,5 +47,10 @@ def rows(x: Tensor, dim: int) -> Tensor:
 def unrows(y2d: Tensor, like: Tensor, dim: int) -> Tensor:
     """The inverse of rows(): a contiguous tensor shaped like `like`."""
     if dim == like.dim() - 1:
-        return y2d if y2d.shape == like.shape else y2d.reshape(like.shape)  # the backends return y2d contiguous
+        return shaped_like(y2d, like)  # the backends return y2d contiguous
     return y2d.reshape(like.movedim(dim, -1).shape).movedim(-1, dim).contiguous()
+
+
+def shaped_like(t: Tensor, like: Tensor) -> Tensor:
+    """t reshaped to like's shape, itself where it has that shape already (a view costs 0.4 us of host time)."""
+    return t if t.shape == like.shape else t.reshape(like.shape)

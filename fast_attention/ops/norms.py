@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from ._checks import check_float, check_same_device
+from ._checks import check_float, check_same_device, shaped_like
 from ._direct import call
 
 
@@ -52,10 +52,6 @@ def _flat(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or (t.dim() == 1 and t.is_contiguous()) else t.reshape(-1).contiguous()
 
 
-def _shaped(out: Tensor, like: Tensor) -> Tensor:
-    return out if out.shape == like.shape else out.reshape(like.shape)
-
-
 def _rows_count(input: Tensor, normalized_shape) -> int:
     return input.numel() // max(math.prod(normalized_shape), 1)
 
@@ -71,7 +67,7 @@ def layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tens
         return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
     y, mean, rstd = backends.get(backend).layer_norm_forward(_as_rows(input, normalized_shape), _flat(weight),
                                                              _flat(bias), eps)
-    return _shaped(y, input), mean, rstd
+    return shaped_like(y, input), mean, rstd
 
 
 @layer_norm.register_fake
@@ -108,7 +104,7 @@ def layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: li
     dx, dw, db = backends.get(backend).layer_norm_backward(
         _as_rows(grad_output, normalized_shape), _as_rows(input, normalized_shape), _flat(weight), mean, rstd,
         has_bias)
-    return _shaped(dx, input), _param_grad(dw, input, normalized_shape), _param_grad(db, input, normalized_shape)
+    return shaped_like(dx, input), _param_grad(dw, input, normalized_shape), _param_grad(db, input, normalized_shape)
 
 
 @layer_norm_backward.register_fake
@@ -147,7 +143,7 @@ def rms_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor
         return (torch.empty_like(input, memory_format=torch.contiguous_format),
                 input.new_empty(M, dtype=reference.compute_dtype(input)))
     y, rstd = backends.get(backend).rms_norm_forward(_as_rows(input, normalized_shape), _flat(weight), eps)
-    return _shaped(y, input), rstd
+    return shaped_like(y, input), rstd
 
 
 @rms_norm.register_fake
@@ -167,7 +163,7 @@ def rms_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list
         return torch.zeros_like(input, memory_format=torch.contiguous_format), dw
     dx, dw = backends.get(backend).rms_norm_backward(
         _as_rows(grad_output, normalized_shape), _as_rows(input, normalized_shape), _flat(weight), rstd)
-    return _shaped(dx, input), _param_grad(dw, input, normalized_shape)
+    return shaped_like(dx, input), _param_grad(dw, input, normalized_shape)
 
 
 @rms_norm_backward.register_fake
