@@ -161,7 +161,7 @@ def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
 # (mode="reduce-overhead"). The shapes are those both backends give their split-KV kernels, where the two were
 # measured.
 _DECODING_ORDER = ("cuda", "triton", "reference")
-DECODE_MAX_LQ = 16     # kernels/attention.py and csrc/attention/decode_kernel.cuh, the same bounds
+DECODE_MAX_LQ = 16     # the bounds of kernels/attention.py and csrc/attention/decode_kernel.cuh (a test checks)
 DECODE_MIN_LK = 1024
 
 

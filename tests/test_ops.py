@@ -407,6 +407,19 @@ def test_decoding_prefers_cuda_and_under_torch_compile_triton(monkeypatch):
     assert resolve() == "triton"
 
 
+def test_decoding_bounds_agree_with_the_kernels():
+    """backends' decoding shapes are those the kernels give their split-KV path: the Triton launcher's bounds and
+    the CUDA ones (csrc/attention/decode_kernel.cuh). backends cannot import either (triton, the extension)."""
+    import re
+    from pathlib import Path
+    header = (Path(__file__).parent.parent / "csrc" / "attention" / "decode_kernel.cuh").read_text()
+    assert int(re.search(r"kDecodeMaxQ = (\d+);", header)[1]) == backends.DECODE_MAX_LQ
+    assert int(re.search(r"kDecodeMinKeys = (\d+);", header)[1]) == backends.DECODE_MIN_LK
+    if "triton" in fa.available_backends():
+        from fast_attention.kernels import attention as kernels
+        assert (kernels.DECODE_MAX_LQ, kernels.DECODE_MIN_LK) == (backends.DECODE_MAX_LQ, backends.DECODE_MIN_LK)
+
+
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
 def test_norm_backward_on_another_backend_than_the_forward(op, monkeypatch, device):
     """backend=None may run a norm's backward on another backend than its forward (backends._BACKWARD_ORDER):
