@@ -1,7 +1,10 @@
 """Test setup: Triton's interpreter on machines without a GPU, and the `backend` / `device` fixtures."""
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import torch
@@ -13,6 +16,12 @@ if not torch.cuda.is_available():
 # flag set the suite meets: many minutes of compiling. The tests check each kernel with its first config that
 # fits; test_autotuned_gpu turns autotuning back on, and FAST_ATTENTION_AUTOTUNE=1 runs everything with it.
 os.environ.setdefault("FAST_ATTENTION_AUTOTUNE", "0")
+# torch.compile keeps compiled graphs across processes (/tmp/torchinductor_<user>), keyed on the traced graph but not
+# on our ops' fake kernels: a graph compiled against another checkout's ops, whose outputs had other shapes, would be
+# reused and fail its shape asserts. Each test session compiles into a directory of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fast_attention-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 
