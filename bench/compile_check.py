@@ -119,7 +119,7 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     kv_strides = (Hkv * Lk * D, Lk * D, D, 1)
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
-    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Lse=torch.float32, LogSum=torch.float32,
+    v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Max=torch.float32, LogSum=torch.float32,
              Delta=torch.float32, DQ=dtype, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
              qk_scale=0.1, scale=0.1, dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
@@ -175,11 +175,11 @@ def attention_jobs(full: bool, arch: int):
                         if not (full or light or heavy):
                             continue
                         values = _attn_scalars(dtype, D, Lq, Lk, mask)
-                        values.update(Out=dtype, out_split_stride=0, lse_split_stride=0, keys_per_split=Lk,
+                        values.update(Out=dtype, out_split_stride=0, stats_split_stride=0, keys_per_split=Lk,
                                       num_splits=1)
                         const = dict(_flags(dtype, D, causal, mask, drop), **c.kwargs)
                         if kind == "fwd":
-                            const["PACK_GQA"] = False
+                            const.update(PACK_GQA=False, PDL=False)  # offline, every constexpr needs a value
                         label = f"attn_{kind} {_SHORT[dtype]} D{D}"
                         cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} c{int(causal)} m{mask} "
                                f"p{int(drop)}{' tma' if c.kwargs.get('TMA') else ''}")
@@ -193,16 +193,17 @@ def attention_jobs(full: bool, arch: int):
                     dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec,
                                           mask != 0 or drop)
                     values = _attn_scalars(dtype, D, Lq_dec, 8192, mask, Hkv=2)
-                    values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, lse_split_stride=16 * Lq_dec,
-                                  keys_per_split=512, num_splits=16)
+                    values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D,
+                                  stats_split_stride=16 * Lq_dec, keys_per_split=512, num_splits=16)
                     const = dict(_flags(dtype, D, causal, mask, drop), BLOCK_M=dc["BLOCK_M"], BLOCK_N=dc["BLOCK_N"],
-                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], SPLIT=True, PDL=pdl)
+                                 TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits in (2, 128):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
-                              Lse=torch.float32, num_splits=splits, out_split_stride=16 * D, lse_split_stride=16)
+                              Max=torch.float32, LogSum=torch.float32, num_splits=splits, out_split_stride=16 * D,
+                              stats_split_stride=16)
                 block_s = max(2, triton.next_power_of_2(splits))
                 const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D), PDL=pdl)
                 jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}",

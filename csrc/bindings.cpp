@@ -372,13 +372,19 @@ AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, con
   return in;
 }
 
-void check_lse(const Tensor& lse, const fa::AttentionParams& p, const Tensor& q, const char* op) {
-  check_same_device(lse, q, op, "lse", "query");
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "fast_attention._C.", op, ": lse must be float32, got ",
-                   lse.scalar_type());
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.q_len,
-                    "fast_attention._C.", op, ": lse must be (B, H, Lq) = (", p.batch, ", ", p.heads, ", ", p.q_len,
-                    "), got ", lse.sizes());
+// The forward's row statistics (2, B, H, Lq) fp32 (flash.h: row_max, row_log_sum) into p, read from `held`, a
+// contiguous copy the caller keeps alive for the launch.
+void set_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held, const Tensor& q, const char* op) {
+  check_same_device(stats, q, op, "stats", "query");
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat, "fast_attention._C.", op, ": stats must be float32, got ",
+                   stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 4 && stats.size(0) == 2 && stats.size(1) == p.batch && stats.size(2) == p.heads &&
+                        stats.size(3) == p.q_len,
+                    "fast_attention._C.", op, ": stats must be (2, B, H, Lq) = (2, ", p.batch, ", ", p.heads, ", ",
+                    p.q_len, "), got ", stats.sizes());
+  held = stats.contiguous();
+  p.row_max = held.data_ptr<float>();
+  p.row_log_sum = p.row_max + held.size(1) * held.size(2) * held.size(3);
 }
 
 // Dropout's probability and seed (fast_attention's op draws the seed from torch's generator per call).
@@ -400,18 +406,23 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
   set_dropout(p, dropout_p, seed, op);
   Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
-  Tensor lse = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 || p.k_len == 0) return {out.zero_(), lse.fill_(-INFINITY)};
+  Tensor stats = at::empty({2, p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.k_len == 0) {  // every row dead: max -inf, log sum 0
+    stats[0].fill_(-INFINITY);
+    stats[1].zero_();
+    return {out.zero_(), stats};
+  }
   p.out = out.data_ptr();
   p.o_batch_stride = out.stride(0), p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(2);
-  p.lse = lse.data_ptr<float>();
+  Tensor held;
+  set_stats(p, stats, held, q, op);
   const Tensor ws = float_workspace(fa::attention_forward_workspace_floats(p), q, p.split_out);
   check_launch(fa::attention_forward(p, current_stream(q)), op);
-  return {out, lse};
+  return {out, stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const Tensor& v, const Tensor& out, const Tensor& stats,
                                                       const OptTensor& mask, bool causal, double scale,
                                                       double dropout_p, int64_t seed) {
   constexpr const char* op = "attention_backward";
@@ -422,7 +433,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
   set_dropout(p, dropout_p, seed, op);
-  check_lse(lse, p, q, op);
+  Tensor held;
+  set_stats(p, stats, held, q, op);
   check_same_dtype(dout, q, op, "dout", "query");
   check_same_dtype(out, q, op, "out", "query");
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
@@ -432,13 +444,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
   if (dq.numel() == 0 || p.k_len == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
-  const Tensor d = attention_layout(dout), o = attention_layout(out), l = lse.contiguous();
+  const Tensor d = attention_layout(dout), o = attention_layout(out);
   Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   p.dout = d.data_ptr();
   p.do_batch_stride = d.stride(0), p.do_head_stride = d.stride(1), p.do_row_stride = d.stride(2);
   p.out = o.data_ptr();
   p.o_batch_stride = o.stride(0), p.o_head_stride = o.stride(1), p.o_row_stride = o.stride(2);
-  p.lse = l.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
@@ -447,18 +458,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   return {dq, dk, dv};
 }
 
-Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& lse, const OptTensor& mask, bool causal,
+Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& stats, const OptTensor& mask, bool causal,
                          double scale) {
   constexpr const char* op = "attention_weights";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, std::nullopt, mask, causal, scale, op, false);
-  check_lse(lse, p, q, op);
+  Tensor held;
+  set_stats(p, stats, held, q, op);
   Tensor weights = at::empty({p.batch, p.heads, p.q_len, p.k_len}, q.options().dtype(at::kFloat));
   if (weights.numel() == 0) return weights;
-  const Tensor l = lse.contiguous();
-  p.lse = l.data_ptr<float>();
   p.weights = weights.data_ptr<float>();
   check_launch(fa::attention_weights(p, current_stream(q)), op);
   return weights;
@@ -480,14 +490,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"));
   m.def("rms_norm_backward", &rms_norm_backward, "-> (dx, dweight | None), dweight as layer_norm_backward's",
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
-  m.def("attention_forward", &attention_forward, "-> (out, lse fp32 (B, H, Lq))", py::arg("query"),
+  m.def("attention_forward", &attention_forward, "-> (out, stats fp32 (2, B, H, Lq): row max, log row sum; base 2)",
+        py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_backward", &attention_backward, "-> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
-        py::arg("key"), py::arg("value"), py::arg("out"), py::arg("lse"), py::arg("attn_mask"),
+        py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("attn_mask"),
         py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
-        py::arg("key"), py::arg("lse"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
+        py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
   py::tuple head_dims(std::size(fa::kHeadDims));
   for (size_t i = 0; i < std::size(fa::kHeadDims); ++i) head_dims[i] = fa::kHeadDims[i];
   m.attr("head_dims") = head_dims;

@@ -83,20 +83,20 @@ def attention():
                     mask = torch.randn(B, 1, 1, Lk, device="cuda", dtype=dtype)
                 mask4 = None if mask is None else mask.expand(B, H, Lq, Lk)
                 scale = E ** -0.5
-                out, lse = _C.attention_forward(q, k, v, mask4, causal, scale)
+                out, stats = _C.attention_forward(q, k, v, mask4, causal, scale)
                 rm = mask4 if mask4 is None or mask4.dtype == torch.bool else mask4.double()
                 ref, _ = reference.attention_forward(q.double(), k.double(), v.double(), rm, causal, scale, 0.0, 0)
                 tag = f"attention {dtype} E={E} causal={causal} mask={mask_kind}"
                 check(f"{tag} fwd", out, ref, 3e-2)
                 dout = torch.randn_like(out)
-                grads = _C.attention_backward(dout, q, k, v, out, lse, mask4, causal, scale)
+                grads = _C.attention_backward(dout, q, k, v, out, stats, mask4, causal, scale)
                 rgrads = reference.attention_backward(dout.double(), q.double(), k.double(), v.double(),
-                                                      out.double(), lse.double(), rm, causal, scale, 0.0, 0)
+                                                      out.double(), stats.double(), rm, causal, scale, 0.0, 0)
                 for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
                     check(f"{tag} {name}", g, r, 5e-2)
-                weights = _C.attention_weights(q, k, lse, mask4, causal, scale)
+                weights = _C.attention_weights(q, k, stats, mask4, causal, scale)
                 check(f"{tag} weights", weights, reference.attention_weights(
-                    q.double(), k.double(), lse.double(), rm, causal, scale), 1e-2)
+                    q.double(), k.double(), stats.double(), rm, causal, scale), 1e-2)
 
 
 def decoding():
@@ -111,7 +111,7 @@ def decoding():
             mask = torch.rand(B, 1, Lq, Lk, device="cuda") > 0.3
             mask[0, :, 1] = False
             mask4 = mask.expand(B, H, Lq, Lk)
-            out, lse = _C.attention_forward(q, k, v, mask4, False, E ** -0.5)
+            out, stats = _C.attention_forward(q, k, v, mask4, False, E ** -0.5)
             ref, _ = reference.attention_forward(q.double(), k.double(), v.double(), mask4, False, E ** -0.5, 0.0, 0)
             check(f"decoding {dtype} E={E}", out, ref, 3e-2)
 
@@ -126,14 +126,14 @@ def dropout():
             B, H, Hkv, Lq, Lk, p, seed = 1, 4, 2, 70, 130, 0.3, 2**40 + 12345
             q, k, v = (torch.randn(B, h, L, E, device="cuda", dtype=dtype) for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
             scale = E ** -0.5
-            out, lse = _C.attention_forward(q, k, v, None, False, scale, p, seed)
+            out, stats = _C.attention_forward(q, k, v, None, False, scale, p, seed)
             keep = triton_kernels.dropout_mask(seed, p, B, H, Lq, Lk, "cuda")
             xs = [t.double().requires_grad_() for t in (q, k, v)]
             ref = reference.scaled_dot_product_attention(*xs, dropout_p=p, enable_gqa=True, dropout_mask=keep)
             tag = f"attention dropout {dtype} E={E}"
             check(f"{tag} fwd", out, ref, 3e-2)
             dout = torch.randn_like(out)
-            grads = _C.attention_backward(dout, q, k, v, out, lse, None, False, scale, p, seed)
+            grads = _C.attention_backward(dout, q, k, v, out, stats, None, False, scale, p, seed)
             for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, xs, dout.double())):
                 check(f"{tag} {name}", g, r, 5e-2)
 

@@ -114,9 +114,9 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, lse, mask, is_causal, scale, dropout_p, seed))
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, stats, mask, is_causal, scale, dropout_p, seed))
 
 
-def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
-    return _C.attention_weights(q, k, lse, mask, is_causal, scale)
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
+    return _C.attention_weights(q, k, stats, mask, is_causal, scale)

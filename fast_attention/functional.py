@@ -84,9 +84,9 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. Gradients flow through them to query and key,
     as through torch's."""
-    out, lse, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
-    weights = call(_attention.attention_weights, q4, k4, lse, mask, is_causal, scale, name)
+    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name)
     shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
     return out, weights if weights.shape == shape else weights.reshape(shape)
 
@@ -107,8 +107,8 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
-    out, lse = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
+    out, stats = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
                     scale, seed, name)
     if out.dim() != query.dim() or q is not query:
         out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
-    return out, lse, (q, k, attn_mask, bool(is_causal), scale, (query, key, value, batch, H)), name
+    return out, stats, (q, k, attn_mask, bool(is_causal), scale, (query, key, value, batch, H)), name

@@ -151,13 +151,18 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
 
 
 def _probabilities(q, k, mask, is_causal, scale):
-    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the logsumexp the kernels save; rows with every
-    key masked are zeros. The backward and the weights compute P again this way rather than as exp(s - lse), as the
-    kernels do: in a row masked with finfo.min everywhere, lse == s (log(Lk) is below the float spacing there), so
-    exp(s - lse) would be 1 where torch gives uniform weights 1 / Lk. The oracle stays exact there."""
+    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the statistics the kernels save, (2, B, H, Lq):
+    each row's max score and the log of its sum relative to that max, both base 2 (-inf and 0 for a row with every
+    key masked). Rows with every key masked are zeros. The backward and the weights compute P again with softmax
+    rather than from the statistics, as the kernels do: the oracle does not share their arithmetic."""
     s = _scores(q, k, mask, is_causal, scale)
-    dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
-    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), torch.logsumexp(s, dim=-1)
+    row_max = s.amax(-1, keepdim=True)
+    dead = torch.isneginf(row_max)  # zeroed, while a NaN from the mask propagates as in torch
+    log_sum = torch.exp(s - row_max.masked_fill(dead, 0.0)).sum(-1, keepdim=True).log().masked_fill(dead, 0.0)
+    # base 2; as in the kernels, a huge finite max (finfo.min * log2(e) overflows) stays finite
+    max2 = torch.where(dead, row_max, (row_max / math.log(2)).clamp(min=-torch.finfo(s.dtype).max))
+    stats = torch.stack((max2.squeeze(-1), log_sum.squeeze(-1) / math.log(2)))
+    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), stats
 
 
 def _scores(q, k, mask, is_causal, scale):
@@ -181,20 +186,20 @@ def _dropout_scale(q, k, dropout_p, seed):
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    p, lse = _probabilities(q, k, mask, is_causal, scale)
+    p, stats = _probabilities(q, k, mask, is_causal, scale)
     drop = _dropout_scale(q, k, dropout_p, seed)
     if drop is not None:
         p = p * drop
     out = p @ _repeat_kv(v.to(p.dtype), q.shape[1])
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), stats
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
     """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form; dropout's mask is drawn again from the seed."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    p, _ = _probabilities(q, k, mask, is_causal, scale)  # not from lse: see _probabilities
+    p, _ = _probabilities(q, k, mask, is_causal, scale)  # not from stats: see _probabilities
     do, o = dout.to(ct), out.to(ct)
     drop = _dropout_scale(q, k, dropout_p, seed)
     p_dropped = p if drop is None else p * drop
@@ -209,8 +214,8 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
-def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
-    return _probabilities(q, k, mask, is_causal, scale)[0]  # not from lse: see _probabilities
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
+    return _probabilities(q, k, mask, is_causal, scale)[0]  # not from stats: see _probabilities
 
 
 def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float):

@@ -1,14 +1,23 @@
 """Attention in Triton: FlashAttention-2 forward and backward with torch SDPA's semantics.
 
-Shapes: q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; out (B, H, Lq, Dv); lse fp32
-(B, H, Lq); mask None or (B, H, Lq, Lk) with stride-0 broadcast dims, bool (True = keep) or float (added).
+Shapes: q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; out (B, H, Lq, Dv); stats fp32
+(2, B, H, Lq); mask None or (B, H, Lq, Lk) with stride-0 broadcast dims, bool (True = keep) or float (added).
 
 Reading order: shared helpers, forward (tile loop, kernel, split-KV combine), backward (delta preprocess,
 dK/dV kernel, dQ kernel), attention weights, dropout mask, configs, launchers, backend entry points.
 
 Numerics: every softmax runs in base 2 with log2(e) folded into the scale (s2 = qk * scale * log2(e)), so the
-exponentials are exp2; the saved lse is in natural units. Accumulation is fp32 and results are cast once at the
-store. A row whose every key is masked keeps m = -inf and l = 0: its output is 0 and its lse -inf, as torch.
+exponentials are exp2. Accumulation is fp32 and results are cast once at the store. A row whose every key is
+masked keeps m = -inf and l = 0: its output is 0.
+
+Statistics (STATS): the forward saves each row's max score m and log2 of its row sum l = sum exp2(s2 - m), in
+base 2 and apart, as planes 0 and 1 of (2, B, H, Lq) (m = -inf and 0 for a row with every key masked); the
+backward and the attention weights rebuild P = exp2(s2 - m - log2 l) from them. Their sum, the logsumexp, would
+not do for a row whose every key carries a huge finite mask (finfo.min, as Hugging Face pads): m is then about
+-3.4e38, where log2(Lk) is far below the float spacing, and P rebuilt from the sum would be 1 per key instead of
+torch's 1 / Lk. So with a float mask the kernels subtract m and log2 l one after the other (exact there, one more
+subtraction per score); without one the scores are scale * q.k, nowhere near that size, and they subtract the
+per-row sum.
 
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
@@ -19,10 +28,6 @@ forward and the dQ kernel, Q and dO in the dK/dV kernel. TMA_MODE and the autotu
 
 Dropout is counter-based: element (b, h, i, j) keeps iff tl.rand(seed, ((b * H + h) * Lq + i) * Lk + j) >= p,
 so the backward and `dropout_mask` regenerate exactly the forward's mask without storing it.
-
-Limit: a row whose every key carries a huge finite mask (finfo.min, as Hugging Face pads) gets torch's uniform
-output, but its lse ~ -3.4e38 cannot resolve log(Lk), so P rebuilt from the lse (backward, attention weights) is
-clamped to at most 1 there: finite, though not 1/Lk.
 """
 from __future__ import annotations
 
@@ -43,7 +48,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 # Kernels see module globals only when they are constexpr.
 _LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 MAX_HEAD_DIM = 256
@@ -109,6 +113,28 @@ def _keys_ok(offs_n, k_end, EDGE: tl.constexpr):
 @triton.jit
 def _keep(seed, counters, dropout_p):
     return tl.rand(seed, counters) >= dropout_p
+
+
+@triton.jit
+def _row_stats(max_ptrs, log_sum_ptrs, ok):
+    """A block of rows' saved statistics (STATS), base 2: (m, log2 l, their sum). Dead rows (m = -inf) and rows
+    past the length read m = +inf, so that P = exp2(s - m - log2 l) is 0 there (not exp2(-inf + inf) = NaN)."""
+    m = tl.load(max_ptrs, mask=ok, other=float("inf"))
+    m = tl.where(m == float("-inf"), float("inf"), m)
+    log_sum = tl.load(log_sum_ptrs, mask=ok, other=0.0)
+    return m, log_sum, m + log_sum
+
+
+@triton.jit
+def _probabilities(s, m, log_sum, lse, MASK_KIND: tl.constexpr):
+    """P = exp2(s - m - log2 l) from base-2 scores s and the rows' statistics (each broadcast to s), at most 1 (the
+    difference may round just above 0). With a float mask the two are subtracted one after the other, exact where
+    m is huge (STATS); otherwise their per-row sum, lse, is: one subtraction per score. NaN stays NaN."""
+    if MASK_KIND == 2:
+        d = (s - m) - log_sum
+    else:
+        d = s - lse
+    return tl.math.exp2(tl.minimum(d, 0.0, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -180,22 +206,21 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_fwd(Q, K, V, Mask, Out, Lse, LogSum,
+def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
-              out_split_stride, lse_split_stride,
+              out_split_stride, stats_split_stride,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-              PACK_GQA: tl.constexpr, SPLIT: tl.constexpr = False, PDL: tl.constexpr = False):
+              PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
 
-    Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself); Lse: (B, H, Lq)
-    contiguous, natural log. With several splits each part is normalized on its own and merged by _attn_combine:
-    Lse and LogSum, (num_splits, B, H, Lq), receive each split's row max and the log of its row sum (natural
-    units) apart, for their sum cannot resolve the log where the max is huge (a row masked with finfo.min).
+    Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself). Max and LogSum,
+    (num_splits, B, H, Lq) contiguous: each row's statistics (STATS, in the module's docstring). With several
+    splits each part is normalized on its own and merged by _attn_combine.
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -269,36 +294,34 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, LogSum,
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     log2_sum = tl.math.log2(tl.where(live, l_i, 1.0))
-    rows = bh * Lq + offs_m  # (b, h, i) in Out and Lse
+    rows = bh * Lq + offs_m  # (b, h, i) in Out, Max and LogSum
     o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    if SPLIT:
-        tl.store(Lse + split * lse_split_stride + rows, tl.where(live, m_i * _LN2, float("-inf")), mask=row_ok)
-        tl.store(LogSum + split * lse_split_stride + rows, log2_sum * _LN2, mask=row_ok)
-    else:
-        tl.store(Lse + rows, tl.where(live, (m_i + log2_sum) * _LN2, float("-inf")), mask=row_ok)
+    tl.store(Max + split * stats_split_stride + rows, tl.where(live, m_i, float("-inf")), mask=row_ok)
+    tl.store(LogSum + split * stats_split_stride + rows, log2_sum, mask=row_ok)
 
 
 @triton.jit
-def _attn_combine(PartOut, PartMax, PartLogSum, Out, Lse, num_splits, out_split_stride, lse_split_stride,
+def _attn_combine(PartOut, PartMax, PartLogSum, Out, Max, LogSum, num_splits, out_split_stride, stats_split_stride,
                   HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
                   PDL: tl.constexpr):
     """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
-    its share of the row sum, exp(max_s - m + log_sum_s) / total. PartOut (S, B*H*Lq, Dv) fp32, PartMax and
-    PartLogSum (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), Lse (B*H*Lq). With PDL (launched as a programmatic dependent
-    of the split kernel) it first waits for that grid to complete and its writes to be visible."""
+    its share of the row sum, exp2(max_s - m + log_sum_s) / total (base 2, as the statistics). PartOut
+    (S, B*H*Lq, Dv) fp32, PartMax and PartLogSum (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), and the row's Max and
+    LogSum (B*H*Lq): m and log2(total). With PDL (launched as a programmatic dependent of the split kernel) it
+    first waits for that grid to complete and its writes to be visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_range = offs_s < num_splits
-    max_s = tl.load(PartMax + offs_s.to(tl.int64) * lse_split_stride + row, mask=in_range, other=float("-inf"))
+    max_s = tl.load(PartMax + offs_s.to(tl.int64) * stats_split_stride + row, mask=in_range, other=float("-inf"))
     m = tl.max(max_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    log_sum_s = tl.load(PartLogSum + offs_s.to(tl.int64) * lse_split_stride + row, mask=in_range, other=0.0)
+    log_sum_s = tl.load(PartLogSum + offs_s.to(tl.int64) * stats_split_stride + row, mask=in_range, other=0.0)
     # Dead splits (keys all masked, or past the causal limit) have max_s = -inf and weigh 0.
-    total = tl.sum(tl.exp(max_s - m_safe + log_sum_s), 0)
+    total = tl.sum(tl.math.exp2(max_s - m_safe + log_sum_s), 0)
     # The parts are summed CHUNK_S splits at a time: all 128 splits of a 256 head dim at once would be 256 fp32
     # registers per thread, and spill.
     offs_c = tl.arange(0, CHUNK_S)
@@ -306,15 +329,16 @@ def _attn_combine(PartOut, PartMax, PartLogSum, Out, Lse, num_splits, out_split_
     for start in range(0, num_splits, CHUNK_S):
         s = start + offs_c
         s_ok = s < num_splits
-        w = tl.exp(tl.load(PartMax + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=float("-inf"))
-                   - m_safe + tl.load(PartLogSum + s.to(tl.int64) * lse_split_stride + row, mask=s_ok, other=0.0))
+        at = s.to(tl.int64) * stats_split_stride + row
+        w = tl.math.exp2(tl.load(PartMax + at, mask=s_ok, other=float("-inf")) - m_safe
+                         + tl.load(PartLogSum + at, mask=s_ok, other=0.0))
         parts = tl.load(PartOut + s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
                         mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += tl.sum(parts * w[:, None], 0)
     out = acc / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, m_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
     tl.store(Out + row * HEAD_DIM_V + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
-    tl.store(Lse + row, lse)
+    tl.store(Max + row, tl.where(total > 0.0, m_safe, float("-inf")))
+    tl.store(LogSum + row, tl.math.log2(tl.where(total > 0.0, total, 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -340,7 +364,8 @@ def _attn_bwd_delta(O, DO, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, mask_cols, offs_n, n_ok,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log_sum_base, delta_base, mask_cols,
+                offs_n, n_ok,
                 rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p, dropout_scale, seed,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
@@ -367,15 +392,13 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, del
         if UPCAST:
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
-        # Dead rows (lse = -inf) and rows past Lq read lse = +inf so that P = exp2(s - lse) is 0 there.
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        m, log_sum, lse = _row_stats(max_base + offs_m, log_sum_base + offs_m, m_ok)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
         st = _dot(k, qt, IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
         mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
         st = _apply_masks(st, mask_ptrs, n_ok[:, None] & m_ok[None, :], offs_m[None, :], offs_n[:, None], Lk,
                           MASK_KIND, CAUSAL_TILE)
-        pt = tl.math.exp2(tl.minimum(st - lse2[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL))
+        pt = _probabilities(st, m[None, :], log_sum[None, :], lse[None, :], MASK_KIND)
         dpt = _dot(v, tl.trans(do), IEEE)  # dP^T = V dO^T (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep = _keep(seed, rng_base + offs_m.to(tl.int64)[None, :] * Lk + offs_n[:, None], dropout_p)
@@ -389,7 +412,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, del
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                    H, Hkv, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
@@ -444,15 +467,16 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
         mask_cols = Mask + b * smb + h * smh + rows_n * smn  # (BLOCK_N, 1)
         rng_base = bh * Lq * Lk
         h32 = h.to(tl.int32)
+        row_max, log_sum, delta = Max + bh * Lq, LogSum + bh * Lq, Delta + bh * Lq
         if IS_CAUSAL:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, Lse + bh * Lq, Delta + bh * Lq,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta,
                                  mask_cols, offs_n, n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm,
                                  qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
                                  BLOCK_M, MASK_KIND, True, DROPOUT, UPCAST, IEEE, TMA)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, Lse + bh * Lq, Delta + bh * Lq,
-                             mask_cols, offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale,
-                             dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                             MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta, mask_cols,
+                             offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
+                             dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, False,
+                             DROPOUT, UPCAST, IEEE, TMA)
 
     dk = dk * scale
     tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -462,8 +486,8 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, start,
-              end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+              rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
@@ -492,7 +516,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
                          MASK_KIND, CAUSAL_TILE, EDGE)
-        p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL))
+        p = _probabilities(s, m[:, None], log_sum[:, None], lse[:, None], MASK_KIND)
         dp = _dot(do, vt, IEEE)
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
@@ -503,7 +527,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                  H, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
@@ -531,8 +555,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+    m, log_sum, lse = _row_stats(Max + bh * Lq + offs_m, LogSum + bh * Lq + offs_m, row_ok)
     delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
     k_base = K + b * skb + hkv * skh
     v_base = V + b * svb + hkv * svh
@@ -550,12 +573,12 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
         hi = Lk
         mid = Lk if EDGE_FIRST else Lk // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, 0,
-                   mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA, EDGE_FIRST)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows, mid,
-                   hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V,
-                   BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, IEEE, TMA, True)
+    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                   rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
+                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA, EDGE_FIRST)
+    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
+                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, IEEE, TMA, True)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -565,11 +588,12 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ,
 # Attention weights and the dropout mask
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _attn_weights(Q, K, Mask, Lse, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
+def _attn_weights(Q, K, Mask, Max, LogSum, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
                   H, GROUP, Lq, Lk, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One (BLOCK_M, BLOCK_N) tile of W (B, H, Lq, Lk) fp32 contiguous = exp(scale * q k^T + mask - lse)."""
+    """One (BLOCK_M, BLOCK_N) tile of W (B, H, Lq, Lk) fp32 contiguous = softmax(scale * q k^T + mask), rebuilt
+    from the forward's statistics."""
     pid = tl.program_id(0)
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
@@ -596,9 +620,8 @@ def _attn_weights(Q, K, Mask, Lse, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, sm
     mask_ptrs = Mask + b * smb + h * smh + rows * smm + offs_n.to(tl.int64)[None, :] * smn
     s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], Lk,
                      MASK_KIND, IS_CAUSAL)
-    lse = tl.load(Lse + bh * Lq + offs_m, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-    p = tl.math.exp2(tl.minimum(s - lse2[:, None], 0.0, propagate_nan=tl.PropagateNan.ALL))
+    m, log_sum, lse = _row_stats(Max + bh * Lq + offs_m, LogSum + bh * Lq + offs_m, row_ok)
+    p = _probabilities(s, m[:, None], log_sum[:, None], lse[:, None], MASK_KIND)
     tl.store(W + (bh * Lq + rows) * Lk + offs_n[None, :], p, mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -879,13 +902,13 @@ def _pdl(device: torch.device) -> bool:
     return PDL_MODE != "0" and not INTERPRET and device.type == "cuda" and properties(device).major >= 9
 
 
-def _combine(part_out, part_max, part_log_sum, out, lse, splits, pdl):
-    """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_max and part_log_sum (S, B, H, Lq) -> out, lse in
-    place."""
-    rows = lse.numel()
+def _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl):
+    """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_max and part_log_sum (S, B, H, Lq) -> out and the
+    rows' stats (2, B, H, Lq) in place."""
+    rows = stats[0].numel()
     dv = out.shape[-1]
     block_s = max(2, next_power_of_2(splits))
-    _attn_combine[(rows,)](part_out, part_max, part_log_sum, out, lse, splits, part_out.stride(0),
+    _attn_combine[(rows,)](part_out, part_max, part_log_sum, out, stats[0], stats[1], splits, part_out.stride(0),
                            part_max.stride(0), HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16),
                            BLOCK_DV=_block(dv), PDL=pdl, num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
 
@@ -910,15 +933,14 @@ def _split_plan(q, k, mask=None, dropout_p=0.0):
     return config, splits, keys
 
 
-def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=None, pdl=False, log_sum=None):
-    """Launch _attn_fwd writing out (B, H, Lq, Dv) and lse (B, H, Lq), or with a split plan of several splits
-    the parts (splits, B, H, Lq, Dv), their row maxima into lse and log row sums into log_sum (splits, B, H, Lq);
+def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, row_max, log_sum, plan=None, pdl=False):
+    """Launch _attn_fwd writing out (B, H, Lq, Dv) and the rows' statistics, row_max and log_sum (B, H, Lq), or
+    with a split plan of several splits the parts (splits, B, H, Lq, Dv) and their statistics (splits, B, H, Lq);
     pdl: the combine follows as its programmatic dependent."""
     B, H, Lq, _ = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
-    args = (q, k, v, mask_t, out, lse, lse if log_sum is None else log_sum, *q.stride(), *k.stride(), *v.stride(),
-            *mask_strides)
+    args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
     kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed),
                   HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
     if plan is None:
@@ -927,8 +949,8 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan=No
         return
     config, splits, keys = plan
     grid = (_decode_grid(B, H, Hkv, Lq, config, splits),)
-    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, SPLIT=splits > 1,
-                    PDL=pdl, **kwargs, **config)
+    _attn_fwd[grid](*args, B * H * Lq * Dv, B * H * Lq, keys_per_split=keys, num_splits=splits, PDL=pdl, **kwargs,
+                    **config)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -969,31 +991,31 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), lse fp32 (B, H, Lq)."""
+    """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq)."""
     q, k, v = _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, _ = q.shape
     Dv = v.shape[-1]
     out = torch.empty((B, H, Lq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device)
     plan = _split_plan(q, k, mask, dropout_p)
     if plan is None or plan[1] == 1:
-        _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, lse, plan)
-        return out, lse
+        _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, stats[0], stats[1], plan)
+        return out, stats
     splits = plan[1]
     part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
     part_max, part_log_sum = torch.empty((2, splits, B, H, Lq), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
-    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_max, plan, pdl, part_log_sum)
-    _combine(part_out, part_max, part_log_sum, out, lse, splits, pdl)
-    return out, lse
+    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_max, part_log_sum, plan, pdl)
+    _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl)
+    return out, stats
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    """dout, out (B, H, Lq, Dv), lse fp32 (B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+    """dout, out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
     dout, out, q, k, v = _tileable(dout), _tileable(out), _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     delta = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     block_m = 32 if INTERPRET else 64
     _attn_bwd_delta[(cdiv(Lq, block_m) * B * H,)](out, dout, delta, *out.stride(), *dout.stride(), H, Lq,
@@ -1003,7 +1025,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask_t, _, mask_strides = _mask_args(mask, q)
     flags = dict(_flags(q, mask, is_causal, dropout_p), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
-    inputs = (q, k, v, mask_t, dout, lse, delta)
+    inputs = (q, k, v, mask_t, dout, stats[0], stats[1], delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
     common = dict(Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, scale=scale, **_dropout_args(dropout_p, seed), **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
@@ -1013,8 +1035,8 @@ def attention_backward(dout, q, k, v, out, lse, mask, is_causal: bool, scale: fl
     return dq, dk, dv
 
 
-def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
-    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk), rebuilt from the forward's lse; dead rows are 0."""
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
+    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk), rebuilt from the forward's stats; dead rows are 0."""
     q, k = _tileable(q), _tileable(k)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -1025,7 +1047,8 @@ def attention_weights(q, k, lse, mask, is_causal: bool, scale: float):
     # fp32 takes 32 x 32 tiles on 8 warps: the FMA dot of a 64 x 64 tile on 4 warps spills (sm_90, head dim >= 64).
     bm, bn, warps = (32, 32, 4) if INTERPRET else (32, 32, 8) if q.dtype == torch.float32 else (64, 64, 4)
     grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
-    _attn_weights[grid](q, k, mask_t, lse.contiguous(), w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
+    stats = stats.contiguous()
+    _attn_weights[grid](q, k, mask_t, stats[0], stats[1], w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
                         Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return w
 

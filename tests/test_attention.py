@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fast_attention as fa
 from fast_attention import functional
 from fast_attention import reference as ref
-from tolerance import assert_close
+from tolerance import FLOOR, assert_close
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -203,25 +203,39 @@ def test_three_d_inputs(backend):
     check_sdpa(backend, q, k, v, is_causal=True)
 
 
-def test_finfo_min_mask_rows_are_uniform(backend):
-    """A row masked with finfo.min everywhere (Hugging Face's padding) is a uniform average in torch, not zeros."""
-    q, k, v = _qkv(1, 2, 2, 9, 12, 16, torch.float32)
-    mask = torch.zeros(1, 1, 9, 12, device=DEVICE)
-    mask[..., 3, :] = torch.finfo(torch.float32).min
-    mask[..., 5, 4:] = torch.finfo(torch.float32).min
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finfo_min_mask_rows_are_uniform(backend, dtype):
+    """A row masked with finfo.min everywhere (Hugging Face's padding) is a uniform average in torch, not zeros,
+    with the gradients of one: the output, the attention weights (1 / Lk each) and dQ, dK, dV, which the kernels
+    rebuild from the saved row statistics (a row max of about -3.4e38, and the log row sum kept apart from it)."""
+    q, k, v = _qkv(1, 2, 2, 9, 12, 16, dtype)
+    mask = torch.zeros(1, 1, 9, 12, device=DEVICE, dtype=dtype)
+    mask[..., 3, :] = torch.finfo(dtype).min
+    mask[..., 5, 4:] = torch.finfo(dtype).min
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
-    torch.testing.assert_close(out[:, :, 3], v.mean(2).expand_as(out[:, :, 3]).detach(), atol=1e-5, rtol=1e-5)
-    # torch's math kernel, its definition: on CUDA its fused kernels give zeros for such a row (seen on an H200)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    # torch's math kernel, its definition (on CUDA its fused kernels give zeros for such a row: seen on an H200)
     with sdpa_kernel(SDPBackend.MATH):
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        t_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    t_grads = torch.autograd.grad(t_out, (q, k, v), dout)
+    r_q, r_k, r_v = _detached((q, k, v), torch.float64)
+    r_out = ref.scaled_dot_product_attention(r_q, r_k, r_v, attn_mask=mask.double())
+    r_grads = torch.autograd.grad(r_out, (r_q, r_k, r_v), dout.double())
+    assert_close(out, t_out, r_out)
+    for name, ours, theirs, oracle in zip(("dq", "dk", "dv"), grads, t_grads, r_grads):
+        assert_close(ours, theirs, oracle, name)
+    torch.testing.assert_close(out[:, :, 3].float(), v.detach().float().mean(2), atol=FLOOR[dtype], rtol=0)
+    with torch.no_grad():
+        _, w = functional.scaled_dot_product_attention_with_weights(q, k, v, attn_mask=mask, backend=backend)
+    torch.testing.assert_close(w[:, :, 3], torch.full_like(w[:, :, 3], 1 / 12))
+    expected = torch.softmax(q.detach().double() @ k.detach().double().transpose(-2, -1) / 4 + mask.double(), -1)
+    torch.testing.assert_close(w.double(), expected, atol=FLOOR[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_finfo_min_mask_rows_reference_gradients_and_weights(dtype):
-    """The oracle is exact on such rows in the backward and the weights too (1 / Lk each, torch's gradients): it
-    computes P again with softmax, not from the saved lse, which cannot resolve log(Lk) at -3.4e38 (the kernels'
-    documented limit, kernels/attention.py)."""
+def test_finfo_min_mask_rows_reference_in_float64():
+    """The oracle itself, in float64 (where finfo.min is -1.8e308): uniform weights and torch's gradients."""
+    dtype = torch.float64
     q, k, v = _qkv(1, 2, 2, 9, 12, 16, dtype)
     mask = torch.zeros(1, 1, 9, 12, device=DEVICE, dtype=dtype)
     mask[..., 3, :] = torch.finfo(dtype).min
@@ -408,8 +422,9 @@ def test_decoding_merge_of_many_splits(monkeypatch):
 @needs_triton
 def test_decoding_finfo_min_mask_rows_are_uniform(monkeypatch):
     """A row masked with finfo.min everywhere merges to torch's uniform average over splits of unequal key counts:
-    each split's lse (~ -3.4e38) cannot resolve log(its keys), so the merge must weigh the splits by their row
-    sums kept apart from their maxima."""
+    the sum of a split's row max (~ -3.4e38) and log row sum cannot resolve the log, so the merge must weigh the
+    splits by their row sums kept apart from their maxima, and keep the two apart in the statistics it writes,
+    from which the weights are rebuilt."""
     kernels, splits = _small_decoding_thresholds(monkeypatch)
     q, k, v = _qkv(1, 4, 2, 3, 150, 16, torch.float32)
     mask = torch.randn(1, 1, 3, 150, device=DEVICE)
@@ -423,6 +438,12 @@ def test_decoding_finfo_min_mask_rows_are_uniform(monkeypatch):
     uniform = v.detach().mean(2).repeat_interleave(2, dim=1)
     torch.testing.assert_close(out[:, :, 1], uniform, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # the merged row statistics give the weights: 1 / Lk each on that row
+    with torch.no_grad():
+        _, w = functional.scaled_dot_product_attention_with_weights(q, k, v, attn_mask=mask, enable_gqa=True,
+                                                                     backend="triton")
+    torch.testing.assert_close(w[:, :, 1], torch.full_like(w[:, :, 1], 1 / 150))
+    torch.testing.assert_close(w, torch.softmax(q @ k.repeat_interleave(2, 1).transpose(-2, -1) / 4 + mask, -1))
 
 
 @needs_triton

@@ -45,7 +45,7 @@ def test_extension_imports_and_backend_module_loads():
 def _cpu_calls():
     x = torch.randn(3, 5)
     q = torch.randn(1, 2, 4, 64, dtype=torch.float16)
-    lse = torch.zeros(1, 2, 4)
+    stats = torch.zeros(2, 1, 2, 4)
     return {
         "softmax_forward": (("x",), lambda C: C.softmax_forward(x)),
         "softmax_backward": (("y",), lambda C: C.softmax_backward(x, x)),
@@ -54,8 +54,8 @@ def _cpu_calls():
         "rms_norm_forward": (("x",), lambda C: C.rms_norm_forward(x, None, 1e-5)),
         "rms_norm_backward": (("x",), lambda C: C.rms_norm_backward(x, x, None, x[:, 0])),
         "attention_forward": (("query",), lambda C: C.attention_forward(q, q, q, None, False, 0.125)),
-        "attention_backward": (("query",), lambda C: C.attention_backward(q, q, q, q, q, lse, None, False, 0.125)),
-        "attention_weights": (("query",), lambda C: C.attention_weights(q, q, lse, None, False, 0.125)),
+        "attention_backward": (("query",), lambda C: C.attention_backward(q, q, q, q, q, stats, None, False, 0.125)),
+        "attention_weights": (("query",), lambda C: C.attention_weights(q, q, stats, None, False, 0.125)),
     }
 
 
@@ -223,25 +223,26 @@ def test_fragment_index_math_assembles_the_products(D, N, MT):
 
 
 @pytest.mark.skipif(np is None, reason="the float32 model needs numpy")
-def test_finfo_min_row_lse_round_trip_in_float32():
-    """The float32 steps of csrc/attention (masked_score, the forward's lse, lse_log2, prob_from_lse) for a row
+def test_finfo_min_row_statistics_in_float32():
+    """The float32 steps of csrc/attention (masked_score, the forward's row statistics, row_stats, prob) for a row
     whose every key carries bfloat16's finfo.min: the scores clamp to -FLT_MAX (log2(e) * finfo.min overflows),
-    the lse stays finite (not a dead row), and P rebuilt from it is finite but 0, not 1 / Lk: lse * log2(e)
-    rounds to just above -FLT_MAX (the limit csrc/README.md states). A dead row's lse (-inf) gives P = 0."""
+    the max stays finite (not a dead row), and P rebuilt as (score - max) - log sum is torch's 1 / Lk, where the
+    sum of the two (the logsumexp) would give 0 or 1, never 1 / Lk. A dead row's max (-inf) gives P = 0."""
     f32 = np.float32
-    log2e, ln2, fmax = f32(1.4426950408889634), f32(0.6931471805599453), np.finfo(f32).max
+    log2e, fmax = f32(1.4426950408889634), np.finfo(f32).max
     with np.errstate(over="ignore"):
         add2 = f32(torch.finfo(torch.bfloat16).min) * log2e
         assert add2 == -np.inf
         scores = np.array([0.5, -3.0, 7.25], dtype=f32) + max(add2, -fmax)  # masked_score
         assert (scores == -fmax).all()  # every key equal: torch's uniform average in the forward
         for n in (1, 3, 1000, 2 ** 20):
-            lse = (scores.max() + np.log2(f32(n))) * ln2  # the forward, sum = n
-            assert np.isfinite(lse)
-            lse2 = max(lse * log2e, -fmax)  # lse_log2
-            p = np.exp2(np.minimum(scores - lse2, f32(0)))  # prob_from_lse
-            assert np.isfinite(p).all() and (p == 0).all(), (n, lse2, p)
-    dead = np.exp2(np.minimum(np.array([-np.inf, 1.0], dtype=f32) - f32(np.inf), f32(0)))  # lse_log2(-inf) = inf
+            row_max, log_sum = scores.max(), np.log2(f32(n))  # the forward, sum = n
+            assert np.isfinite(row_max)
+            p = np.exp2(np.minimum((scores - row_max) - log_sum, f32(0)))  # prob<true>
+            np.testing.assert_allclose(p, 1 / n, rtol=1e-6)
+            p_sum = np.exp2(np.minimum(scores - (row_max + log_sum), f32(0)))  # prob<false>: what EXACT avoids
+            assert n == 1 or not np.allclose(p_sum, 1 / n), (n, p_sum)
+    dead = np.exp2(np.minimum(np.array([-np.inf, 1.0], dtype=f32) - f32(np.inf), f32(0)))  # row_stats: max +inf
     assert (dead == 0).all()
 
 
@@ -449,23 +450,60 @@ def test_attention_additive_mask(dtype):
     _check_attention(q, k, v, mask=bias)
 
 
-@needs_gpu
-def test_attention_finfo_min_mask_rows_are_uniform():
-    """bfloat16's finfo.min times log2(e) overflows fp32: a row padded with it must stay torch's uniform average,
-    not become a dead row of zeros, and the backward must stay finite."""
+def _finfo_min_case():
+    """bfloat16 q, k, v (1, 2, 70/90, 64) and a mask with row 3 padded with finfo.min at every key and row 5 at
+    half of them; dO; and the float64 reference's output and gradients."""
     q, k, v = _attention_inputs(torch.bfloat16, 1, 2, 2, 70, 90, 64)
     mask = torch.zeros(1, 1, 70, 90, device="cuda", dtype=torch.bfloat16)
     mask[..., 3, :] = torch.finfo(torch.bfloat16).min
-    mask[..., 5, 40:] = torch.finfo(torch.bfloat16).min
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask[..., 5, 45:] = torch.finfo(torch.bfloat16).min
+    dout = torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16)
+    r_q, r_k, r_v = _leaves(q, k, v, dtype=torch.float64)
+    ref = reference.scaled_dot_product_attention(r_q, r_k, r_v, mask.double())
+    return (q, k, v), mask, dout, ref.detach(), torch.autograd.grad(ref, (r_q, r_k, r_v), dout.double())
+
+
+@needs_gpu
+def test_attention_finfo_min_mask_rows_are_uniform():
+    """bfloat16's finfo.min times log2(e) overflows fp32: a row padded with it must stay torch's uniform average,
+    not become a dead row of zeros, in the output, the weights (1 / Lk each) and the gradients."""
+    (q, k, v), mask, dout, ref, ref_grads = _finfo_min_case()
+    q, k, v = _leaves(q, k, v)
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="cuda")
-    ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), mask.double())
     with sdpa_kernel(SDPBackend.MATH):  # torch's fused CUDA kernels give zeros for a finfo.min row (H200)
         theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     assert_close(out, theirs, ref, "out")
     torch.testing.assert_close(out[:, :, 3].float(), v.float().mean(2).detach(), atol=1e-2, rtol=1e-2)
-    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    assert all(torch.isfinite(g).all() for g in grads)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    their_grads = torch.autograd.grad(theirs, (q, k, v), dout)
+    for name, ours, their_grad, oracle in zip(("dq", "dk", "dv"), grads, their_grads, ref_grads):
+        assert_close(ours, their_grad, oracle, name)
+    with torch.no_grad():
+        _, w = scaled_dot_product_attention_with_weights(q, k, v, attn_mask=mask, backend="cuda")
+    torch.testing.assert_close(w[:, :, 3], torch.full_like(w[:, :, 3], 1 / 90))
+
+
+@needs_gpu
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="needs the Triton backend")
+def test_backends_share_the_row_statistics():
+    """Each backend's backward and weights take the other's forward statistics, as backend=None may run a call's
+    forward and backward on different backends: (2, B, H, Lq), each row's max and log sum in base 2."""
+    (q, k, v), mask, dout, _, ref_grads = _finfo_min_case()
+    expected = torch.softmax(q.double() @ k.double().transpose(-2, -1) * 0.125 + mask.double(), -1)
+    t_q, t_k, t_v = _leaves(q, k, v)
+    with sdpa_kernel(SDPBackend.MATH):
+        their_grads = torch.autograd.grad(F.scaled_dot_product_attention(t_q, t_k, t_v, attn_mask=mask),
+                                          (t_q, t_k, t_v), dout)
+    ops, seed = torch.ops.fast_attention, torch.tensor(0)
+    for forward, other in (("cuda", "triton"), ("triton", "cuda")):
+        out, stats = ops.scaled_dot_product_attention(q, k, v, mask, 0.0, False, 0.125, seed, forward)
+        assert stats.shape == (2, 1, 2, 70) and stats.dtype == torch.float32
+        w = ops.attention_weights(q, k, stats, mask, False, 0.125, other)
+        torch.testing.assert_close(w.double(), expected, atol=2e-3, rtol=0, msg=lambda m: f"{forward}: {m}")
+        grads = ops.scaled_dot_product_attention_backward(dout, q, k, v, out, stats, mask, 0.0, False, 0.125, seed,
+                                                          other)
+        for name, ours, theirs, oracle in zip(("dq", "dk", "dv"), grads, their_grads, ref_grads):
+            assert_close(ours, theirs, oracle, f"{name}, {forward} forward, {other} backward")
 
 
 @needs_gpu

@@ -54,8 +54,8 @@ def _attention_strided_case(device, backend):
 
 def _attention_weights_case(device, backend):
     _, (q, k, v, mask, dropout_p, is_causal, scale, seed, _) = _attention_case(device, backend)
-    lse = OPS.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, seed, "reference")[1]
-    return OPS.attention_weights.default, (q, k, lse, mask, is_causal, scale, backend)
+    stats = OPS.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, seed, "reference")[1]
+    return OPS.attention_weights.default, (q, k, stats, mask, is_causal, scale, backend)
 
 
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,

@@ -2,11 +2,11 @@
 //   1. delta = rowsum(dO * O) per query row (fp32).
 //   2. dK, dV: one block per (64 keys, batch, kv head). Each warp owns 16 keys and walks every query tile of
 //      every query head of its group (GQA folds into the loop, so no K/V repeat and no cross-block sum):
-//        P^T = exp2(S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+//        P^T = exp2(S^T - max - log sum), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
 //   3. dQ: one block per (64 queries, batch, head), walking the key tiles: dQ += dS K.
-// Kernels 2 and 3 both recompute S and P from the saved lse: twice the Q K^T work of a one-pass backward
-// with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and dS are rounded
-// to the input dtype only as mma operands (as in the forward's P V).
+// Kernels 2 and 3 both recompute S and P from the saved row statistics (prob, primitives.cuh): twice the Q K^T work
+// of a one-pass backward with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and
+// dS are rounded to the input dtype only as mma operands (as in the forward's P V).
 // DROPOUT regenerates the forward's decisions (dropout_keep): dV takes the dropped P, and dP is dropped the same
 // way before dS = P (dP - delta) (delta = rowsum(dO * O), O being the dropped output).
 #pragma once
@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   T* sV = sK + BN * P;
   T* sQ = sV + BN * P;
   T* sdO = sQ + BM * P;
-  float* sLse = reinterpret_cast<float*>(sdO + BM * P);  // lse_log2(lse); +inf past q_len
-  float* sDelta = sLse + BM;
+  RowStats* sStats = reinterpret_cast<RowStats*>(sdO + BM * P);  // the query tile's rows; P = 0 past q_len
+  float* sDelta = reinterpret_cast<float*>(sStats + BM);
 
   const int n_blocks = (p.k_len + BN - 1) / BN;
   const int n0 = (blockIdx.x % n_blocks) * BN;  // causal: the first key blocks meet the most queries, and start first
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
     const int h = hk * group + g;
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-    const float* lse = p.lse + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
+    const int64_t stats = (static_cast<int64_t>(b) * p.heads + h) * p.q_len;  // this head's rows
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
     for (int m0 = m_begin; m0 < p.q_len; m0 += BM) {
       load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
       cp_async_commit();
       for (int t = threadIdx.x; t < BM; t += NT) {
         const bool in = m0 + t < p.q_len;
-        sLse[t] = in ? lse_log2(lse[m0 + t]) : kInf;
+        sStats[t] = row_stats(p, stats + m0 + t, in);
         sDelta[t] = in ? delta[m0 + t] : 0.f;
       }
       cp_async_wait<0>();
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = prob_from_lse(s[nt][e], sLse[frag_col(lane, nt, e)]);
+        for (int e = 0; e < 4; ++e) s[nt][e] = prob(s[nt][e], sStats[frag_col(lane, nt, e)]);
       }
       // Dropout: this thread's decisions as bits (slot (nt, e) at bit 4 nt + e), for dV's P and for dP.
       static_assert(BM / 8 * 4 <= 32, "a thread's slots fit one word of decisions");
@@ -172,12 +172,13 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
   const int row_lo = m0 + warp * 16 + lane / 4;
   const float scale2 = p.scale * kLog2e;
-  float lse2[2], delta[2];
+  RowStats stats[2];
+  float delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = row_lo + i * 8;
     const bool in = row < p.q_len;
-    lse2[i] = in ? lse_log2(p.lse[static_cast<int64_t>(bh) * p.q_len + row]) : kInf;
+    stats[i] = row_stats(p, static_cast<int64_t>(bh) * p.q_len + row, in);
     delta[i] = in ? p.delta[static_cast<int64_t>(bh) * p.q_len + row] : 0.f;
   }
   float dq[D / 8][4] = {};
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e / 2;
-        s[nt][e] = prob_from_lse(s[nt][e], lse2[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+        s[nt][e] = prob(s[nt][e], stats[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

@@ -5,7 +5,7 @@
 //   r % q_len of head kv_head * group + r / q_len), 16 per warp, so each K and V tile is read once per group
 //   (up to 64 rows) instead of once per query head.
 // - Split-KV: the keys are cut into `splits` ranges, one block each, so that the grid fills the GPU. Each writes
-//   its rows' output normalized on its own range plus their max and log sum, apart (their sum, the lse, cannot
+//   its rows' output normalized on its own range plus their max and log sum, base 2 and apart (their sum cannot
 //   resolve the log sum when the max is huge: a row masked with finfo.min); attention_decode_combine_kernel
 //   merges them, weighting each part by its share of the row's sum. With one split the block writes the result
 //   itself.
@@ -129,12 +129,14 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
     const int64_t at = (static_cast<int64_t>(b) * p.heads + h) * p.q_len + qi;  // (b, h, qi) in (B, H, Lq)
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     if (plan.splits == 1) {
-      const float lse = sum > 0.f ? (row_max[0][i] + log2f(sum)) * kLn2 : -kInf;
       T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride + qi * p.o_row_stride;
 #pragma unroll
       for (int dt = 0; dt < D / 8; ++dt)
         store2<T>(out + dt * 8 + (lane % 4) * 2, acc[0][dt][2 * i] * inv, acc[0][dt][2 * i + 1] * inv);
-      if (lane % 4 == 0) p.lse[at] = lse;
+      if (lane % 4 == 0) {
+        p.row_max[at] = sum > 0.f ? row_max[0][i] : -kInf;
+        p.row_log_sum[at] = sum > 0.f ? log2f(sum) : 0.f;
+      }
     } else {
       float* out = p.split_out + (part + at) * D;
 #pragma unroll
@@ -144,17 +146,17 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
       if (lane % 4 == 0) {
         // A NaN score (a NaN in the mask) makes the sum NaN: the max then carries it into the merge, which would
         // otherwise weigh this split 0, as one without keys, and drop the NaN that torch gives the row.
-        p.split_max[part + at] = sum > 0.f ? row_max[0][i] * kLn2 : sum == 0.f ? -kInf : sum;
-        p.split_log_sum[part + at] = sum > 0.f ? log2f(sum) * kLn2 : 0.f;
+        p.split_max[part + at] = sum > 0.f ? row_max[0][i] : sum == 0.f ? -kInf : sum;
+        p.split_log_sum[part + at] = sum > 0.f ? log2f(sum) : 0.f;
       }
     }
   }
 }
 
-// One warp per (b, h, query): out = sum over splits of w_s * part_s / total, w_s = exp(max_s - m + log_sum_s) with
-// m the largest max_s, total the sum of the w_s; lse = m + log(total). A split without keys for the row
-// (max_s = -inf) weighs 0; a row without any gives zeros and lse = -inf, as the tiled forward. A NaN (in the mask)
-// makes the row NaN.
+// One warp per (b, h, query): out = sum over splits of w_s * part_s / total, w_s = exp2(max_s - m + log_sum_s) with
+// m the largest max_s, total the sum of the w_s; the row's statistics are m and log2(total). A split without keys
+// for the row (max_s = -inf) weighs 0; a row without any gives zeros, max -inf and log sum 0, as the tiled
+// forward. A NaN (in the mask) makes the row NaN.
 template <typename T, int D>
 __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const AttentionParams p, const DecodePlan plan) {
   constexpr int C = (D + 31) / 32;  // columns per lane
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const Atte
   for (int s = lane; s < plan.splits; s += 32) m = fmaxf(m, p.split_max[s * rows + at]);
   m = warp_reduce(m, MaxOp());
   const float shift = m == -kInf ? 0.f : m;
-  auto weight = [&](int s) { return expf(p.split_max[s * rows + at] - shift + p.split_log_sum[s * rows + at]); };
+  auto weight = [&](int s) { return exp2f(p.split_max[s * rows + at] - shift + p.split_log_sum[s * rows + at]); };
   float total = 0.f;
   for (int s = lane; s < plan.splits; s += 32) total += weight(s);
   total = warp_reduce(total, SumOp());
@@ -186,7 +188,10 @@ __global__ void __launch_bounds__(32) attention_decode_combine_kernel(const Atte
   for (int c = 0; c < C; ++c) {
     if (lane + 32 * c < D) out[lane + 32 * c] = from_float<T>(acc[c] * inv);
   }
-  if (lane == 0) p.lse[at] = total > 0.f ? shift + logf(total) : total == 0.f ? -kInf : total;
+  if (lane == 0) {
+    p.row_max[at] = total > 0.f ? shift : total == 0.f ? -kInf : total;  // NaN stays NaN
+    p.row_log_sum[at] = total > 0.f ? log2f(total) : 0.f;
+  }
 }
 
 }  // namespace fa

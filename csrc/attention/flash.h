@@ -40,10 +40,15 @@ struct AttentionParams {
 
   void* out;  // (B, H, Lq, D)
   int64_t o_batch_stride, o_head_stride, o_row_stride;
-  float* lse;  // (B, H, Lq) contiguous, natural log; -inf for a row with every key masked
+  // Each query row's softmax statistics, (B, H, Lq) contiguous each (planes 0 and 1 of the op's (2, B, H, Lq)
+  // stats): its max score and the log of its sum relative to that max, both base 2 (scores are scale * log2(e) *
+  // q.k + log2(e) * mask); -inf and 0 for a row with every key masked. Kept apart because their sum cannot hold
+  // the log sum where the max is huge (a row masked with finfo.min everywhere: torch's weights are uniform there).
+  float* row_max;
+  float* row_log_sum;
   // forward, decoding (decode_kernel.cuh) with several key splits: attention_forward_workspace_floats(p) floats of
   // fp32 scratch for the splits' parts, (splits, B, H, Lq, D), and then (the launcher sets the two pointers) their
-  // rows' max and log sum, (splits, B, H, Lq) each, natural units
+  // rows' statistics, (splits, B, H, Lq) each, as row_max and row_log_sum
   float* split_out;
   float* split_max;
   float* split_log_sum;

@@ -1,10 +1,10 @@
 // Flash attention forward (the FlashAttention-2 loop): one block per (kFwdM queries, batch, head); each warp owns
 // kFwdMTiles tiles of 16 query rows and streams kFwdN-key tiles of K and V through shared memory, every K and V
-// fragment it reads serving all of its tiles. Softmax is online in base 2 (scale * log2(e) folded into the
-// scores); the output is rescaled when the running max grows by more than a factor 2^8 and divided by the row
-// sum once at the end. Saves lse = max + log(sum) in fp32. A row whose keys are all masked keeps max = -inf and
-// sum = 0: it writes zeros and lse = -inf. DROPOUT: the probabilities enter P V dropped (after the row sums have
-// counted them, as dropout follows the softmax).
+// fragment it reads serving all of its tiles. Softmax is online in base 2 (scale * log2(e) folded into the scores);
+// the output is rescaled when the running max grows by more than a factor 2^8 and divided by the row sum once at the
+// end. Saves each row's max and log2(sum) (AttentionParams::row_max, row_log_sum). A row whose keys are all masked
+// keeps max = -inf and sum = 0: it writes zeros, max -inf and log sum 0. DROPOUT: the probabilities enter P V dropped
+// (after the row sums have counted them, as dropout follows the softmax).
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   cp_async_wait<0>();  // the Q copy, when no key tile was visited
 
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-  float* lse = p.lse + static_cast<int64_t>(bh) * p.q_len;
+  const int64_t stats = static_cast<int64_t>(bh) * p.q_len;  // this head's rows in row_max and row_log_sum
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -111,7 +111,10 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
       for (int dt = 0; dt < D / 8; ++dt)
         store2<T>(out + row * p.o_row_stride + dt * 8 + (lane % 4) * 2, acc[mt][dt][2 * i] * inv,
                   acc[mt][dt][2 * i + 1] * inv);
-      if (lane % 4 == 0) lse[row] = sum > 0.f ? (row_max[mt][i] + log2f(sum)) * kLn2 : -kInf;
+      if (lane % 4 == 0) {
+        p.row_max[stats + row] = sum > 0.f ? row_max[mt][i] : -kInf;
+        p.row_log_sum[stats + row] = sum > 0.f ? log2f(sum) : 0.f;
+      }
     }
   }
 }

@@ -37,7 +37,7 @@ struct AttnTraits {
   static constexpr int fwd_smem() { return (kFwdM + 2 * kFwdN) * kPitch * static_cast<int>(sizeof(T)); }
   template <typename T>
   static constexpr int dkdv_smem() {
-    return (2 * kBwdN + 2 * kBwdM) * kPitch * static_cast<int>(sizeof(T)) + 2 * kBwdM * 4;
+    return (2 * kBwdN + 2 * kBwdM) * kPitch * static_cast<int>(sizeof(T)) + kBwdM * (2 + 1) * 4;  // + stats, delta
   }
   template <typename T>
   static constexpr int dq_smem() { return (2 * kDqM + 2 * kDqN) * kPitch * static_cast<int>(sizeof(T)); }

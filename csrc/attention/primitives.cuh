@@ -287,16 +287,26 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const Atte
   else each(std::integral_constant<Kind, Kind::kNone>{});
 }
 
-// The saved lse (natural log) in log2 units, for P = exp2(score - lse2): +inf for a row with every key masked
-// (so P = 0 there, not exp2(-inf + inf) = NaN); otherwise at least -FLT_MAX, so that the lse of a finfo.min
-// row (about -FLT_MAX * ln 2) cannot round past -FLT_MAX to -inf.
-// A NaN lse (a NaN in the row's mask) stays NaN, so its P is NaN as in torch.
-__device__ __forceinline__ float lse_log2(float lse) { return lse == -kInf ? kInf : finite_log2e(lse); }
+// A query row's saved statistics (AttentionParams::row_max, row_log_sum) as the backward and the weights use them:
+// the max, +inf for a row with every key masked (so P = 0 there, not exp2(-inf + inf) = NaN; a NaN max, from a
+// NaN in the row's mask, stays NaN and so does P, as in torch), and the log sum. Rows past q_len: P = 0.
+struct RowStats {
+  float max, log_sum;
+};
 
-// A probability recomputed from the saved lse, at most 1 (score - lse2 may round just above 0). A finfo.min
-// row's lse cannot resolve log(Lk): lse2 rounds to -3.4028233e38 against scores of -FLT_MAX, so P is 0 there.
-__device__ __forceinline__ float prob_from_lse(float score, float lse2) {
-  const float d = score - lse2;
+__device__ __forceinline__ RowStats row_stats(const AttentionParams& p, int64_t row, bool valid = true) {
+  if (!valid) return {kInf, 0.f};
+  return {p.row_max[row] == -kInf ? kInf : p.row_max[row], p.row_log_sum[row]};
+}
+
+// A probability recomputed from a row's statistics, P = exp2((score - max) - log sum), at most 1 (the difference
+// may round just above 0). The two are subtracted one after the other: a row masked with finfo.min everywhere has
+// scores and max of -FLT_MAX, where only this order gives torch's 1 / Lk (score - (max + log sum) gives 0). One
+// more subtraction per score than the sum would cost; splitting the backward's loops by mask kind to spare it
+// instead moved ptxas's register choices (sm_90: 16 bytes of spill in dK/dV at head dim 32, the dropout dQ kernel
+// at head dim 128 from 168 to 237 registers), where this form spills nothing.
+__device__ __forceinline__ float prob(float score, const RowStats& r) {
+  const float d = (score - r.max) - r.log_sum;
   return fast_exp2(d > 0.f ? 0.f : d);  // at most 1; NaN stays NaN (fminf would drop it)
 }
 

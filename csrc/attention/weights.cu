@@ -1,7 +1,7 @@
-// attention_weights: P = exp(scale * q k^T + mask - lse) as float32 (B, H, Lq, Lk), from the forward's lse,
-// for need_weights=True. It materializes the Lq x Lk matrix anyway, so it is a plain CUDA-core kernel: one
-// block per query row keeps the row in shared memory (fp32) and each thread computes whole dot products.
-// Any head dim works here; rows with every key masked (lse = -inf) give zeros.
+// attention_weights: P = softmax(scale * q k^T + mask) as float32 (B, H, Lq, Lk), rebuilt from the forward's row
+// statistics (prob, primitives.cuh), for need_weights=True. It materializes the Lq x Lk matrix anyway, so it is a
+// plain CUDA-core kernel: one block per query row keeps the row in shared memory (fp32) and each thread computes
+// whole dot products. Any head dim works here; rows with every key masked (max = -inf) give zeros.
 #include "../common/static_switch.h"
 #include "flash.h"
 #include "primitives.cuh"
@@ -20,13 +20,13 @@ __global__ void attention_weights_kernel(const AttentionParams p) {
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) sq[d] = to_float(q[d]);
   __syncthreads();
-  const float lse2 = lse_log2(p.lse[r]);
+  const RowStats stats = row_stats(p, r);
   float* out = p.weights + r * p.k_len;
   for (int col = threadIdx.x; col < p.k_len; col += blockDim.x) {
     const T* kr = k + col * p.k_row_stride;
     float dot = 0.f;
     for (int d = 0; d < p.head_dim; ++d) dot += sq[d] * to_float(kr[d]);
-    out[col] = prob_from_lse(masked_score<T>(p, dot * p.scale * kLog2e, b, h, row, col), lse2);
+    out[col] = prob(masked_score<T>(p, dot * p.scale * kLog2e, b, h, row, col), stats);
   }
 }
 

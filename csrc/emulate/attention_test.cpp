@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -30,9 +31,9 @@ template <> __half fromf(float v) { return __float2half_rn(v); }
 template <> __nv_bfloat16 fromf(float v) { return __float2bfloat16_rn(v); }
 
 // kFinfoMin: kAdditive with the last query row of head 0 masked with the dtype's finfo.min at every key (Hugging
-// Face's padding). For bf16 (finfo.min ~ -3.4e38) the lse cannot resolve log(Lk): the forward must still give the
-// uniform average, the decoding merge included; that row's dO is 0 (a loss that ignores padding), and its lse and
-// weights are not checked (-FLT_MAX-clamped scores, P rebuilt from the lse: the kernels' documented limit).
+// Face's padding). For bf16 (finfo.min ~ -3.4e38) the scores clamp to -FLT_MAX, where max + log sum cannot resolve
+// the log sum: the forward, the decoding merge, the weights (1 / Lk) and the gradients through that row must still
+// be torch's, from the row max and log sum kept apart.
 enum Mask { kNone, kBool, kAdditive, kFinfoMin };
 
 struct Case {
@@ -65,7 +66,7 @@ double rel_err(const std::vector<double>& ref, const std::vector<float>& got) {
 template <class T>
 fa::AttentionParams dense_params(const char* dtype, int B, int H, int Hkv, int Lq, int Lk, int D, const T* q,
                                  const T* k, const T* v, fa::MaskKind mask_kind, const void* mask, T* out,
-                                 float* lse) {
+                                 float* stats) {
   fa::AttentionParams p{};
   p.dtype = std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
   p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = Lq, p.k_len = Lk, p.head_dim = D;
@@ -77,7 +78,8 @@ fa::AttentionParams dense_params(const char* dtype, int B, int H, int Hkv, int L
   p.mask_kind = mask_kind, p.mask = mask;
   p.mask_batch_stride = (int64_t)H * Lq * Lk, p.mask_head_stride = (int64_t)Lq * Lk, p.mask_q_stride = Lk;
   p.mask_k_stride = 1;
-  p.out = out, p.lse = lse;
+  p.out = out;
+  p.row_max = stats, p.row_log_sum = stats + (int64_t)B * H * Lq;  // (2, B, H, Lq)
   p.o_batch_stride = p.q_batch_stride, p.o_head_stride = p.q_head_stride, p.o_row_stride = D;
   return p;
 }
@@ -112,16 +114,14 @@ void run(const Case& c, const char* dtype, double tol) {
           add[at] = fromf<T>(nd(rng) + 0.3f * j);  // a ramp: each key tile's max passes the last one's
           if (c.mask == kFinfoMin && h == 0 && i == Lq - 1) add[at] = fromf<T>(finfo_min<T>());
         }
-  if (c.mask == kFinfoMin)
-    for (int b = 0; b < B; ++b)
-      for (int d = 0; d < D; ++d) dout[(((size_t)b * H) * Lq + Lq - 1) * D + d] = fromf<T>(0.f);
   std::vector<T> out((size_t)B * H * Lq * D), dq(q.size()), dk(k.size()), dv(v.size());
-  std::vector<float> lse((size_t)B * H * Lq), delta(lse.size());
+  const size_t rows = (size_t)B * H * Lq;
+  std::vector<float> stats(2 * rows), delta(rows);
   const fa::MaskKind kind = c.mask == kBool ? fa::MaskKind::kBool : c.mask == kNone ? fa::MaskKind::kNone
                                                                                      : fa::MaskKind::kAdditive;
   const void* mask = c.mask == kBool ? (const void*)keep.data() : (const void*)add.data();
   fa::AttentionParams p =
-      dense_params(dtype, B, H, Hkv, Lq, Lk, D, q.data(), k.data(), v.data(), kind, mask, out.data(), lse.data());
+      dense_params(dtype, B, H, Hkv, Lq, Lk, D, q.data(), k.data(), v.data(), kind, mask, out.data(), stats.data());
   const float scale = p.scale;
   p.causal = c.causal;
   p.dropout_p = c.dropout;
@@ -152,7 +152,7 @@ void run(const Case& c, const char* dtype, double tol) {
   }
 
   // float64 reference from the same (rounded) inputs
-  std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(lse.size());
+  std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(rows);
   std::vector<double> rweights(weights.size());
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
@@ -222,14 +222,20 @@ void run(const Case& c, const char* dtype, double tol) {
         m = std::max(m, std::abs(ro[row * D + d]));
       }
       expect(tag + " out of that row", e / m, tol);
-      rlse[row] = lse[row];
-      for (int j = 0; j < Lk; ++j) rweights[row * Lk + j] = weights[row * Lk + j];
+      if (finfo_min<T>() < -1e38f) {  // bf16: scores and max -FLT_MAX, the log sum log2(Lk); no lse to compare
+        expect(tag + " max of that row", std::abs(stats[row] + FLT_MAX), 0);
+        expect(tag + " log sum of that row", std::abs(stats[rows + row] - std::log2((double)Lk)), 1e-5);
+        rlse[row] = NAN;
+      }
     }
-  double el = 0;
-  for (size_t i = 0; i < lse.size(); ++i)
-    el = std::max(el, std::isinf(rlse[i]) ? (lse[i] == rlse[i] ? 0.0 : INFINITY) : std::abs(rlse[i] - lse[i]));
+  double el = 0;  // the logsumexp, (max + log sum) ln 2, against the reference's
+  for (size_t i = 0; i < rows; ++i) {
+    const double lse = ((double)stats[i] + stats[rows + i]) * std::log(2.0);
+    if (!std::isnan(rlse[i]))
+      el = std::max(el, std::isinf(rlse[i]) ? (lse == rlse[i] ? 0.0 : INFINITY) : std::abs(rlse[i] - lse));
+  }
   expect(tag + " lse", el, 2e-2);
-  expect(tag + " weights", rel_err(rweights, weights), 1e-3);  // fp32 from the saved lse
+  expect(tag + " weights", rel_err(rweights, weights), 1e-3);  // fp32 from the saved statistics
   expect(tag + " dq", rel_err(rdq, floats(dq)), 4 * tol);
   expect(tag + " dk", rel_err(rdk, floats(dk)), 4 * tol);
   expect(tag + " dv", rel_err(rdv, floats(dv)), 4 * tol);
@@ -246,9 +252,9 @@ void nan_row_in_decoding(const char* dtype) {
     for (auto& e : *t) e = fromf<T>(nd(rng));
   add[700] = fromf<T>(NAN);
   std::vector<T> out((size_t)H * D);
-  std::vector<float> lse(H);
+  std::vector<float> stats(2 * H);
   fa::AttentionParams p = dense_params(dtype, 1, H, 1, 1, Lk, D, q.data(), k.data(), v.data(),
-                                       fa::MaskKind::kAdditive, add.data(), out.data(), lse.data());
+                                       fa::MaskKind::kAdditive, add.data(), out.data(), stats.data());
   std::vector<float> workspace(fa::attention_forward_workspace_floats(p));
   p.split_out = workspace.data();
   const std::string tag = std::string(dtype) + " decoding, a NaN in the mask";

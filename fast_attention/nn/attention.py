@@ -17,7 +17,7 @@ from ..ops._autocast import attention_weights_dtype
 
 class MultiheadAttention(torch.nn.Module):
     """torch.nn.MultiheadAttention, with the attention computed by `fast_attention.scaled_dot_product_attention`
-    (or, for need_weights=True, by the same kernel plus the probabilities rebuilt from its saved logsumexp).
+    (or, for need_weights=True, by the same kernel plus the probabilities rebuilt from its saved statistics).
 
     Same constructor arguments and defaults, parameter names and state_dict keys (`in_proj_weight`, or
     `q_proj_weight` / `k_proj_weight` / `v_proj_weight` when kdim or vdim differ from embed_dim; `in_proj_bias`;

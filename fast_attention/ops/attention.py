@@ -1,5 +1,10 @@
-"""fast_attention::scaled_dot_product_attention (forward saves the fp32 logsumexp), its backward, and
-fast_attention::attention_weights (the probabilities, rebuilt from the logsumexp, for need_weights=True).
+"""fast_attention::scaled_dot_product_attention (the forward saves each row's softmax statistics), its backward,
+and fast_attention::attention_weights (the probabilities, rebuilt from the statistics, for need_weights=True).
+
+The statistics, `stats` (2, B, H, Lq), float32 (float64 for float64 inputs): each query row's max score and the log
+of its sum relative to that max (sum exp(s - max)), both in base 2 (log2(e) * scale * q.k + log2(e) * mask), and
+kept apart: their sum, the logsumexp, cannot hold the log sum where the max is huge (a row masked with finfo.min
+everywhere, whose weights torch makes uniform). A row with every key masked has max -inf and log sum 0.
 
 Inside the ops every tensor is 4-D: query (B, H, Lq, E), key (B, Hkv, Lk, E), value (B, Hkv, Lk, Ev),
 attn_mask broadcastable to (B, H, Lq, Lk); the backends get the mask expanded to that shape (stride 0, no copy).
@@ -136,8 +141,9 @@ def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Opti
 def _empty_result(query, key, value):
     B, H, Lq, _ = query.shape
     out = query.new_zeros(B, H, Lq, value.shape[-1])
-    lse = query.new_full((B, H, Lq), float("-inf"), dtype=reference.compute_dtype(query))
-    return out, lse
+    stats = query.new_zeros((2, B, H, Lq), dtype=reference.compute_dtype(query))
+    stats[0] = float("-inf")  # every row is dead: max -inf, log sum 0
+    return out, stats
 
 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention", mutates_args=())
@@ -153,37 +159,38 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 @scaled_dot_product_attention.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend):
     B, H, Lq, _ = query.shape
-    return query.new_empty(B, H, Lq, value.shape[-1]), query.new_empty(B, H, Lq, dtype=reference.compute_dtype(query))
+    return (query.new_empty(B, H, Lq, value.shape[-1]),
+            query.new_empty(2, B, H, Lq, dtype=reference.compute_dtype(query)))
 
 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
 def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
-                                          lse: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                                          stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                                           scale: float, seed: Tensor, backend: str
                                           ) -> tuple[Tensor, Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
         return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
-    return backends.get(backend).attention_backward(grad_out, query, key, value, out, lse,
+    return backends.get(backend).attention_backward(grad_out, query, key, value, out, stats,
                                                     expand_mask(attn_mask, query, key), is_causal, scale,
                                                     dropout_p, int(seed))
 
 
 @scaled_dot_product_attention_backward.register_fake
-def _(grad_out, query, key, value, out, lse, attn_mask, dropout_p, is_causal, scale, seed, backend):
+def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend):
     # contiguous whatever the inputs' strides, as every backend returns them
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
     query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(query, key, value, attn_mask, out, lse, seed)
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    query, key, value, attn_mask, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, lse, attn_mask,
+def _backward(ctx, grad_out, _grad_stats):
+    query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
+    dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats, attn_mask,
                       ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
     return dq, dk, dv, None, None, None, None, None, None
 
@@ -192,19 +199,19 @@ scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_c
 
 
 @torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
-def attention_weights(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+def attention_weights(query: Tensor, key: Tensor, stats: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
                       scale: float, backend: str) -> Tensor:
     """softmax(scale * q k^T + mask) as float32 (float64 for float64 inputs) (B, H, Lq, Lk), from the forward's
-    logsumexp; masked rows are 0."""
+    statistics; masked rows are 0."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
         return query.new_zeros(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
-    return backends.get(backend).attention_weights(query, key, lse, expand_mask(attn_mask, query, key), is_causal,
+    return backends.get(backend).attention_weights(query, key, stats, expand_mask(attn_mask, query, key), is_causal,
                                                    scale)
 
 
 @attention_weights.register_fake
-def _(query, key, lse, attn_mask, is_causal, scale, backend):
+def _(query, key, stats, attn_mask, is_causal, scale, backend):
     B, H, Lq, _ = query.shape
     return query.new_empty(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
 
@@ -223,7 +230,7 @@ def _(grad_weights, weights, query, key, scale):
 
 
 def _weights_setup_context(ctx, inputs, output):
-    query, key, _lse, _mask, _is_causal, ctx.scale, _backend = inputs
+    query, key, _stats, _mask, _is_causal, ctx.scale, _backend = inputs
     ctx.save_for_backward(query, key, output)
 
 
