@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, reference
 from .reference import default_rms_eps
 from .ops import attention as _attention
 from .ops._autocast import cast_inputs
@@ -71,8 +71,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         1 1 0 0 0
 
     Rows where every key is masked give zeros (torch >= 2.5 does the same). Dropout draws its seed from torch's
-    default generator, so torch.manual_seed makes it reproducible.
+    default generator, so torch.manual_seed makes it reproducible. A float attn_mask that requires grad (a learned
+    position bias) runs on the reference backend: see _attend_differentiable_mask.
     """
+    if _mask_needs_grad(attn_mask):
+        return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           backend)[0]
     return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)[0]
 
 
@@ -82,8 +86,11 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
                                               enable_gqa: bool = False, *, backend: str | None = None
                                               ) -> tuple[Tensor, Tensor]:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
-    (B, H, Lq, Lk), rebuilt tile by tile from the saved logsumexp. Gradients flow through them to query and key,
-    as through torch's."""
+    (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
+    query and key (and a float attn_mask that requires grad), as through torch's."""
+    if _mask_needs_grad(attn_mask):
+        return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           backend)
     out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
     weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name)
@@ -94,12 +101,37 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
 
 
+def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
+    return (isinstance(attn_mask, Tensor) and attn_mask.dtype != torch.bool and attn_mask.requires_grad
+            and torch.is_grad_enabled())
+
+
+def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+    """(output, weights before dropout) for a float attn_mask that requires grad: a learned position bias, such
+    as T5's relative attention bias, which Hugging Face models add to the mask. The kernels give no gradient for
+    the mask, so the reference backend's formula runs here as plain torch ops in float32 (float64 for float64
+    inputs), which autograd differentiates with respect to every input, the mask included. Like torch's math
+    kernel, it builds the (B, H, Lq, Lk) scores, as large as such a mask. Dropout draws from torch's generator. A
+    kernel backend asked for by name raises NotImplementedError."""
+    query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
+    scale, _, _ = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    asked = backend if backend is not None else backends.default_backend()
+    if asked is not None and asked != "reference":
+        backends._check_name(asked)  # an unknown name's error first
+        raise NotImplementedError(
+            f"fast_attention.scaled_dot_product_attention: backend={asked!r} cannot run this call: its kernels give "
+            f"no gradient with respect to a float attn_mask, and this one requires grad; backend=None or "
+            f"'reference' computes it (materializing the Lq x Lk scores), or pass attn_mask.detach()")
+    ct = reference.compute_dtype(query)
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = reference.attention_and_weights(query.to(ct), key.to(ct), value.to(ct), attn_mask.to(ct),
+                                                       dropout_p, is_causal, scale, enable_gqa)
+    return out.to(query.dtype), weights
+
+
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("fast_attention.scaled_dot_product_attention: gradients with respect to a float "
-                                  "attn_mask are not supported; pass attn_mask.detach()")
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)

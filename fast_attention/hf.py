@@ -58,14 +58,16 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
 
 def _add_position_bias(bias: Tensor, mask: Tensor | None, is_causal: bool, Lq: int, Lk: int) -> Tensor:
-    """One additive mask (B or 1, H, Lq, Lk) from a learned position bias and the attention mask."""
+    """One additive mask (B or 1, H, Lq, Lk) from a learned position bias and the attention mask. Masked entries
+    take the dtype's finfo.min, as transformers' eager attention adds: a row masked everywhere (a left-padded
+    decoder position) is then the uniform average eager gives, not a dead row of zeros."""
     bias = bias[..., :Lk]
     if mask is None and is_causal:
         mask = torch.ones(Lq, Lk, dtype=torch.bool, device=bias.device).tril()
     if mask is None:
         return bias
     if mask.dtype == torch.bool:
-        return bias.masked_fill(~mask, float("-inf"))
+        return bias.masked_fill(~mask, torch.finfo(bias.dtype).min)
     return bias + mask
 
 

@@ -49,6 +49,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Rows where every key is masked give zeros (torch >= 2.5). `dropout_mask` (bool, broadcastable to the weights,
     True = keep) replaces the random draw, so a test can hand in the mask a kernel used.
     """
+    return attention_and_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                 dropout_mask=dropout_mask)[0]
+
+
+def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                          enable_gqa=False, *, dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """scaled_dot_product_attention's output and its attention weights (before dropout), (..., Lq, Lk), in the
+    inputs' dtype."""
     Lq, Lk = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -68,11 +76,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dead = torch.isneginf(row_max)  # every key masked: the row gives zeros
     weights = (scores - row_max.masked_fill(dead, 0.0)).exp()
     weights = weights / weights.sum(-1, keepdim=True).masked_fill(dead, 1.0)
+    dropped = weights
     if dropout_p > 0.0:
         if dropout_mask is None:
             dropout_mask = torch.rand_like(weights) >= dropout_p
-        weights = weights * dropout_mask / (1.0 - dropout_p)
-    return weights @ value
+        dropped = weights * dropout_mask / (1.0 - dropout_p)
+    return dropped @ value, weights
 
 
 # ----------------------------------------------------------------------------------------------------------

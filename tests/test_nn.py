@@ -290,6 +290,23 @@ def test_multihead_attention_attributes_and_constructor():
         fa.nn.MultiheadAttention(8, 0)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_float_masks_take_gradients(need_weights):
+    """Float attn_mask and key_padding_mask that require grad (learned biases) get torch's gradients: such calls
+    run on the reference backend (the kernels give none for a mask)."""
+    ours, theirs, reference = trio(fa.nn.MultiheadAttention, torch.nn.MultiheadAttention, E, H, backend=None)
+    q, k, v = mha_inputs({})
+    bias, padding = torch.randn(L, S), torch.randn(N, S)
+    results = []
+    for module, dtype in ((ours, torch.float32), (theirs, torch.float32), (reference, torch.float64)):
+        masks = [t.to(dtype).requires_grad_() for t in (bias, padding)]
+        out, _ = module(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=masks[0], key_padding_mask=masks[1],
+                        need_weights=need_weights)
+        results.append((out, *torch.autograd.grad(out.square().sum(), masks)))
+    for name, *values in zip(("output", "d attn_mask", "d key_padding_mask"), *results):
+        assert_close(*values, name)
+
+
 def test_multihead_attention_bad_input(backend):
     m = fa.nn.MultiheadAttention(E, H, backend=backend)
     q, k, v = mha_inputs({})
@@ -303,8 +320,6 @@ def test_multihead_attention_bad_input(backend):
         m(torch.randn(L, N, E + 1), k, v)
     with pytest.raises(TypeError, match="key_padding_mask must be bool or floating point"):
         m(q, k, v, key_padding_mask=torch.zeros(N, S, dtype=torch.int64))
-    with pytest.raises(NotImplementedError, match="float key_padding_mask"):
-        m(q, k, v, key_padding_mask=torch.zeros(N, S, requires_grad=True))
     with pytest.raises(ValueError, match="backend must be one of"):
         fa.nn.MultiheadAttention(E, H, backend="nope")(q, k, v)
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tolerance import assert_close
+
 import fast_attention as fa
 from fast_attention import backends, reference
 
@@ -530,11 +532,46 @@ def test_attention_bad_input(args, kwargs, error, match):
         fa.scaled_dot_product_attention(*args, **kwargs)
 
 
-def test_attention_mask_grad_is_refused():
-    q, k, v = _qkv()
-    mask = torch.randn(4, 6, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        fa.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_float_mask_gradient(dtype):
+    """A float attn_mask that requires grad (a learned bias broadcast over the batch, as T5's) runs on the
+    reference backend with backend=None: torch's output and gradients, the mask's included (summed over its
+    broadcast dims), and the weights, differentiable too. A kernel backend asked for by name refuses it, saying
+    why; without a gradient to compute, the kernels run."""
+    q, k, v = (t.requires_grad_() for t in _qkv(B=2, Lq=5, Lk=7, dtype=dtype))
+    bias = torch.randn(1, 2, 5, 7, dtype=dtype)
+    bias[..., 0, 3:] = float("-inf")
+    bias.requires_grad_()
+    leaves = (q, k, v, bias)
+    r_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    dout = torch.randn_like(out)
+    with sdpa_kernel(SDPBackend.MATH):
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    oracle = reference.scaled_dot_product_attention(*r_leaves[:3], attn_mask=r_leaves[3])
+    assert_close(out, theirs, oracle)
+    for name, ours, their_grad, oracle_grad in zip(
+            ("dq", "dk", "dv", "dmask"), torch.autograd.grad(out, leaves, dout),
+            torch.autograd.grad(theirs, leaves, dout), torch.autograd.grad(oracle, r_leaves, dout.double())):
+        assert ours.shape == oracle_grad.shape, name
+        assert_close(ours, their_grad, oracle_grad, name)
+    # the weights: float32, and a loss through them reaches the mask as torch's softmax does
+    _, weights = fa.functional.scaled_dot_product_attention_with_weights(q, k, v, attn_mask=bias)
+    theirs = torch.softmax(q @ k.transpose(-2, -1) / 4 + bias, -1)
+    oracle = torch.softmax(r_leaves[0] @ r_leaves[1].transpose(-2, -1) / 4 + r_leaves[3], -1)
+    assert weights.dtype == torch.float32 and weights.shape == (2, 2, 5, 7)
+    assert_close(weights.to(dtype), theirs, oracle, "weights")
+    dw = torch.randn_like(oracle)
+    assert_close(torch.autograd.grad(weights, bias, dw.float())[0], torch.autograd.grad(theirs, bias, dw.to(dtype))[0],
+                 torch.autograd.grad(oracle, r_leaves[3], dw)[0], "dmask through the weights")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="nope")
+    for kernels in set(fa.available_backends()) - {"reference"}:
+        with pytest.raises(NotImplementedError, match=f"backend='{kernels}' cannot run this call.*float attn_mask"):
+            fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=kernels)
+    if "triton" in fa.available_backends():
+        with torch.no_grad():
+            fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend="triton")
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 4)])

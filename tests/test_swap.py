@@ -292,6 +292,59 @@ def test_hugging_face_llama_under_autocast(backend, device):
     assert_ran_ours(names, "rms_norm")
 
 
+def _tiny_t5():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    stock = transformers.T5ForConditionalGeneration(config)
+    stock.set_attn_implementation("eager")
+    return stock
+
+
+def test_hugging_face_t5_with_padding(backend):
+    """T5's position bias and mask as one additive mask, padded positions at finfo.min as eager attention adds
+    them: the decoder's left-padded rows, masked everywhere, are eager's uniform average too, not zeros."""
+    stock = _tiny_t5().eval()
+    model, reference = copy.deepcopy(stock), copy.deepcopy(stock).double()
+    fa.swap(model)
+    ids, decoder_ids = torch.randint(1, 100, (2, 7)), torch.randint(1, 100, (2, 5))
+    mask, decoder_mask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
+    mask[1, 5:] = 0
+    decoder_mask[1, :2] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                  decoder_attention_mask=decoder_mask)
+    with torch.no_grad(), fa.use_backend(backend):
+        ours, names = profiled(lambda: model(**kwargs).logits)
+        assert_close(ours, stock(**kwargs).logits, reference(**kwargs).logits)
+    assert "fast_attention::scaled_dot_product_attention" in names
+
+
+def test_hugging_face_t5_trains_its_learned_position_bias():
+    """T5 adds a learned relative position bias, which requires grad in training, to its attention scores: that
+    attention runs on the reference backend (the kernels give no gradient for a mask), and a training step, with
+    padding, gives the stock model's loss and gradients, the bias's included. A kernel backend asked for by name
+    says why it cannot."""
+    stock = _tiny_t5().train()
+    model, reference = copy.deepcopy(stock), copy.deepcopy(stock).double()
+    fa.swap(model)
+    assert model.config._attn_implementation == "fast_attention"
+    ids, labels = torch.randint(1, 100, (2, 7)), torch.randint(1, 100, (2, 5))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    losses = [m(input_ids=ids, attention_mask=mask, labels=labels).loss for m in (model, stock, reference)]
+    assert_close(*losses, "loss")
+    for m, loss in zip((model, stock, reference), losses):
+        loss.backward()
+    bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    params = [dict(m.named_parameters()) for m in (model, stock, reference)]
+    assert params[0][bias].grad is not None and params[0][bias].grad.abs().sum() > 0
+    for name in params[1]:
+        assert_close(*(p[name].grad for p in params), name)
+    if "triton" in fa.available_backends():
+        with fa.use_backend("triton"), pytest.raises(NotImplementedError, match="backend='triton' cannot run.*mask"):
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
 def test_hugging_face_rms_norm_keeps_its_dtype_and_hooks_see_no_probe():
     """LlamaRMSNorm returns weight * normalized(x).to(x.dtype): a float32 weight beside bfloat16 activations gives
     float32, and so must its replacement. Judging it (a probe forward) must not run its hooks."""

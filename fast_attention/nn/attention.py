@@ -126,9 +126,6 @@ class MultiheadAttention(torch.nn.Module):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
                 raise TypeError(f"fast_attention.nn.MultiheadAttention: {name} must be bool or floating point, got "
                                 f"{mask.dtype}")
-            if mask is not None and mask.is_floating_point() and mask.requires_grad and torch.is_grad_enabled():
-                raise NotImplementedError(f"fast_attention.nn.MultiheadAttention: gradients with respect to a float "
-                                          f"{name} are not supported; pass {name}.detach()")
         if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
                           "both instead.", stacklevel=2)
