@@ -93,8 +93,8 @@ def unsupported(op: str, **args) -> str | None:
 
 def compute_dtype(x: Tensor) -> torch.dtype:
     """float64 for float64 inputs, else float32: what this backend computes in, and so (it is the one backend that
-    runs float64) the dtype of every op's saved statistics (LayerNorm's mean and rstd, attention's logsumexp) and
-    of attention weights."""
+    runs float64) the dtype of every op's saved statistics (LayerNorm's mean and rstd, attention's row max and log
+    sum) and of attention weights."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

@@ -513,7 +513,7 @@ def test_backends_share_the_row_statistics():
                                                    (16, 4, 4, 3000, "float"), (3, 16, 1, 70000, None)])
 def test_attention_decoding_split_kv(dtype, E, Lq, H, Hkv, Lk, mask_kind):
     """Decoding (Lq <= 16, Lk >= 1024; csrc/attention/decode_kernel.cuh): GQA groups packed into a warp's rows,
-    the keys split across warps and merged, masks with a fully masked row; the backward from its lse."""
+    the keys split across warps and merged, masks with a fully masked row; the backward from its row statistics."""
     q, k, v = _attention_inputs(dtype, 2, H, Hkv, Lq, Lk, E)
     mask = None
     if mask_kind == "bool":

@@ -345,8 +345,9 @@ def test_auto_choice_falls_back_for_float64(device):
 
 
 def test_float64_is_float64_accurate(device):
-    """float64 runs on the reference backend in float64, its saved statistics (mean, rstd, logsumexp) and the
-    attention weights included: the gradients match torch's float64 ones, not merely to float32's precision."""
+    """float64 runs on the reference backend in float64, its saved statistics (mean, rstd, attention's row max and
+    log sum) and the attention weights included: the gradients match torch's float64 ones, not merely to float32's
+    precision."""
     def grads(f, *leaves):
         out = f(*leaves)
         outs = out if isinstance(out, tuple) else (out,)
