@@ -151,9 +151,10 @@ def set_attn_implementation(model: torch.nn.Module, name: str) -> bool:
 
 
 def rms_norm_eps(module: torch.nn.Module) -> float | None:
-    """eps of a transformers RMSNorm (class name ending in "RMSNorm", a `weight` Parameter and a float
-    `variance_epsilon` or `eps`), else None."""
-    if not type(module).__name__.endswith("RMSNorm") or isinstance(module, torch.nn.RMSNorm):
+    """eps of a transformers RMSNorm (class name ending in "RMSNorm", or T5's "T5LayerNorm" and its copies (MT5,
+    UMT5, LongT5, ...), a `weight` Parameter and a float `variance_epsilon` or `eps`), else None."""
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or is_t5_style(module)) or isinstance(module, torch.nn.RMSNorm):
         return None
     if not isinstance(getattr(module, "weight", None), torch.nn.Parameter):
         return None
@@ -164,18 +165,27 @@ def rms_norm_eps(module: torch.nn.Module) -> float | None:
     return None
 
 
+def is_t5_style(module: torch.nn.Module) -> bool:
+    """T5's RMSNorm ("T5LayerNorm", copied as MT5LayerNorm, UMT5LayerNorm, ...), whose output takes the weight's
+    dtype when that is 16-bit (T5RMSNorm below), unlike the RMSNorms of Llama's family."""
+    return type(module).__name__.endswith("T5LayerNorm")
+
+
 def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
-    """Whether module(x) == x / sqrt(mean(x^2) + eps) * weight on a probe input: some RMSNorms differ (Gemma
-    scales by 1 + weight), and those must be left alone. The probe uses its own generator, not torch's."""
+    """Whether module(x) == x / sqrt(mean(x^2) + eps) * weight on a probe input, to the precision of its output's
+    dtype (T5's is a 16-bit weight's): some RMSNorms differ (Gemma scales by 1 + weight), and those must be left
+    alone. The probe uses its own generator, not torch's."""
     weight = module.weight
     if weight.is_meta:
         return False
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32, device="cpu").to(weight.device)
     with torch.no_grad():
-        got = type(module).forward(module, x).float()  # not module(x): its hooks must not see the probe
+        out = type(module).forward(module, x)  # not module(x): its hooks must not see the probe
+        got = out.float()
         want = torch.nn.functional.rms_norm(x, tuple(weight.shape), weight.float(), eps)
-    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+    rtol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(out.dtype).eps
+    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-4)
 
 
 class RMSNorm(fa_nn.RMSNorm):
@@ -188,3 +198,21 @@ class RMSNorm(fa_nn.RMSNorm):
         if self.weight is None or self.weight.dtype == input.dtype:
             return super().forward(input)
         return self.weight * F.rms_norm(input, self.normalized_shape, None, self.eps, backend=self.backend)
+
+
+class T5RMSNorm(fa_nn.RMSNorm):
+    """What swap() puts in place of T5's RMSNorm (T5LayerNorm and its copies). Its output has the weight's dtype when
+    that is 16-bit, else float32 (or float64): the normalization is in float32 and then, for a 16-bit weight,
+    rounded to it before the product. Here rms_norm runs on the input, upcast first when the output is wider, and
+    the result is rounded once to the output's dtype."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.weight is None:
+            return super().forward(input)
+        w = self.weight.dtype
+        out_dtype = w if w in (torch.float16, torch.bfloat16) else torch.promote_types(
+            w, torch.promote_types(input.dtype, torch.float32))
+        if torch.promote_types(input.dtype, out_dtype) != input.dtype:
+            input = input.to(out_dtype)
+        return super().forward(input).to(out_dtype)
+

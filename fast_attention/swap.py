@@ -50,10 +50,10 @@ class SwapReport:
 
 
 def swap(model: nn.Module, *, backend: str | None = None) -> SwapReport:
-    """Replace every torch.nn.MultiheadAttention, LayerNorm, RMSNorm and Softmax in `model` (and every
-    Hugging Face RMSNorm that computes plain RMSNorm) by its fast_attention.nn counterpart, in its parent
-    module, sharing the original's Parameter objects (so device, dtype, optimizer state and tying are kept) and
-    its training mode. Hugging Face models are switched to attn_implementation="fast_attention".
+    """Replace every torch.nn.MultiheadAttention, LayerNorm, RMSNorm and Softmax in `model` (and every Hugging Face
+    RMSNorm, T5's T5LayerNorm among them, that computes plain RMSNorm) by its fast_attention counterpart, in its
+    parent module, sharing the original's Parameter objects (so device, dtype, optimizer state and tying are kept)
+    and its training mode. Hugging Face models are switched to attn_implementation="fast_attention".
 
     In torch.nn.TransformerEncoderLayer / TransformerEncoder whose modules were replaced, torch's fused eval-mode
     path and nested-tensor conversion are turned off (they would bypass the new modules). Subclasses, modules
@@ -79,7 +79,7 @@ def swap(model: nn.Module, *, backend: str | None = None) -> SwapReport:
             _share(module, new)
             object.__setattr__(new, _ORIGINAL, module)
             done[id(module)] = new
-            report.replaced.append(Entry(name, type(module).__name__, f"-> fast_attention.nn.{type(new).__name__}"))
+            report.replaced.append(Entry(name, type(module).__name__, f"-> {_public_name(type(new))}"))
         _set_child(model, name, done[id(module)])
     _turn_off_torch_fast_paths(model, report)
     _switch_hf_attention(model, report)
@@ -167,8 +167,15 @@ def _softmax(m, backend, cls=fa_nn.Softmax):
 _MAKERS = {nn.MultiheadAttention: _mha, nn.LayerNorm: _layer_norm, nn.RMSNorm: _rms_norm, nn.Softmax: _softmax}
 
 
+def _public_name(cls: type) -> str:
+    """fast_attention.nn.LayerNorm, not fast_attention.nn.norms.LayerNorm; fast_attention.hf.T5RMSNorm."""
+    module = "fast_attention.nn" if cls.__module__.startswith("fast_attention.nn.") else cls.__module__
+    return f"{module}.{cls.__qualname__}"
+
+
 def _hf_rms_norm(m, backend):
-    return hf.RMSNorm(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
+    cls = hf.T5RMSNorm if hf.is_t5_style(m) else hf.RMSNorm
+    return cls(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
 
 
 def _maker(module):

@@ -306,7 +306,9 @@ def test_hugging_face_t5_with_padding(backend):
     them: the decoder's left-padded rows, masked everywhere, are eager's uniform average too, not zeros."""
     stock = _tiny_t5().eval()
     model, reference = copy.deepcopy(stock), copy.deepcopy(stock).double()
-    fa.swap(model)
+    report = fa.swap(model)
+    # T5's RMSNorms (T5LayerNorm): two per encoder block, three per decoder block, one after each stack
+    assert [e.type for e in report.replaced] == ["T5LayerNorm"] * 12
     ids, decoder_ids = torch.randint(1, 100, (2, 7)), torch.randint(1, 100, (2, 5))
     mask, decoder_mask = torch.ones(2, 7, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)
     mask[1, 5:] = 0
@@ -316,7 +318,7 @@ def test_hugging_face_t5_with_padding(backend):
     with torch.no_grad(), fa.use_backend(backend):
         ours, names = profiled(lambda: model(**kwargs).logits)
         assert_close(ours, stock(**kwargs).logits, reference(**kwargs).logits)
-    assert "fast_attention::scaled_dot_product_attention" in names
+    assert_ran_ours(names, "rms_norm")
 
 
 def test_hugging_face_t5_trains_its_learned_position_bias():
@@ -343,6 +345,29 @@ def test_hugging_face_t5_trains_its_learned_position_bias():
     if "triton" in fa.available_backends():
         with fa.use_backend("triton"), pytest.raises(NotImplementedError, match="backend='triton' cannot run.*mask"):
             model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("weight_dtype,input_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                      (torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+                                                      (torch.float32, torch.float32)])
+def test_hugging_face_t5_rms_norm_keeps_its_dtype(weight_dtype, input_dtype):
+    """T5LayerNorm normalizes in float32 and returns the weight's dtype when that is 16-bit (rounding to it before
+    the product), else float32: its replacement too, whatever the input's dtype."""
+    pytest.importorskip("transformers")
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    norm = T5LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.normal_()
+    reference = copy.deepcopy(norm).double()
+    model = nn.Sequential(norm.to(weight_dtype))
+    x = torch.randn(4, 8, dtype=input_dtype)
+    expected = model(x)
+    report = fa.swap(model)
+    assert [e.reason for e in report.replaced] == ["-> fast_attention.hf.T5RMSNorm"]
+    got = model(x)
+    assert got.dtype == expected.dtype
+    assert_close(got, expected, reference(x.double()))
 
 
 def test_hugging_face_rms_norm_keeps_its_dtype_and_hooks_see_no_probe():
