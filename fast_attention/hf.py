@@ -137,6 +137,19 @@ def is_model(module: torch.nn.Module) -> bool:
     return callable(getattr(module, "set_attn_implementation", None)) and hasattr(module, "config")
 
 
+def unsupported_attention(model: torch.nn.Module) -> str | None:
+    """Why the model's attention needs what attention_forward refuses (and would raise at its first forward), or
+    None: logit softcapping (Gemma 2 and its kin, config.attn_logit_softcapping) or learned attention sinks
+    (gpt-oss, an attention module's `sinks` parameter, transformers' s_aux)."""
+    configs = [getattr(model, "config", None)]
+    configs += [getattr(configs[0], name, None) for name in ("text_config", "encoder", "decoder")]
+    if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
+        return "the model caps its attention logits (config.attn_logit_softcapping), which fast_attention does not do"
+    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
+        return "the model's attention has learned sinks (transformers' s_aux), which fast_attention does not do"
+    return None
+
+
 def attn_implementation(model: torch.nn.Module) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 

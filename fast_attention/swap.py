@@ -254,7 +254,8 @@ def _adjust(module: nn.Module, attr: str, value, name: str, report: SwapReport, 
     if attr == "attn_implementation":
         if not hf.set_attn_implementation(module, value):
             module.__dict__[_SAVED].pop(attr)
-            report.skipped.append(Entry(name, type(module).__name__, why))
+            report.skipped.append(Entry(name, type(module).__name__, f"attention stays {current!r}: the model does "
+                                        f"not dispatch it through transformers' AttentionInterface"))
             return
     else:
         setattr(module, attr, value)
@@ -279,6 +280,11 @@ def _turn_off_torch_fast_paths(model: nn.Module, report: SwapReport) -> None:
 def _switch_hf_attention(model: nn.Module, report: SwapReport) -> None:
     for name, module in model.named_modules():
         if hf.is_model(module) and hf.attn_implementation(module) != hf.NAME:
+            why_not = hf.unsupported_attention(module) if hf.register() else (
+                "transformers is too old to register an attention function")
+            if why_not is not None:
+                current = hf.attn_implementation(module)
+                report.skipped.append(Entry(name, type(module).__name__, f"attention stays {current!r}: {why_not}"))
+                continue
             _adjust(module, "attn_implementation", hf.NAME, name, report,
-                    "attention runs fast_attention.scaled_dot_product_attention"
-                    if hf.register() else "transformers is too old to register an attention function")
+                    "attention runs fast_attention.scaled_dot_product_attention")

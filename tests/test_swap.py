@@ -292,6 +292,37 @@ def test_hugging_face_llama_under_autocast(backend, device):
     assert_ran_ours(names, "rms_norm")
 
 
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss", "falcon"])
+def test_hugging_face_attention_left_alone_says_why(kind):
+    """swap() leaves a model's attention as it is, with the reason in its report, where fast_attention cannot run
+    it: Gemma 2 caps its attention logits and gpt-oss adds learned sinks (their first forward would raise), Falcon
+    does not dispatch attention through transformers' AttentionInterface. The model runs as before."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=8)
+    if kind == "gemma2":
+        config = transformers.Gemma2Config(**sizes, intermediate_size=48)
+        model, why = transformers.Gemma2ForCausalLM(config), "attn_logit_softcapping"
+    elif kind == "gpt_oss":
+        config = transformers.GptOssConfig(**sizes, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1,
+                                           max_position_embeddings=64)
+        model, why = transformers.GptOssForCausalLM(config), "sinks"
+    else:
+        config = transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+        model, why = transformers.FalconForCausalLM(config), "AttentionInterface"
+    model.eval()
+    before = model.config._attn_implementation
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    report = fa.swap(model)
+    assert model.config._attn_implementation == before
+    skipped = {e.name: e.reason for e in report.skipped}
+    assert not report.adjusted and skipped[""].startswith(f"attention stays {before!r}") and why in skipped[""]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
 def _tiny_t5():
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
