@@ -24,13 +24,14 @@ _registered = False
 
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs) -> tuple[Tensor, None]:
+                      is_causal: bool | None = None, **kwargs) -> tuple[Tensor, Tensor | None]:
     """transformers' attention-function signature, computed by fast_attention.scaled_dot_product_attention.
 
     query (B, H, Lq, D), key and value (B, Hkv, Lk, D) with H a multiple of Hkv (grouped-query attention runs
     without repeating key/value); attention_mask None, or bool (True = attend) / float (added) broadcastable to
-    (B, H, Lq, Lk) -> (attn_output (B, Lq, H, D), None). No attention weights: like "sdpa", ask for "eager" to
-    get them.
+    (B, H, Lq, Lk) -> (attn_output (B, Lq, H, D), attn_weights). The weights (B, H, Lq, Lk), in query's dtype and
+    before dropout, only when transformers asks for them (`output_attentions=True`), else None; they come from the
+    kernels' tiled weights pass, so the forward itself stays fused (eager computes them on every call, sdpa never).
     """
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
@@ -52,9 +53,30 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         is_causal = False
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         is_causal=is_causal, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    args = dict(attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
+                enable_gqa=key.shape[1] != query.shape[1])
+    weights = None
+    if _weights_wanted(kwargs):
+        out, weights = F.scaled_dot_product_attention_with_weights(query, key, value, **args)
+        weights = torch.nn.functional.pad(weights, (0, Lk - key.shape[2])).to(query.dtype)  # the unused slots: 0
+    else:
+        out = F.scaled_dot_product_attention(query, key, value, **args)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _weights_wanted(kwargs) -> bool:
+    """Whether transformers wants this call's attention weights: `output_attentions` among the kwargs (Llama's
+    family passes it down), or an attention output being captured (transformers' output-capturing hooks, which
+    record the attention module's second output; GPT-2 passes nothing down). The collector is transformers'
+    private state, read defensively: without it, only the kwargs count."""
+    if kwargs.get("output_attentions"):
+        return True
+    collector = getattr(sys.modules.get("transformers.utils.output_capturing"), "_active_collector", None)
+    try:
+        captured = collector.get() if collector is not None else None
+    except Exception:  # another transformers' layout: no weights rather than a failed forward
+        return False
+    return isinstance(captured, dict) and any(key.endswith("attentions") for key in captured)
 
 
 def _add_position_bias(bias: Tensor, mask: Tensor | None, is_causal: bool, Lq: int, Lk: int) -> Tensor:

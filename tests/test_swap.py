@@ -262,6 +262,29 @@ def test_swap_hugging_face_model(backend, kind, padding):
     assert [type(m) for m in model.modules()] == [type(m) for m in original.modules()]
 
 
+@pytest.mark.parametrize("kind", sorted(HF_CONFIGS))
+def test_hugging_face_output_attentions(backend, kind):
+    """output_attentions=True: every layer's weights, from the kernels' weights pass, in the model's dtype, as
+    eager's on the real query rows (a padded row masked everywhere is zeros here and uniform in eager)."""
+    model = hf_model(kind)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")  # (in float64, eager's padded rows are NaN: no oracle here)
+    fa.swap(model)
+    ids, mask = torch.randint(3, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[1, slice(5, None) if kind == "bert" else slice(0, 2)] = 0
+    with torch.no_grad(), fa.use_backend(backend):
+        ours, names = profiled(lambda: model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions)
+        theirs = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        assert "fast_attention::attention_weights" in names
+        none, names = profiled(lambda: model(input_ids=ids, attention_mask=mask).attentions)
+        assert none is None and "fast_attention::attention_weights" not in names  # not asked for: not computed
+    assert len(ours) == len(theirs) == 2
+    real = mask.bool()  # (batch, query row)
+    for layer, (o, t) in enumerate(zip(ours, theirs)):
+        assert o.shape == t.shape and o.dtype == t.dtype, layer
+        torch.testing.assert_close(o.transpose(1, 2)[real], t.transpose(1, 2)[real], msg=lambda m: f"{layer}: {m}")
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_hugging_face_attn_implementation_at_construction(backend, kind):
     model = hf_model(kind, attn_implementation="fast_attention")
