@@ -160,18 +160,23 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
 
 
 def _probabilities(q, k, mask, is_causal, scale):
-    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the statistics the kernels save, (2, B, H, Lq):
-    each row's max score and the log of its sum relative to that max, both base 2 (-inf and 0 for a row with every
-    key masked). Rows with every key masked are zeros. The backward and the weights compute P again with softmax
-    rather than from the statistics, as the kernels do: the oracle does not share their arithmetic."""
+    """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the scores. Rows with every key masked are
+    zeros. The backward and the weights compute P again this way rather than from the forward's statistics, as the
+    kernels do: the oracle does not share their arithmetic."""
     s = _scores(q, k, mask, is_causal, scale)
+    dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
+    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), s
+
+
+def _row_stats(s: Tensor) -> Tensor:
+    """The statistics the kernels save for scores s, (2, B, H, Lq): each row's max score and the log of its sum
+    relative to that max, both base 2 (-inf and 0 for a row with every key masked)."""
     row_max = s.amax(-1, keepdim=True)
-    dead = torch.isneginf(row_max)  # zeroed, while a NaN from the mask propagates as in torch
+    dead = torch.isneginf(row_max)
     log_sum = torch.exp(s - row_max.masked_fill(dead, 0.0)).sum(-1, keepdim=True).log().masked_fill(dead, 0.0)
     # base 2; as in the kernels, a huge finite max (finfo.min * log2(e) overflows) stays finite
     max2 = torch.where(dead, row_max, (row_max / math.log(2)).clamp(min=-torch.finfo(s.dtype).max))
-    stats = torch.stack((max2.squeeze(-1), log_sum.squeeze(-1) / math.log(2)))
-    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), stats
+    return torch.stack((max2.squeeze(-1), log_sum.squeeze(-1) / math.log(2)))
 
 
 def _scores(q, k, mask, is_causal, scale):
@@ -195,12 +200,12 @@ def _dropout_scale(q, k, dropout_p, seed):
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    p, stats = _probabilities(q, k, mask, is_causal, scale)
+    p, scores = _probabilities(q, k, mask, is_causal, scale)
     drop = _dropout_scale(q, k, dropout_p, seed)
     if drop is not None:
         p = p * drop
     out = p @ _repeat_kv(v.to(p.dtype), q.shape[1])
-    return out.to(q.dtype), stats
+    return out.to(q.dtype), _row_stats(scores)
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
