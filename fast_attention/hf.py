@@ -58,7 +58,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     weights = None
     if _weights_wanted(kwargs):
         out, weights = F.scaled_dot_product_attention_with_weights(query, key, value, **args)
-        weights = torch.nn.functional.pad(weights, (0, Lk - key.shape[2])).to(query.dtype)  # the unused slots: 0
+        if key.shape[2] < Lk:  # the empty cache slots dropped above: zero columns, as eager gives them
+            weights = torch.nn.functional.pad(weights, (0, Lk - key.shape[2]))
+        weights = weights.to(query.dtype)
     else:
         out = F.scaled_dot_product_attention(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), weights

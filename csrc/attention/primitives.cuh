@@ -22,7 +22,6 @@
 namespace fa {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kFloatMax = 3.402823466e38f;  // FLT_MAX
 
 // --- inline PTX, sm_80+. csrc/emulate/ptx.h stands in for this block on the CPU (tests/test_cuda_emulated.py).
