@@ -56,7 +56,8 @@ def _backward_backend(op: str, backend: str | None, forward: str, input: Tensor,
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
+                                 enable_gqa: bool = False, *, backend: str | None = None,
+                                 sinks: Tensor | None = None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, fused: never builds the Lq x Lk matrix (on the kernel
     backends).
 
@@ -73,27 +74,32 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     Rows where every key is masked give zeros (torch >= 2.5 does the same). Dropout draws its seed from torch's
     default generator, so torch.manual_seed makes it reproducible. A float attn_mask that requires grad (a learned
     position bias) runs on the reference backend: see _attend_differentiable_mask.
+
+    Beyond torch: sinks (H,), one learned attention sink per query head (gpt-oss), a score with no value that joins
+    every row's softmax (so each row's weights sum to less than 1, and a row with every key masked still gives
+    zeros); differentiable, on every backend (fast_attention/ops/attention.py).
     """
     if _mask_needs_grad(attn_mask):
         return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend)[0]
-    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)[0]
+                                           backend, sinks)[0]
+    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks)[0]
 
 
 def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value: Tensor,
                                               attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                               is_causal: bool = False, scale: float | None = None,
-                                              enable_gqa: bool = False, *, backend: str | None = None
-                                              ) -> tuple[Tensor, Tensor]:
+                                              enable_gqa: bool = False, *, backend: str | None = None,
+                                              sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
     query and key (and a float attn_mask that requires grad), as through torch's."""
     if _mask_needs_grad(attn_mask):
         return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend)
-    out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+                                           backend, sinks)
+    out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+                                     sinks)
     q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
-    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name)
+    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name, sinks)
     shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
     return out, weights if weights.shape == shape else weights.reshape(shape)
 
@@ -106,7 +112,8 @@ def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
             and torch.is_grad_enabled())
 
 
-def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+                                sinks):
     """(output, weights before dropout) for a float attn_mask that requires grad: a learned position bias, such
     as T5's relative attention bias, which Hugging Face models add to the mask. The kernels give no gradient for
     the mask, so the reference backend's formula runs here as plain torch ops in float32 (float64 for float64
@@ -114,7 +121,8 @@ def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_caus
     kernel, it builds the (B, H, Lq, Lk) scores, as large as such a mask. Dropout draws from torch's generator. A
     kernel backend asked for by name raises NotImplementedError."""
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
-    scale, _, _ = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    scale, _, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _attention.check_sinks(sinks, query, H)
     asked = backend if backend is not None else backends.default_backend()
     if asked is not None and asked != "reference":
         backends._check_name(asked)  # an unknown name's error first
@@ -125,13 +133,14 @@ def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_caus
     ct = reference.compute_dtype(query)
     with torch.autocast(query.device.type, enabled=False):
         out, weights = reference.attention_and_weights(query.to(ct), key.to(ct), value.to(ct), attn_mask.to(ct),
-                                                       dropout_p, is_causal, scale, enable_gqa)
+                                                       dropout_p, is_causal, scale, enable_gqa, sinks=sinks)
     return out.to(query.dtype), weights
 
 
-def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend):
+def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    _attention.check_sinks(sinks, query, H)
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
@@ -140,7 +149,7 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     else:
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, stats = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
-                    scale, seed, name)
+                      scale, seed, name, sinks)
     if out.dim() != query.dim() or q is not query:
         out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
     return out, stats, (q, k, attn_mask, bool(is_causal), scale, (query, key, value, batch, H)), name

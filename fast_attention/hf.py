@@ -32,11 +32,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     (B, H, Lq, Lk) -> (attn_output (B, Lq, H, D), attn_weights). The weights (B, H, Lq, Lk), in query's dtype and
     before dropout, only when transformers asks for them (`output_attentions=True`), else None; they come from the
     kernels' tiled weights pass, so the forward itself stays fused (eager computes them on every call, sdpa never).
+    `s_aux` (gpt-oss's learned sinks, one per head) become fast_attention's `sinks`.
     """
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"fast_attention: transformers' `{unsupported}` is not supported; use "
-                                      f"attn_implementation='eager' for this model")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("fast_attention: transformers' `softcap` is not supported; use "
+                                  "attn_implementation='eager' for this model")
     Lq, Lk = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -54,7 +54,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)
     args = dict(attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                enable_gqa=key.shape[1] != query.shape[1])
+                enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"))
     weights = None
     if _weights_wanted(kwargs):
         out, weights = F.scaled_dot_product_attention_with_weights(query, key, value, **args)
@@ -163,14 +163,11 @@ def is_model(module: torch.nn.Module) -> bool:
 
 def unsupported_attention(model: torch.nn.Module) -> str | None:
     """Why the model's attention needs what attention_forward refuses (and would raise at its first forward), or
-    None: logit softcapping (Gemma 2 and its kin, config.attn_logit_softcapping) or learned attention sinks
-    (gpt-oss, an attention module's `sinks` parameter, transformers' s_aux)."""
+    None: logit softcapping (Gemma 2 and its kin, config.attn_logit_softcapping)."""
     configs = [getattr(model, "config", None)]
     configs += [getattr(configs[0], name, None) for name in ("text_config", "encoder", "decoder")]
     if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
         return "the model caps its attention logits (config.attn_logit_softcapping), which fast_attention does not do"
-    if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
-        return "the model's attention has learned sinks (transformers' s_aux), which fast_attention does not do"
     return None
 
 

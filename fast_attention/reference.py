@@ -43,18 +43,21 @@ def default_rms_eps(dtype: torch.dtype) -> float:
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False, *, dropout_mask: Tensor | None = None) -> Tensor:
+                                 enable_gqa=False, *, dropout_mask: Tensor | None = None,
+                                 sinks: Tensor | None = None) -> Tensor:
     """torch SDPA, written out. query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev).
 
     Rows where every key is masked give zeros (torch >= 2.5). `dropout_mask` (bool, broadcastable to the weights,
-    True = keep) replaces the random draw, so a test can hand in the mask a kernel used.
+    True = keep) replaces the random draw, so a test can hand in the mask a kernel used. `sinks` (Hq,): each head's
+    learned sink, a score with no value that joins every row's softmax, as gpt-oss's eager attention writes it.
     """
     return attention_and_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                 dropout_mask=dropout_mask)[0]
+                                 dropout_mask=dropout_mask, sinks=sinks)[0]
 
 
 def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                          enable_gqa=False, *, dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          enable_gqa=False, *, dropout_mask: Tensor | None = None,
+                          sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """scaled_dot_product_attention's output and its attention weights (before dropout), (..., Lq, Lk), in the
     inputs' dtype."""
     Lq, Lk = query.shape[-2], key.shape[-2]
@@ -72,10 +75,15 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(scores.dtype)  # a float32 mask on half inputs: added in their dtype
+    if sinks is not None:  # a column holding the row's head's sink: it joins the softmax and is dropped after it
+        column = sinks.to(scores.dtype).reshape((-1, 1, 1)[max(0, 3 - scores.dim()):])
+        scores = torch.cat((scores, column.expand(*scores.shape[:-1], 1)), -1)
     row_max = scores.amax(-1, keepdim=True)
     dead = torch.isneginf(row_max)  # every key masked: the row gives zeros
     weights = (scores - row_max.masked_fill(dead, 0.0)).exp()
     weights = weights / weights.sum(-1, keepdim=True).masked_fill(dead, 1.0)
+    if sinks is not None:
+        weights = weights[..., :-1]
     dropped = weights
     if dropout_p > 0.0:
         if dropout_mask is None:

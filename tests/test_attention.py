@@ -373,6 +373,105 @@ def test_attention_weights(backend, kind, dtype):
         assert_close(g, g_torch, g_ref, f"weights' {name}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Learned sinks (gpt-oss): torch has none, so "torch's own" is gpt-oss's eager formula in the same dtype
+# ----------------------------------------------------------------------------------------------------------
+def check_sinks(backend, q, k, v, attn_mask=None, is_causal=False, dropout_mask=None, sinks=None, **kwargs):
+    """Ours vs the sink formula written out (the oracle's, as gpt-oss's eager attention) in the inputs' dtype vs in
+    float64: the output and dQ, dK, dV and dSinks, and without dropout the weights and their gradients too."""
+    if sinks is None:
+        sinks = torch.randn(q.shape[1], device=DEVICE, requires_grad=True)
+    args = dict(attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True, **kwargs)
+    leaves = (q, k, v, sinks)
+    if dropout_mask is None:
+        out, w = functional.scaled_dot_product_attention_with_weights(q, k, v, **args, backend=backend, sinks=sinks)
+    else:
+        out, w = fa.scaled_dot_product_attention(q, k, v, **args, backend=backend, sinks=sinks), None
+    dout = torch.randn_like(out)
+    dw = torch.randn(w.shape, device=DEVICE, dtype=torch.float64) if w is not None else None
+
+    def run(dt):
+        xs = _detached(leaves, dt)
+        mask = attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+        o, weights = ref.attention_and_weights(*xs[:3], **{**args, "attn_mask": mask}, sinks=xs[3],
+                                               dropout_mask=dropout_mask)
+        return (o, weights), xs
+
+    ours = (out, w)
+    (same, same_leaves), (oracle, oracle_leaves) = run(q.dtype), run(torch.float64)
+    names = ("output", "weights") if w is not None else ("output",)
+    for name, a, b, c in zip(names, ours, same, oracle):
+        assert_close(a, b, c, name)
+
+    def grads(outputs, xs):
+        loss = (outputs[0].double() * dout.double()).sum()
+        if dw is not None:
+            loss = loss + (outputs[1].double() * dw).sum()
+        return torch.autograd.grad(loss, xs)
+
+    for name, a, b, c in zip(("dq", "dk", "dv", "dsinks"), grads(ours, leaves), grads(same, same_leaves),
+                             grads(oracle, oracle_leaves)):
+        assert_close(a, b, c, name)
+    return out
+
+
+@pytest.mark.parametrize("kind,dtype", [("none", torch.float32), ("causal", torch.bfloat16),
+                                        ("dead_rows", torch.float16), ("hf_padding", torch.float32),
+                                        ("float", torch.float16)])
+def test_sinks(backend, kind, dtype):
+    """Each head's sink joins every row's softmax: the output and the weights shrink by Z / (Z + e^sink), and the
+    gradients, the sinks' own, are those of the softmax with the sink's column. A row with every key masked gives
+    zeros (its sink takes all of it)."""
+    B, H, Lq, Lk = 2, 4, 13, 21
+    q, k, v = _qkv(B, H, 2, Lq, Lk, 16, dtype)
+    mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
+    out = check_sinks(backend, q, k, v, mask, causal)
+    if kind == "dead_rows":
+        assert torch.equal(out[:, :, ::4], torch.zeros_like(out[:, :, ::4]))
+
+
+def test_sinks_with_a_mask_that_requires_grad():
+    """A learned bias and learned sinks together (the reference formula's path): every gradient, the bias's too."""
+    q, k, v = _qkv(2, 2, 2, 7, 10, 16, torch.float32)
+    bias = torch.randn(1, 2, 7, 10, device=DEVICE, requires_grad=True)
+    sinks = torch.randn(2, device=DEVICE, requires_grad=True)
+    leaves = (q, k, v, bias, sinks)
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, sinks=sinks)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, dout)
+    r = _detached(leaves, torch.float64)
+    r_out = ref.scaled_dot_product_attention(*r[:3], attn_mask=r[3], sinks=r[4])
+    torch.testing.assert_close(out, r_out.float())
+    for name, ours, oracle in zip(("dq", "dk", "dv", "dbias", "dsinks"), grads,
+                                  torch.autograd.grad(r_out, r, dout.double())):
+        torch.testing.assert_close(ours, oracle.float(), msg=lambda m: f"{name}: {m}")
+
+
+@needs_triton
+def test_sinks_with_dropout_use_the_kernels_mask():
+    """Dropout applies to the keys' shares after the sink took its own, as in gpt-oss's eager attention."""
+    from fast_attention.kernels import attention as kernels
+
+    B, H, Lq, Lk, p = 1, 2, 9, 14, 0.3
+    q, k, v = _qkv(B, H, 1, Lq, Lk, 16, torch.float32)
+    sinks = torch.randn(H, device=DEVICE, requires_grad=True)
+    keep = kernels.dropout_mask(_drawn_seed(77), p, B, H, Lq, Lk, DEVICE)
+    torch.manual_seed(77)
+    check_sinks("triton", q, k, v, dropout_p=p, dropout_mask=keep, sinks=sinks)
+
+
+@needs_triton
+@pytest.mark.parametrize("Lq,kind", [(1, "none"), (4, "hf_padding")])
+def test_decoding_split_kv_with_sinks(monkeypatch, Lq, kind):
+    """The sinks scale the merged output of the split-KV path by its merged statistics."""
+    _, splits = _small_decoding_thresholds(monkeypatch)
+    B, H, Hkv, Lk = 2, 4, 1, 150
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, 32, torch.float32)
+    mask, _ = _mask(kind, B, H, Lq, Lk, torch.float32)
+    check_sinks("triton", q, k, v, mask)
+    assert splits and min(splits) > 1, "the split-KV path did not run"
+
+
 def _small_decoding_thresholds(monkeypatch):
     """Lets 64 keys or more take the split-KV path, in splits of 32 keys or more: (the kernels' module, the list
     to which each merge appends its split count)."""
@@ -751,6 +850,10 @@ def _x(*shape, dtype=torch.float32):
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"attn_mask": _x(5, 6, dtype=torch.float16)},
      TypeError, "attn_mask must be bool, float32 or query's dtype"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"dropout_p": 1.0}, NotImplementedError, "dropout_p=1"),
+    ((_x(2, 4, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"enable_gqa": True, "sinks": _x(2)}, ValueError,
+     r"sinks must have shape \(4,\), one per query head"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"sinks": torch.zeros(2, dtype=torch.int64)}, TypeError,
+     "sinks must be a floating-point tensor"),
 ])
 def test_bad_input(backend, args, kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -60,10 +60,25 @@ def _attention_weights_case(device, backend):
     return OPS.attention_weights.default, (q, k, stats, mask, is_causal, scale, backend)
 
 
+def _sinks(device):
+    return torch.randn(2, device=device, requires_grad=True)  # one per head of the attention cases
+
+
+def _attention_sinks_case(device, backend):
+    op, args = _attention_case(device, backend)
+    return op, (*args, _sinks(device))
+
+
+def _attention_weights_sinks_case(device, backend):
+    op, args = _attention_weights_case(device, backend)
+    return op, (*args, _sinks(device))
+
+
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
-                                  _attention_strided_case, _attention_weights_case],
+                                  _attention_strided_case, _attention_weights_case, _attention_sinks_case,
+                                  _attention_weights_sinks_case],
                          ids=["softmax", "layer_norm", "rms_norm", "attention", "attention_strided",
-                              "attention_weights"])
+                              "attention_weights", "attention_sinks", "attention_weights_sinks"])
 def test_opcheck(case, backend, device):
     # The op is called with the backend named, past the checks that turn a call the backend cannot run into
     # NotImplementedError: each case gives it inputs it takes.
@@ -180,6 +195,27 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     (g,) = torch.autograd.grad(out.square().sum(), x)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_attention_sinks(backend, device, compiler):
+    """Learned sinks (ops/attention.py) traced around the op: the output, the weights and every gradient, the
+    sinks' among them, as eager."""
+    torch._dynamo.reset()
+    dtype, D = _attention_inputs(backend)
+    q, k, v = (torch.randn(2, 2, L, D, device=device, dtype=dtype, requires_grad=True) for L in (5, 9, 9))
+    sinks = _sinks(device)
+
+    def loss(q, k, v, sinks):
+        out, w = fa.functional.scaled_dot_product_attention_with_weights(q, k, v, is_causal=True, backend=backend,
+                                                                         sinks=sinks)
+        return out.float().square().sum() + w.square().sum()
+
+    results = []
+    for f in (loss, torch.compile(loss, fullgraph=True, backend=compiler)):
+        value = f(q, k, v, sinks)
+        results.append((value, *torch.autograd.grad(value, (q, k, v, sinks))))
+    torch.testing.assert_close(results[1], results[0])
 
 
 def test_torch_export(backend, device):

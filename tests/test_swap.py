@@ -315,21 +315,17 @@ def test_hugging_face_llama_under_autocast(backend, device):
     assert_ran_ours(names, "rms_norm")
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss", "falcon"])
+@pytest.mark.parametrize("kind", ["gemma2", "falcon"])
 def test_hugging_face_attention_left_alone_says_why(kind):
     """swap() leaves a model's attention as it is, with the reason in its report, where fast_attention cannot run
-    it: Gemma 2 caps its attention logits and gpt-oss adds learned sinks (their first forward would raise), Falcon
-    does not dispatch attention through transformers' AttentionInterface. The model runs as before."""
+    it: Gemma 2 caps its attention logits (its first forward would raise), Falcon does not dispatch attention
+    through transformers' AttentionInterface. The model runs as before."""
     transformers = pytest.importorskip("transformers")
     sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=8)
     if kind == "gemma2":
         config = transformers.Gemma2Config(**sizes, intermediate_size=48)
         model, why = transformers.Gemma2ForCausalLM(config), "attn_logit_softcapping"
-    elif kind == "gpt_oss":
-        config = transformers.GptOssConfig(**sizes, intermediate_size=32, num_local_experts=2, num_experts_per_tok=1,
-                                           max_position_embeddings=64)
-        model, why = transformers.GptOssForCausalLM(config), "sinks"
     else:
         config = transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
         model, why = transformers.FalconForCausalLM(config), "AttentionInterface"
@@ -344,6 +340,45 @@ def test_hugging_face_attention_left_alone_says_why(kind):
     assert not report.adjusted and skipped[""].startswith(f"attention stays {before!r}") and why in skipped[""]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
+
+
+def test_hugging_face_gpt_oss_learned_sinks(backend):
+    """gpt-oss's learned sinks (transformers' s_aux) run as fast_attention's sinks, in its sliding-window and full
+    layers, with left padding: eager's logits, its sinks' gradients, and its greedy KV-cached generation."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GptOssConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=32, num_local_experts=2,
+                                       num_experts_per_tok=1, max_position_embeddings=64, sliding_window=4)
+    model = transformers.GptOssForCausalLM(config).eval()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")  # the default grouped_mm takes no float64 (the oracle)
+    sinks = [m.sinks for m in model.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    with torch.no_grad():
+        for s in sinks:
+            s.normal_()  # initialized at 0 or garbage otherwise
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    reference = copy.deepcopy(eager).double()
+    report = fa.swap(model, backend=backend)
+    assert [e.type for e in report.adjusted] == ["GptOssForCausalLM"] and not report.skipped
+    ids, mask = torch.randint(3, 100, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    real = mask.bool()
+    ours, names = profiled(lambda: model(input_ids=ids, attention_mask=mask).logits)
+    theirs = eager(input_ids=ids, attention_mask=mask).logits
+    ref = reference(input_ids=ids, attention_mask=mask).logits
+    assert "fast_attention::scaled_dot_product_attention" in names
+    assert_close(ours[real], theirs[real], ref[real])
+    for logits in (ours, theirs, ref):
+        logits[real].square().mean().backward()
+    eager_sinks = [m.sinks for m in eager.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    ref_sinks = [m.sinks for m in reference.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    for ours_s, theirs_s, ref_s in zip(sinks, eager_sinks, ref_sinks, strict=True):
+        assert_close(ours_s.grad, theirs_s.grad, ref_s.grad, "dsinks")
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        torch.testing.assert_close(generated, eager.generate(ids, attention_mask=mask, max_new_tokens=6,
+                                                             do_sample=False))
 
 
 def _tiny_t5():

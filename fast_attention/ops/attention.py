@@ -8,6 +8,13 @@ everywhere, whose weights torch makes uniform). A row with every key masked has 
 
 Inside the ops every tensor is 4-D: query (B, H, Lq, E), key (B, Hkv, Lk, E), value (B, Hkv, Lk, Ev),
 attn_mask broadcastable to (B, H, Lq, Lk); the backends get the mask expanded to that shape (stride 0, no copy).
+
+Learned attention sinks (gpt-oss), `sinks` (H,): each head's sink is a score with no value that joins every row's
+softmax. With Z a row's sum of exp(score), it scales the row's probabilities by r = Z / (Z + e^sink) and takes
+1 - r itself. The ops apply it around any backend, which never sees it: the forward scales the output by r; the
+backward hands the backend r * dO, so that the backend's P (without the sink) and D = rowsum(r dO * O) give the
+gradient of the softmax with the sink, r P (dP - rowsum(dO * O)); the sink's own gradient is
+-(1 - r) rowsum(dO * O), summed over the rows of its head. `stats` stay the backend's, without the sink.
 """
 import math
 from typing import Optional
@@ -20,6 +27,7 @@ from ._checks import as_float, check_float, check_same_device
 from ._direct import call
 
 OP = "scaled_dot_product_attention"
+LOG2E = 1.0 / math.log(2)
 
 
 def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[float, tuple, int]:
@@ -69,6 +77,17 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         raise NotImplementedError(f"fast_attention.{OP}: a head dim of 0 (every score 0) is not supported")
     E = query.shape[-1]  # 0 only where the output is empty: the scale is then never used
     return (as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
+
+
+def check_sinks(sinks, query: Tensor, H: int) -> None:
+    """sinks: None, or a float tensor of H elements (one per output head) on query's device."""
+    if sinks is None:
+        return
+    check_float("sinks", sinks, OP)
+    if tuple(sinks.shape) != (H,):
+        raise ValueError(f"fast_attention.{OP}: sinks must have shape ({H},), one per query head, got "
+                         f"{tuple(sinks.shape)}")
+    check_same_device(OP, query=query, sinks=sinks)
 
 
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int]:
@@ -138,6 +157,15 @@ def expand_mask(attn_mask: Optional[Tensor], query: Tensor, key: Tensor) -> Opti
     return attn_mask.expand(B, H, Lq, key.shape[-2])
 
 
+def sink_shares(stats: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """(r, 1 - r) per row (B, H, Lq), in stats' dtype: the share of a row's softmax its keys keep beside their
+    head's sink, and the sink's share, as sigmoids of x = sink - log Z, exact where r or 1 - r is tiny. A row with
+    every key masked (max -inf) gives (0, 1): its output stays zero, as in eager attention with sinks."""
+    row_max, log_sum = stats  # base 2
+    x = ((sinks.to(stats.dtype)[:, None] * LOG2E - row_max) - log_sum) * math.log(2)
+    return torch.sigmoid(-x), torch.sigmoid(x)
+
+
 def _empty_result(query, key, value):
     B, H, Lq, _ = query.shape
     out = query.new_zeros(B, H, Lq, value.shape[-1])
@@ -149,15 +177,18 @@ def _empty_result(query, key, value):
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention", mutates_args=())
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: float, seed: Tensor,
-                                 backend: str) -> tuple[Tensor, Tensor]:
+                                 backend: str, sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
         return _empty_result(query, key, value)
-    return backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
-                                                   is_causal, scale, dropout_p, int(seed))
+    out, stats = backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
+                                                         is_causal, scale, dropout_p, int(seed))
+    if sinks is not None:
+        out = (out * sink_shares(stats, sinks)[0][..., None]).to(out.dtype)
+    return out, stats
 
 
 @scaled_dot_product_attention.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None):
     B, H, Lq, _ = query.shape
     return (query.new_empty(B, H, Lq, value.shape[-1]),
             query.new_empty(2, B, H, Lq, dtype=reference.compute_dtype(query)))
@@ -182,17 +213,24 @@ def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, 
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend = inputs
+    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, *sinks = inputs
     out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed)
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, *sinks)
 
 
 def _backward(ctx, grad_out, _grad_stats):
-    query, key, value, attn_mask, out, stats, seed = ctx.saved_tensors
+    query, key, value, attn_mask, out, stats, seed, *sinks = ctx.saved_tensors
+    sinks = sinks[0] if sinks else None
+    dsinks = None
+    if sinks is not None:  # see the module's docstring
+        keep, sink_share = sink_shares(stats, sinks)
+        rows = (grad_out.to(stats.dtype) * out.to(stats.dtype)).sum(-1)
+        dsinks = -(sink_share * rows).sum((0, 2)).to(sinks.dtype)
+        grad_out = (grad_out * keep[..., None]).to(grad_out.dtype)
     dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats, attn_mask,
                       ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, dsinks
 
 
 scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -200,18 +238,19 @@ scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_c
 
 @torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
 def attention_weights(query: Tensor, key: Tensor, stats: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                      scale: float, backend: str) -> Tensor:
+                      scale: float, backend: str, sinks: Optional[Tensor] = None) -> Tensor:
     """softmax(scale * q k^T + mask) as float32 (float64 for float64 inputs) (B, H, Lq, Lk), from the forward's
-    statistics; masked rows are 0."""
+    statistics; masked rows are 0. With sinks, the keys' shares of the softmax with the sink."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
         return query.new_zeros(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
-    return backends.get(backend).attention_weights(query, key, stats, expand_mask(attn_mask, query, key), is_causal,
-                                                   scale)
+    weights = backends.get(backend).attention_weights(query, key, stats, expand_mask(attn_mask, query, key),
+                                                      is_causal, scale)
+    return weights if sinks is None else weights * sink_shares(stats, sinks)[0].to(weights.dtype)[..., None]
 
 
 @attention_weights.register_fake
-def _(query, key, stats, attn_mask, is_causal, scale, backend):
+def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None):
     B, H, Lq, _ = query.shape
     return query.new_empty(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
 
@@ -230,14 +269,20 @@ def _(grad_weights, weights, query, key, scale):
 
 
 def _weights_setup_context(ctx, inputs, output):
-    query, key, _stats, _mask, _is_causal, ctx.scale, _backend = inputs
-    ctx.save_for_backward(query, key, output)
+    query, key, stats, _mask, _is_causal, ctx.scale, _backend, *sinks = inputs
+    ctx.save_for_backward(query, key, output, stats, *sinks)
 
 
 def _weights_backward(ctx, grad_weights):
-    query, key, weights = ctx.saved_tensors
+    """The softmax's gradient holds with a sink, whose column has no gradient of its own; the sink's is
+    -(1 - r) rowsum(dW * W) (see the module's docstring)."""
+    query, key, weights, stats, *sinks = ctx.saved_tensors
     dq, dk = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale)
-    return dq, dk, None, None, None, None, None
+    dsinks = None
+    if sinks and sinks[0] is not None:
+        rows = (grad_weights.to(weights.dtype) * weights).sum(-1)
+        dsinks = -(sink_shares(stats, sinks[0])[1] * rows).sum((0, 2)).to(sinks[0].dtype)
+    return dq, dk, None, None, None, None, None, dsinks
 
 
 attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
