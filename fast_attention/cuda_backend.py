@@ -49,7 +49,9 @@ def _row_reason(x: Tensor) -> str | None:
     return _device_reason(x)
 
 
-def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False) -> str | None:
+def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, softcap=0.0) -> str | None:
+    if softcap:
+        return "its attention kernels do not cap the logits (softcap); backend='triton' does"
     if query.dtype not in _ATTENTION_DTYPES:
         return (f"its attention kernels take float16 or bfloat16 (tensor-core inputs), got {_name(query.dtype)}; "
                 f"use backend='triton' or 'reference' for {_name(query.dtype)}")
@@ -110,13 +112,24 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor
 # ---------------------------------------------------------------------------------------------- attention
 # Dropout draws the Triton kernels' decisions for the same seed (csrc/attention/primitives.cuh, dropout_keep): the
 # two backends drop the same probabilities.
-def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+# A logit cap (softcap) is refused by unsupported() above; the functions check it again for direct callers.
+def _no_softcap(softcap: float) -> None:
+    if softcap:
+        raise NotImplementedError("fast_attention: the CUDA attention kernels do not cap the logits (softcap)")
+
+
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                      softcap: float = 0.0):
+    _no_softcap(softcap)
     return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
 
 
-def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                       softcap: float = 0.0):
+    _no_softcap(softcap)
     return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, stats, mask, is_causal, scale, dropout_p, seed))
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
+    _no_softcap(softcap)
     return _C.attention_weights(q, k, stats, mask, is_causal, scale)

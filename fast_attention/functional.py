@@ -57,7 +57,7 @@ def _backward_backend(op: str, backend: str | None, forward: str, input: Tensor,
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False, *, backend: str | None = None,
-                                 sinks: Tensor | None = None) -> Tensor:
+                                 sinks: Tensor | None = None, softcap: float | None = None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, fused: never builds the Lq x Lk matrix (on the kernel
     backends).
 
@@ -77,29 +77,32 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Beyond torch: sinks (H,), one learned attention sink per query head (gpt-oss), a score with no value that joins
     every row's softmax (so each row's weights sum to less than 1, and a row with every key masked still gives
-    zeros); differentiable, on every backend (fast_attention/ops/attention.py).
+    zeros); differentiable, on every backend (fast_attention/ops/attention.py). softcap c > 0 (Gemma 2's
+    attn_logit_softcapping): the scores capped to c * tanh(scores / c) before the mask is applied (None or 0: no
+    cap, as FlashAttention's softcap=0.0); on the Triton and reference backends (the CUDA kernels do not cap).
     """
     if _mask_needs_grad(attn_mask):
         return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend, sinks)[0]
-    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks)[0]
+                                           backend, sinks, softcap)[0]
+    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks, softcap)[0]
 
 
 def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value: Tensor,
                                               attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                               is_causal: bool = False, scale: float | None = None,
                                               enable_gqa: bool = False, *, backend: str | None = None,
-                                              sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                              sinks: Tensor | None = None, softcap: float | None = None
+                                              ) -> tuple[Tensor, Tensor]:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
     query and key (and a float attn_mask that requires grad), as through torch's."""
     if _mask_needs_grad(attn_mask):
         return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend, sinks)
+                                           backend, sinks, softcap)
     out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
-                                     sinks)
-    q4, k4, mask, is_causal, scale, (query, key, value, batch, H) = args
-    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name, sinks)
+                                     sinks, softcap)
+    q4, k4, mask, is_causal, scale, softcap, (query, key, value, batch, H) = args
+    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name, sinks, softcap)
     shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
     return out, weights if weights.shape == shape else weights.reshape(shape)
 
@@ -113,7 +116,7 @@ def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
 
 
 def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
-                                sinks):
+                                sinks, softcap):
     """(output, weights before dropout) for a float attn_mask that requires grad: a learned position bias, such
     as T5's relative attention bias, which Hugging Face models add to the mask. The kernels give no gradient for
     the mask, so the reference backend's formula runs here as plain torch ops in float32 (float64 for float64
@@ -123,6 +126,7 @@ def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_caus
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, _, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _attention.check_sinks(sinks, query, H)
+    softcap = _attention.check_softcap(softcap)
     asked = backend if backend is not None else backends.default_backend()
     if asked is not None and asked != "reference":
         backends._check_name(asked)  # an unknown name's error first
@@ -133,23 +137,25 @@ def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_caus
     ct = reference.compute_dtype(query)
     with torch.autocast(query.device.type, enabled=False):
         out, weights = reference.attention_and_weights(query.to(ct), key.to(ct), value.to(ct), attn_mask.to(ct),
-                                                       dropout_p, is_causal, scale, enable_gqa, sinks=sinks)
+                                                       dropout_p, is_causal, scale, enable_gqa, sinks=sinks,
+                                                       softcap=softcap)
     return out.to(query.dtype), weights
 
 
-def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None):
+def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None, softcap=None):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _attention.check_sinks(sinks, query, H)
+    softcap = _attention.check_softcap(softcap)
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
-                            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+                            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, softcap=softcap)
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, stats = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
-                      scale, seed, name, sinks)
+                      scale, seed, name, sinks, softcap)
     if out.dim() != query.dim() or q is not query:
         out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
-    return out, stats, (q, k, attn_mask, bool(is_causal), scale, (query, key, value, batch, H)), name
+    return out, stats, (q, k, attn_mask, bool(is_causal), scale, softcap, (query, key, value, batch, H)), name

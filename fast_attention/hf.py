@@ -32,11 +32,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     (B, H, Lq, Lk) -> (attn_output (B, Lq, H, D), attn_weights). The weights (B, H, Lq, Lk), in query's dtype and
     before dropout, only when transformers asks for them (`output_attentions=True`), else None; they come from the
     kernels' tiled weights pass, so the forward itself stays fused (eager computes them on every call, sdpa never).
-    `s_aux` (gpt-oss's learned sinks, one per head) become fast_attention's `sinks`.
+    `s_aux` (gpt-oss's learned sinks, one per head) and `softcap` (Gemma 2's logit cap) become fast_attention's
+    `sinks` and `softcap`.
     """
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("fast_attention: transformers' `softcap` is not supported; use "
-                                  "attn_implementation='eager' for this model")
     Lq, Lk = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -54,7 +52,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)
     args = dict(attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"))
+                enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
     weights = None
     if _weights_wanted(kwargs):
         out, weights = F.scaled_dot_product_attention_with_weights(query, key, value, **args)
@@ -159,16 +157,6 @@ def install() -> None:
 def is_model(module: torch.nn.Module) -> bool:
     """A transformers PreTrainedModel (duck-typed, so transformers is not imported)."""
     return callable(getattr(module, "set_attn_implementation", None)) and hasattr(module, "config")
-
-
-def unsupported_attention(model: torch.nn.Module) -> str | None:
-    """Why the model's attention needs what attention_forward refuses (and would raise at its first forward), or
-    None: logit softcapping (Gemma 2 and its kin, config.attn_logit_softcapping)."""
-    configs = [getattr(model, "config", None)]
-    configs += [getattr(configs[0], name, None) for name in ("text_config", "encoder", "decoder")]
-    if any(getattr(c, "attn_logit_softcapping", None) is not None for c in configs):
-        return "the model caps its attention logits (config.attn_logit_softcapping), which fast_attention does not do"
-    return None
 
 
 def attn_implementation(model: torch.nn.Module) -> str | None:

@@ -44,20 +44,21 @@ def default_rms_eps(dtype: torch.dtype) -> float:
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, dropout_mask: Tensor | None = None,
-                                 sinks: Tensor | None = None) -> Tensor:
+                                 sinks: Tensor | None = None, softcap: float | None = None) -> Tensor:
     """torch SDPA, written out. query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev).
 
     Rows where every key is masked give zeros (torch >= 2.5). `dropout_mask` (bool, broadcastable to the weights,
     True = keep) replaces the random draw, so a test can hand in the mask a kernel used. `sinks` (Hq,): each head's
     learned sink, a score with no value that joins every row's softmax, as gpt-oss's eager attention writes it.
+    `softcap` c: the scores capped to c * tanh(scores / c) before the masks, as Gemma 2's eager attention does.
     """
     return attention_and_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                 dropout_mask=dropout_mask, sinks=sinks)[0]
+                                 dropout_mask=dropout_mask, sinks=sinks, softcap=softcap)[0]
 
 
 def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                           enable_gqa=False, *, dropout_mask: Tensor | None = None,
-                          sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          sinks: Tensor | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """scaled_dot_product_attention's output and its attention weights (before dropout), (..., Lq, Lk), in the
     inputs' dtype."""
     Lq, Lk = query.shape[-2], key.shape[-2]
@@ -67,6 +68,8 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale  # (..., Lq, Lk)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
         keep = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()  # top-left aligned
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -167,11 +170,11 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _probabilities(q, k, mask, is_causal, scale):
+def _probabilities(q, k, mask, is_causal, scale, softcap):
     """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the scores. Rows with every key masked are
     zeros. The backward and the weights compute P again this way rather than from the forward's statistics, as the
     kernels do: the oracle does not share their arithmetic."""
-    s = _scores(q, k, mask, is_causal, scale)
+    s = _scores(q, k, mask, is_causal, scale, softcap)
     dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
     return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), s
 
@@ -187,10 +190,16 @@ def _row_stats(s: Tensor) -> Tensor:
     return torch.stack((max2.squeeze(-1), log_sum.squeeze(-1) / math.log(2)))
 
 
-def _scores(q, k, mask, is_causal, scale):
+def _raw_scores(q, k, scale):
+    return (q.to(compute_dtype(q)) @ _repeat_kv(k.to(compute_dtype(q)), q.shape[1]).transpose(-2, -1)) * scale
+
+
+def _scores(q, k, mask, is_causal, scale, softcap):
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
-    s = (q.to(ct) @ _repeat_kv(k.to(ct), H).transpose(-2, -1)) * scale
+    s = _raw_scores(q, k, scale)
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
     if is_causal:
         s = s.masked_fill(~torch.ones(Lq, k.shape[-2], dtype=torch.bool, device=q.device).tril(), float("-inf"))
     if mask is not None:
@@ -207,8 +216,9 @@ def _dropout_scale(q, k, dropout_p, seed):
     return keep.to(compute_dtype(q)) / (1.0 - dropout_p)
 
 
-def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    p, scores = _probabilities(q, k, mask, is_causal, scale)
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                      softcap: float = 0.0):
+    p, scores = _probabilities(q, k, mask, is_causal, scale, softcap)
     drop = _dropout_scale(q, k, dropout_p, seed)
     if drop is not None:
         p = p * drop
@@ -216,12 +226,14 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     return out.to(q.dtype), _row_stats(scores)
 
 
-def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
-    """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form; dropout's mask is drawn again from the seed."""
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                       softcap: float = 0.0):
+    """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form, times the cap's slope 1 - tanh^2 with softcap;
+    dropout's mask is drawn again from the seed."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    p, _ = _probabilities(q, k, mask, is_causal, scale)  # not from stats: see _probabilities
+    p, _ = _probabilities(q, k, mask, is_causal, scale, softcap)  # not from stats: see _probabilities
     do, o = dout.to(ct), out.to(ct)
     drop = _dropout_scale(q, k, dropout_p, seed)
     p_dropped = p if drop is None else p * drop
@@ -230,25 +242,30 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     if drop is not None:
         dp = dp * drop
     ds = p * (dp - (do * o).sum(-1, keepdim=True))
+    if softcap:
+        ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
     fold = lambda g: g.reshape(B, Hkv, H // Hkv, Lk, g.shape[-1]).sum(2)  # noqa: E731  (GQA: sum each group)
     return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
-    return _probabilities(q, k, mask, is_causal, scale)[0]  # not from stats: see _probabilities
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
+    return _probabilities(q, k, mask, is_causal, scale, softcap)[0]  # not from stats: see _probabilities
 
 
-def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float):
+def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float, softcap: float = 0.0):
     """dQ, dK through the probabilities w = softmax(scale q k^T + mask), fp32 (B, H, Lq, Lk): the softmax gradient
-    dS = w * (dw - rowsum(dw * w)), then dQ = scale dS K and dK = scale dS^T Q (each GQA group summed). Masked
-    entries and masked rows have w = 0, so dS is 0 there: the mask itself is not needed."""
+    dS = w * (dw - rowsum(dw * w)) (times the cap's slope with softcap), then dQ = scale dS K and dK = scale dS^T Q
+    (each GQA group summed). Masked entries and masked rows have w = 0, so dS is 0 there: the mask itself is not
+    needed."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w, dw = w.to(ct), dw.to(ct)
     ds = w * (dw - (dw * w).sum(-1, keepdim=True))
+    if softcap:
+        ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = ((ds.transpose(-2, -1) @ q.to(ct)) * scale).reshape(B, Hkv, H // Hkv, Lk, q.shape[-1]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype)

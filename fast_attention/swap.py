@@ -280,11 +280,10 @@ def _turn_off_torch_fast_paths(model: nn.Module, report: SwapReport) -> None:
 def _switch_hf_attention(model: nn.Module, report: SwapReport) -> None:
     for name, module in model.named_modules():
         if hf.is_model(module) and hf.attn_implementation(module) != hf.NAME:
-            why_not = hf.unsupported_attention(module) if hf.register() else (
-                "transformers is too old to register an attention function")
-            if why_not is not None:
-                current = hf.attn_implementation(module)
-                report.skipped.append(Entry(name, type(module).__name__, f"attention stays {current!r}: {why_not}"))
+            if not hf.register():
+                reason = "transformers is too old to register an attention function"
+                report.skipped.append(Entry(name, type(module).__name__,
+                                            f"attention stays {hf.attn_implementation(module)!r}: {reason}"))
                 continue
             _adjust(module, "attn_implementation", hf.NAME, name, report,
                     "attention runs fast_attention.scaled_dot_product_attention")

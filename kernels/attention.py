@@ -8,7 +8,8 @@ dK/dV kernel, dQ kernel), attention weights, dropout mask, configs, launchers, b
 
 Numerics: every softmax runs in base 2 with log2(e) folded into the scale (s2 = qk * scale * log2(e)), so the
 exponentials are exp2. Accumulation is fp32 and results are cast once at the store. A row whose every key is
-masked keeps m = -inf and l = 0: its output is 0.
+masked keeps m = -inf and l = 0: its output is 0. With SOFTCAP (Gemma 2's logit cap c) the scores are capped,
+c * tanh(s / c), before the mask (_scores), and the backward multiplies dS by the cap's slope 1 - tanh^2.
 
 Statistics (STATS): the forward saves each row's max score m and log2 of its row sum l = sum exp2(s2 - m), in
 base 2 and apart, as planes 0 and 1 of (2, B, H, Lq) (m = -inf and 0 for a row with every key masked); the
@@ -77,6 +78,21 @@ def _dot(a, b, IEEE: tl.constexpr):
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, kt, qk_scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+    """(base-2 scores, t) of a tile: q k^T * scale * log2(e), or with SOFTCAP Gemma 2's logit cap c, c * tanh(scale
+    * q.k / c) in base 2, which is softcap * tanh(s / softcap) for softcap = c * log2(e); t is that tanh (the
+    backward's chain rule takes 1 - t^2), or the scores again without the cap. tanh(x) = 1 - 2 / (e^2x + 1): exact
+    limits at large |x| (no inf / inf) and an absolute error of a few ulps of 1 near 0, which the cap multiplies
+    into an error of a few ulps of c in the scores, where Triton's interpreter has no libdevice tanh."""
+    s = _dot(q, kt, IEEE) * qk_scale
+    if SOFTCAP:
+        t = 1.0 - 2.0 / (tl.math.exp2(s * (2.0 * _LOG2E / softcap)) + 1.0)
+        return t * softcap, t
+    else:
+        return s, s
 
 
 @triton.jit
@@ -158,10 +174,11 @@ def _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM: tl.constexpr, HEAD_D
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
-               start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
+               start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
+               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+               EDGE: tl.constexpr):
     """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2. With TMA the
     K and V blocks come through the tensor descriptors (zero-filled past Lk and the head dim), else through
     pointer loads. Only EDGE tiles may hold keys at or past k_end, so only they test for them."""
@@ -180,7 +197,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
                          mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
-        s = _dot(q, kt, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        s, _ = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)  # (BLOCK_M, BLOCK_N), base 2
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
                          MASK_KIND, CAUSAL_TILE, EDGE)
@@ -209,11 +226,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
 def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, stats_split_stride,
-              H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, dropout_p, dropout_scale, seed,
+              H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, dropout_p, dropout_scale, seed,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-              PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              TMA: tl.constexpr, PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
@@ -281,13 +298,13 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
-                               seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT,
-                               UPCAST, IEEE, TMA, EDGE_FIRST)
+                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
+                               dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False,
+                               DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                               rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale,
-                               seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT,
-                               UPCAST, IEEE, TMA, True)
+                               rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
+                               dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
+                               IS_CAUSAL, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, True)
     if PDL:  # the combine may start its set-up now; it reads nothing before this grid has finished
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -366,10 +383,11 @@ def _attn_bwd_delta(O, DO, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H,
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log_sum_base, delta_base, mask_cols,
                 offs_n, n_ok,
-                rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p, dropout_scale, seed,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-                UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
+                rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap, dropout_p, dropout_scale,
+                seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                TMA: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end) of query head h, in the
     transposed orientation (keys on rows) so no (BLOCK_M, BLOCK_N) tile needs transposing. With TMA the Q and dO
     blocks come through the (H, Lq, D) descriptors of the batch."""
@@ -394,7 +412,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log
             do = do.to(tl.float32)
         m, log_sum, lse = _row_stats(max_base + offs_m, log_sum_base + offs_m, m_ok)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        st = _dot(k, qt, IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        st, tt = _scores(k, qt, qk_scale, softcap, SOFTCAP, IEEE)  # (BLOCK_N, BLOCK_M)
         mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
         st = _apply_masks(st, mask_ptrs, n_ok[:, None] & m_ok[None, :], offs_m[None, :], offs_n[:, None], Lk,
                           MASK_KIND, CAUSAL_TILE)
@@ -407,6 +425,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log
         else:
             dv += _dot(pt.to(do.dtype), do, IEEE)
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)
         dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE)
     return dk, dv
 
@@ -415,11 +435,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log
 def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                   H, Hkv, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
+                   H, Hkv, GROUP, Lq, Lk, qk_scale, softcap, scale, dropout_p, dropout_scale, seed,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   TMA: tl.constexpr):
+                   SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order."""
     pid = tl.program_id(0)
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
@@ -471,12 +491,12 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
         if IS_CAUSAL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta,
                                  mask_cols, offs_n, n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm,
-                                 qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                 BLOCK_M, MASK_KIND, True, DROPOUT, UPCAST, IEEE, TMA)
+                                 qk_scale, softcap, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                                 BLOCK_DV, BLOCK_M, MASK_KIND, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta, mask_cols,
-                             offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, dropout_p,
-                             dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, False,
-                             DROPOUT, UPCAST, IEEE, TMA)
+                             offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap,
+                             dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
+                             MASK_KIND, False, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
 
     dk = dk * scale
     tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -487,10 +507,11 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
 
 @triton.jit
 def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-              rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
+              rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
+              seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+              TMA: tl.constexpr, EDGE: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA; only EDGE
     tiles may hold keys at or past k_end."""
     arange_n = tl.arange(0, BLOCK_N)
@@ -512,7 +533,7 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
         if UPCAST:
             kt = kt.to(tl.float32)
             vt = vt.to(tl.float32)
-        s = _dot(q, kt, IEEE) * qk_scale
+        s, t = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
                          MASK_KIND, CAUSAL_TILE, EDGE)
@@ -522,6 +543,8 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
     return dq
 
@@ -530,10 +553,11 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
 def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
-                 H, GROUP, Lq, Lk, qk_scale, scale, dropout_p, dropout_scale, seed,
+                 H, GROUP, Lq, Lk, qk_scale, softcap, scale, dropout_p, dropout_scale, seed,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TMA: tl.constexpr):
     """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks."""
     pid = tl.program_id(0)
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
@@ -574,11 +598,13 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
         mid = Lk if EDGE_FIRST else Lk // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                   rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
-                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, UPCAST, IEEE, TMA, EDGE_FIRST)
+                   rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, SOFTCAP, UPCAST, IEEE,
+                   TMA, EDGE_FIRST)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, dropout_p, dropout_scale, seed, HEAD_DIM,
-                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, UPCAST, IEEE, TMA, True)
+                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
+                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, SOFTCAP, UPCAST,
+                   IEEE, TMA, True)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -589,9 +615,10 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_weights(Q, K, Mask, Max, LogSum, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
-                  H, GROUP, Lq, Lk, qk_scale,
+                  H, GROUP, Lq, Lk, qk_scale, softcap,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of W (B, H, Lq, Lk) fp32 contiguous = softmax(scale * q k^T + mask), rebuilt
     from the forward's statistics."""
     pid = tl.program_id(0)
@@ -616,7 +643,7 @@ def _attn_weights(Q, K, Mask, Max, LogSum, W, sqb, sqh, sqm, sqd, skb, skh, skn,
     if UPCAST:
         q = q.to(tl.float32)
         kt = kt.to(tl.float32)
-    s = _dot(q, kt, IEEE) * qk_scale
+    s, _ = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)
     mask_ptrs = Mask + b * smb + h * smh + rows * smm + offs_n.to(tl.int64)[None, :] * smn
     s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], Lk,
                      MASK_KIND, IS_CAUSAL)
@@ -639,7 +666,7 @@ def _dropout_mask_kernel(Keep, Lk, dropout_p, seed, BLOCK_N: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 # Configs: autotuned on GPU, one small config in the interpreter (programs run one at a time on the CPU)
 # ----------------------------------------------------------------------------------------------------------
-_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT"]
+_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "SOFTCAP"]
 _SMEM_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for the compiler's own scratch
 _REGS_PER_THREAD = 160    # fp32 accumulator values a thread may hold before spills become likely
 
@@ -872,11 +899,16 @@ def _mask_args(mask, q):
     return mask, 2, mask.stride()
 
 
-def _flags(q, mask, is_causal, dropout_p):
+def _flags(q, mask, is_causal, dropout_p, softcap):
     _, kind, _ = _mask_args(mask, q)
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=_block(q.shape[-1]), IS_CAUSAL=bool(is_causal), MASK_KIND=kind,
-                DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET and q.dtype != torch.float32,
+                DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, UPCAST=INTERPRET and q.dtype != torch.float32,
                 IEEE=q.dtype == torch.float32)
+
+
+def _scale_args(scale, softcap):
+    """The kernels' scalars for the scores (_scores): the softmax scale and the logit cap, in base 2."""
+    return dict(qk_scale=scale * LOG2E, softcap=softcap * LOG2E)
 
 
 def _dropout_args(dropout_p, seed):
@@ -933,7 +965,8 @@ def _split_plan(q, k, mask=None, dropout_p=0.0):
     return config, splits, keys
 
 
-def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, row_max, log_sum, plan=None, pdl=False):
+def _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, out, row_max, log_sum, plan=None,
+             pdl=False):
     """Launch _attn_fwd writing out (B, H, Lq, Dv) and the rows' statistics, row_max and log_sum (B, H, Lq), or
     with a split plan of several splits the parts (splits, B, H, Lq, Dv) and their statistics (splits, B, H, Lq);
     pdl: the combine follows as its programmatic dependent."""
@@ -941,8 +974,8 @@ def _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, row_max, log
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, **_dropout_args(dropout_p, seed),
-                  HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p))
+    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_scale_args(scale, softcap), **_dropout_args(dropout_p, seed),
+                  HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p, softcap))
     if plan is None:
         _launch("fwd", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
                 num_splits=1, PACK_GQA=False, **kwargs)
@@ -990,7 +1023,8 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return None
 
 
-def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                      softcap: float = 0.0):
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq)."""
     q, k, v = _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, _ = q.shape
@@ -999,18 +1033,20 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     stats = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device)
     plan = _split_plan(q, k, mask, dropout_p)
     if plan is None or plan[1] == 1:
-        _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, out, stats[0], stats[1], plan)
+        _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, out, stats[0], stats[1], plan)
         return out, stats
     splits = plan[1]
     part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
     part_max, part_log_sum = torch.empty((2, splits, B, H, Lq), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
-    _forward(q, k, v, mask, is_causal, scale, dropout_p, seed, part_out, part_max, part_log_sum, plan, pdl)
+    _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, part_out, part_max, part_log_sum, plan,
+             pdl)
     _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl)
     return out, stats
 
 
-def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int):
+def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
+                       softcap: float = 0.0):
     """dout, out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
     dout, out, q, k, v = _tileable(dout), _tileable(out), _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, D = q.shape
@@ -1024,10 +1060,11 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask_t, _, mask_strides = _mask_args(mask, q)
-    flags = dict(_flags(q, mask, is_causal, dropout_p), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
+    flags = dict(_flags(q, mask, is_causal, dropout_p, softcap), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
     inputs = (q, k, v, mask_t, dout, stats[0], stats[1], delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    common = dict(Lq=Lq, Lk=Lk, qk_scale=scale * LOG2E, scale=scale, **_dropout_args(dropout_p, seed), **flags)
+    common = dict(Lq=Lq, Lk=Lk, **_scale_args(scale, softcap), scale=scale, **_dropout_args(dropout_p, seed),
+                  **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
     _launch("dq", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,),
@@ -1035,21 +1072,22 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     return dq, dk, dv
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float):
-    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk), rebuilt from the forward's stats; dead rows are 0."""
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
+    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk) (the scores capped with softcap), rebuilt from the
+    forward's stats; dead rows are 0."""
     q, k = _tileable(q), _tileable(k)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=q.device)
     mask_t, _, mask_strides = _mask_args(mask, q)
-    flags = _flags(q, mask, is_causal, 0.0)
+    flags = _flags(q, mask, is_causal, 0.0, softcap)
     del flags["DROPOUT"]
     # fp32 takes 32 x 32 tiles on 8 warps: the FMA dot of a 64 x 64 tile on 4 warps spills (sm_90, head dim >= 64).
     bm, bn, warps = (32, 32, 4) if INTERPRET else (32, 32, 8) if q.dtype == torch.float32 else (64, 64, 4)
     grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
     stats = stats.contiguous()
     _attn_weights[grid](q, k, mask_t, stats[0], stats[1], w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
-                        Lq, Lk, scale * LOG2E, **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+                        Lq, Lk, **_scale_args(scale, softcap), **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return w
 
 

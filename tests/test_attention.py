@@ -374,15 +374,15 @@ def test_attention_weights(backend, kind, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Learned sinks (gpt-oss): torch has none, so "torch's own" is gpt-oss's eager formula in the same dtype
+# Beyond torch: learned sinks (gpt-oss) and logit softcapping (Gemma 2). torch has neither, so "torch's own" is
+# their eager formula (the oracle's, as transformers writes it) in the inputs' dtype.
 # ----------------------------------------------------------------------------------------------------------
-def check_sinks(backend, q, k, v, attn_mask=None, is_causal=False, dropout_mask=None, sinks=None, **kwargs):
-    """Ours vs the sink formula written out (the oracle's, as gpt-oss's eager attention) in the inputs' dtype vs in
-    float64: the output and dQ, dK, dV and dSinks, and without dropout the weights and their gradients too."""
-    if sinks is None:
-        sinks = torch.randn(q.shape[1], device=DEVICE, requires_grad=True)
-    args = dict(attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True, **kwargs)
-    leaves = (q, k, v, sinks)
+def check_beyond_torch(backend, q, k, v, attn_mask=None, is_causal=False, dropout_mask=None, sinks=None,
+                       softcap=None, **kwargs):
+    """Ours vs the formula written out in the inputs' dtype vs in float64: the output and dQ, dK, dV (and dSinks),
+    and without dropout the weights and their gradients too."""
+    args = dict(attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True, softcap=softcap, **kwargs)
+    leaves = (q, k, v) if sinks is None else (q, k, v, sinks)
     if dropout_mask is None:
         out, w = functional.scaled_dot_product_attention_with_weights(q, k, v, **args, backend=backend, sinks=sinks)
     else:
@@ -393,8 +393,8 @@ def check_sinks(backend, q, k, v, attn_mask=None, is_causal=False, dropout_mask=
     def run(dt):
         xs = _detached(leaves, dt)
         mask = attn_mask.to(dt) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
-        o, weights = ref.attention_and_weights(*xs[:3], **{**args, "attn_mask": mask}, sinks=xs[3],
-                                               dropout_mask=dropout_mask)
+        o, weights = ref.attention_and_weights(*xs[:3], **{**args, "attn_mask": mask}, dropout_mask=dropout_mask,
+                                               sinks=xs[3] if sinks is not None else None)
         return (o, weights), xs
 
     ours = (out, w)
@@ -415,9 +415,11 @@ def check_sinks(backend, q, k, v, attn_mask=None, is_causal=False, dropout_mask=
     return out
 
 
-@pytest.mark.parametrize("kind,dtype", [("none", torch.float32), ("causal", torch.bfloat16),
-                                        ("dead_rows", torch.float16), ("hf_padding", torch.float32),
-                                        ("float", torch.float16)])
+BEYOND_CASES = [("none", torch.float32), ("causal", torch.bfloat16), ("dead_rows", torch.float16),
+                ("hf_padding", torch.float32), ("float", torch.float16)]
+
+
+@pytest.mark.parametrize("kind,dtype", BEYOND_CASES)
 def test_sinks(backend, kind, dtype):
     """Each head's sink joins every row's softmax: the output and the weights shrink by Z / (Z + e^sink), and the
     gradients, the sinks' own, are those of the softmax with the sink's column. A row with every key masked gives
@@ -425,9 +427,37 @@ def test_sinks(backend, kind, dtype):
     B, H, Lq, Lk = 2, 4, 13, 21
     q, k, v = _qkv(B, H, 2, Lq, Lk, 16, dtype)
     mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
-    out = check_sinks(backend, q, k, v, mask, causal)
+    sinks = torch.randn(H, device=DEVICE, requires_grad=True)
+    out = check_beyond_torch(backend, q, k, v, mask, causal, sinks=sinks)
     if kind == "dead_rows":
         assert torch.equal(out[:, :, ::4], torch.zeros_like(out[:, :, ::4]))
+
+
+def _softcap_backend(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels do not cap the logits (test_cuda.py checks that they refuse)")
+
+
+@pytest.mark.parametrize("kind,dtype", BEYOND_CASES)
+def test_softcap(backend, kind, dtype):
+    """Scores capped to c tanh(s / c) before the mask, with scores well past the cap (queries scaled up): the
+    output, the weights and every gradient (dS times 1 - tanh^2)."""
+    _softcap_backend(backend)
+    B, H, Lq, Lk = 2, 4, 13, 21
+    q, k, v = _qkv(B, H, 2, Lq, Lk, 16, dtype)
+    with torch.no_grad():
+        q *= 4  # scores of a few units against a cap of 2
+    mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
+    out = check_beyond_torch(backend, q, k, v, mask, causal, softcap=2.0)
+    if kind == "dead_rows":
+        assert torch.equal(out[:, :, ::4], torch.zeros_like(out[:, :, ::4]))
+
+
+def test_softcap_and_sinks_together(backend):
+    _softcap_backend(backend)
+    q, k, v = _qkv(1, 2, 1, 9, 14, 32, torch.float32)
+    check_beyond_torch(backend, q, k, v, is_causal=True, softcap=0.5,
+                       sinks=torch.randn(2, device=DEVICE, requires_grad=True))
 
 
 def test_sinks_with_a_mask_that_requires_grad():
@@ -457,18 +487,20 @@ def test_sinks_with_dropout_use_the_kernels_mask():
     sinks = torch.randn(H, device=DEVICE, requires_grad=True)
     keep = kernels.dropout_mask(_drawn_seed(77), p, B, H, Lq, Lk, DEVICE)
     torch.manual_seed(77)
-    check_sinks("triton", q, k, v, dropout_p=p, dropout_mask=keep, sinks=sinks)
+    check_beyond_torch("triton", q, k, v, dropout_p=p, dropout_mask=keep, sinks=sinks)
 
 
 @needs_triton
-@pytest.mark.parametrize("Lq,kind", [(1, "none"), (4, "hf_padding")])
-def test_decoding_split_kv_with_sinks(monkeypatch, Lq, kind):
-    """The sinks scale the merged output of the split-KV path by its merged statistics."""
+@pytest.mark.parametrize("Lq,kind,softcap", [(1, "none", None), (4, "hf_padding", None), (3, "float", 1.5)])
+def test_decoding_split_kv_with_sinks_and_softcap(monkeypatch, Lq, kind, softcap):
+    """The sinks scale the merged output of the split-KV path by its merged statistics; each split caps its
+    scores."""
     _, splits = _small_decoding_thresholds(monkeypatch)
     B, H, Hkv, Lk = 2, 4, 1, 150
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, 32, torch.float32)
     mask, _ = _mask(kind, B, H, Lq, Lk, torch.float32)
-    check_sinks("triton", q, k, v, mask)
+    sinks = torch.randn(H, device=DEVICE, requires_grad=True)
+    check_beyond_torch("triton", q, k, v, mask, sinks=sinks, softcap=softcap)
     assert splits and min(splits) > 1, "the split-KV path did not run"
 
 
@@ -806,7 +838,7 @@ def test_concurrent_tuning_keeps_each_buckets_own_config(monkeypatch):
     monkeypatch.setattr(kernels, "_tma_ok", lambda kind, named: False)
     monkeypatch.setitem(kernels._KERNELS, "fwd", (Plain(), Tuner()))
     q = torch.empty(0, dtype=torch.float16)
-    flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, DROPOUT=False)
+    flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, DROPOUT=False, SOFTCAP=False)
     threads = [threading.Thread(target=kernels._launch, args=("fwd", (1,), q), kwargs=dict(flags, HEAD_DIM=d))
                for d in winners]
     for t in threads:
@@ -854,6 +886,10 @@ def _x(*shape, dtype=torch.float32):
      r"sinks must have shape \(4,\), one per query head"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"sinks": torch.zeros(2, dtype=torch.int64)}, TypeError,
      "sinks must be a floating-point tensor"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"softcap": -1.0}, ValueError, "softcap must be a positive "
+                                                                                      "finite number"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"softcap": float("inf")}, ValueError, "softcap"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"softcap": "30"}, TypeError, "softcap"),
 ])
 def test_bad_input(backend, args, kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -74,11 +74,29 @@ def _attention_weights_sinks_case(device, backend):
     return op, (*args, _sinks(device))
 
 
+def _softcap(backend) -> float:
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels do not cap the logits")
+    return 0.5
+
+
+def _attention_softcap_case(device, backend):
+    op, args = _attention_case(device, backend)
+    return op, (*args, _sinks(device), _softcap(backend))
+
+
+def _attention_weights_softcap_case(device, backend):
+    op, args = _attention_weights_case(device, backend)
+    return op, (*args, None, _softcap(backend))
+
+
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
                                   _attention_strided_case, _attention_weights_case, _attention_sinks_case,
-                                  _attention_weights_sinks_case],
+                                  _attention_weights_sinks_case, _attention_softcap_case,
+                                  _attention_weights_softcap_case],
                          ids=["softmax", "layer_norm", "rms_norm", "attention", "attention_strided",
-                              "attention_weights", "attention_sinks", "attention_weights_sinks"])
+                              "attention_weights", "attention_sinks", "attention_weights_sinks", "attention_softcap",
+                              "attention_weights_softcap"])
 def test_opcheck(case, backend, device):
     # The op is called with the backend named, past the checks that turn a call the backend cannot run into
     # NotImplementedError: each case gives it inputs it takes.
@@ -198,17 +216,18 @@ def test_torch_compile_fullgraph(backend, device, compiler):
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_torch_compile_attention_sinks(backend, device, compiler):
-    """Learned sinks (ops/attention.py) traced around the op: the output, the weights and every gradient, the
-    sinks' among them, as eager."""
+def test_torch_compile_attention_sinks_and_softcap(backend, device, compiler):
+    """Learned sinks (ops/attention.py) traced around the op, and a logit cap: the output, the weights and every
+    gradient, the sinks' among them, as eager."""
     torch._dynamo.reset()
     dtype, D = _attention_inputs(backend)
     q, k, v = (torch.randn(2, 2, L, D, device=device, dtype=dtype, requires_grad=True) for L in (5, 9, 9))
     sinks = _sinks(device)
+    softcap = None if backend == "cuda" else 0.5
 
     def loss(q, k, v, sinks):
         out, w = fa.functional.scaled_dot_product_attention_with_weights(q, k, v, is_causal=True, backend=backend,
-                                                                         sinks=sinks)
+                                                                         sinks=sinks, softcap=softcap)
         return out.float().square().sum() + w.square().sum()
 
     results = []

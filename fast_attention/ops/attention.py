@@ -90,6 +90,18 @@ def check_sinks(sinks, query: Tensor, H: int) -> None:
     check_same_device(OP, query=query, sinks=sinks)
 
 
+def check_softcap(softcap) -> float:
+    """softcap: the cap c of c * tanh(scores / c), a positive finite number, or None or 0 for no cap (0.0 for the
+    ops), as FlashAttention's softcap=0.0."""
+    if softcap is None:
+        return 0.0
+    softcap = as_float(softcap, "softcap", OP)
+    if not 0.0 <= softcap < math.inf:
+        raise ValueError(f"fast_attention.{OP}: softcap must be a positive finite number, or None or 0 for no cap, "
+                         f"got {softcap}")
+    return softcap
+
+
 def broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[tuple, int]:
     """(batch, H): the broadcast shape of the dims before the head dim (-3), and the output's heads, which key's
     and value's heads divide (one key/value head per group of query heads): key / value with a heads dim of size 1
@@ -177,18 +189,19 @@ def _empty_result(query, key, value):
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention", mutates_args=())
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: float, seed: Tensor,
-                                 backend: str, sinks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                                 backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0
+                                 ) -> tuple[Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
         return _empty_result(query, key, value)
     out, stats = backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
-                                                         is_causal, scale, dropout_p, int(seed))
+                                                         is_causal, scale, dropout_p, int(seed), softcap)
     if sinks is not None:
         out = (out * sink_shares(stats, sinks)[0][..., None]).to(out.dtype)
     return out, stats
 
 
 @scaled_dot_product_attention.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None, softcap=0.0):
     B, H, Lq, _ = query.shape
     return (query.new_empty(B, H, Lq, value.shape[-1]),
             query.new_empty(2, B, H, Lq, dtype=reference.compute_dtype(query)))
@@ -197,31 +210,32 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
 def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                                           stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                                          scale: float, seed: Tensor, backend: str
+                                          scale: float, seed: Tensor, backend: str, softcap: float = 0.0
                                           ) -> tuple[Tensor, Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
         return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
     return backends.get(backend).attention_backward(grad_out, query, key, value, out, stats,
                                                     expand_mask(attn_mask, query, key), is_causal, scale,
-                                                    dropout_p, int(seed))
+                                                    dropout_p, int(seed), softcap)
 
 
 @scaled_dot_product_attention_backward.register_fake
-def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend):
+def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend, softcap=0.0):
     # contiguous whatever the inputs' strides, as every backend returns them
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, *sinks = inputs
+    inputs = (*inputs, *(None, 0.0)[len(inputs) - 9:])  # sinks and softcap, where a caller left their defaults
+    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, sinks, softcap = inputs
+    ctx.softcap = softcap
     out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, *sinks)
+    ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, sinks)
 
 
 def _backward(ctx, grad_out, _grad_stats):
-    query, key, value, attn_mask, out, stats, seed, *sinks = ctx.saved_tensors
-    sinks = sinks[0] if sinks else None
+    query, key, value, attn_mask, out, stats, seed, sinks = ctx.saved_tensors
     dsinks = None
     if sinks is not None:  # see the module's docstring
         keep, sink_share = sink_shares(stats, sinks)
@@ -229,8 +243,8 @@ def _backward(ctx, grad_out, _grad_stats):
         dsinks = -(sink_share * rows).sum((0, 2)).to(sinks.dtype)
         grad_out = (grad_out * keep[..., None]).to(grad_out.dtype)
     dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats, attn_mask,
-                      ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None, dsinks
+                      ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, dsinks, None
 
 
 scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -238,51 +252,53 @@ scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_c
 
 @torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
 def attention_weights(query: Tensor, key: Tensor, stats: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                      scale: float, backend: str, sinks: Optional[Tensor] = None) -> Tensor:
+                      scale: float, backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
     """softmax(scale * q k^T + mask) as float32 (float64 for float64 inputs) (B, H, Lq, Lk), from the forward's
-    statistics; masked rows are 0. With sinks, the keys' shares of the softmax with the sink."""
+    statistics; masked rows are 0. With sinks, the keys' shares of the softmax with the sink; with softcap, of the
+    capped scores."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
         return query.new_zeros(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
     weights = backends.get(backend).attention_weights(query, key, stats, expand_mask(attn_mask, query, key),
-                                                      is_causal, scale)
+                                                      is_causal, scale, softcap)
     return weights if sinks is None else weights * sink_shares(stats, sinks)[0].to(weights.dtype)[..., None]
 
 
 @attention_weights.register_fake
-def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None):
+def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None, softcap=0.0):
     B, H, Lq, _ = query.shape
     return query.new_empty(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
 
 
 @torch.library.custom_op("fast_attention::attention_weights_backward", mutates_args=())
 def attention_weights_backward(grad_weights: Tensor, weights: Tensor, query: Tensor, key: Tensor,
-                               scale: float) -> tuple[Tensor, Tensor]:
+                               scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     """dQ and dK through the probabilities. One implementation serves every backend: two matmuls on the
     (B, H, Lq, Lk) weights, which need_weights has materialized already."""
-    return reference.attention_weights_backward(grad_weights, weights, query, key, scale)
+    return reference.attention_weights_backward(grad_weights, weights, query, key, scale, softcap)
 
 
 @attention_weights_backward.register_fake
-def _(grad_weights, weights, query, key, scale):
+def _(grad_weights, weights, query, key, scale, softcap=0.0):
     return query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, as the matmuls give them
 
 
 def _weights_setup_context(ctx, inputs, output):
-    query, key, stats, _mask, _is_causal, ctx.scale, _backend, *sinks = inputs
-    ctx.save_for_backward(query, key, output, stats, *sinks)
+    inputs = (*inputs, *(None, 0.0)[len(inputs) - 7:])  # sinks and softcap, where a caller left their defaults
+    query, key, stats, _mask, _is_causal, ctx.scale, _backend, sinks, ctx.softcap = inputs
+    ctx.save_for_backward(query, key, output, stats, sinks)
 
 
 def _weights_backward(ctx, grad_weights):
     """The softmax's gradient holds with a sink, whose column has no gradient of its own; the sink's is
     -(1 - r) rowsum(dW * W) (see the module's docstring)."""
-    query, key, weights, stats, *sinks = ctx.saved_tensors
-    dq, dk = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale)
+    query, key, weights, stats, sinks = ctx.saved_tensors
+    dq, dk = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale, ctx.softcap)
     dsinks = None
-    if sinks and sinks[0] is not None:
+    if sinks is not None:
         rows = (grad_weights.to(weights.dtype) * weights).sum(-1)
-        dsinks = -(sink_shares(stats, sinks[0])[1] * rows).sum((0, 2)).to(sinks[0].dtype)
-    return dq, dk, None, None, None, None, None, dsinks
+        dsinks = -(sink_shares(stats, sinks)[1] * rows).sum((0, 2)).to(sinks.dtype)
+    return dq, dk, None, None, None, None, None, dsinks, None
 
 
 attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
