@@ -193,10 +193,10 @@ def is_t5_style(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("T5LayerNorm")
 
 
-def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
-    """Whether module(x) == x / sqrt(mean(x^2) + eps) * weight on a probe input, to the precision of its output's
-    dtype (T5's is a 16-bit weight's): some RMSNorms differ (Gemma scales by 1 + weight), and those must be left
-    alone. The probe uses its own generator, not torch's."""
+def computes_rms_norm(module: torch.nn.Module, eps: float, offset: float = 0.0) -> bool:
+    """Whether module(x) == x / sqrt(mean(x^2) + eps) * (offset + weight) on a probe input, to the precision of its
+    output's dtype (T5's is a 16-bit weight's): offset 0 for Llama's family, 1 for Gemma's, whose weight is zero
+    centred; an RMSNorm that computes neither must be left alone. The probe uses its own generator, not torch's."""
     weight = module.weight
     if weight.is_meta:
         return False
@@ -205,7 +205,7 @@ def computes_rms_norm(module: torch.nn.Module, eps: float) -> bool:
     with torch.no_grad():
         out = type(module).forward(module, x)  # not module(x): its hooks must not see the probe
         got = out.float()
-        want = torch.nn.functional.rms_norm(x, tuple(weight.shape), weight.float(), eps)
+        want = torch.nn.functional.rms_norm(x, tuple(weight.shape), offset + weight.float(), eps)
     rtol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(out.dtype).eps
     return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-4)
 
@@ -220,6 +220,15 @@ class RMSNorm(fa_nn.RMSNorm):
         if self.weight is None or self.weight.dtype == input.dtype:
             return super().forward(input)
         return self.weight * F.rms_norm(input, self.normalized_shape, None, self.eps, backend=self.backend)
+
+
+class GemmaRMSNorm(fa_nn.RMSNorm):
+    """What swap() puts in place of an RMSNorm that scales by 1 + weight (Gemma's family: GemmaRMSNorm,
+    Gemma2RMSNorm, Gemma3RMSNorm, ...), whose weight is zero centred: rms_norm with the float32 weight 1 + weight,
+    computed in float32 and rounded once to x's dtype, as Gemma computes it (in float32, then .type_as(x))."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.rms_norm(input, self.normalized_shape, 1.0 + self.weight.float(), self.eps, backend=self.backend)
 
 
 class T5RMSNorm(fa_nn.RMSNorm):

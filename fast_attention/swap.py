@@ -173,9 +173,10 @@ def _public_name(cls: type) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
-def _hf_rms_norm(m, backend):
-    cls = hf.T5RMSNorm if hf.is_t5_style(m) else hf.RMSNorm
-    return cls(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
+def _hf_rms_norm(cls):
+    def make(m, backend):
+        return cls(tuple(m.weight.shape), hf.rms_norm_eps(m), device="meta", backend=backend)
+    return make
 
 
 def _maker(module):
@@ -191,9 +192,11 @@ def _maker(module):
         return None, "it holds more than a `weight` parameter"
     if "forward" in module.__dict__:
         return None, "its forward is wrapped on the instance (e.g. by accelerate hooks)"
-    if not hf.computes_rms_norm(module, eps):
-        return None, "its forward is not x / sqrt(mean(x^2) + eps) * weight (checked on a probe input)"
-    return _hf_rms_norm, None
+    if hf.computes_rms_norm(module, eps):
+        return _hf_rms_norm(hf.T5RMSNorm if hf.is_t5_style(module) else hf.RMSNorm), None
+    if hf.computes_rms_norm(module, eps, offset=1.0):
+        return _hf_rms_norm(hf.GemmaRMSNorm), None
+    return None, "its forward is not x / sqrt(mean(x^2) + eps) * weight, nor * (1 + weight) (checked on a probe input)"
 
 
 def _why_not(module: nn.Module, torch_type: type) -> str | None:

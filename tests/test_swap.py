@@ -140,21 +140,21 @@ def test_swap_skips_what_it_cannot_replace_and_reports_it():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    class OnePlusRMSNorm(nn.Module):  # Gemma's formula: scales by 1 + weight, so not a plain RMSNorm
+    class ShiftedRMSNorm(nn.Module):  # named like an RMSNorm, but neither Llama's formula nor Gemma's (1 + weight)
         def __init__(self, n):
             super().__init__()
-            self.weight = nn.Parameter(torch.zeros(n))
+            self.weight = nn.Parameter(torch.ones(n))
             self.variance_epsilon = 1e-6
 
         def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1 + self.weight)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * self.weight + 1
 
     shared = nn.LayerNorm(6)
-    model = nn.Sequential(ScaledLayerNorm(6), OnePlusRMSNorm(6), shared, nn.Sequential(shared))
+    model = nn.Sequential(ScaledLayerNorm(6), ShiftedRMSNorm(6), shared, nn.Sequential(shared))
     state = torch.get_rng_state()
     report = fa.swap(model)
-    assert torch.equal(torch.get_rng_state(), state)  # the probe of OnePlusRMSNorm used its own generator
-    assert [(e.name, e.type) for e in report.skipped] == [("0", "ScaledLayerNorm"), ("1", "OnePlusRMSNorm")]
+    assert torch.equal(torch.get_rng_state(), state)  # the probe of ShiftedRMSNorm used its own generator
+    assert [(e.name, e.type) for e in report.skipped] == [("0", "ScaledLayerNorm"), ("1", "ShiftedRMSNorm")]
     assert "own forward" in report.skipped[0].reason and "probe" in report.skipped[1].reason
     assert isinstance(model[2], fa.nn.LayerNorm) and model[3][0] is model[2]  # one replacement, in both places
     text = str(report)
@@ -372,8 +372,8 @@ def test_hugging_face_sinks_and_softcap(backend, kind):
     eager.set_attn_implementation("eager")
     reference = copy.deepcopy(eager).double()
     report = fa.swap(model, backend=backend)
-    assert [e.type for e in report.adjusted] == [type(model).__name__]
-    assert all(e.name for e in report.skipped)  # Gemma's RMSNorm, x * (1 + weight), is skipped; not the attention
+    assert [e.type for e in report.adjusted] == [type(model).__name__] and not report.skipped
+    assert report.replaced  # the norms (Gemma's scale by 1 + weight: fast_attention.hf.GemmaRMSNorm)
     ids = torch.randint(3, 100, (2, 9))
     ours, names = profiled(lambda: model(input_ids=ids).logits)
     theirs, ref = eager(input_ids=ids).logits, reference(input_ids=ids).logits
@@ -491,6 +491,33 @@ def test_hugging_face_t5_rms_norm_keeps_its_dtype(weight_dtype, input_dtype):
     got = model(x)
     assert got.dtype == expected.dtype
     assert_close(got, expected, reference(x.double()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hugging_face_gemma_rms_norm_scales_by_one_plus_weight(backend, dtype):
+    """Gemma's RMSNorm scales by 1 + weight (zero centred) in float32 and returns x's dtype: its replacement too,
+    with the gradients of x and of the weight."""
+    pytest.importorskip("transformers")
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(std=0.5)
+    reference = copy.deepcopy(norm).double()
+    original = nn.Sequential(copy.deepcopy(norm).to(dtype))
+    model = nn.Sequential(norm.to(dtype))
+    report = fa.swap(model, backend=backend)
+    assert [e.reason for e in report.replaced] == ["-> fast_attention.hf.GemmaRMSNorm"]
+    x = torch.randn(5, 16, dtype=dtype, requires_grad=True)
+    dy = torch.randn(5, 16, dtype=dtype)
+    outputs = []
+    for m, inp in ((model, x), (original, x), (reference, x.detach().double().requires_grad_())):
+        y = m(inp)
+        outputs.append((y, *torch.autograd.grad(y, (inp, m[0].weight if m is not reference else m.weight),
+                                                dy.to(y.dtype))))
+    assert outputs[0][0].dtype == dtype
+    for name, ours, theirs, ref in zip(("output", "dx", "dweight"), *outputs):
+        assert_close(ours, theirs, ref, name)
 
 
 def test_hugging_face_rms_norm_keeps_its_dtype_and_hooks_see_no_probe():
