@@ -127,7 +127,9 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                        softcap: float = 0.0):
     _no_softcap(softcap)
-    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out, stats, mask, is_causal, scale, dropout_p, seed))
+    # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
+    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, mask, is_causal, scale,
+                                       dropout_p, seed))
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):

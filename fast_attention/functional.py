@@ -156,6 +156,8 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, stats = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
                       scale, seed, name, sinks, softcap)
+    if out.dtype != query.dtype:  # with sinks (fast_attention/ops/attention.py)
+        out = out.to(query.dtype)
     if out.dim() != query.dim() or q is not query:
         out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
     return out, stats, (q, k, attn_mask, bool(is_causal), scale, softcap, (query, key, value, batch, H)), name

@@ -433,6 +433,17 @@ def test_sinks(backend, kind, dtype):
         assert torch.equal(out[:, :, ::4], torch.zeros_like(out[:, :, ::4]))
 
 
+def test_sinks_gradients_where_one_key_is_visible(backend):
+    """A row that sees one key: P = 1 and dS = r (1 - r) dP, a difference (dP - D) in which D = rowsum(dO * O) must
+    not read an output rounded after the sink's scaling (ops/attention.py): dK was up to 3x over the bound."""
+    for _ in range(40):
+        q, k, v = _qkv(1, 1, 1, 1, 9, 64, torch.float16)
+        with torch.no_grad():
+            q *= 4
+        check_beyond_torch(backend, q, k, v, is_causal=True,
+                           sinks=torch.randn(1, device=DEVICE, requires_grad=True))
+
+
 def _softcap_backend(backend):
     if backend == "cuda":
         pytest.skip("the CUDA kernels do not cap the logits (test_cuda.py checks that they refuse)")

@@ -8,7 +8,7 @@ import fast_attention as fa
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from test_attention import TMA_EMULATED, _mask, _qkv, check_sdpa  # noqa: E402
+from test_attention import TMA_EMULATED, _mask, _qkv, check_beyond_torch, check_sdpa  # noqa: E402
 from test_layernorm import check_norm  # noqa: E402
 from test_softmax import check_softmax  # noqa: E402
 
@@ -56,6 +56,29 @@ def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, k
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype, layout=layout)
     attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
     check_sdpa(backend, q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=group > 1)
+
+
+@FUZZ
+@given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(1, 30),
+       Lk=st.integers(1, 30), D=st.sampled_from([16, 40, 64]), dtype=DTYPES,
+       kind=st.sampled_from(["none", "causal", "key_padding", "float", "hf_padding", "dead_rows"]),
+       sinks=st.booleans(), softcap=st.sampled_from([None, 0.5, 5.0]))
+def test_sinks_and_softcap_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, sinks, softcap):
+    """Learned sinks and the logit cap, alone or together: values, weights and every gradient, the sinks'.
+
+    With a cap the queries are scaled up, for scores past it. Not without one: scores that large make one key take
+    nearly all of a row, where dS = P (dP - D) cancels and D = rowsum(dO * O) carries the rounding of the 16-bit
+    output, as in every flash backward (torch's CUDA flash kernel reads the rounded output too), while the formula
+    written out in bfloat16 loses less there (Lq 1, 12 keys, q x 4: dK 3x over the bound, sinks or not)."""
+    assume(backend != "cuda" or (dtype != torch.float32 and D in (16, 64) and softcap is None))
+    H = Hkv * group
+    q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype)
+    if softcap:
+        with torch.no_grad():
+            q *= 4
+    attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
+    sink_values = torch.randn(H, device=q.device, requires_grad=True) if sinks else None
+    check_beyond_torch(backend, q, k, v, attn_mask, is_causal, sinks=sink_values, softcap=softcap)
 
 
 @FUZZ

@@ -14,7 +14,10 @@ softmax. With Z a row's sum of exp(score), it scales the row's probabilities by 
 1 - r itself. The ops apply it around any backend, which never sees it: the forward scales the output by r; the
 backward hands the backend r * dO, so that the backend's P (without the sink) and D = rowsum(r dO * O) give the
 gradient of the softmax with the sink, r P (dP - rowsum(dO * O)); the sink's own gradient is
--(1 - r) rowsum(dO * O), summed over the rows of its head. `stats` stay the backend's, without the sink.
+-(1 - r) rowsum(dO * O), summed over the rows of its head. `stats` stay the backend's, without the sink. With
+sinks the op returns the output in stats' dtype (float32 for 16-bit inputs; the caller rounds it), and the
+backward reads it so: dS is a difference, dP - D, which D from an output rounded twice (by the kernel, then after
+the scaling) would miss by a few 16-bit ulps where the sink takes most of a row (seen: dK 17x torch's error).
 """
 import math
 from typing import Optional
@@ -195,16 +198,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return _empty_result(query, key, value)
     out, stats = backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
                                                          is_causal, scale, dropout_p, int(seed), softcap)
-    if sinks is not None:
-        out = (out * sink_shares(stats, sinks)[0][..., None]).to(out.dtype)
+    if sinks is not None:  # in stats' dtype: see the module's docstring
+        out = out.to(stats.dtype) * sink_shares(stats, sinks)[0][..., None]
     return out, stats
 
 
 @scaled_dot_product_attention.register_fake
 def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None, softcap=0.0):
     B, H, Lq, _ = query.shape
-    return (query.new_empty(B, H, Lq, value.shape[-1]),
-            query.new_empty(2, B, H, Lq, dtype=reference.compute_dtype(query)))
+    stats_dtype = reference.compute_dtype(query)
+    return (query.new_empty(B, H, Lq, value.shape[-1], dtype=query.dtype if sinks is None else stats_dtype),
+            query.new_empty(2, B, H, Lq, dtype=stats_dtype))
 
 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
@@ -241,7 +245,7 @@ def _backward(ctx, grad_out, _grad_stats):
         keep, sink_share = sink_shares(stats, sinks)
         rows = (grad_out.to(stats.dtype) * out.to(stats.dtype)).sum(-1)
         dsinks = -(sink_share * rows).sum((0, 2)).to(sinks.dtype)
-        grad_out = (grad_out * keep[..., None]).to(grad_out.dtype)
+        grad_out = (grad_out * keep[..., None]).to(query.dtype)
     dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats, attn_mask,
                       ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap)
     return dq, dk, dv, None, None, None, None, None, None, dsinks, None
