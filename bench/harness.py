@@ -825,7 +825,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-SUITES = ("attention", "decoding", "softmax", "layernorm", "rmsnorm", "model")
+SUITES = ("attention", "variants", "decoding", "softmax", "layernorm", "rmsnorm", "model")
 
 
 def _checks_only(names, mode: Mode) -> int:

@@ -124,7 +124,7 @@ def judge(results: dict[str, dict]) -> list[dict]:
     return verdicts
 
 
-SUITES = ("attention", "decoding", "softmax", "layernorm", "rmsnorm", "model")
+SUITES = ("attention", "variants", "decoding", "softmax", "layernorm", "rmsnorm", "model")
 
 
 def load(folder: Path) -> dict[str, dict]:

@@ -1,0 +1,159 @@
+"""Attention beyond torch SDPA, as models learned it: scores capped with softcap (Gemma 2) and learned sinks
+(gpt-oss). fast_attention's backends against the formula as transformers' eager attention writes it, that formula
+under torch.compile, torch's FlexAttention (softcap as a score_mod; on the CPU it has no backward) and
+fast_attention's own plain attention on the same shapes (what the cap or the sinks cost).
+
+GPU grid: bf16, causal, D 128, 16k tokens per batch at width 2048 (H 16), L 1k to 16k; forward and
+forward+backward. Run alone: `python -m bench --suite variants`.
+"""
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+# bench.harness first: on a machine without a GPU it sets TRITON_INTERPRET before triton is imported.
+from bench.harness import (ATTENTION_FLOPS, DEVICE, SHORT, Case, Check, Mode, Skip, Suite, compiled, directed,
+                           dtype_name, timed_backends, triplets)
+from bench.bench_attention import TOKENS, WIDTH, _qkv, _skip_huge_reference, attention_flops
+import fast_attention as fa
+from fast_attention import reference
+
+SOFTCAP = 30.0  # Gemma 2's attn_logit_softcapping (scores past it are rare in the timed random inputs, as in a model)
+
+
+def cases(mode: Mode) -> list:
+    if mode.gpu:
+        dtype, D, lengths = torch.bfloat16, 128, (1024, 16384) if mode.quick else (1024, 4096, 16384)
+        heads, batch = WIDTH // D, (lambda L: TOKENS // L)
+    else:
+        dtype, D, lengths, heads, batch = torch.float32, 64, (128,), 4, (lambda L: 2)
+    return [Case({"direction": direction, "variant": variant, "D": D, "causal": True, "L": L, "B": batch(L),
+                  "H": heads, "dtype": dtype_name(dtype)},
+                 flops=attention_flops(batch(L), heads, L, L, D, True, direction))
+            for direction in ("forward", "forward+backward") for variant in ("softcap", "sinks") for L in lengths]
+
+
+def label(p: dict) -> str:
+    return f"{SHORT[p['direction']]} {p['variant']} D{p['D']} causal B{p['B']} H{p['H']} L{p['L']}"
+
+
+def _extra(p: dict) -> tuple[dict, tuple]:
+    """The variant's argument, softcap= or sinks= (one learned value per head), and the leaves it adds."""
+    if p["variant"] == "softcap":
+        return {"softcap": SOFTCAP}, ()
+    sinks = torch.randn(p["H"], device=DEVICE, requires_grad=True)
+    return {"sinks": sinks}, (sinks,)
+
+
+def providers(case: Case) -> dict:
+    p = case.params
+    direction = p["direction"]
+
+    def ours(backend, plain=False):
+        def setup():
+            if backend == "reference":
+                _skip_huge_reference(p)
+            if backend == "cuda" and p["variant"] == "softcap" and not plain:
+                raise Skip("skipped: the CUDA kernels do not cap the logits")
+            q, k, v = _qkv(p)
+            extra, leaves = ({}, ()) if plain else _extra(p)
+            return directed(direction, lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                               backend=backend, **extra),
+                            (q, k, v, *leaves))
+        return setup
+
+    made = {}
+    for backend in timed_backends():
+        made[f"fa:{backend}"] = ours(backend)
+    for backend in timed_backends():
+        if backend != "reference":
+            made[f"fa:{backend} plain"] = ours(backend, plain=True)
+
+    def eager(compile_it):
+        def setup():
+            _skip_huge_reference(p)
+            q, k, v = _qkv(p)
+            extra, leaves = _extra(p)
+            attend = compiled(reference.scaled_dot_product_attention) if compile_it else \
+                reference.scaled_dot_product_attention
+            return directed(direction, lambda: attend(q, k, v, is_causal=True, **extra), (q, k, v, *leaves))
+        return setup
+
+    made["eager"] = eager(False)
+    made["compile(eager)"] = eager(True)
+
+    if p["variant"] == "softcap":
+        def flex():
+            try:
+                from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            except ImportError:
+                raise Skip("skipped: this torch has no FlexAttention") from None
+            q, k, v = _qkv(p)
+            if direction == "forward":  # FlexAttention refuses inputs that require grad where it has no backward
+                q, k, v = (t.detach() for t in (q, k, v))
+            L = p["L"]
+
+            def capped(score, b, h, q_idx, kv_idx):
+                return SOFTCAP * torch.tanh(score / SOFTCAP)
+
+            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, L, L,
+                                           device=DEVICE)
+            attend = _compiled_flex(flex_attention)
+            return directed(direction, lambda: attend(q, k, v, score_mod=capped, block_mask=block_mask), (q, k, v))
+        made["torch.flex_attention"] = flex
+    return made
+
+
+_flex = []
+
+
+def _compiled_flex(flex_attention):
+    """flex_attention under torch.compile with static shapes (one compile per length): with dynamic shapes, as
+    harness.compiled gives them, inductor's lowering of it failed (torch 2.13, CPU)."""
+    if not _flex:
+        _flex.append(torch.compile(flex_attention))
+    return _flex[0]
+
+
+def checks(mode: Mode) -> list:
+    """Small odd shapes, forward and every gradient (the sinks' too), against the formula in the same dtype and in
+    float64."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if mode.gpu else (torch.float16, torch.float32)
+    out = []
+    for dtype in dtypes:
+        for variant in ("softcap", "sinks"):
+            def run(backend, dtype=dtype, variant=variant):  # CUDA with softcap: NotImplementedError, "n/a"
+                B, H, Lq, Lk, D = 2, 4, 37, 45, 64
+                inputs = {"query": 3 * torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
+                          "key": torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype),
+                          "value": torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype)}
+                cap = {"softcap": 2.0} if variant == "softcap" else {}
+                if variant == "sinks":
+                    inputs["sinks"] = torch.randn(H, device=DEVICE)
+                return triplets(
+                    lambda **t: fa.scaled_dot_product_attention(**t, is_causal=True, **cap, backend=backend),
+                    lambda **t: reference.scaled_dot_product_attention(**t, is_causal=True, **cap),
+                    lambda **t: reference.scaled_dot_product_attention(**t, is_causal=True, **cap), inputs)
+            out.append(Check(f"{variant} {dtype_name(dtype)} B2 H4 Lq37 Lk45 D64 causal", run))
+    return out
+
+
+SUITE = Suite(
+    name="variants",
+    title="Attention with a logit cap (Gemma 2) and learned sinks (gpt-oss)",
+    metric="TFLOP/s",
+    convention=ATTENTION_FLOPS + f"; softcap {SOFTCAP}; the cap's tanh and the sinks' row scaling are not counted",
+    label=label,
+    cases=cases,
+    providers=providers,
+    checks=checks,
+    x="L",
+    panels=("direction", "variant"),
+)
+
+if __name__ == "__main__":
+    from bench.harness import main
+    sys.exit(main(["--suite", "variants", *sys.argv[1:]]))
