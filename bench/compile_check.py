@@ -11,8 +11,8 @@ group of 1) becomes a constant, as in a real launch.
 
 The default grid takes, per (dtype, head dim), every kept config with the lightest flags and, with the heaviest
 (causal, float mask, dropout), the first kept config (the one taken without autotuning) and the largest tile, and
-with Gemma 2's (float mask, logit cap) the first kept config; --full crosses every config with every flag set
-(hours on two cores).
+with Gemma 2's (float mask, logit cap) and, for the dQ kernel, a learned bias's (float mask, its gradient stored)
+the first kept config; --full crosses every config with every flag set (hours on two cores).
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
     v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Max=torch.float32, LogSum=torch.float32,
-             Delta=torch.float32, DQ=dtype, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
+             Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
              qk_scale=0.1, softcap=72.0, scale=0.1, dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
@@ -158,6 +158,7 @@ A._tma_ok = lambda kind, named: named["Q"].element_size() == 2
 _FLAG_SETS = [(causal, mask, drop, cap) for causal in (False, True) for mask in (0, 1, 2) for drop in (False, True)
               for cap in (False, True)]
 _HEAVY, _LIGHT, _CAPPED = (True, 2, True, False), (False, 0, False, False), (False, 2, False, True)
+_BIAS = (False, 2, False, False)  # a learned bias (a float mask that requires grad): the dQ kernel also stores dS
 
 
 def attention_jobs(full: bool, arch: int):
@@ -176,7 +177,8 @@ def attention_jobs(full: bool, arch: int):
                         # first config (the one taken without autotuning) and the largest tile.
                         light = flags == _LIGHT and (ci == 0 or dtype != torch.bfloat16)
                         heavy = flags == _HEAVY and (ci == 0 or c is largest)
-                        if not (full or light or heavy or (flags == _CAPPED and ci == 0)):
+                        bias_grad = kind == "dq" and flags == _BIAS and ci == 0
+                        if not (full or light or heavy or bias_grad or (flags == _CAPPED and ci == 0)):
                             continue
                         values = _attn_scalars(dtype, D, Lq, Lk, mask)
                         values.update(Out=dtype, out_split_stride=0, stats_split_stride=0, keys_per_split=Lk,
@@ -184,9 +186,12 @@ def attention_jobs(full: bool, arch: int):
                         const = dict(_flags(dtype, D, causal, mask, drop, cap), **c.kwargs)
                         if kind == "fwd":
                             const.update(PACK_GQA=False, PDL=False)  # offline, every constexpr needs a value
+                        if kind == "dq":
+                            const.update(MASK_GRAD=bias_grad)
                         label = f"attn_{kind} {_SHORT[dtype]} D{D}"
                         cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} c{int(causal)} m{mask} "
-                               f"p{int(drop)}{' cap' if cap else ''}{' tma' if c.kwargs.get('TMA') else ''}")
+                               f"p{int(drop)}{' cap' if cap else ''}{' dmask' if bias_grad else ''}"
+                               f"{' tma' if c.kwargs.get('TMA') else ''}")
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
             # Decoding: 1 or 16 queries of a GQA group of 4 heads (4 or 64 packed rows) against a long cache,

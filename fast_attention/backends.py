@@ -11,8 +11,8 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     rms_norm_forward(x, weight|None, eps) -> (y, rstd fp32 (M,))
     rms_norm_backward(dy, x, weight|None, rstd) -> (dx, dweight|None)
     attention_forward(q, k, v, mask|None, is_causal, scale, dropout_p, seed, softcap) -> (out, stats fp32 (2, B, H, Lq))
-    attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap)
-        -> (dq, dk, dv)
+    attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad)
+        -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap) -> probabilities fp32 (B, H, Lq, Lk)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
     unavailable() -> None, or a sentence saying why this backend cannot run on this machine (optional)
@@ -22,7 +22,9 @@ log row sum, base 2, as planes 0 and 1 (fast_attention/ops/attention.py); every 
 `mask` is None, or a bool / float tensor expanded (stride 0, never copied) to (B, H, Lq, Lk). K and V may have
 fewer heads than Q (grouped-query attention): H % Hkv == 0, query head h reads key head h // (H // Hkv).
 `seed` is an int; the same seed gives the same dropout mask. `softcap` is 0.0 (no cap) or the cap c of the scores,
-c * tanh(scale * q.k / c), applied before the mask (a backend that cannot cap says so in unsupported()). Learned
+c * tanh(scale * q.k / c), applied before the mask (a backend that cannot cap says so in unsupported()). With
+`mask_grad` (a float mask that requires grad) the backward also returns dS, the mask's gradient before the op sums
+it over the mask's broadcast dims (a backend without it says so in unsupported(): mask_grad=True). Learned
 sinks never reach a backend: the op layer applies them around it (fast_attention/ops/attention.py).
 """
 from __future__ import annotations

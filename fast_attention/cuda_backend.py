@@ -49,9 +49,13 @@ def _row_reason(x: Tensor) -> str | None:
     return _device_reason(x)
 
 
-def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, softcap=0.0) -> str | None:
+def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, softcap=0.0,
+                      mask_grad=False) -> str | None:
     if softcap:
         return "its attention kernels do not cap the logits (softcap); backend='triton' does"
+    if mask_grad:
+        return ("its attention kernels give no gradient for a float attn_mask, and this one requires grad; "
+                "backend='triton' gives it")
     if query.dtype not in _ATTENTION_DTYPES:
         return (f"its attention kernels take float16 or bfloat16 (tensor-core inputs), got {_name(query.dtype)}; "
                 f"use backend='triton' or 'reference' for {_name(query.dtype)}")
@@ -125,8 +129,10 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0):
+                       softcap: float = 0.0, mask_grad: bool = False):
     _no_softcap(softcap)
+    if mask_grad:
+        raise NotImplementedError("fast_attention: the CUDA attention kernels give no gradient for attn_mask")
     # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
     return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, mask, is_causal, scale,
                                        dropout_p, seed))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends
 from .reference import default_rms_eps
 from .ops import attention as _attention
 from .ops._autocast import cast_inputs
@@ -73,7 +73,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Rows where every key is masked give zeros (torch >= 2.5 does the same). Dropout draws its seed from torch's
     default generator, so torch.manual_seed makes it reproducible. A float attn_mask that requires grad (a learned
-    position bias) runs on the reference backend: see _attend_differentiable_mask.
+    position bias: T5's, Swin's) gets its gradient, dS summed over the dims it broadcasts along, from the Triton
+    kernels (written by the dQ kernel: a (B, H, Lq, Lk) float32 buffer, as large as the scores eager attention
+    builds) or the reference; the CUDA kernels give none, so backend=None takes Triton for such a call.
 
     Beyond torch: sinks (H,), one learned attention sink per query head (gpt-oss), a score with no value that joins
     every row's softmax (so each row's weights sum to less than 1, and a row with every key masked still gives
@@ -81,9 +83,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     attn_logit_softcapping): the scores capped to c * tanh(scores / c) before the mask is applied (None or 0: no
     cap, as FlashAttention's softcap=0.0); on the Triton and reference backends (the CUDA kernels do not cap).
     """
-    if _mask_needs_grad(attn_mask):
-        return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend, sinks, softcap)[0]
     return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks, softcap)[0]
 
 
@@ -96,9 +95,6 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
     query and key (and a float attn_mask that requires grad), as through torch's."""
-    if _mask_needs_grad(attn_mask):
-        return _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                           backend, sinks, softcap)
     out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
                                      sinks, softcap)
     q4, k4, mask, is_causal, scale, softcap, (query, key, value, batch, H) = args
@@ -110,46 +106,17 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
 
 
-def _mask_needs_grad(attn_mask: Tensor | None) -> bool:
-    return (isinstance(attn_mask, Tensor) and attn_mask.dtype != torch.bool and attn_mask.requires_grad
-            and torch.is_grad_enabled())
-
-
-def _attend_differentiable_mask(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
-                                sinks, softcap):
-    """(output, weights before dropout) for a float attn_mask that requires grad: a learned position bias, such
-    as T5's relative attention bias, which Hugging Face models add to the mask. The kernels give no gradient for
-    the mask, so the reference backend's formula runs here as plain torch ops in float32 (float64 for float64
-    inputs), which autograd differentiates with respect to every input, the mask included. Like torch's math
-    kernel, it builds the (B, H, Lq, Lk) scores, as large as such a mask. Dropout draws from torch's generator. A
-    kernel backend asked for by name raises NotImplementedError."""
-    query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
-    scale, _, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    _attention.check_sinks(sinks, query, H)
-    softcap = _attention.check_softcap(softcap)
-    asked = backend if backend is not None else backends.default_backend()
-    if asked is not None and asked != "reference":
-        backends._check_name(asked)  # an unknown name's error first
-        raise NotImplementedError(
-            f"fast_attention.scaled_dot_product_attention: backend={asked!r} cannot run this call: its kernels give "
-            f"no gradient with respect to a float attn_mask, and this one requires grad; backend=None or "
-            f"'reference' computes it (materializing the Lq x Lk scores), or pass attn_mask.detach()")
-    ct = reference.compute_dtype(query)
-    with torch.autocast(query.device.type, enabled=False):
-        out, weights = reference.attention_and_weights(query.to(ct), key.to(ct), value.to(ct), attn_mask.to(ct),
-                                                       dropout_p, is_causal, scale, enable_gqa, sinks=sinks,
-                                                       softcap=softcap)
-    return out.to(query.dtype), weights
-
-
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None, softcap=None):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _attention.check_sinks(sinks, query, H)
     softcap = _attention.check_softcap(softcap)
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
+    mask_grad = (attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
+                 and torch.is_grad_enabled())
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
-                            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, softcap=softcap)
+                            attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, softcap=softcap,
+                            mask_grad=mask_grad)
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:

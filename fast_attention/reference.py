@@ -227,9 +227,10 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0):
+                       softcap: float = 0.0, mask_grad: bool = False):
     """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form, times the cap's slope 1 - tanh^2 with softcap;
-    dropout's mask is drawn again from the seed."""
+    dropout's mask is drawn again from the seed. With mask_grad also dS (before the slope), the float mask's
+    gradient (B, H, Lq, Lk)."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -242,30 +243,34 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     if drop is not None:
         dp = dp * drop
     ds = p * (dp - (do * o).sum(-1, keepdim=True))
+    dmask = ds
     if softcap:
         ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
     fold = lambda g: g.reshape(B, Hkv, H // Hkv, Lk, g.shape[-1]).sum(2)  # noqa: E731  (GQA: sum each group)
-    return dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    grads = dq.to(q.dtype), fold(dk).to(k.dtype), fold(dv).to(v.dtype)
+    return (*grads, dmask) if mask_grad else grads
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
     return _probabilities(q, k, mask, is_causal, scale, softcap)[0]  # not from stats: see _probabilities
 
 
-def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float, softcap: float = 0.0):
+def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float, softcap: float = 0.0,
+                               mask_grad: bool = False):
     """dQ, dK through the probabilities w = softmax(scale q k^T + mask), fp32 (B, H, Lq, Lk): the softmax gradient
     dS = w * (dw - rowsum(dw * w)) (times the cap's slope with softcap), then dQ = scale dS K and dK = scale dS^T Q
-    (each GQA group summed). Masked entries and masked rows have w = 0, so dS is 0 there: the mask itself is not
-    needed."""
+    (each GQA group summed); with mask_grad also dS itself, the float mask's gradient. Masked entries and masked
+    rows have w = 0, so dS is 0 there: the mask itself is not needed."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w, dw = w.to(ct), dw.to(ct)
     ds = w * (dw - (dw * w).sum(-1, keepdim=True))
+    dmask = ds
     if softcap:
         ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = ((ds.transpose(-2, -1) @ q.to(ct)) * scale).reshape(B, Hkv, H // Hkv, Lk, q.shape[-1]).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype)
+    return (dq.to(q.dtype), dk.to(k.dtype), dmask) if mask_grad else (dq.to(q.dtype), dk.to(k.dtype))

@@ -506,14 +506,15 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-              rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
-              seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
+              offs_m, rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
+              dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-              TMA: tl.constexpr, EDGE: tl.constexpr):
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA; only EDGE
-    tiles may hold keys at or past k_end."""
+    tiles may hold keys at or past k_end. With MASK_GRAD also store each tile's dS, the gradient of the float mask
+    (added to the scores after the cap), in the rows dmask_rows (fp32, Lk columns each)."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -543,6 +544,8 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            tl.store(dmask_rows + offs_n[None, :], ds, mask=row_ok[:, None] & n_ok[None, :])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE)
@@ -550,15 +553,16 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
+def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                  H, GROUP, Lq, Lk, qk_scale, softcap, scale, dropout_p, dropout_scale, seed,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TMA: tl.constexpr):
-    """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks."""
+                 TMA: tl.constexpr, MASK_GRAD: tl.constexpr):
+    """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks; with MASK_GRAD also
+    dMask (B, H, Lq, Lk) fp32 contiguous, zero where no tile stores (the launcher zeroes it)."""
     pid = tl.program_id(0)
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     mblock = n_mblocks - 1 - pid % n_mblocks
@@ -587,6 +591,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
                                      TMA)
     mask_rows = Mask + b * smb + h * smh + rows * smm
     rng_rows = (bh * Lq + offs_m) * Lk
+    dmask_rows = DMask + (bh * Lq + rows) * Lk
 
     # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
     EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
@@ -597,14 +602,14 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ,
         hi = Lk
         mid = Lk if EDGE_FIRST else Lk // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                   rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, SOFTCAP, UPCAST, IEEE,
-                   TMA, EDGE_FIRST)
-    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                   rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
-                   HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, SOFTCAP, UPCAST,
-                   IEEE, TMA, True)
+    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
+                   offs_m, rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
+                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, SOFTCAP,
+                   MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
+    dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
+                   offs_m, rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
+                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, SOFTCAP,
+                   MASK_GRAD, UPCAST, IEEE, TMA, True)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -799,8 +804,12 @@ def _configs(kind):
     return [_config(kind, *s) for s in shapes] + [_config(kind, *s, tma=True) for s in tma_shapes]
 
 
+def _tuning_key(kind) -> list[str]:
+    return _TUNING_KEY + ["MASK_GRAD"] if kind == "dq" else _TUNING_KEY
+
+
 def _tuned(kernel, kind):
-    return triton.autotune(configs=_configs(kind), key=_TUNING_KEY,
+    return triton.autotune(configs=_configs(kind), key=_tuning_key(kind),
                            prune_configs_by={"early_config_prune": _prune(kind)})(kernel)
 
 
@@ -820,7 +829,7 @@ _tuning_lock = threading.Lock()
 
 
 def _tuning_bucket(kind, named):
-    key = [next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _TUNING_KEY]
+    key = [next_power_of_2(named[k]) if k in ("Lq", "Lk") else named[k] for k in _tuning_key(kind)]
     tma = _tma_ok(kind, named)  # a descriptor config must not be reused on unaligned inputs
     return (kind, named["Q"].dtype, named["Q"].device, tma, *key)
 
@@ -1046,8 +1055,9 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0):
-    """dout, out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous)."""
+                       softcap: float = 0.0, mask_grad: bool = False):
+    """dout, out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous), and with
+    mask_grad the float mask's gradient dS, fp32 (B, H, Lq, Lk), written by the dQ kernel."""
     dout, out, q, k, v = _tileable(dout), _tileable(out), _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, D = q.shape
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -1067,9 +1077,11 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
                   **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
+    dmask = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad else None
     _launch("dq", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,),
-            *inputs, dq, *strides, *dq.stride(), H=H, GROUP=H // Hkv, **common)
-    return dq, dk, dv
+            *inputs, dq, q if dmask is None else dmask, *strides, *dq.stride(), H=H, GROUP=H // Hkv,
+            MASK_GRAD=mask_grad, **common)
+    return (dq, dk, dv, dmask) if mask_grad else (dq, dk, dv)
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):

@@ -471,6 +471,63 @@ def test_softcap_and_sinks_together(backend):
                        sinks=torch.randn(2, device=DEVICE, requires_grad=True))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A float mask that requires grad (a learned position bias): its gradient is dS, summed over its broadcast dims
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_shape,Hkv,dtype", [((1, 4, 13, 21), 2, torch.float32), ((2, 1, 1, 21), 4, torch.float16),
+                                                  ((13, 21), 1, torch.bfloat16), ((2, 4, 13, 21), 4, torch.float32)])
+def test_mask_gradient(backend, mask_shape, Hkv, dtype):
+    """T5's bias (1, H, Lq, Lk) broadcast over the batch, a per-key bias, a 2-D one, a full one; GQA; with -inf
+    entries and a row that is -inf everywhere (its gradient 0, as torch's)."""
+    q, k, v = _qkv(2, 4, Hkv, 13, 21, 16, dtype)
+    bias = torch.randn(mask_shape, device=DEVICE).to(dtype)
+    bias[..., 1::5] = float("-inf")
+    if len(mask_shape) == 2 or mask_shape[-2] > 1:
+        bias[..., 3, :] = float("-inf")
+    bias.requires_grad_()
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True, backend=backend)
+    dout = torch.randn_like(out)
+    leaves = (q, k, v, bias)
+    grads = torch.autograd.grad(out, leaves, dout)
+    t_leaves = _detached(leaves)
+    with sdpa_kernel(SDPBackend.MATH):
+        t_out = F.scaled_dot_product_attention(*t_leaves[:3], attn_mask=t_leaves[3], enable_gqa=True)
+    r_leaves = _detached(leaves, torch.float64)
+    r_out = ref.scaled_dot_product_attention(*r_leaves[:3], attn_mask=r_leaves[3], enable_gqa=True)
+    assert_close(out, t_out, r_out)
+    for name, ours, theirs, oracle in zip(("dq", "dk", "dv", "dmask"), grads,
+                                          torch.autograd.grad(t_out, t_leaves, dout),
+                                          torch.autograd.grad(r_out, r_leaves, dout.double())):
+        assert ours.shape == oracle.shape and ours.dtype == theirs.dtype, name
+        assert_close(ours, theirs, oracle, name)
+
+
+def test_mask_gradient_with_dropout_and_softcap(backend):
+    """dS under dropout (the kernels' own mask, drawn again) and under a logit cap (added after it: no slope)."""
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels give no gradient for a mask")
+    q, k, v = _qkv(1, 2, 2, 9, 14, 16, torch.float32)
+    bias = torch.randn(1, 2, 9, 14, device=DEVICE, requires_grad=True)
+    p, seed = 0.3, _drawn_seed(5)
+    torch.manual_seed(5)
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, softcap=1.5, backend=backend)
+    if backend == "reference":
+        keep = ref.dropout_mask(seed, p, (1, 2, 9, 14), DEVICE)
+    else:
+        from fast_attention.kernels import attention as kernels
+
+        keep = kernels.dropout_mask(seed, p, 1, 2, 9, 14, DEVICE)
+    dout = torch.randn_like(out)
+    leaves = (q, k, v, bias)
+    results = [torch.autograd.grad(out, leaves, dout)]
+    for dt in (torch.float32, torch.float64):
+        xs = _detached(leaves, dt)
+        o = ref.scaled_dot_product_attention(*xs[:3], attn_mask=xs[3], dropout_p=p, dropout_mask=keep, softcap=1.5)
+        results.append(torch.autograd.grad(o, xs, dout.to(dt)))
+    for name, ours, same, oracle in zip(("dq", "dk", "dv", "dmask"), *results):
+        assert_close(ours, same, oracle, name)
+
+
 def test_sinks_with_a_mask_that_requires_grad():
     """A learned bias and learned sinks together (the reference formula's path): every gradient, the bias's too."""
     q, k, v = _qkv(2, 2, 2, 7, 10, 16, torch.float32)

@@ -292,8 +292,8 @@ def test_multihead_attention_attributes_and_constructor():
 
 @pytest.mark.parametrize("need_weights", [True, False])
 def test_multihead_attention_float_masks_take_gradients(need_weights):
-    """Float attn_mask and key_padding_mask that require grad (learned biases) get torch's gradients: such calls
-    run on the reference backend (the kernels give none for a mask)."""
+    """Float attn_mask and key_padding_mask that require grad (learned biases) get torch's gradients (the Triton
+    kernels or the reference give a mask's; backend=None takes them over the CUDA kernels, which give none)."""
     ours, theirs, reference = trio(fa.nn.MultiheadAttention, torch.nn.MultiheadAttention, E, H, backend=None)
     q, k, v = mha_inputs({})
     bias, padding = torch.randn(L, S), torch.randn(N, S)

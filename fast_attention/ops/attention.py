@@ -214,19 +214,30 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, 
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention_backward", mutates_args=())
 def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                                           stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
-                                          scale: float, seed: Tensor, backend: str, softcap: float = 0.0
-                                          ) -> tuple[Tensor, Tensor, Tensor]:
+                                          scale: float, seed: Tensor, backend: str, softcap: float = 0.0,
+                                          mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dQ, dK, dV, and with mask_grad the float mask's gradient, dS (B, H, Lq, Lk) in stats' dtype (else an empty
+    tensor: an op's outputs cannot be None)."""
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
-        return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
-    return backends.get(backend).attention_backward(grad_out, query, key, value, out, stats,
-                                                    expand_mask(attn_mask, query, key), is_causal, scale,
-                                                    dropout_p, int(seed), softcap)
+        return (query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape),
+                _mask_grad_like(query, key, stats, mask_grad, torch.zeros))
+    grads = backends.get(backend).attention_backward(grad_out, query, key, value, out, stats,
+                                                     expand_mask(attn_mask, query, key), is_causal, scale,
+                                                     dropout_p, int(seed), softcap, mask_grad)
+    return (*grads, stats.new_empty(0)) if not mask_grad else grads
+
+
+def _mask_grad_like(query, key, stats, mask_grad, make):
+    B, H, Lq, _ = query.shape
+    return make((B, H, Lq, key.shape[-2]) if mask_grad else (0,), dtype=stats.dtype, device=stats.device)
 
 
 @scaled_dot_product_attention_backward.register_fake
-def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend, softcap=0.0):
+def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend, softcap=0.0,
+      mask_grad=False):
     # contiguous whatever the inputs' strides, as every backend returns them
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            _mask_grad_like(query, key, stats, mask_grad, torch.empty))
 
 
 def _setup_context(ctx, inputs, output):
@@ -246,9 +257,18 @@ def _backward(ctx, grad_out, _grad_stats):
         rows = (grad_out.to(stats.dtype) * out.to(stats.dtype)).sum(-1)
         dsinks = -(sink_share * rows).sum((0, 2)).to(sinks.dtype)
         grad_out = (grad_out * keep[..., None]).to(query.dtype)
-    dq, dk, dv = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats, attn_mask,
-                      ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, dsinks, None
+    mask_grad = _needs_grad(attn_mask)
+    dq, dk, dv, dmask = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats,
+                             attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap,
+                             mask_grad)
+    dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None
+
+
+def _needs_grad(attn_mask: Optional[Tensor]) -> bool:
+    """Whether the mask's gradient is wanted: a float mask that requires grad (a learned position bias: T5's,
+    Swin's), whose gradient is dS, summed over the dims along which it broadcasts."""
+    return attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
 
 
 scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -276,33 +296,40 @@ def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None, softc
 
 @torch.library.custom_op("fast_attention::attention_weights_backward", mutates_args=())
 def attention_weights_backward(grad_weights: Tensor, weights: Tensor, query: Tensor, key: Tensor,
-                               scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-    """dQ and dK through the probabilities. One implementation serves every backend: two matmuls on the
-    (B, H, Lq, Lk) weights, which need_weights has materialized already."""
-    return reference.attention_weights_backward(grad_weights, weights, query, key, scale, softcap)
+                               scale: float, softcap: float = 0.0, mask_grad: bool = False
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """dQ and dK through the probabilities, and with mask_grad the float mask's gradient dS (else an empty tensor).
+    One implementation serves every backend: two matmuls on the (B, H, Lq, Lk) weights, which need_weights has
+    materialized already."""
+    grads = reference.attention_weights_backward(grad_weights, weights, query, key, scale, softcap, mask_grad)
+    return grads if mask_grad else (*grads, weights.new_empty(0))
 
 
 @attention_weights_backward.register_fake
-def _(grad_weights, weights, query, key, scale, softcap=0.0):
-    return query.new_empty(query.shape), key.new_empty(key.shape)  # contiguous, as the matmuls give them
+def _(grad_weights, weights, query, key, scale, softcap=0.0, mask_grad=False):
+    # contiguous, as the matmuls give them
+    return query.new_empty(query.shape), key.new_empty(key.shape), weights.new_empty(weights.shape if mask_grad else 0)
 
 
 def _weights_setup_context(ctx, inputs, output):
     inputs = (*inputs, *(None, 0.0)[len(inputs) - 7:])  # sinks and softcap, where a caller left their defaults
-    query, key, stats, _mask, _is_causal, ctx.scale, _backend, sinks, ctx.softcap = inputs
-    ctx.save_for_backward(query, key, output, stats, sinks)
+    query, key, stats, attn_mask, _is_causal, ctx.scale, _backend, sinks, ctx.softcap = inputs
+    ctx.save_for_backward(query, key, output, stats, attn_mask, sinks)
 
 
 def _weights_backward(ctx, grad_weights):
     """The softmax's gradient holds with a sink, whose column has no gradient of its own; the sink's is
     -(1 - r) rowsum(dW * W) (see the module's docstring)."""
-    query, key, weights, stats, sinks = ctx.saved_tensors
-    dq, dk = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale, ctx.softcap)
+    query, key, weights, stats, attn_mask, sinks = ctx.saved_tensors
+    mask_grad = _needs_grad(attn_mask)
+    dq, dk, dmask = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale, ctx.softcap,
+                         mask_grad)
+    dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     dsinks = None
     if sinks is not None:
         rows = (grad_weights.to(weights.dtype) * weights).sum(-1)
         dsinks = -(sink_shares(stats, sinks)[1] * rows).sum((0, 2)).to(sinks.dtype)
-    return dq, dk, None, None, None, None, None, dsinks, None
+    return dq, dk, None, dmask, None, None, None, dsinks, None
 
 
 attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
