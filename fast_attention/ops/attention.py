@@ -8,6 +8,9 @@ everywhere, whose weights torch makes uniform). A row with every key masked has 
 
 Inside the ops every tensor is 4-D: query (B, H, Lq, E), key (B, Hkv, Lk, E), value (B, Hkv, Lk, Ev),
 attn_mask broadcastable to (B, H, Lq, Lk); the backends get the mask expanded to that shape (stride 0, no copy).
+A float mask that requires grad (a learned bias) has the gradient dS: the backward asks the backend for it
+(mask_grad, a (B, H, Lq, Lk) buffer) and sums it to the mask's own shape. softcap (Gemma 2's cap c on the scores,
+c * tanh(s / c), before the mask) goes to the backend as it is.
 
 Learned attention sinks (gpt-oss), `sinks` (H,): each head's sink is a score with no value that joins every row's
 softmax. With Z a row's sum of exp(score), it scales the row's probabilities by r = Z / (Z + e^sink) and takes
