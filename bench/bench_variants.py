@@ -6,6 +6,7 @@ fast_attention's own plain attention on the same shapes (what the cap or the sin
 GPU grid: bf16, causal, D 128, 16k tokens per batch at width 2048 (H 16), L 1k to 16k; forward and
 forward+backward. Run alone: `python -m bench --suite variants`.
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -107,15 +108,11 @@ def providers(case: Case) -> dict:
     return made
 
 
-_flex = []
-
-
+@functools.cache
 def _compiled_flex(flex_attention):
     """flex_attention under torch.compile with static shapes (one compile per length): with dynamic shapes, as
     harness.compiled gives them, inductor's lowering of it failed (torch 2.13, CPU)."""
-    if not _flex:
-        _flex.append(torch.compile(flex_attention))
-    return _flex[0]
+    return torch.compile(flex_attention)
 
 
 def checks(mode: Mode) -> list:

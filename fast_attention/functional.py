@@ -112,8 +112,7 @@ def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gq
     _attention.check_sinks(sinks, query, H)
     softcap = _attention.check_softcap(softcap)
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
-    mask_grad = (attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
-                 and torch.is_grad_enabled())
+    mask_grad = torch.is_grad_enabled() and _attention.mask_needs_grad(attn_mask)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, softcap=softcap,
                             mask_grad=mask_grad)

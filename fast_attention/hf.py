@@ -193,21 +193,24 @@ def is_t5_style(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("T5LayerNorm")
 
 
-def computes_rms_norm(module: torch.nn.Module, eps: float, offset: float = 0.0) -> bool:
-    """Whether module(x) == x / sqrt(mean(x^2) + eps) * (offset + weight) on a probe input, to the precision of its
-    output's dtype (T5's is a 16-bit weight's): offset 0 for Llama's family, 1 for Gemma's, whose weight is zero
-    centred; an RMSNorm that computes neither must be left alone. The probe uses its own generator, not torch's."""
+def rms_norm_offset(module: torch.nn.Module, eps: float) -> float | None:
+    """The offset o for which module(x) == x / sqrt(mean(x^2) + eps) * (o + weight) on a probe input, to the
+    precision of its output's dtype (T5's is a 16-bit weight's): 0 for Llama's family, 1 for Gemma's, whose weight
+    is zero centred; None for an RMSNorm that computes neither, which must be left alone. The probe uses its own
+    generator, not torch's."""
     weight = module.weight
     if weight.is_meta:
-        return False
+        return None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *weight.shape, generator=g, dtype=torch.float32, device="cpu").to(weight.device)
     with torch.no_grad():
         out = type(module).forward(module, x)  # not module(x): its hooks must not see the probe
-        got = out.float()
-        want = torch.nn.functional.rms_norm(x, tuple(weight.shape), offset + weight.float(), eps)
     rtol = 1e-3 if out.dtype in (torch.float32, torch.float64) else 2 * torch.finfo(out.dtype).eps
-    return got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=1e-4)
+    for offset in (0.0, 1.0):
+        want = torch.nn.functional.rms_norm(x, tuple(weight.shape), offset + weight.float(), eps)
+        if out.shape == want.shape and torch.allclose(out.float(), want, rtol=rtol, atol=1e-4):
+            return offset
+    return None
 
 
 class RMSNorm(fa_nn.RMSNorm):

@@ -191,7 +191,13 @@ def _row_stats(s: Tensor) -> Tensor:
 
 
 def _raw_scores(q, k, scale):
-    return (q.to(compute_dtype(q)) @ _repeat_kv(k.to(compute_dtype(q)), q.shape[1]).transpose(-2, -1)) * scale
+    ct = compute_dtype(q)
+    return (q.to(ct) @ _repeat_kv(k.to(ct), q.shape[1]).transpose(-2, -1)) * scale
+
+
+def _cap_slope(q, k, scale, softcap):
+    """d(c tanh(s / c)) / ds = 1 - tanh(s / c)^2: the chain rule's factor on dS under a logit cap."""
+    return 1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square()
 
 
 def _scores(q, k, mask, is_causal, scale, softcap):
@@ -245,7 +251,7 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     ds = p * (dp - (do * o).sum(-1, keepdim=True))
     dmask = ds
     if softcap:
-        ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
+        ds = ds * _cap_slope(q, k, scale, softcap)
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = (ds.transpose(-2, -1) @ q.to(ct)) * scale
     fold = lambda g: g.reshape(B, Hkv, H // Hkv, Lk, g.shape[-1]).sum(2)  # noqa: E731  (GQA: sum each group)
@@ -270,7 +276,7 @@ def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scal
     ds = w * (dw - (dw * w).sum(-1, keepdim=True))
     dmask = ds
     if softcap:
-        ds = ds * (1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square())
+        ds = ds * _cap_slope(q, k, scale, softcap)
     dq = (ds @ _repeat_kv(k.to(ct), H)) * scale
     dk = ((ds.transpose(-2, -1) @ q.to(ct)) * scale).reshape(B, Hkv, H // Hkv, Lk, q.shape[-1]).sum(2)
     return (dq.to(q.dtype), dk.to(k.dtype), dmask) if mask_grad else (dq.to(q.dtype), dk.to(k.dtype))

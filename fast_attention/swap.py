@@ -51,9 +51,10 @@ class SwapReport:
 
 def swap(model: nn.Module, *, backend: str | None = None) -> SwapReport:
     """Replace every torch.nn.MultiheadAttention, LayerNorm, RMSNorm and Softmax in `model` (and every Hugging Face
-    RMSNorm, T5's T5LayerNorm among them, that computes plain RMSNorm) by its fast_attention counterpart, in its
-    parent module, sharing the original's Parameter objects (so device, dtype, optimizer state and tying are kept)
-    and its training mode. Hugging Face models are switched to attn_implementation="fast_attention".
+    RMSNorm, T5's T5LayerNorm among them, that computes plain RMSNorm or Gemma's, scaled by 1 + weight) by its
+    fast_attention counterpart, in its parent module, sharing the original's Parameter objects (so device, dtype,
+    optimizer state and tying are kept) and its training mode. Hugging Face models are switched to
+    attn_implementation="fast_attention".
 
     In torch.nn.TransformerEncoderLayer / TransformerEncoder whose modules were replaced, torch's fused eval-mode
     path and nested-tensor conversion are turned off (they would bypass the new modules). Subclasses, modules
@@ -192,11 +193,13 @@ def _maker(module):
         return None, "it holds more than a `weight` parameter"
     if "forward" in module.__dict__:
         return None, "its forward is wrapped on the instance (e.g. by accelerate hooks)"
-    if hf.computes_rms_norm(module, eps):
-        return _hf_rms_norm(hf.T5RMSNorm if hf.is_t5_style(module) else hf.RMSNorm), None
-    if hf.computes_rms_norm(module, eps, offset=1.0):
+    offset = hf.rms_norm_offset(module, eps)
+    if offset is None:
+        return None, ("its forward is not x / sqrt(mean(x^2) + eps) * weight, nor * (1 + weight) (checked on a probe "
+                      "input)")
+    if offset:
         return _hf_rms_norm(hf.GemmaRMSNorm), None
-    return None, "its forward is not x / sqrt(mean(x^2) + eps) * weight, nor * (1 + weight) (checked on a probe input)"
+    return _hf_rms_norm(hf.T5RMSNorm if hf.is_t5_style(module) else hf.RMSNorm), None
 
 
 def _why_not(module: nn.Module, torch_type: type) -> str | None:

@@ -260,7 +260,7 @@ def _backward(ctx, grad_out, _grad_stats):
         rows = (grad_out.to(stats.dtype) * out.to(stats.dtype)).sum(-1)
         dsinks = -(sink_share * rows).sum((0, 2)).to(sinks.dtype)
         grad_out = (grad_out * keep[..., None]).to(query.dtype)
-    mask_grad = _needs_grad(attn_mask)
+    mask_grad = mask_needs_grad(attn_mask)
     dq, dk, dv, dmask = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats,
                              attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap,
                              mask_grad)
@@ -268,7 +268,7 @@ def _backward(ctx, grad_out, _grad_stats):
     return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None
 
 
-def _needs_grad(attn_mask: Optional[Tensor]) -> bool:
+def mask_needs_grad(attn_mask: Optional[Tensor]) -> bool:
     """Whether the mask's gradient is wanted: a float mask that requires grad (a learned position bias: T5's,
     Swin's), whose gradient is dS, summed over the dims along which it broadcasts."""
     return attn_mask is not None and attn_mask.requires_grad and attn_mask.is_floating_point()
@@ -324,7 +324,7 @@ def _weights_backward(ctx, grad_weights):
     """The softmax's gradient holds with a sink, whose column has no gradient of its own; the sink's is
     -(1 - r) rowsum(dW * W) (see the module's docstring)."""
     query, key, weights, stats, attn_mask, sinks = ctx.saved_tensors
-    mask_grad = _needs_grad(attn_mask)
+    mask_grad = mask_needs_grad(attn_mask)
     dq, dk, dmask = call(attention_weights_backward, grad_weights, weights, query, key, ctx.scale, ctx.softcap,
                          mask_grad)
     dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
