@@ -10,10 +10,11 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     layer_norm_backward(dy, x, weight|None, mean, rstd, has_bias) -> (dx, dweight|None, dbias|None)
     rms_norm_forward(x, weight|None, eps) -> (y, rstd fp32 (M,))
     rms_norm_backward(dy, x, weight|None, rstd) -> (dx, dweight|None)
-    attention_forward(q, k, v, mask|None, is_causal, scale, dropout_p, seed, softcap) -> (out, stats fp32 (2, B, H, Lq))
-    attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad)
-        -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
-    attention_weights(q, k, stats, mask|None, is_causal, scale, softcap) -> probabilities fp32 (B, H, Lq, Lk)
+    attention_forward(q, k, v, mask|None, is_causal, scale, dropout_p, seed, softcap, window)
+        -> (out, stats fp32 (2, B, H, Lq))
+    attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
+                       window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
+    attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
     unavailable() -> None, or a sentence saying why this backend cannot run on this machine (optional)
 
@@ -24,7 +25,9 @@ fewer heads than Q (grouped-query attention): H % Hkv == 0, query head h reads k
 `seed` is an int; the same seed gives the same dropout mask. `softcap` is 0.0 (no cap) or the cap c of the scores,
 c * tanh(scale * q.k / c), applied before the mask (a backend that cannot cap says so in unsupported()). With
 `mask_grad` (a float mask that requires grad) the backward also returns dS, the mask's gradient before the op sums
-it over the mask's broadcast dims (a backend without it says so in unsupported(): mask_grad=True). Learned
+it over the mask's broadcast dims (a backend without it says so in unsupported(): mask_grad=True). `window` is None
+or a local window (left, right): query i sees keys i - left .. i + right, a side of -1 unbounded, top-left aligned
+as is_causal, on top of the mask and is_causal (a backend without windows says so in unsupported()). Learned
 sinks never reach a backend: the op layer applies them around it (fast_attention/ops/attention.py).
 """
 from __future__ import annotations

@@ -50,9 +50,11 @@ def _row_reason(x: Tensor) -> str | None:
 
 
 def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, softcap=0.0,
-                      mask_grad=False) -> str | None:
+                      mask_grad=False, window=None) -> str | None:
     if softcap:
         return "its attention kernels do not cap the logits (softcap); backend='triton' does"
+    if window is not None:
+        return "its attention kernels have no local window (window_size); backend='triton' does"
     if mask_grad:
         return ("its attention kernels give no gradient for a float attn_mask, and this one requires grad; "
                 "backend='triton' gives it")
@@ -116,21 +118,24 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor
 # ---------------------------------------------------------------------------------------------- attention
 # Dropout draws the Triton kernels' decisions for the same seed (csrc/attention/primitives.cuh, dropout_keep): the
 # two backends drop the same probabilities.
-# A logit cap (softcap) is refused by unsupported() above; the functions check it again for direct callers.
-def _no_softcap(softcap: float) -> None:
+# A logit cap (softcap) and a local window are refused by unsupported() above; the functions check them again for
+# direct callers.
+def _no_softcap(softcap: float, window=None) -> None:
     if softcap:
         raise NotImplementedError("fast_attention: the CUDA attention kernels do not cap the logits (softcap)")
+    if window is not None:
+        raise NotImplementedError("fast_attention: the CUDA attention kernels have no local window (window_size)")
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                      softcap: float = 0.0):
-    _no_softcap(softcap)
+                      softcap: float = 0.0, window=None):
+    _no_softcap(softcap, window)
     return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0, mask_grad: bool = False):
-    _no_softcap(softcap)
+                       softcap: float = 0.0, mask_grad: bool = False, window=None):
+    _no_softcap(softcap, window)
     if mask_grad:
         raise NotImplementedError("fast_attention: the CUDA attention kernels give no gradient for attn_mask")
     # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
@@ -138,6 +143,6 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
                                        dropout_p, seed))
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
-    _no_softcap(softcap)
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0, window=None):
+    _no_softcap(softcap, window)
     return _C.attention_weights(q, k, stats, mask, is_causal, scale)

@@ -57,7 +57,8 @@ def _backward_backend(op: str, backend: str | None, forward: str, input: Tensor,
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False, *, backend: str | None = None,
-                                 sinks: Tensor | None = None, softcap: float | None = None) -> Tensor:
+                                 sinks: Tensor | None = None, softcap: float | None = None,
+                                 window_size: tuple[int, int] | None = None) -> Tensor:
     """torch.nn.functional.scaled_dot_product_attention, fused: never builds the Lq x Lk matrix (on the kernel
     backends).
 
@@ -82,23 +83,30 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     zeros); differentiable, on every backend (fast_attention/ops/attention.py). softcap c > 0 (Gemma 2's
     attn_logit_softcapping): the scores capped to c * tanh(scores / c) before the mask is applied (None or 0: no
     cap, as FlashAttention's softcap=0.0); on the Triton and reference backends (the CUDA kernels do not cap).
+    window_size (left, right): local (sliding-window) attention, FlashAttention's argument: query i sees keys
+    i - left .. i + right, -1 leaving that side unbounded, aligned top-left as is_causal (with Lq == Lk, the usual
+    sliding window of Mistral, Gemma and gpt-oss is is_causal=True, window_size=(W - 1, -1)). It combines with
+    is_causal and with attn_mask; the Triton kernels skip the key blocks outside every window of a block of queries,
+    so the work grows with Lq * window rather than Lq * Lk. On the Triton and reference backends.
     """
-    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks, softcap)[0]
+    return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks, softcap,
+                   window_size)[0]
 
 
 def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value: Tensor,
                                               attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                                               is_causal: bool = False, scale: float | None = None,
                                               enable_gqa: bool = False, *, backend: str | None = None,
-                                              sinks: Tensor | None = None, softcap: float | None = None
-                                              ) -> tuple[Tensor, Tensor]:
+                                              sinks: Tensor | None = None, softcap: float | None = None,
+                                              window_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
     query and key (and a float attn_mask that requires grad), as through torch's."""
     out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
-                                     sinks, softcap)
-    q4, k4, mask, is_causal, scale, softcap, (query, key, value, batch, H) = args
-    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name, sinks, softcap)
+                                     sinks, softcap, window_size)
+    q4, k4, mask, is_causal, scale, softcap, window, (query, key, value, batch, H) = args
+    weights = call(_attention.attention_weights, q4, k4, stats, mask, is_causal, scale, name, sinks, softcap,
+                   *window)
     shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
     return out, weights if weights.shape == shape else weights.reshape(shape)
 
@@ -106,24 +114,26 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written
 
 
-def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None, softcap=None):
+def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None, softcap=None,
+            window_size=None):
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _attention.check_sinks(sinks, query, H)
     softcap = _attention.check_softcap(softcap)
+    window = _attention.check_window(window_size, bool(is_causal))
     q, k, v, attn_mask = _attention.as_4d(query, key, value, attn_mask, batch, H)
     mask_grad = torch.is_grad_enabled() and _attention.mask_needs_grad(attn_mask)
     name = backends.resolve("scaled_dot_product_attention", backend, query.device, query=q, key=k, value=v,
                             attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, softcap=softcap,
-                            mask_grad=mask_grad)
+                            mask_grad=mask_grad, window=_attention.window(*window))
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # torch's default generator: manual_seed applies
     else:
         seed = _NO_SEED  # a shared constant: a new tensor per call cost about a microsecond
     out, stats = call(_attention.scaled_dot_product_attention, q, k, v, attn_mask, float(dropout_p), bool(is_causal),
-                      scale, seed, name, sinks, softcap)
+                      scale, seed, name, sinks, softcap, *window)
     if out.dtype != query.dtype:  # with sinks (fast_attention/ops/attention.py)
         out = out.to(query.dtype)
     if out.dim() != query.dim() or q is not query:
         out = out.reshape(_attention.output_shape(query, key, value, batch, H, value.shape[-1]))
-    return out, stats, (q, k, attn_mask, bool(is_causal), scale, softcap, (query, key, value, batch, H)), name
+    return out, stats, (q, k, attn_mask, bool(is_causal), scale, softcap, window, (query, key, value, batch, H)), name

@@ -44,21 +44,24 @@ def default_rms_eps(dtype: torch.dtype) -> float:
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False, *, dropout_mask: Tensor | None = None,
-                                 sinks: Tensor | None = None, softcap: float | None = None) -> Tensor:
+                                 sinks: Tensor | None = None, softcap: float | None = None,
+                                 window_size: tuple[int, int] | None = None) -> Tensor:
     """torch SDPA, written out. query (..., Hq, Lq, E), key (..., Hkv, Lk, E), value (..., Hkv, Lk, Ev).
 
     Rows where every key is masked give zeros (torch >= 2.5). `dropout_mask` (bool, broadcastable to the weights,
     True = keep) replaces the random draw, so a test can hand in the mask a kernel used. `sinks` (Hq,): each head's
     learned sink, a score with no value that joins every row's softmax, as gpt-oss's eager attention writes it.
     `softcap` c: the scores capped to c * tanh(scores / c) before the masks, as Gemma 2's eager attention does.
+    `window_size` (left, right): query i sees keys i - left .. i + right (-1: no bound on that side).
     """
     return attention_and_weights(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                 dropout_mask=dropout_mask, sinks=sinks, softcap=softcap)[0]
+                                 dropout_mask=dropout_mask, sinks=sinks, softcap=softcap, window_size=window_size)[0]
 
 
 def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                           enable_gqa=False, *, dropout_mask: Tensor | None = None,
-                          sinks: Tensor | None = None, softcap: float | None = None) -> tuple[Tensor, Tensor]:
+                          sinks: Tensor | None = None, softcap: float | None = None,
+                          window_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """scaled_dot_product_attention's output and its attention weights (before dropout), (..., Lq, Lk), in the
     inputs' dtype."""
     Lq, Lk = query.shape[-2], key.shape[-2]
@@ -73,6 +76,8 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     if is_causal:
         keep = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril()  # top-left aligned
         scores = scores.masked_fill(~keep, float("-inf"))
+    if window_size is not None:
+        scores = scores.masked_fill(~window_mask(window_size, Lq, Lk, query.device), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -170,11 +175,11 @@ def _repeat_kv(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // t.shape[1], dim=1)
 
 
-def _probabilities(q, k, mask, is_causal, scale, softcap):
+def _probabilities(q, k, mask, is_causal, scale, softcap, window=None):
     """P = softmax(scores) in the compute dtype (B, H, Lq, Lk), and the scores. Rows with every key masked are
     zeros. The backward and the weights compute P again this way rather than from the forward's statistics, as the
     kernels do: the oracle does not share their arithmetic."""
-    s = _scores(q, k, mask, is_causal, scale, softcap)
+    s = _scores(q, k, mask, is_causal, scale, softcap, window)
     dead = torch.isneginf(s.amax(-1, keepdim=True))  # zeroed, while a NaN from the mask propagates as in torch
     return torch.softmax(s, dim=-1).masked_fill(dead, 0.0), s
 
@@ -200,7 +205,20 @@ def _cap_slope(q, k, scale, softcap):
     return 1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square()
 
 
-def _scores(q, k, mask, is_causal, scale, softcap):
+def window_mask(window_size: tuple[int, int], Lq: int, Lk: int, device=None) -> Tensor:
+    """bool (Lq, Lk), True where query i sees key j: i - left <= j <= i + right, a side of -1 unbounded (top-left
+    aligned, as is_causal)."""
+    left, right = window_size
+    offset = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # j - i
+    keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= offset >= -left
+    if right >= 0:
+        keep &= offset <= right
+    return keep
+
+
+def _scores(q, k, mask, is_causal, scale, softcap, window=None):
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     s = _raw_scores(q, k, scale)
@@ -208,6 +226,8 @@ def _scores(q, k, mask, is_causal, scale, softcap):
         s = torch.tanh(s / softcap) * softcap
     if is_causal:
         s = s.masked_fill(~torch.ones(Lq, k.shape[-2], dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    if window is not None:
+        s = s.masked_fill(~window_mask(window, Lq, k.shape[-2], q.device), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(ct)
     return s
@@ -223,8 +243,8 @@ def _dropout_scale(q, k, dropout_p, seed):
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                      softcap: float = 0.0):
-    p, scores = _probabilities(q, k, mask, is_causal, scale, softcap)
+                      softcap: float = 0.0, window: tuple[int, int] | None = None):
+    p, scores = _probabilities(q, k, mask, is_causal, scale, softcap, window)
     drop = _dropout_scale(q, k, dropout_p, seed)
     if drop is not None:
         p = p * drop
@@ -233,14 +253,14 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0, mask_grad: bool = False):
+                       softcap: float = 0.0, mask_grad: bool = False, window: tuple[int, int] | None = None):
     """dS = P * (dP - rowsum(dO * O)), the FlashAttention-2 form, times the cap's slope 1 - tanh^2 with softcap;
     dropout's mask is drawn again from the seed. With mask_grad also dS (before the slope), the float mask's
     gradient (B, H, Lq, Lk)."""
     ct = compute_dtype(q)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    p, _ = _probabilities(q, k, mask, is_causal, scale, softcap)  # not from stats: see _probabilities
+    p, _ = _probabilities(q, k, mask, is_causal, scale, softcap, window)  # not from stats: see _probabilities
     do, o = dout.to(ct), out.to(ct)
     drop = _dropout_scale(q, k, dropout_p, seed)
     p_dropped = p if drop is None else p * drop
@@ -259,8 +279,9 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     return (*grads, dmask) if mask_grad else grads
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
-    return _probabilities(q, k, mask, is_causal, scale, softcap)[0]  # not from stats: see _probabilities
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0,
+                      window: tuple[int, int] | None = None):
+    return _probabilities(q, k, mask, is_causal, scale, softcap, window)[0]  # not from stats: see _probabilities
 
 
 def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float, softcap: float = 0.0,

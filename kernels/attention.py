@@ -20,6 +20,11 @@ torch's 1 / Lk. So with a float mask the kernels subtract m and log2 l one after
 subtraction per score); without one the scores are scale * q.k, nowhere near that size, and they subtract the
 per-row sum.
 
+Local windows (WINDOW, FlashAttention's window_size): query i sees keys i - win_left .. i + win_right, top-left
+aligned as is_causal, on top of the mask and the causal diagonal. Each program reads only the blocks some row of
+its block can see (key blocks in the forward and dQ, query blocks in dK/dV), so a window of W keys costs about
+L * W; every tile read takes the window test (two comparisons per score).
+
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
 
@@ -96,10 +101,11 @@ def _scores(q, kt, qk_scale, softcap, SOFTCAP: tl.constexpr, IEEE: tl.constexpr)
 
 
 @triton.jit
-def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-                 EDGE: tl.constexpr = True):
+def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, win_left, win_right, MASK_KIND: tl.constexpr,
+                 CAUSAL_TILE: tl.constexpr, WINDOW: tl.constexpr, EDGE: tl.constexpr = True):
     """Masks on base-2 scores s (any 2-D orientation; q_idx / k_idx broadcast to it): the user mask, keys past
-    k_end on tiles that may hold some (EDGE), and the causal diagonal on tiles that cross it."""
+    k_end on tiles that may hold some (EDGE), the causal diagonal on tiles that cross it, and with WINDOW the
+    local window, keys q - win_left .. q + win_right."""
     if MASK_KIND == 1:
         keep = tl.load(mask_ptrs, mask=mask_ok, other=0)
         s = tl.where(keep != 0, s, float("-inf"))
@@ -114,6 +120,8 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, MASK_KIND: tl.const
         s = tl.where(k_idx < k_end, s, float("-inf"))
     if CAUSAL_TILE:
         s = tl.where(k_idx <= q_idx, s, float("-inf"))
+    if WINDOW:
+        s = tl.where((k_idx >= q_idx - win_left) & (k_idx <= q_idx + win_right), s, float("-inf"))
     return s
 
 
@@ -174,11 +182,11 @@ def _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM: tl.constexpr, HEAD_D
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
-               start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale, seed,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr, DROPOUT: tl.constexpr,
-               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-               EDGE: tl.constexpr):
+               start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right, dropout_p,
+               dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
+               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
     """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2. With TMA the
     K and V blocks come through the tensor descriptors (zero-filled past Lk and the head dim), else through
     pointer loads. Only EDGE tiles may hold keys at or past k_end, so only they test for them."""
@@ -200,7 +208,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
         s, _ = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)  # (BLOCK_M, BLOCK_N), base 2
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
-                         MASK_KIND, CAUSAL_TILE, EDGE)
+                         win_left, win_right, MASK_KIND, CAUSAL_TILE, WINDOW, EDGE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # dead so far: exp2(-inf - 0) = 0, no NaN
         p = tl.math.exp2(s - m_safe[:, None])
@@ -226,11 +234,12 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
 def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, stats_split_stride,
-              H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, dropout_p, dropout_scale, seed,
-              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-              UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              TMA: tl.constexpr, PACK_GQA: tl.constexpr, PDL: tl.constexpr = False):
+              H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, win_left, win_right, dropout_p,
+              dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
+              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, PACK_GQA: tl.constexpr,
+              PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
@@ -280,6 +289,12 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
     lo = split * keys_per_split
     hi = lo + tl.minimum(keys_per_split, Lk - lo)  # lo + keys_per_split could pass 2^31 with Lk just under it
+    if WINDOW:
+        # The block's rows see keys from (first row) - win_left to (last row) + win_right: the key blocks outside
+        # are never read. Packed rows hold queries 0 .. Lq - 1.
+        first, last = (0, Lq - 1) if PACK_GQA else (start_m, start_m + BLOCK_M - 1)
+        lo = tl.maximum(lo, tl.maximum(first - win_left, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.maximum(tl.minimum(hi, last + win_right + 1), lo)
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -298,13 +313,13 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
-                               dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False,
-                               DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
+                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
+                               dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               MASK_KIND, False, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                               rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
-                               dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
-                               IS_CAUSAL, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, True)
+                               rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
+                               dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                               MASK_KIND, IS_CAUSAL, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, True)
     if PDL:  # the combine may start its set-up now; it reads nothing before this grid has finished
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -383,11 +398,11 @@ def _attn_bwd_delta(O, DO, Delta, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H,
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log_sum_base, delta_base, mask_cols,
                 offs_n, n_ok,
-                rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap, dropout_p, dropout_scale,
-                seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-                DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                TMA: tl.constexpr):
+                rng_base, start, end, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap, win_left, win_right,
+                dropout_p, dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, MASK_KIND: tl.constexpr,
+                CAUSAL_TILE: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [start, end) of query head h, in the
     transposed orientation (keys on rows) so no (BLOCK_M, BLOCK_N) tile needs transposing. With TMA the Q and dO
     blocks come through the (H, Lq, D) descriptors of the batch."""
@@ -415,7 +430,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log
         st, tt = _scores(k, qt, qk_scale, softcap, SOFTCAP, IEEE)  # (BLOCK_N, BLOCK_M)
         mask_ptrs = mask_cols + tl.cast(start_m, tl.int64) * smm + arange_m[None, :] * smm
         st = _apply_masks(st, mask_ptrs, n_ok[:, None] & m_ok[None, :], offs_m[None, :], offs_n[:, None], Lk,
-                          MASK_KIND, CAUSAL_TILE)
+                          win_left, win_right, MASK_KIND, CAUSAL_TILE, WINDOW)
         pt = _probabilities(st, m[None, :], log_sum[None, :], lse[None, :], MASK_KIND)
         dpt = _dot(v, tl.trans(do), IEEE)  # dP^T = V dO^T (BLOCK_N, BLOCK_M)
         if DROPOUT:
@@ -435,11 +450,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, max_base, log
 def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-                   H, Hkv, GROUP, Lq, Lk, qk_scale, softcap, scale, dropout_p, dropout_scale, seed,
-                   HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                   SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+                   H, Hkv, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale,
+                   seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
+                   DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order."""
     pid = tl.program_id(0)
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
@@ -468,6 +483,11 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
     else:
         lo = 0
         mid = 0
+    hi = Lq
+    if WINDOW:  # the keys are seen by queries start_n - win_right .. start_n + BLOCK_N - 1 + win_left
+        lo = tl.maximum(lo, tl.maximum(start_n - win_right, 0) // BLOCK_M * BLOCK_M)
+        hi = tl.maximum(tl.minimum(hi, start_n + BLOCK_N + win_left), lo)
+        mid = tl.minimum(tl.maximum(mid, lo), hi)
 
     if TMA:  # one descriptor per batch for all heads: the group loop below then builds none
         q_desc = tl.make_tensor_descriptor(Q + b * sqb, shape=[H, Lq, HEAD_DIM], strides=[sqh, sqm, 1],
@@ -491,12 +511,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
         if IS_CAUSAL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta,
                                  mask_cols, offs_n, n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm,
-                                 qk_scale, softcap, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
-                                 BLOCK_DV, BLOCK_M, MASK_KIND, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
+                                 qk_scale, softcap, win_left, win_right, dropout_p, dropout_scale, seed, HEAD_DIM,
+                                 HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, MASK_KIND, True, WINDOW, DROPOUT, SOFTCAP,
+                                 UPCAST, IEEE, TMA)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta, mask_cols,
-                             offs_n, n_ok, rng_base, mid, Lq, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap,
-                             dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_M,
-                             MASK_KIND, False, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
+                             offs_n, n_ok, rng_base, mid, hi, Lq, Lk, sqm, sqd, sdom, sdod, smm, qk_scale, softcap,
+                             win_left, win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D,
+                             BLOCK_DV, BLOCK_M, MASK_KIND, False, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
 
     dk = dk * scale
     tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
@@ -507,11 +528,12 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
 
 @triton.jit
 def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
-              offs_m, rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p,
-              dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_GRAD: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
+              offs_m, rng_rows, start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
+              dropout_p, dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+              CAUSAL_TILE: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+              MASK_GRAD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+              EDGE: tl.constexpr):
     """Accumulate dQ (BLOCK_M, D) over key blocks [start, end), K and V through descriptors with TMA; only EDGE
     tiles may hold keys at or past k_end. With MASK_GRAD also store each tile's dS, the gradient of the float mask
     (added to the scores after the cap), in the rows dmask_rows (fp32, Lk columns each)."""
@@ -537,7 +559,7 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
         s, t = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)
         mask_ptrs = mask_rows + tl.cast(start_n, tl.int64) * smn + arange_n[None, :] * smn
         s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], k_end,
-                         MASK_KIND, CAUSAL_TILE, EDGE)
+                         win_left, win_right, MASK_KIND, CAUSAL_TILE, WINDOW, EDGE)
         p = _probabilities(s, m[:, None], log_sum[:, None], lse[:, None], MASK_KIND)
         dp = _dot(do, vt, IEEE)
         if DROPOUT:
@@ -556,11 +578,11 @@ def _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc,
 def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
-                 H, GROUP, Lq, Lk, qk_scale, softcap, scale, dropout_p, dropout_scale, seed,
+                 H, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale, seed,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-                 UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TMA: tl.constexpr, MASK_GRAD: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, TMA: tl.constexpr, MASK_GRAD: tl.constexpr):
     """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks; with MASK_GRAD also
     dMask (B, H, Lq, Lk) fp32 contiguous, zero where no tile stores (the launcher zeroes it)."""
     pid = tl.program_id(0)
@@ -593,23 +615,30 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
     rng_rows = (bh * Lq + offs_m) * Lk
     dmask_rows = DMask + (bh * Lq + rows) * Lk
 
-    # As the forward: whole blocks [0, mid) without key tests, then the diagonal and the partial last block.
+    # As the forward: whole blocks [lo, mid) without key tests, then the diagonal and the partial last block.
     EDGE_FIRST: tl.constexpr = MASK_KIND != 0 or DROPOUT or IEEE
+    lo = 0
+    hi = Lk
     if IS_CAUSAL:
-        hi = tl.minimum(Lk, start_m + BLOCK_M)
-        mid = tl.minimum(hi, start_m + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, start_m + BLOCK_M)
+    if WINDOW:  # as the forward's
+        lo = tl.maximum(start_m - win_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + win_right), lo)
+    if IS_CAUSAL:
+        mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    elif EDGE_FIRST:
+        mid = hi
     else:
-        hi = Lk
-        mid = Lk if EDGE_FIRST else Lk // BLOCK_N * BLOCK_N
+        mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
-                   offs_m, rng_rows, 0, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
-                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, DROPOUT, SOFTCAP,
-                   MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
+                   offs_m, rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
+                   dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False,
+                   WINDOW, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
-                   offs_m, rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, dropout_p, dropout_scale,
-                   seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, DROPOUT, SOFTCAP,
-                   MASK_GRAD, UPCAST, IEEE, TMA, True)
+                   offs_m, rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
+                   dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
+                   IS_CAUSAL, WINDOW, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, True)
     dq = dq * scale
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -620,10 +649,10 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_weights(Q, K, Mask, Max, LogSum, W, sqb, sqh, sqm, sqd, skb, skh, skn, skd, smb, smh, smm, smn,
-                  H, GROUP, Lq, Lk, qk_scale, softcap,
+                  H, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-                  SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of W (B, H, Lq, Lk) fp32 contiguous = softmax(scale * q k^T + mask), rebuilt
     from the forward's statistics."""
     pid = tl.program_id(0)
@@ -651,7 +680,7 @@ def _attn_weights(Q, K, Mask, Max, LogSum, W, sqb, sqh, sqm, sqd, skb, skh, skn,
     s, _ = _scores(q, kt, qk_scale, softcap, SOFTCAP, IEEE)
     mask_ptrs = Mask + b * smb + h * smh + rows * smm + offs_n.to(tl.int64)[None, :] * smn
     s = _apply_masks(s, mask_ptrs, row_ok[:, None] & n_ok[None, :], offs_m[:, None], offs_n[None, :], Lk,
-                     MASK_KIND, IS_CAUSAL)
+                     win_left, win_right, MASK_KIND, IS_CAUSAL, WINDOW)
     m, log_sum, lse = _row_stats(Max + bh * Lq + offs_m, LogSum + bh * Lq + offs_m, row_ok)
     p = _probabilities(s, m[:, None], log_sum[:, None], lse[:, None], MASK_KIND)
     tl.store(W + (bh * Lq + rows) * Lk + offs_n[None, :], p, mask=row_ok[:, None] & n_ok[None, :])
@@ -671,7 +700,7 @@ def _dropout_mask_kernel(Keep, Lk, dropout_p, seed, BLOCK_N: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 # Configs: autotuned on GPU, one small config in the interpreter (programs run one at a time on the CPU)
 # ----------------------------------------------------------------------------------------------------------
-_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "SOFTCAP"]
+_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "WINDOW", "DROPOUT", "SOFTCAP"]
 _SMEM_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for the compiler's own scratch
 _REGS_PER_THREAD = 160    # fp32 accumulator values a thread may hold before spills become likely
 
@@ -908,16 +937,20 @@ def _mask_args(mask, q):
     return mask, 2, mask.stride()
 
 
-def _flags(q, mask, is_causal, dropout_p, softcap):
+def _flags(q, mask, is_causal, dropout_p, softcap, window):
     _, kind, _ = _mask_args(mask, q)
     return dict(HEAD_DIM=q.shape[-1], BLOCK_D=_block(q.shape[-1]), IS_CAUSAL=bool(is_causal), MASK_KIND=kind,
-                DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0, UPCAST=INTERPRET and q.dtype != torch.float32,
-                IEEE=q.dtype == torch.float32)
+                WINDOW=window is not None, DROPOUT=dropout_p > 0.0, SOFTCAP=softcap > 0.0,
+                UPCAST=INTERPRET and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
 
 
-def _scale_args(scale, softcap):
-    """The kernels' scalars for the scores (_scores): the softmax scale and the logit cap, in base 2."""
-    return dict(qk_scale=scale * LOG2E, softcap=softcap * LOG2E)
+def _scale_args(scale, softcap, window, Lq, Lk):
+    """The kernels' scalars for the scores (_scores, _apply_masks): the softmax scale and the logit cap, in base 2,
+    and the window's sides, an unbounded side (-1) as max(Lq, Lk), which no query-key distance reaches."""
+    left, right = (-1, -1) if window is None else window
+    far = max(Lq, Lk)
+    return dict(qk_scale=scale * LOG2E, softcap=softcap * LOG2E, win_left=far if left < 0 else min(left, far),
+                win_right=far if right < 0 else min(right, far))
 
 
 def _dropout_args(dropout_p, seed):
@@ -974,7 +1007,7 @@ def _split_plan(q, k, mask=None, dropout_p=0.0):
     return config, splits, keys
 
 
-def _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, out, row_max, log_sum, plan=None,
+def _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, out, row_max, log_sum, plan=None,
              pdl=False):
     """Launch _attn_fwd writing out (B, H, Lq, Dv) and the rows' statistics, row_max and log_sum (B, H, Lq), or
     with a split plan of several splits the parts (splits, B, H, Lq, Dv) and their statistics (splits, B, H, Lq);
@@ -983,8 +1016,9 @@ def _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, out, row
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_scale_args(scale, softcap), **_dropout_args(dropout_p, seed),
-                  HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p, softcap))
+    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_scale_args(scale, softcap, window, Lq, Lk),
+                  **_dropout_args(dropout_p, seed), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
+                  **_flags(q, mask, is_causal, dropout_p, softcap, window))
     if plan is None:
         _launch("fwd", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
                 num_splits=1, PACK_GQA=False, **kwargs)
@@ -1009,13 +1043,15 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_TILE_STRIDE = 2**30 // MAX_HEAD_DIM
 # Positions (a block start plus a block of up to 256) are int32 too: lengths up to 2^31 - 257.
 MAX_LENGTH = 2**31 - 257
+# With a local window the kernels add a window side (at most the longer length) to a position.
+MAX_WINDOW_LENGTH = 2**30
 
 
 def _tileable(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous() if max(map(abs, t.stride()[-2:])) >= _MAX_TILE_STRIDE else t
 
 
-def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_) -> str | None:
+def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, window=None, **_) -> str | None:
     """None when the Triton kernels can run this call, else why not."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.dtype not in _DTYPES:
@@ -1029,11 +1065,14 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     if max(query.shape[-2], key.shape[-2]) > MAX_LENGTH:
         return (f"the lengths are {query.shape[-2]} and {key.shape[-2]}: the Triton attention kernels count "
                 f"positions in int32, up to {MAX_LENGTH}")
+    if window is not None and max(query.shape[-2], key.shape[-2]) > MAX_WINDOW_LENGTH:
+        return (f"the lengths are {query.shape[-2]} and {key.shape[-2]}: with window_size the Triton attention "
+                f"kernels take lengths up to {MAX_WINDOW_LENGTH}")
     return None
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                      softcap: float = 0.0):
+                      softcap: float = 0.0, window: tuple[int, int] | None = None):
     """q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) -> out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq)."""
     q, k, v = _tileable(q), _tileable(k), _tileable(v)
     B, H, Lq, _ = q.shape
@@ -1042,20 +1081,20 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
     stats = torch.empty((2, B, H, Lq), dtype=torch.float32, device=q.device)
     plan = _split_plan(q, k, mask, dropout_p)
     if plan is None or plan[1] == 1:
-        _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, out, stats[0], stats[1], plan)
+        _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, out, stats[0], stats[1], plan)
         return out, stats
     splits = plan[1]
     part_out = torch.empty((splits, B, H, Lq, Dv), dtype=torch.float32, device=q.device)
     part_max, part_log_sum = torch.empty((2, splits, B, H, Lq), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
-    _forward(q, k, v, mask, is_causal, scale, softcap, dropout_p, seed, part_out, part_max, part_log_sum, plan,
-             pdl)
+    _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, part_out, part_max, part_log_sum,
+             plan, pdl)
     _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl)
     return out, stats
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
-                       softcap: float = 0.0, mask_grad: bool = False):
+                       softcap: float = 0.0, mask_grad: bool = False, window: tuple[int, int] | None = None):
     """dout, out (B, H, Lq, Dv), stats fp32 (2, B, H, Lq) -> dq, dk, dv shaped like q, k, v (contiguous), and with
     mask_grad the float mask's gradient dS, fp32 (B, H, Lq, Lk), written by the dQ kernel."""
     dout, out, q, k, v = _tileable(dout), _tileable(out), _tileable(q), _tileable(k), _tileable(v)
@@ -1070,11 +1109,11 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     mask_t, _, mask_strides = _mask_args(mask, q)
-    flags = dict(_flags(q, mask, is_causal, dropout_p, softcap), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
+    flags = dict(_flags(q, mask, is_causal, dropout_p, softcap, window), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
     inputs = (q, k, v, mask_t, dout, stats[0], stats[1], delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    common = dict(Lq=Lq, Lk=Lk, **_scale_args(scale, softcap), scale=scale, **_dropout_args(dropout_p, seed),
-                  **flags)
+    common = dict(Lq=Lq, Lk=Lk, **_scale_args(scale, softcap, window, Lq, Lk), scale=scale,
+                  **_dropout_args(dropout_p, seed), **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
     dmask = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad else None
@@ -1084,22 +1123,24 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     return (dq, dk, dv, dmask) if mask_grad else (dq, dk, dv)
 
 
-def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0):
-    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk) (the scores capped with softcap), rebuilt from the
-    forward's stats; dead rows are 0."""
+def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0,
+                      window: tuple[int, int] | None = None):
+    """softmax(scale * q k^T + mask) as fp32 (B, H, Lq, Lk) (the scores capped with softcap, keys outside the
+    window masked), rebuilt from the forward's stats; dead rows are 0."""
     q, k = _tileable(q), _tileable(k)
     B, H, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     w = torch.empty((B, H, Lq, Lk), dtype=torch.float32, device=q.device)
     mask_t, _, mask_strides = _mask_args(mask, q)
-    flags = _flags(q, mask, is_causal, 0.0, softcap)
+    flags = _flags(q, mask, is_causal, 0.0, softcap, window)
     del flags["DROPOUT"]
     # fp32 takes 32 x 32 tiles on 8 warps: the FMA dot of a 64 x 64 tile on 4 warps spills (sm_90, head dim >= 64).
     bm, bn, warps = (32, 32, 4) if INTERPRET else (32, 32, 8) if q.dtype == torch.float32 else (64, 64, 4)
     grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
     stats = stats.contiguous()
     _attn_weights[grid](q, k, mask_t, stats[0], stats[1], w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
-                        Lq, Lk, **_scale_args(scale, softcap), **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
+                        Lq, Lk, **_scale_args(scale, softcap, window, Lq, Lk), **flags, BLOCK_M=bm, BLOCK_N=bn,
+                        num_warps=warps)
     return w
 
 

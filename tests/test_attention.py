@@ -472,6 +472,88 @@ def test_softcap_and_sinks_together(backend):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A local (sliding) window, window_size=(left, right): FlashAttention's argument, aligned as is_causal
+# ----------------------------------------------------------------------------------------------------------
+def _window_backend(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels have no local window (test_cuda.py checks that they refuse)")
+
+
+# Lengths over the kernels' tiles (32 in the interpreter, up to 128 on a GPU), so that whole key blocks fall
+# outside the windows; windows of one key (0, 0), one side only, both, and wider than the lengths.
+WINDOW_CASES = [("causal", torch.bfloat16, (7, -1)), ("none", torch.float32, (3, 20)), ("bool", torch.float16, (0, 0)),
+                ("dead_rows", torch.float32, (-1, 5)), ("hf_padding", torch.float16, (40, 2)),
+                ("float", torch.float32, (500, 500)), ("key_padding", torch.bfloat16, (33, 0))]
+
+
+@pytest.mark.parametrize("kind,dtype,window", WINDOW_CASES)
+def test_window(backend, kind, dtype, window):
+    """Query i sees keys i - left .. i + right and what the mask leaves of them, Lq != Lk (queries past the last
+    window's reach see nothing: zeros): the output, the weights and every gradient."""
+    _window_backend(backend)
+    B, H, Lq, Lk = 2, 2, 70, 45
+    q, k, v = _qkv(B, H, 1, Lq, Lk, 16, dtype)
+    mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
+    out = check_beyond_torch(backend, q, k, v, mask, causal, window_size=window)
+    if 0 <= window[0] < Lq - Lk:
+        assert torch.equal(out[:, :, Lk + window[0]:], torch.zeros_like(out[:, :, Lk + window[0]:]))
+
+
+@needs_triton
+@pytest.mark.parametrize("is_causal,window", [(True, (8, -1)), (False, (5, 3))])
+def test_window_skips_the_key_blocks_outside_it(is_causal, window):
+    """The kernels never read a key block outside every window of a block of queries: NaN values planted in the
+    first 16 keys reach no row (and no dQ row) that cannot see them across the largest tiles (128 x 128), where
+    the math kernel, which multiplies every value by its probability, 0 x NaN, gives NaN everywhere."""
+    L = 320
+    q, k, v = _qkv(1, 2, 2, L, L, 16, torch.float16)
+    with torch.no_grad():
+        v[:, :, :16] = float("nan")
+    out = fa.scaled_dot_product_attention(q, k, v, is_causal=is_causal, window_size=window, backend="triton")
+    dout = torch.randn_like(out)
+    (dq,) = torch.autograd.grad(out, (q,), dout)
+    far = 16 + max(window) + 2 * 128  # rows that no tile of the first key block reaches
+    with torch.no_grad():
+        xs = _detached((q, k, v), torch.float64)
+        xs[2][:, :, :16] = 0.0  # what those rows see is the same without the NaN
+    xs[0].requires_grad_()
+    expected = ref.scaled_dot_product_attention(*xs, is_causal=is_causal, window_size=window)
+    (expected_dq,) = torch.autograd.grad(expected, (xs[0],), dout.double())
+    assert torch.isfinite(out[:, :, far:]).all() and torch.isfinite(dq[:, :, far:]).all()
+    torch.testing.assert_close(out[:, :, far:].double(), expected[:, :, far:], atol=2e-3, rtol=0)
+    torch.testing.assert_close(dq[:, :, far:].double(), expected_dq[:, :, far:], atol=2e-2, rtol=0)
+
+
+def test_window_with_sinks_softcap_and_dropout(backend):
+    """A window with everything else a row's softmax can hold: learned sinks, a logit cap, dropout."""
+    _window_backend(backend)
+    q, k, v = _qkv(1, 2, 1, 40, 40, 16, torch.float32)
+    sinks = torch.randn(2, device=DEVICE, requires_grad=True)
+    p = 0.2
+    keep = (ref.dropout_mask(_drawn_seed(3), p, (1, 2, 40, 40), DEVICE) if backend == "reference" else
+            _kernel_dropout_mask(_drawn_seed(3), p, 1, 2, 40, 40))
+    torch.manual_seed(3)  # the call draws the seed of `keep`
+    check_beyond_torch(backend, q, k, v, is_causal=True, window_size=(9, -1), dropout_p=p, dropout_mask=keep,
+                       sinks=sinks, softcap=1.5)
+
+
+def _kernel_dropout_mask(seed, p, B, H, Lq, Lk):
+    from fast_attention.kernels import attention as kernels
+
+    return kernels.dropout_mask(seed, p, B, H, Lq, Lk, DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("Lq,is_causal,window", [(3, False, (2, 60)), (12, True, (70, -1))])
+def test_decoding_split_kv_with_window(monkeypatch, Lq, is_causal, window):
+    """The split-KV path bounds each split's keys by the window (splits past it read nothing) and merges."""
+    _, splits = _small_decoding_thresholds(monkeypatch)
+    q, k, v = _qkv(2, 4, 1, Lq, 200, 32, torch.float16)
+    check_beyond_torch("triton", q, k, v, is_causal=is_causal, window_size=window)
+    assert splits and min(splits) > 1, "the split-KV path did not run"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # A float mask that requires grad (a learned position bias): its gradient is dS, summed over its broadcast dims
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mask_shape,Hkv,dtype", [((1, 4, 13, 21), 2, torch.float32), ((2, 1, 1, 21), 4, torch.float16),
@@ -906,7 +988,8 @@ def test_concurrent_tuning_keeps_each_buckets_own_config(monkeypatch):
     monkeypatch.setattr(kernels, "_tma_ok", lambda kind, named: False)
     monkeypatch.setitem(kernels._KERNELS, "fwd", (Plain(), Tuner()))
     q = torch.empty(0, dtype=torch.float16)
-    flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, DROPOUT=False, SOFTCAP=False)
+    flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, WINDOW=False, DROPOUT=False,
+                 SOFTCAP=False)
     threads = [threading.Thread(target=kernels._launch, args=("fwd", (1,), q), kwargs=dict(flags, HEAD_DIM=d))
                for d in winners]
     for t in threads:
@@ -958,6 +1041,12 @@ def _x(*shape, dtype=torch.float32):
                                                                                       "finite number"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"softcap": float("inf")}, ValueError, "softcap"),
     ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"softcap": "30"}, TypeError, "softcap"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"window_size": 4}, TypeError,
+     "window_size must be None or a pair of ints"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"window_size": (4, 2.0)}, TypeError, "window_size"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"window_size": (4, 2, 1)}, TypeError, "window_size"),
+    ((_x(2, 2, 5, 8), _x(2, 2, 6, 8), _x(2, 2, 6, 8)), {"window_size": (-2, 0)}, ValueError,
+     "window_size sides must be >= 0, or -1 for no bound"),
 ])
 def test_bad_input(backend, args, kwargs, error, words):
     with pytest.raises(error, match=words):

@@ -94,12 +94,12 @@ def test_backend_cuda_on_cpu_tensors_is_a_clear_error(op):
 def test_unsupported_gives_reasons():
     from fast_attention import cuda_backend
 
-    def attn(E=64, Ev=None, dtype=torch.float16, dropout_p=0.0, mask_dtype=None, softcap=0.0):
+    def attn(E=64, Ev=None, dtype=torch.float16, dropout_p=0.0, mask_dtype=None, softcap=0.0, window=None):
         q = torch.empty(1, 2, 3, E, dtype=dtype)
         v = torch.empty(1, 2, 3, Ev or E, dtype=dtype)
         mask = None if mask_dtype is None else torch.zeros(3, 3, dtype=mask_dtype)
         return cuda_backend.unsupported("scaled_dot_product_attention", query=q, key=q, value=v, attn_mask=mask,
-                                        dropout_p=dropout_p, is_causal=False, softcap=softcap)
+                                        dropout_p=dropout_p, is_causal=False, softcap=softcap, window=window)
 
     assert attn() is None and attn(E=128, dtype=torch.bfloat16) is None
     assert "float16 or bfloat16" in attn(dtype=torch.float32)
@@ -111,6 +111,9 @@ def test_unsupported_gives_reasons():
     assert "softcap" in attn(softcap=30.0)  # backend=None then runs Triton; sinks need nothing of the kernels
     with pytest.raises(NotImplementedError, match="softcap"):
         cuda_backend.attention_forward(None, None, None, None, False, 0.125, 0.0, 0, softcap=30.0)
+    assert "window_size" in attn(window=(8, -1))
+    with pytest.raises(NotImplementedError, match="window_size"):
+        cuda_backend.attention_backward(*[None] * 7, False, 0.125, 0.0, 0, window=(8, -1))
     x64 = torch.empty(2, 3, dtype=torch.float64)
     assert "float64" in cuda_backend.unsupported("softmax", input=x64)
     assert "float64" in cuda_backend.unsupported("layer_norm", input=x64, weight=None, bias=None)

@@ -59,18 +59,38 @@ def test_attention_fuzz(backend, monkeypatch, B, Hkv, group, Lq, Lk, D, dtype, k
 
 
 @FUZZ
+@given(Lq=st.integers(1, 100), Lk=st.integers(1, 100), dtype=DTYPES,
+       kind=st.sampled_from(["none", "causal", "key_padding", "float", "hf_padding", "dead_rows"]),
+       left=st.integers(-1, 40), right=st.integers(-1, 40), layout=st.sampled_from(["bhld", "blhd"]),
+       tma=st.booleans())
+def test_window_fuzz(backend, monkeypatch, Lq, Lk, dtype, kind, left, right, layout, tma):
+    """Local windows over lengths of several tiles (32 in the interpreter): the key and query blocks each program
+    reads, bounded by the windows of its block, in the forward, both backward kernels and the weights."""
+    assume(backend != "cuda")
+    if backend == "triton":
+        from fast_attention.kernels import attention as kernels
+
+        monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma and TMA_EMULATED else "0")
+    q, k, v = _qkv(1, 2, 1, Lq, Lk, 16, dtype, layout=layout)
+    attn_mask, is_causal = _mask(kind, 1, 2, Lq, Lk, dtype)
+    check_beyond_torch(backend, q, k, v, attn_mask, is_causal, window_size=(left, right))
+
+
+@FUZZ
 @given(B=st.integers(1, 2), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), Lq=st.integers(1, 30),
        Lk=st.integers(1, 30), D=st.sampled_from([16, 40, 64]), dtype=DTYPES,
        kind=st.sampled_from(["none", "causal", "key_padding", "float", "hf_padding", "dead_rows"]),
-       sinks=st.booleans(), softcap=st.sampled_from([None, 0.5, 5.0]))
-def test_sinks_and_softcap_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, sinks, softcap):
-    """Learned sinks and the logit cap, alone or together: values, weights and every gradient, the sinks'.
+       sinks=st.booleans(), softcap=st.sampled_from([None, 0.5, 5.0]),
+       window=st.none() | st.tuples(st.integers(-1, 12), st.integers(-1, 12)))
+def test_sinks_and_softcap_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, sinks, softcap, window):
+    """Learned sinks, the logit cap and a local window, alone or together: values, weights and every gradient,
+    the sinks'.
 
     With a cap the queries are scaled up, for scores past it. Not without one: scores that large make one key take
     nearly all of a row, where dS = P (dP - D) cancels and D = rowsum(dO * O) carries the rounding of the 16-bit
     output, as in every flash backward (torch's CUDA flash kernel reads the rounded output too), while the formula
     written out in bfloat16 loses less there (Lq 1, 12 keys, q x 4: dK 3x over the bound, sinks or not)."""
-    assume(backend != "cuda" or (dtype != torch.float32 and D in (16, 64) and softcap is None))
+    assume(backend != "cuda" or (dtype != torch.float32 and D in (16, 64) and softcap is None and window is None))
     H = Hkv * group
     q, k, v = _qkv(B, H, Hkv, Lq, Lk, D, dtype)
     if softcap:
@@ -78,7 +98,8 @@ def test_sinks_and_softcap_fuzz(backend, B, Hkv, group, Lq, Lk, D, dtype, kind, 
             q *= 4
     attn_mask, is_causal = _mask(kind, B, H, Lq, Lk, dtype)
     sink_values = torch.randn(H, device=q.device, requires_grad=True) if sinks else None
-    check_beyond_torch(backend, q, k, v, attn_mask, is_causal, sinks=sink_values, softcap=softcap)
+    check_beyond_torch(backend, q, k, v, attn_mask, is_causal, sinks=sink_values, softcap=softcap,
+                       window_size=window)
 
 
 @FUZZ

@@ -98,13 +98,31 @@ def _attention_mask_grad_case(device, backend):
     return op, (q, k, v, mask.requires_grad_(), *rest)
 
 
+def _window(backend) -> tuple[int, int]:
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels have no local window")
+    return 2, 1
+
+
+def _attention_window_case(device, backend):
+    op, args = _attention_case(device, backend)
+    return op, (*args, None, 0.0, *_window(backend))
+
+
+def _attention_weights_window_case(device, backend):
+    op, args = _attention_weights_case(device, backend)
+    return op, (*args, None, 0.0, *_window(backend))
+
+
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
                                   _attention_strided_case, _attention_weights_case, _attention_sinks_case,
                                   _attention_weights_sinks_case, _attention_softcap_case,
-                                  _attention_weights_softcap_case, _attention_mask_grad_case],
+                                  _attention_weights_softcap_case, _attention_mask_grad_case, _attention_window_case,
+                                  _attention_weights_window_case],
                          ids=["softmax", "layer_norm", "rms_norm", "attention", "attention_strided",
                               "attention_weights", "attention_sinks", "attention_weights_sinks", "attention_softcap",
-                              "attention_weights_softcap", "attention_mask_grad"])
+                              "attention_weights_softcap", "attention_mask_grad", "attention_window",
+                              "attention_weights_window"])
 def test_opcheck(case, backend, device):
     # The op is called with the backend named, past the checks that turn a call the backend cannot run into
     # NotImplementedError: each case gives it inputs it takes.
@@ -225,20 +243,22 @@ def test_torch_compile_fullgraph(backend, device, compiler):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_compile_attention_sinks_and_softcap(backend, device, compiler):
-    """Learned sinks (ops/attention.py) traced around the op, a logit cap and a learned bias (a float mask that
-    requires grad, broadcast over the batch): the output, the weights and every gradient, the sinks' and the
-    bias's among them, as eager."""
+    """Learned sinks (ops/attention.py) traced around the op, a logit cap, a local window and a learned bias (a
+    float mask that requires grad, broadcast over the batch): the output, the weights and every gradient, the
+    sinks' and the bias's among them, as eager."""
     torch._dynamo.reset()
     dtype, D = _attention_inputs(backend)
     q, k, v = (torch.randn(2, 2, L, D, device=device, dtype=dtype, requires_grad=True) for L in (5, 9, 9))
     sinks = _sinks(device)
     bias = torch.randn(1, 2, 5, 9, device=device, dtype=dtype).triu(1).masked_fill(
         torch.ones(5, 9, dtype=torch.bool, device=device).triu(1), float("-inf")).requires_grad_(backend != "cuda")
-    softcap = None if backend == "cuda" else 0.5  # the CUDA kernels neither cap nor give a mask's gradient
+    # the CUDA kernels neither cap, nor give a mask's gradient, nor take a window
+    softcap, window = (None, None) if backend == "cuda" else (0.5, (3, 2))
 
     def loss(q, k, v, sinks, bias):
         out, w = fa.functional.scaled_dot_product_attention_with_weights(q, k, v, attn_mask=bias, backend=backend,
-                                                                         sinks=sinks, softcap=softcap)
+                                                                         sinks=sinks, softcap=softcap,
+                                                                         window_size=window)
         return out.float().square().sum() + w.square().sum()
 
     leaves = (q, k, v, sinks, bias) if bias.requires_grad else (q, k, v, sinks)

@@ -10,7 +10,9 @@ Inside the ops every tensor is 4-D: query (B, H, Lq, E), key (B, Hkv, Lk, E), va
 attn_mask broadcastable to (B, H, Lq, Lk); the backends get the mask expanded to that shape (stride 0, no copy).
 A float mask that requires grad (a learned bias) has the gradient dS: the backward asks the backend for it
 (mask_grad, a (B, H, Lq, Lk) buffer) and sums it to the mask's own shape. softcap (Gemma 2's cap c on the scores,
-c * tanh(s / c), before the mask) goes to the backend as it is.
+c * tanh(s / c), before the mask) goes to the backend as it is, and so does a local window: the ops take its sides,
+window_left and window_right (query i sees keys i - left .. i + right; -1, the default, is no bound on that side),
+and hand the backends `window`, (left, right) or None.
 
 Learned attention sinks (gpt-oss), `sinks` (H,): each head's sink is a score with no value that joins every row's
 softmax. With Z a row's sum of exp(score), it scales the row's probabilities by r = Z / (Z + e^sink) and takes
@@ -23,6 +25,7 @@ backward reads it so: dS is a difference, dP - D, which D from an output rounded
 the scaling) would miss by a few 16-bit ulps where the sink takes most of a row (seen: dK 17x torch's error).
 """
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -94,6 +97,28 @@ def check_sinks(sinks, query: Tensor, H: int) -> None:
         raise ValueError(f"fast_attention.{OP}: sinks must have shape ({H},), one per query head, got "
                          f"{tuple(sinks.shape)}")
     check_same_device(OP, query=query, sinks=sinks)
+
+
+def check_window(window_size, is_causal: bool) -> tuple[int, int]:
+    """window_size: None, or (left, right), ints >= -1 (-1: that side unbounded), FlashAttention's convention
+    aligned as is_causal (top-left): query i sees keys i - left .. i + right. Returns the ops' (left, right), (-1,
+    -1) for no window; with is_causal the right side adds nothing and is dropped (-1)."""
+    if window_size is None:
+        return -1, -1
+    sides = tuple(window_size) if isinstance(window_size, (tuple, list)) else ()
+    if len(sides) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in sides):
+        raise TypeError(f"fast_attention.{OP}: window_size must be None or a pair of ints (left, right), got "
+                        f"{window_size!r}")
+    left, right = map(int, sides)
+    if left < -1 or right < -1:
+        raise ValueError(f"fast_attention.{OP}: window_size sides must be >= 0, or -1 for no bound, got "
+                         f"{window_size!r}")
+    return left, -1 if is_causal else right
+
+
+def window(left: int, right: int) -> Optional[tuple[int, int]]:
+    """The backends' `window` from the ops' sides: None when neither bounds anything."""
+    return None if left < 0 and right < 0 else (left, right)
 
 
 def check_softcap(softcap) -> float:
@@ -195,19 +220,21 @@ def _empty_result(query, key, value):
 @torch.library.custom_op("fast_attention::scaled_dot_product_attention", mutates_args=())
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                                  dropout_p: float, is_causal: bool, scale: float, seed: Tensor,
-                                 backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0
-                                 ) -> tuple[Tensor, Tensor]:
+                                 backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0,
+                                 window_left: int = -1, window_right: int = -1) -> tuple[Tensor, Tensor]:
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
         return _empty_result(query, key, value)
     out, stats = backends.get(backend).attention_forward(query, key, value, expand_mask(attn_mask, query, key),
-                                                         is_causal, scale, dropout_p, int(seed), softcap)
+                                                         is_causal, scale, dropout_p, int(seed), softcap,
+                                                         window(window_left, window_right))
     if sinks is not None:  # in stats' dtype: see the module's docstring
         out = out.to(stats.dtype) * sink_shares(stats, sinks)[0][..., None]
     return out, stats
 
 
 @scaled_dot_product_attention.register_fake
-def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None, softcap=0.0):
+def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, sinks=None, softcap=0.0,
+      window_left=-1, window_right=-1):
     B, H, Lq, _ = query.shape
     stats_dtype = reference.compute_dtype(query)
     return (query.new_empty(B, H, Lq, value.shape[-1], dtype=query.dtype if sinks is None else stats_dtype),
@@ -218,7 +245,8 @@ def _(query, key, value, attn_mask, dropout_p, is_causal, scale, seed, backend, 
 def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                                           stats: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                                           scale: float, seed: Tensor, backend: str, softcap: float = 0.0,
-                                          mask_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                          mask_grad: bool = False, window_left: int = -1, window_right: int = -1
+                                          ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """dQ, dK, dV, and with mask_grad the float mask's gradient, dS (B, H, Lq, Lk) in stats' dtype (else an empty
     tensor: an op's outputs cannot be None)."""
     if query.numel() == 0 or key.shape[-2] == 0 or value.shape[-1] == 0:
@@ -226,7 +254,8 @@ def scaled_dot_product_attention_backward(grad_out: Tensor, query: Tensor, key: 
                 _mask_grad_like(query, key, stats, mask_grad, torch.zeros))
     grads = backends.get(backend).attention_backward(grad_out, query, key, value, out, stats,
                                                      expand_mask(attn_mask, query, key), is_causal, scale,
-                                                     dropout_p, int(seed), softcap, mask_grad)
+                                                     dropout_p, int(seed), softcap, mask_grad,
+                                                     window(window_left, window_right))
     return (*grads, stats.new_empty(0)) if not mask_grad else grads
 
 
@@ -237,16 +266,16 @@ def _mask_grad_like(query, key, stats, mask_grad, make):
 
 @scaled_dot_product_attention_backward.register_fake
 def _(grad_out, query, key, value, out, stats, attn_mask, dropout_p, is_causal, scale, seed, backend, softcap=0.0,
-      mask_grad=False):
+      mask_grad=False, window_left=-1, window_right=-1):
     # contiguous whatever the inputs' strides, as every backend returns them
     return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
             _mask_grad_like(query, key, stats, mask_grad, torch.empty))
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(None, 0.0)[len(inputs) - 9:])  # sinks and softcap, where a caller left their defaults
-    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, sinks, softcap = inputs
-    ctx.softcap = softcap
+    inputs = (*inputs, *(None, 0.0, -1, -1)[len(inputs) - 9:])  # the keyword arguments a caller left at defaults
+    query, key, value, attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, sinks = inputs[:10]
+    ctx.softcap, ctx.window_left, ctx.window_right = inputs[10:]
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(query, key, value, attn_mask, out, stats, seed, sinks)
@@ -263,9 +292,9 @@ def _backward(ctx, grad_out, _grad_stats):
     mask_grad = mask_needs_grad(attn_mask)
     dq, dk, dv, dmask = call(scaled_dot_product_attention_backward, grad_out, query, key, value, out, stats,
                              attn_mask, ctx.dropout_p, ctx.is_causal, ctx.scale, seed, ctx.backend, ctx.softcap,
-                             mask_grad)
+                             mask_grad, ctx.window_left, ctx.window_right)
     dmask = dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None
+    return dq, dk, dv, dmask, None, None, None, None, None, dsinks, None, None, None
 
 
 def mask_needs_grad(attn_mask: Optional[Tensor]) -> bool:
@@ -279,20 +308,22 @@ scaled_dot_product_attention.register_autograd(_backward, setup_context=_setup_c
 
 @torch.library.custom_op("fast_attention::attention_weights", mutates_args=())
 def attention_weights(query: Tensor, key: Tensor, stats: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
-                      scale: float, backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
+                      scale: float, backend: str, sinks: Optional[Tensor] = None, softcap: float = 0.0,
+                      window_left: int = -1, window_right: int = -1) -> Tensor:
     """softmax(scale * q k^T + mask) as float32 (float64 for float64 inputs) (B, H, Lq, Lk), from the forward's
     statistics; masked rows are 0. With sinks, the keys' shares of the softmax with the sink; with softcap, of the
-    capped scores."""
+    capped scores; with a window, keys outside it are masked."""
     B, H, Lq, _ = query.shape
     if query.numel() == 0 or key.shape[-2] == 0:
         return query.new_zeros(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
     weights = backends.get(backend).attention_weights(query, key, stats, expand_mask(attn_mask, query, key),
-                                                      is_causal, scale, softcap)
+                                                      is_causal, scale, softcap, window(window_left, window_right))
     return weights if sinks is None else weights * sink_shares(stats, sinks)[0].to(weights.dtype)[..., None]
 
 
 @attention_weights.register_fake
-def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None, softcap=0.0):
+def _(query, key, stats, attn_mask, is_causal, scale, backend, sinks=None, softcap=0.0, window_left=-1,
+      window_right=-1):
     B, H, Lq, _ = query.shape
     return query.new_empty(B, H, Lq, key.shape[-2], dtype=reference.compute_dtype(query))
 
@@ -315,8 +346,8 @@ def _(grad_weights, weights, query, key, scale, softcap=0.0, mask_grad=False):
 
 
 def _weights_setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(None, 0.0)[len(inputs) - 7:])  # sinks and softcap, where a caller left their defaults
-    query, key, stats, attn_mask, _is_causal, ctx.scale, _backend, sinks, ctx.softcap = inputs
+    inputs = (*inputs, *(None, 0.0, -1, -1)[len(inputs) - 7:])  # the keyword arguments a caller left at defaults
+    query, key, stats, attn_mask, _is_causal, ctx.scale, _backend, sinks, ctx.softcap = inputs[:9]
     ctx.save_for_backward(query, key, output, stats, attn_mask, sinks)
 
 
@@ -332,7 +363,7 @@ def _weights_backward(ctx, grad_weights):
     if sinks is not None:
         rows = (grad_weights.to(weights.dtype) * weights).sum(-1)
         dsinks = -(sink_shares(stats, sinks)[1] * rows).sum((0, 2)).to(sinks.dtype)
-    return dq, dk, None, dmask, None, None, None, dsinks, None
+    return dq, dk, None, dmask, None, None, None, dsinks, None, None, None
 
 
 attention_weights.register_autograd(_weights_backward, setup_context=_weights_setup_context)
