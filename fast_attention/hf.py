@@ -33,7 +33,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     before dropout, only when transformers asks for them (`output_attentions=True`), else None; they come from the
     kernels' tiled weights pass, so the forward itself stays fused (eager computes them on every call, sdpa never).
     `s_aux` (gpt-oss's learned sinks, one per head) and `softcap` (Gemma 2's logit cap) become fast_attention's
-    `sinks` and `softcap`.
+    `sinks` and `softcap`. A sliding-window layer's `sliding_window` W becomes a window_size (W, W) where query
+    and key lengths are equal (training, prefill): the mask transformers built stays the exact rule (query i sees
+    keys i - W < j <= i, or |i - j| <= W where bidirectional), the window lets the kernels skip the key blocks
+    outside it, so such a layer costs about L * W rather than L * L.
     """
     Lq, Lk = query.shape[2], key.shape[2]
     if is_causal is None:
@@ -52,7 +55,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)
     args = dict(attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-                enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"))
+                enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),
+                window_size=_window(kwargs.get("sliding_window"), Lq, key.shape[2]))
     weights = None
     if _weights_wanted(kwargs):
         out, weights = F.scaled_dot_product_attention_with_weights(query, key, value, **args)
@@ -62,6 +66,16 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         out = F.scaled_dot_product_attention(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _window(sliding_window, Lq: int, Lk: int) -> tuple[int, int] | None:
+    """The window_size of a sliding-window layer's call: (W, W) holds every sliding mask transformers builds (causal,
+    i - W < j <= i; bidirectional, |i - j| <= W) where query i and key i are the same position, which equal lengths
+    mean (no cached keys before the queries); elsewhere (decoding) None, and the mask alone does it. Where
+    transformers drops the mask (no padding, L below W) the window takes no key away."""
+    if not isinstance(sliding_window, int) or sliding_window <= 0 or Lq != Lk:
+        return None
+    return sliding_window, sliding_window
 
 
 def _weights_wanted(kwargs) -> bool:

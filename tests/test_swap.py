@@ -397,6 +397,58 @@ def test_hugging_face_sinks_and_softcap(backend, kind):
                                                              do_sample=False))
 
 
+@pytest.mark.parametrize("padding", [False, True])
+def test_hugging_face_sliding_window_reaches_the_kernels(backend, monkeypatch, padding):
+    """Mistral with a window of 8 over 70 tokens (several kernel tiles): each layer's call carries window_size
+    (8, 8) beside the mask transformers built, so the kernels skip the blocks outside it; eager's logits and
+    gradients against the float64 model (with left padding, eager's logits: the float64 model gives NaN there, see
+    test_hugging_face_sinks_and_softcap), and eager's greedy generation, whose one-query steps take no window."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128,
+                                        sliding_window=8)
+    model = transformers.MistralForCausalLM(config).eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    reference = copy.deepcopy(eager).double()
+    fa.swap(model, backend=backend)
+    if backend == "cuda":
+        backend = None  # the CUDA kernels take no window: Triton runs these calls
+    windows = []
+    real_attention = fa.functional.scaled_dot_product_attention
+
+    def spy(query, key, *args, window_size=None, **kwargs):
+        windows.append((query.shape[2], kwargs.get("is_causal"), window_size))
+        return real_attention(query, key, *args, window_size=window_size, **kwargs)
+
+    monkeypatch.setattr(fa.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(3, 100, (2, 70))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    if padding:
+        mask[1, :5] = 0
+    real = mask.bool()
+    if padding:
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[real],
+                                       eager(input_ids=ids, attention_mask=mask).logits[real])
+    else:
+        logits = [m(input_ids=ids).logits for m in (model, eager, reference)]
+        assert_close(*logits)
+        for x in logits:
+            x.square().mean().backward()
+        grads = [[p.grad for name, p in m.named_parameters() if "self_attn" in name]
+                 for m in (model, eager, reference)]
+        for ours_g, theirs_g, ref_g in zip(*grads, strict=True):
+            assert_close(ours_g, theirs_g, ref_g, "attention parameters' gradients")
+    assert [w[2] for w in windows] == [(8, 8)] * 2, windows
+    windows.clear()
+    with torch.no_grad():
+        generated = model.generate(ids[:, :40], attention_mask=mask[:, :40], max_new_tokens=4, do_sample=False)
+        torch.testing.assert_close(generated, eager.generate(ids[:, :40], attention_mask=mask[:, :40],
+                                                             max_new_tokens=4, do_sample=False))
+    assert [w[2] for w in windows if w[0] == 1] == [None] * 6 and windows[0][2] == (8, 8)
+
+
 def _tiny_t5():
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
