@@ -1,7 +1,9 @@
-"""Attention beyond torch SDPA, as models learned it: scores capped with softcap (Gemma 2) and learned sinks
-(gpt-oss). fast_attention's backends against the formula as transformers' eager attention writes it, that formula
-under torch.compile, torch's FlexAttention (softcap as a score_mod; on the CPU it has no backward) and
-fast_attention's own plain attention on the same shapes (what the cap or the sinks cost).
+"""Attention beyond torch SDPA, as models learned it: scores capped with softcap (Gemma 2), learned sinks
+(gpt-oss) and a sliding window (Mistral, Gemma, gpt-oss). fast_attention's backends against the formula as
+transformers' eager attention writes it, that formula under torch.compile, torch's FlexAttention (softcap as a
+score_mod, the window as a block mask; on the CPU it has no backward), for the window torch's SDPA with the mask
+transformers' sdpa attention builds, and fast_attention's own plain causal attention on the same shapes (what the
+cap or the sinks cost, what the window saves).
 
 GPU grid: bf16, causal, D 128, 16k tokens per batch at width 2048 (H 16), L 1k to 16k; forward and
 forward+backward. Run alone: `python -m bench --suite variants`.
@@ -23,6 +25,21 @@ import fast_attention as fa
 from fast_attention import reference
 
 SOFTCAP = 30.0  # Gemma 2's attn_logit_softcapping (scores past it are rare in the timed random inputs, as in a model)
+WINDOW = {True: 1024, False: 32}  # keys each query sees, on a GPU (about 4096 in Mistral 7B, 128 in gpt-oss) and here
+VARIANTS = ("softcap", "sinks", "window")
+
+
+def window_cells(L: int, W: int) -> float:
+    """Score cells a causal sliding window of W keys computes over L queries (all of the first W rows' causal
+    triangle, then W per row), on the causal convention of attention_flops (L^2 / 2 when W >= L)."""
+    return L * L / 2 if W >= L else W * W / 2 + (L - W) * W
+
+
+def _flops(p: dict) -> float:
+    flops = attention_flops(p["B"], p["H"], p["L"], p["L"], p["D"], True, p["direction"])
+    if p["variant"] == "window":
+        flops *= window_cells(p["L"], p["W"]) / (p["L"] * p["L"] / 2)
+    return flops
 
 
 def cases(mode: Mode) -> list:
@@ -31,20 +48,30 @@ def cases(mode: Mode) -> list:
         heads, batch = WIDTH // D, (lambda L: TOKENS // L)
     else:
         dtype, D, lengths, heads, batch = torch.float32, 64, (128,), 4, (lambda L: 2)
-    return [Case({"direction": direction, "variant": variant, "D": D, "causal": True, "L": L, "B": batch(L),
-                  "H": heads, "dtype": dtype_name(dtype)},
-                 flops=attention_flops(batch(L), heads, L, L, D, True, direction))
-            for direction in ("forward", "forward+backward") for variant in ("softcap", "sinks") for L in lengths]
+    out = []
+    for direction in ("forward", "forward+backward"):
+        for variant in VARIANTS:
+            for L in lengths:
+                p = {"direction": direction, "variant": variant, "D": D, "causal": True, "L": L, "B": batch(L),
+                     "H": heads, "dtype": dtype_name(dtype)}
+                if variant == "window":
+                    p["W"] = WINDOW[mode.gpu]
+                out.append(Case(p, flops=_flops(p)))
+    return out
 
 
 def label(p: dict) -> str:
-    return f"{SHORT[p['direction']]} {p['variant']} D{p['D']} causal B{p['B']} H{p['H']} L{p['L']}"
+    variant = f"window {p['W']}" if p["variant"] == "window" else p["variant"]
+    return f"{SHORT[p['direction']]} {variant} D{p['D']} causal B{p['B']} H{p['H']} L{p['L']}"
 
 
 def _extra(p: dict) -> tuple[dict, tuple]:
-    """The variant's argument, softcap= or sinks= (one learned value per head), and the leaves it adds."""
+    """The variant's argument, softcap=, sinks= (one learned value per head) or window_size=, and the leaves it
+    adds."""
     if p["variant"] == "softcap":
         return {"softcap": SOFTCAP}, ()
+    if p["variant"] == "window":
+        return {"window_size": (p["W"] - 1, -1)}, ()
     sinks = torch.randn(p["H"], device=DEVICE, requires_grad=True)
     return {"sinks": sinks}, (sinks,)
 
@@ -57,8 +84,8 @@ def providers(case: Case) -> dict:
         def setup():
             if backend == "reference":
                 _skip_huge_reference(p)
-            if backend == "cuda" and p["variant"] == "softcap" and not plain:
-                raise Skip("skipped: the CUDA kernels do not cap the logits")
+            if backend == "cuda" and p["variant"] in ("softcap", "window") and not plain:
+                raise Skip(f"skipped: the CUDA kernels take no {p['variant']}")
             q, k, v = _qkv(p)
             extra, leaves = ({}, ()) if plain else _extra(p)
             return directed(direction, lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -86,7 +113,15 @@ def providers(case: Case) -> dict:
     made["eager"] = eager(False)
     made["compile(eager)"] = eager(True)
 
-    if p["variant"] == "softcap":
+    if p["variant"] == "window":
+        def sdpa():  # transformers' sdpa attention: the sliding mask, materialized, through torch's SDPA
+            q, k, v = _qkv(p)
+            keep = reference.window_mask((p["W"] - 1, -1), p["L"], p["L"], DEVICE).tril()
+            return directed(direction, lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=keep), (q, k, v))
+        made["torch.sdpa(mask)"] = sdpa
+
+    if p["variant"] in ("softcap", "window"):
         def flex():
             try:
                 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -100,10 +135,13 @@ def providers(case: Case) -> dict:
             def capped(score, b, h, q_idx, kv_idx):
                 return SOFTCAP * torch.tanh(score / SOFTCAP)
 
-            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, L, L,
-                                           device=DEVICE)
+            W = p.get("W", L)
+            block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < W),
+                                           None, None, L, L, device=DEVICE)
+            score_mod = capped if p["variant"] == "softcap" else None
             attend = _compiled_flex(flex_attention)
-            return directed(direction, lambda: attend(q, k, v, score_mod=capped, block_mask=block_mask), (q, k, v))
+            return directed(direction, lambda: attend(q, k, v, score_mod=score_mod, block_mask=block_mask),
+                            (q, k, v))
         made["torch.flex_attention"] = flex
     return made
 
@@ -121,13 +159,13 @@ def checks(mode: Mode) -> list:
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if mode.gpu else (torch.float16, torch.float32)
     out = []
     for dtype in dtypes:
-        for variant in ("softcap", "sinks"):
-            def run(backend, dtype=dtype, variant=variant):  # CUDA with softcap: NotImplementedError, "n/a"
+        for variant in VARIANTS:
+            def run(backend, dtype=dtype, variant=variant):  # CUDA with softcap or a window: NotImplementedError
                 B, H, Lq, Lk, D = 2, 4, 37, 45, 64
                 inputs = {"query": 3 * torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
                           "key": torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype),
                           "value": torch.randn(B, H, Lk, D, device=DEVICE, dtype=dtype)}
-                cap = {"softcap": 2.0} if variant == "softcap" else {}
+                cap = {"softcap": {"softcap": 2.0}, "window": {"window_size": (6, -1)}}.get(variant, {})
                 if variant == "sinks":
                     inputs["sinks"] = torch.randn(H, device=DEVICE)
                 return triplets(
@@ -140,9 +178,10 @@ def checks(mode: Mode) -> list:
 
 SUITE = Suite(
     name="variants",
-    title="Attention with a logit cap (Gemma 2) and learned sinks (gpt-oss)",
+    title="Attention with a logit cap (Gemma 2), learned sinks (gpt-oss) and a sliding window",
     metric="TFLOP/s",
-    convention=ATTENTION_FLOPS + f"; softcap {SOFTCAP}; the cap's tanh and the sinks' row scaling are not counted",
+    convention=ATTENTION_FLOPS + f"; softcap {SOFTCAP}; the cap's tanh and the sinks' row scaling are not counted; "
+                                 "a window counts only the cells inside it (window_cells)",
     label=label,
     cases=cases,
     providers=providers,

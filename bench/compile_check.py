@@ -122,7 +122,8 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
     v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Max=torch.float32, LogSum=torch.float32,
              Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
-             qk_scale=0.1, softcap=72.0, scale=0.1, dropout_p=0.1, dropout_scale=1.1, seed=2**40 + 7)
+             qk_scale=0.1, softcap=72.0, win_left=255, win_right=0, scale=0.1, dropout_p=0.1, dropout_scale=1.1,
+             seed=2**40 + 7)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
         v.update(zip((prefix + s for s in "bhmd"), strides))
@@ -130,9 +131,10 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     return v
 
 
-def _flags(dtype, D, causal, mask_kind, dropout, softcap=False):
+def _flags(dtype, D, causal, mask_kind, dropout, softcap=False, window=False):
     return dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_D=A._block(D), BLOCK_DV=A._block(D), IS_CAUSAL=causal,
-                MASK_KIND=mask_kind, DROPOUT=dropout, SOFTCAP=softcap, UPCAST=False, IEEE=dtype == torch.float32)
+                MASK_KIND=mask_kind, WINDOW=window, DROPOUT=dropout, SOFTCAP=softcap, UPCAST=False,
+                IEEE=dtype == torch.float32)
 
 
 class _Elem:
@@ -154,11 +156,13 @@ def _kept(kind, dtype, D, mask_kind, dropout):
 A._tma_ok = lambda kind, named: named["Q"].element_size() == 2
 
 
-# (causal, mask kind, dropout, logit cap)
-_FLAG_SETS = [(causal, mask, drop, cap) for causal in (False, True) for mask in (0, 1, 2) for drop in (False, True)
-              for cap in (False, True)]
-_HEAVY, _LIGHT, _CAPPED = (True, 2, True, False), (False, 0, False, False), (False, 2, False, True)
-_BIAS = (False, 2, False, False)  # a learned bias (a float mask that requires grad): the dQ kernel also stores dS
+# (causal, mask kind, dropout, logit cap, local window)
+_FLAG_SETS = [(causal, mask, drop, cap, win) for causal in (False, True) for mask in (0, 1, 2)
+              for drop in (False, True) for cap in (False, True) for win in (False, True)]
+_HEAVY, _LIGHT, _CAPPED = (True, 2, True, False, False), (False, 0, False, False, False), (False, 2, False, True, False)
+_BIAS = (False, 2, False, False, False)  # a learned bias (a float mask that requires grad): the dQ kernel stores dS
+# a sliding window (causal, Mistral's), and one beside transformers' mask (hf.py passes both)
+_WINDOWED, _WINDOWED_MASK = (True, 0, False, False, True), (False, 1, False, False, True)
 
 
 def attention_jobs(full: bool, arch: int):
@@ -168,7 +172,7 @@ def attention_jobs(full: bool, arch: int):
             Lq = Lk = 1000
             for kind, fn_name in (("fwd", "_attn_fwd"), ("dkdv", "_attn_bwd_dkdv"), ("dq", "_attn_bwd_dq")):
                 for flags in _FLAG_SETS:
-                    causal, mask, drop, cap = flags
+                    causal, mask, drop, cap, win = flags
                     kept = _kept(kind, dtype, D, mask, drop)
                     largest = max(kept, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))
                     for ci, c in enumerate(kept):
@@ -178,19 +182,21 @@ def attention_jobs(full: bool, arch: int):
                         light = flags == _LIGHT and (ci == 0 or dtype != torch.bfloat16)
                         heavy = flags == _HEAVY and (ci == 0 or c is largest)
                         bias_grad = kind == "dq" and flags == _BIAS and ci == 0
-                        if not (full or light or heavy or bias_grad or (flags == _CAPPED and ci == 0)):
+                        extra = flags in (_CAPPED, _WINDOWED, _WINDOWED_MASK) and ci == 0
+                        if not (full or light or heavy or bias_grad or extra):
                             continue
                         values = _attn_scalars(dtype, D, Lq, Lk, mask)
                         values.update(Out=dtype, out_split_stride=0, stats_split_stride=0, keys_per_split=Lk,
                                       num_splits=1)
-                        const = dict(_flags(dtype, D, causal, mask, drop, cap), **c.kwargs)
+                        const = dict(_flags(dtype, D, causal, mask, drop, cap, win), **c.kwargs)
                         if kind == "fwd":
                             const.update(PACK_GQA=False, PDL=False)  # offline, every constexpr needs a value
                         if kind == "dq":
                             const.update(MASK_GRAD=bias_grad)
                         label = f"attn_{kind} {_SHORT[dtype]} D{D}"
                         cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} c{int(causal)} m{mask} "
-                               f"p{int(drop)}{' cap' if cap else ''}{' dmask' if bias_grad else ''}"
+                               f"p{int(drop)}{' cap' if cap else ''}{' win' if win else ''}"
+                               f"{' dmask' if bias_grad else ''}"
                                f"{' tma' if c.kwargs.get('TMA') else ''}")
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
@@ -198,17 +204,17 @@ def attention_jobs(full: bool, arch: int):
             # split over the keys, fp32 partial outputs, then the merge, its programmatic dependent from sm_90.
             pdl = arch >= 90
             for Lq_dec in (1, 16):
-                for causal, mask, drop, cap in ([_LIGHT, _HEAVY, _CAPPED] if not full else _FLAG_SETS):
+                for causal, mask, drop, cap, win in ([_LIGHT, _HEAVY, _CAPPED, _WINDOWED] if not full else _FLAG_SETS):
                     dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec,
                                           mask != 0 or drop)
                     values = _attn_scalars(dtype, D, Lq_dec, 8192, mask, Hkv=2)
                     values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D,
                                   stats_split_stride=16 * Lq_dec, keys_per_split=512, num_splits=16)
-                    const = dict(_flags(dtype, D, causal, mask, drop, cap), BLOCK_M=dc["BLOCK_M"],
+                    const = dict(_flags(dtype, D, causal, mask, drop, cap, win), BLOCK_M=dc["BLOCK_M"],
                                  BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}"
-                                 f"{' cap' if cap else ''}",
+                                 f"{' cap' if cap else ''}{' win' if win else ''}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits in (2, 128):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
@@ -224,13 +230,14 @@ def attention_jobs(full: bool, arch: int):
             jobs.append((f"attn_delta {_SHORT[dtype]} D{D}", "M64", (A.__name__, "_attn_bwd_delta"), values,
                          dict(HEAD_DIM_V=D, BLOCK_M=64, BLOCK_DV=A._block(D)), 4, 3, arch))
             bm, bn, warps = (32, 32, 8) if dtype == torch.float32 else (64, 64, 4)  # as attention_weights
-            for causal, mask, cap in ((False, 0, False), (True, 2, False), (False, 2, True)):
+            for causal, mask, cap, win in ((False, 0, False, False), (True, 2, False, False), (False, 2, True, False),
+                                           (False, 1, False, True)):
                 values = _attn_scalars(dtype, D, 1000, 1000, mask)
                 values.update(W=torch.float32)
-                const = dict(_flags(dtype, D, causal, mask, False, cap), BLOCK_M=bm, BLOCK_N=bn)
+                const = dict(_flags(dtype, D, causal, mask, False, cap, win), BLOCK_M=bm, BLOCK_N=bn)
                 del const["DROPOUT"], const["HEAD_DIM_V"], const["BLOCK_DV"]
                 jobs.append((f"attn_weights {_SHORT[dtype]} D{D}",
-                             f"M{bm} N{bn} c{int(causal)} m{mask}{' cap' if cap else ''}",
+                             f"M{bm} N{bn} c{int(causal)} m{mask}{' cap' if cap else ''}{' win' if win else ''}",
                              (A.__name__, "_attn_weights"), values, const, warps, 3, arch))
     jobs.append(("dropout_mask", "N1024", (A.__name__, "_dropout_mask_kernel"),
                  dict(Keep=torch.uint8, Lk=1000, dropout_p=0.1, seed=2**40 + 7), dict(BLOCK_N=1024), 4, 3, arch))
