@@ -23,7 +23,8 @@ per-row sum.
 Local windows (WINDOW, FlashAttention's window_size): query i sees keys i - win_left .. i + win_right, top-left
 aligned as is_causal, on top of the mask and the causal diagonal. Each program reads only the blocks some row of
 its block can see (key blocks in the forward and dQ, query blocks in dK/dV), so a window of W keys costs about
-L * W; every tile read takes the window test (two comparisons per score).
+L * W. Each tile read takes the window test (two comparisons per score), but in the light kernels (16-bit, no
+mask, no dropout) the blocks every row of a block sees whole skip it, as they skip every other test.
 
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
@@ -123,6 +124,15 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, win_left, win_right
     if WINDOW:
         s = tl.where((k_idx >= q_idx - win_left) & (k_idx <= q_idx + win_right), s, float("-inf"))
     return s
+
+
+@triton.jit
+def _window_inner(lo, mid, first, last, win_left, win_right, BLOCK: tl.constexpr):
+    """Of the blocks [lo, mid) (BLOCK apart from lo, a multiple of BLOCK), the run [a, b) whose every position the
+    rows first .. last all see (row i sees i - win_left .. i + win_right): those blocks skip the window test."""
+    a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(last - win_left, 0), BLOCK) * BLOCK, lo), mid)
+    b = tl.maximum(tl.minimum((first + win_right + 1) // BLOCK * BLOCK, mid), a)
+    return a, b
 
 
 @triton.jit
@@ -312,10 +322,28 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # With a window, the light kernels (no test on whole blocks: not EDGE_FIRST) split [lo, mid) in three: the
+    # blocks at the window's left edge, those every row sees whole (no window test), those at its right edge. With
+    # a mask or dropout the extra loops spill (sm_90: 3.8 KB with a bool mask), so every block takes the test.
+    SPLIT: tl.constexpr = WINDOW and not EDGE_FIRST
+    INNER_WINDOW: tl.constexpr = WINDOW and not SPLIT
+    inner_lo, inner_hi = lo, mid
+    if SPLIT:
+        inner_lo, inner_hi = _window_inner(lo, mid, first, last, win_left, win_right, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                                   rng_rows, lo, inner_lo, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
+                                   win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                   BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
-                               rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
-                               dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               MASK_KIND, False, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
+                               rng_rows, inner_lo, inner_hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
+                               win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                               BLOCK_N, MASK_KIND, False, INNER_WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA,
+                               EDGE_FIRST)
+    if SPLIT:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
+                                   rng_rows, inner_hi, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
+                                   win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                                   BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
                                dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
@@ -631,10 +659,24 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
     else:
         mid = lo + (hi - lo) // BLOCK_N * BLOCK_N
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    SPLIT: tl.constexpr = WINDOW and not EDGE_FIRST  # [lo, mid) in three, as in the forward
+    INNER_WINDOW: tl.constexpr = WINDOW and not SPLIT
+    inner_lo, inner_hi = lo, mid
+    if SPLIT:
+        inner_lo, inner_hi = _window_inner(lo, mid, start_m, start_m + BLOCK_M - 1, win_left, win_right, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows,
+                       row_ok, offs_m, rng_rows, lo, inner_lo, hi, skn, skd, svn, svd, smn, qk_scale, softcap,
+                       win_left, win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
-                   offs_m, rng_rows, lo, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
-                   dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False,
-                   WINDOW, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
+                   offs_m, rng_rows, inner_lo, inner_hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
+                   win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
+                   MASK_KIND, False, INNER_WINDOW, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
+    if SPLIT:
+        dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows,
+                       row_ok, offs_m, rng_rows, inner_hi, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap,
+                       win_left, win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
+                       BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, EDGE_FIRST)
     dq = _dq_tiles(dq, q, do, m, log_sum, lse, delta, k_base, v_base, k_desc, v_desc, mask_rows, dmask_rows, row_ok,
                    offs_m, rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
                    dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,

@@ -499,6 +499,16 @@ def test_window(backend, kind, dtype, window):
         assert torch.equal(out[:, :, Lk + window[0]:], torch.zeros_like(out[:, :, Lk + window[0]:]))
 
 
+@pytest.mark.parametrize("is_causal,window", [(True, (40, -1)), (False, (40, 50))])
+def test_window_wider_than_the_tiles(backend, is_causal, window):
+    """16-bit inputs without a mask (the light kernels, which split a window's blocks into its edges, tested, and
+    the blocks every row of a query block sees whole, not tested), windows over several tiles: the blocks at each
+    edge are the ones that must keep the test."""
+    _window_backend(backend)
+    q, k, v = _qkv(1, 2, 1, 160, 150, 16, torch.float16)
+    check_beyond_torch(backend, q, k, v, is_causal=is_causal, window_size=window)
+
+
 @needs_triton
 @pytest.mark.parametrize("is_causal,window", [(True, (8, -1)), (False, (5, 3))])
 def test_window_skips_the_key_blocks_outside_it(is_causal, window):
