@@ -120,7 +120,7 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor
 # two backends drop the same probabilities.
 # A logit cap (softcap) and a local window are refused by unsupported() above; the functions check them again for
 # direct callers.
-def _no_softcap(softcap: float, window=None) -> None:
+def _refuse_unsupported(softcap: float, window=None) -> None:
     if softcap:
         raise NotImplementedError("fast_attention: the CUDA attention kernels do not cap the logits (softcap)")
     if window is not None:
@@ -129,13 +129,13 @@ def _no_softcap(softcap: float, window=None) -> None:
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                       softcap: float = 0.0, window=None):
-    _no_softcap(softcap, window)
+    _refuse_unsupported(softcap, window)
     return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                        softcap: float = 0.0, mask_grad: bool = False, window=None):
-    _no_softcap(softcap, window)
+    _refuse_unsupported(softcap, window)
     if mask_grad:
         raise NotImplementedError("fast_attention: the CUDA attention kernels give no gradient for attn_mask")
     # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
@@ -144,5 +144,5 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0, window=None):
-    _no_softcap(softcap, window)
+    _refuse_unsupported(softcap, window)
     return _C.attention_weights(q, k, stats, mask, is_causal, scale)

@@ -127,6 +127,16 @@ def _apply_masks(s, mask_ptrs, mask_ok, q_idx, k_idx, k_end, win_left, win_right
 
 
 @triton.jit
+def _window_bounds(lo, hi, first, last, win_left, win_right, BLOCK: tl.constexpr):
+    """[lo, hi) narrowed to the positions that rows first .. last see (row i sees i - win_left .. i + win_right), lo
+    kept a multiple of BLOCK: the blocks outside are never read. With the sides swapped, the rows that see the
+    positions first .. last."""
+    lo = tl.maximum(lo, tl.maximum(first - win_left, 0) // BLOCK * BLOCK)
+    hi = tl.maximum(tl.minimum(hi, last + win_right + 1), lo)
+    return lo, hi
+
+
+@triton.jit
 def _window_inner(lo, mid, first, last, win_left, win_right, BLOCK: tl.constexpr):
     """Of the blocks [lo, mid) (BLOCK apart from lo, a multiple of BLOCK), the run [a, b) whose every position the
     rows first .. last all see (row i sees i - win_left .. i + win_right): those blocks skip the window test."""
@@ -303,8 +313,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         # The block's rows see keys from (first row) - win_left to (last row) + win_right: the key blocks outside
         # are never read. Packed rows hold queries 0 .. Lq - 1.
         first, last = (0, Lq - 1) if PACK_GQA else (start_m, start_m + BLOCK_M - 1)
-        lo = tl.maximum(lo, tl.maximum(first - win_left, 0) // BLOCK_N * BLOCK_N)
-        hi = tl.maximum(tl.minimum(hi, last + win_right + 1), lo)
+        lo, hi = _window_bounds(lo, hi, first, last, win_left, win_right, BLOCK_N)
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -513,8 +522,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
         mid = 0
     hi = Lq
     if WINDOW:  # the keys are seen by queries start_n - win_right .. start_n + BLOCK_N - 1 + win_left
-        lo = tl.maximum(lo, tl.maximum(start_n - win_right, 0) // BLOCK_M * BLOCK_M)
-        hi = tl.maximum(tl.minimum(hi, start_n + BLOCK_N + win_left), lo)
+        lo, hi = _window_bounds(lo, hi, start_n, start_n + BLOCK_N - 1, win_right, win_left, BLOCK_M)
         mid = tl.minimum(tl.maximum(mid, lo), hi)
 
     if TMA:  # one descriptor per batch for all heads: the group loop below then builds none
@@ -650,8 +658,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
     if IS_CAUSAL:
         hi = tl.minimum(hi, start_m + BLOCK_M)
     if WINDOW:  # as the forward's
-        lo = tl.maximum(start_m - win_left, 0) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + win_right), lo)
+        lo, hi = _window_bounds(lo, hi, start_m, start_m + BLOCK_M - 1, win_left, win_right, BLOCK_N)
     if IS_CAUSAL:
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
     elif EDGE_FIRST:
@@ -986,7 +993,7 @@ def _flags(q, mask, is_causal, dropout_p, softcap, window):
                 UPCAST=INTERPRET and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
 
 
-def _scale_args(scale, softcap, window, Lq, Lk):
+def _score_args(scale, softcap, window, Lq, Lk):
     """The kernels' scalars for the scores (_scores, _apply_masks): the softmax scale and the logit cap, in base 2,
     and the window's sides, an unbounded side (-1) as max(Lq, Lk), which no query-key distance reaches."""
     left, right = (-1, -1) if window is None else window
@@ -1058,7 +1065,7 @@ def _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, 
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_scale_args(scale, softcap, window, Lq, Lk),
+    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, Lq, Lk),
                   **_dropout_args(dropout_p, seed), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
                   **_flags(q, mask, is_causal, dropout_p, softcap, window))
     if plan is None:
@@ -1154,7 +1161,7 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     flags = dict(_flags(q, mask, is_causal, dropout_p, softcap, window), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
     inputs = (q, k, v, mask_t, dout, stats[0], stats[1], delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    common = dict(Lq=Lq, Lk=Lk, **_scale_args(scale, softcap, window, Lq, Lk), scale=scale,
+    common = dict(Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, Lq, Lk), scale=scale,
                   **_dropout_args(dropout_p, seed), **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
@@ -1181,7 +1188,7 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
     grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
     stats = stats.contiguous()
     _attn_weights[grid](q, k, mask_t, stats[0], stats[1], w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
-                        Lq, Lk, **_scale_args(scale, softcap, window, Lq, Lk), **flags, BLOCK_M=bm, BLOCK_N=bn,
+                        Lq, Lk, **_score_args(scale, softcap, window, Lq, Lk), **flags, BLOCK_M=bm, BLOCK_N=bn,
                         num_warps=warps)
     return w
 
