@@ -540,17 +540,19 @@ def test_window_with_sinks_softcap_and_dropout(backend):
     q, k, v = _qkv(1, 2, 1, 40, 40, 16, torch.float32)
     sinks = torch.randn(2, device=DEVICE, requires_grad=True)
     p = 0.2
-    keep = (ref.dropout_mask(_drawn_seed(3), p, (1, 2, 40, 40), DEVICE) if backend == "reference" else
-            _kernel_dropout_mask(_drawn_seed(3), p, 1, 2, 40, 40))
+    keep = _backend_dropout_mask(backend, _drawn_seed(3), p, (1, 2, 40, 40))
     torch.manual_seed(3)  # the call draws the seed of `keep`
     check_beyond_torch(backend, q, k, v, is_causal=True, window_size=(9, -1), dropout_p=p, dropout_mask=keep,
                        sinks=sinks, softcap=1.5)
 
 
-def _kernel_dropout_mask(seed, p, B, H, Lq, Lk):
+def _backend_dropout_mask(backend, seed, p, shape):
+    """The dropout decisions `backend` draws for `seed`: the reference's or the Triton kernels'."""
+    if backend == "reference":
+        return ref.dropout_mask(seed, p, shape, DEVICE)
     from fast_attention.kernels import attention as kernels
 
-    return kernels.dropout_mask(seed, p, B, H, Lq, Lk, DEVICE)
+    return kernels.dropout_mask(seed, p, *shape, DEVICE)
 
 
 @needs_triton
@@ -603,12 +605,7 @@ def test_mask_gradient_with_dropout_and_softcap(backend):
     p, seed = 0.3, _drawn_seed(5)
     torch.manual_seed(5)
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, softcap=1.5, backend=backend)
-    if backend == "reference":
-        keep = ref.dropout_mask(seed, p, (1, 2, 9, 14), DEVICE)
-    else:
-        from fast_attention.kernels import attention as kernels
-
-        keep = kernels.dropout_mask(seed, p, 1, 2, 9, 14, DEVICE)
+    keep = _backend_dropout_mask(backend, seed, p, (1, 2, 9, 14))
     dout = torch.randn_like(out)
     leaves = (q, k, v, bias)
     results = [torch.autograd.grad(out, leaves, dout)]
