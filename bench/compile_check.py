@@ -43,7 +43,8 @@ from kernels import softmax as SM  # noqa: E402
 SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may opt in to
 HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8"}
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.uint8: "*u8",
+        torch.int32: "*i32"}
 _SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
@@ -114,16 +115,17 @@ def _problems(row) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ attention jobs
-def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
-    """Runtime arguments of contiguous (B, H, L, D) q, k, v, dO and outputs, and an expanded (Lq, Lk) mask."""
-    q_strides = (H * Lq * D, Lq * D, D, 1)
-    kv_strides = (Hkv * Lk * D, Lk * D, D, 1)
+def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8, varlen=False):
+    """Runtime arguments of contiguous (B, H, L, D) q, k, v, dO and outputs, and an expanded (Lq, Lk) mask; with
+    varlen, packed (total, heads, D) tensors of B sequences of up to Lq and Lk rows."""
+    q_strides = (0, D, H * D, 1) if varlen else (H * Lq * D, Lq * D, D, 1)
+    kv_strides = (0, D, Hkv * D, 1) if varlen else (Hkv * Lk * D, Lk * D, D, 1)
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
     v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Max=torch.float32, LogSum=torch.float32,
              Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
              qk_scale=0.1, softcap=72.0, win_left=255, win_right=0, scale=0.1, dropout_p=0.1, dropout_scale=1.1,
-             seed=2**40 + 7)
+             seed=2**40 + 7, CuQ=torch.int32, CuK=torch.int32, total_q=B * Lq if varlen else 0)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
         v.update(zip((prefix + s for s in "bhmd"), strides))
@@ -131,10 +133,10 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8):
     return v
 
 
-def _flags(dtype, D, causal, mask_kind, dropout, softcap=False, window=False):
+def _flags(dtype, D, causal, mask_kind, dropout, softcap=False, window=False, varlen=False):
     return dict(HEAD_DIM=D, HEAD_DIM_V=D, BLOCK_D=A._block(D), BLOCK_DV=A._block(D), IS_CAUSAL=causal,
                 MASK_KIND=mask_kind, WINDOW=window, DROPOUT=dropout, SOFTCAP=softcap, UPCAST=False,
-                IEEE=dtype == torch.float32)
+                IEEE=dtype == torch.float32, VARLEN=varlen)
 
 
 class _Elem:
@@ -200,6 +202,21 @@ def attention_jobs(full: bool, arch: int):
                                f"{' tma' if c.kwargs.get('TMA') else ''}")
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
+                # Packed sequences (varlen_attn), the first kept config: full attention, and causal (a window).
+                for win in (False, True):
+                    c = _kept(kind, dtype, D, 0, False)[0]
+                    values = _attn_scalars(dtype, D, Lq, Lk, 0, varlen=True)
+                    values.update(Out=dtype, out_split_stride=0, stats_split_stride=0, keys_per_split=Lk,
+                                  num_splits=1)
+                    const = dict(_flags(dtype, D, False, 0, False, False, win, varlen=True), **c.kwargs)
+                    if kind == "fwd":
+                        const.update(PACK_GQA=False, PDL=False)
+                    if kind == "dq":
+                        const.update(MASK_GRAD=False)
+                    cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} varlen{' win' if win else ''}"
+                           f"{' tma' if c.kwargs.get('TMA') else ''}")
+                    jobs.append((f"attn_{kind} {_SHORT[dtype]} D{D}", cfg, (A.__name__, fn_name), values, const,
+                                 c.num_warps, c.num_stages, arch))
             # Decoding: 1 or 16 queries of a GQA group of 4 heads (4 or 64 packed rows) against a long cache,
             # split over the keys, fp32 partial outputs, then the merge, its programmatic dependent from sm_90.
             pdl = arch >= 90
@@ -211,7 +228,7 @@ def attention_jobs(full: bool, arch: int):
                     values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D,
                                   stats_split_stride=16 * Lq_dec, keys_per_split=512, num_splits=16)
                     const = dict(_flags(dtype, D, causal, mask, drop, cap, win), BLOCK_M=dc["BLOCK_M"],
-                                 BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
+                                 BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl, VARLEN=False)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}"
                                  f"{' cap' if cap else ''}{' win' if win else ''}",
@@ -235,7 +252,7 @@ def attention_jobs(full: bool, arch: int):
                 values = _attn_scalars(dtype, D, 1000, 1000, mask)
                 values.update(W=torch.float32)
                 const = dict(_flags(dtype, D, causal, mask, False, cap, win), BLOCK_M=bm, BLOCK_N=bn)
-                del const["DROPOUT"], const["HEAD_DIM_V"], const["BLOCK_DV"]
+                del const["DROPOUT"], const["HEAD_DIM_V"], const["BLOCK_DV"], const["VARLEN"]
                 jobs.append((f"attn_weights {_SHORT[dtype]} D{D}",
                              f"M{bm} N{bn} c{int(causal)} m{mask}{' cap' if cap else ''}{' win' if win else ''}",
                              (A.__name__, "_attn_weights"), values, const, warps, 3, arch))

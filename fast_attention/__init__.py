@@ -2,7 +2,7 @@
 semantics, as torch custom ops (`fast_attention::*`) with autograd and torch.compile support."""
 from . import ops  # noqa: F401  (registers the custom ops)
 from .backends import available_backends, use_backend
-from .functional import layer_norm, rms_norm, scaled_dot_product_attention, softmax
+from .functional import layer_norm, rms_norm, scaled_dot_product_attention, softmax, varlen_attn
 from . import nn
 from . import models  # noqa: E402  (fa.models: the full Transformer, built on nn and functional)
 from .swap import SwapReport, swap, unswap
@@ -25,4 +25,5 @@ __all__ = [
     "swap",
     "unswap",
     "use_backend",
+    "varlen_attn",
 ]

@@ -15,6 +15,8 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
                        window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
+    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window) -> (out, stats fp32 (2, H, total_q))
+    varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window) -> (dq, dk, dv)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
     unavailable() -> None, or a sentence saying why this backend cannot run on this machine (optional)
 
@@ -29,6 +31,10 @@ it over the mask's broadcast dims (a backend without it says so in unsupported()
 or a local window (left, right): query i sees keys i - left .. i + right, a side of -1 unbounded, top-left aligned
 as is_causal, on top of the mask and is_causal (a backend without windows says so in unsupported()). Learned
 sinks never reach a backend: the op layer applies them around it (fast_attention/ops/attention.py).
+The varlen functions take packed sequences (torch's varlen_attn): q (total_q, H, D), k (total_k, Hkv, D), v
+(total_k, Hkv, Dv), sequence b at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of q and cu_seq_k[b] .. of k and v
+(int32, B + 1), max_q and max_k the longest; out is (total_q, H, Dv), and its window aligns bottom-right in each
+sequence (query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right), FlashAttention's varlen convention.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from .ops._checks import as_float
 from .ops._direct import call
 from .ops import norms as _norms
 from .ops import softmax as _softmax
+from .ops import varlen as _varlen
 
 
 def softmax(input: Tensor, dim: int = -1, *, backend: str | None = None) -> Tensor:
@@ -109,6 +110,34 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
                    *window)
     shape = _attention.output_shape(query, key, value, batch, H, key.shape[-2])
     return out, weights if weights.shape == shape else weights.reshape(shape)
+
+
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
+                max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                enable_gqa: bool = False, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """torch.nn.attention.varlen.varlen_attn: attention over packed sequences, with autograd, on every backend
+    but "cuda" (backend=None takes Triton on a GPU).
+
+    query (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev) -> (total_q, H, Ev): sequence b is rows
+    cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value (int32
+    offsets, B + 1 of them, from 0), max_q and max_k the longest lengths, and each sequence attends only to itself.
+    window_size (left, right), -1 unbounded, aligns bottom-right in each sequence as FlashAttention's: query i sees
+    keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right; (-1, 0) is causal. enable_gqa: H a multiple of Hkv.
+    return_aux: torch's AuxRequest; with lse=True also the natural logsumexp of each row's scores, (H, total_q)
+    float32, -inf for a row with no key to see (torch's flash kernels write +inf there), without gradient.
+    The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch
+    and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked. torch's seqused_k,
+    block_table and num_splits (paged KV caches) are not taken.
+    """
+    scale, sides = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
+                                 enable_gqa)
+    name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,
+                            max_q=max_q, max_k=max_k, window=_attention.window(*sides))
+    out, stats = call(_varlen.varlen_attention, query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k),
+                      scale, name, *sides)
+    if return_aux is not None and getattr(return_aux, "lse", False):
+        return out, _varlen.logsumexp(stats).to(torch.float32)
+    return out
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written

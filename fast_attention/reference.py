@@ -100,6 +100,32 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
     return dropped @ value, weights
 
 
+def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *, scale=None,
+                window_size=(-1, -1), enable_gqa=False) -> Tensor:
+    """torch.nn.attention.varlen.varlen_attn, written out: packed sequences, query (total_q, H, E), key
+    (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query
+    and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value, attended on its own with scaled_dot_product_attention.
+    window_size (left, right) aligns bottom-right in each sequence: query i of Lq sees keys i + (Lk - Lq) - left ..
+    i + (Lk - Lq) + right ((-1, 0) is causal). A sequence without keys gives zeros. max_q and max_k are unused (the
+    lengths come from the offsets)."""
+    out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
+    for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k):
+        q, k, v = query[rows_q].transpose(0, 1), key[rows_k].transpose(0, 1), value[rows_k].transpose(0, 1)
+        Lq, Lk = q.shape[1], k.shape[1]
+        if Lq == 0 or Lk == 0:
+            continue  # no keys: its rows give zeros
+        mask = None if tuple(window_size) == (-1, -1) else window_mask(window_size, Lq, Lk, q.device, Lk - Lq)
+        o = scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa)
+        out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o.transpose(0, 1))
+    return out
+
+
+def sequences(cu_seq_q: Tensor, cu_seq_k: Tensor) -> list[tuple[slice, slice]]:
+    """Each packed sequence's query rows and key rows (read on the host)."""
+    cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The backend interface (see fast_attention/backends.py): the same math, with the saved statistics.
 # ----------------------------------------------------------------------------------------------------------
@@ -205,11 +231,11 @@ def _cap_slope(q, k, scale, softcap):
     return 1 - torch.tanh(_raw_scores(q, k, scale) / softcap).square()
 
 
-def window_mask(window_size: tuple[int, int], Lq: int, Lk: int, device=None) -> Tensor:
-    """bool (Lq, Lk), True where query i sees key j: i - left <= j <= i + right, a side of -1 unbounded (top-left
-    aligned, as is_causal)."""
+def window_mask(window_size: tuple[int, int], Lq: int, Lk: int, device=None, shift: int = 0) -> Tensor:
+    """bool (Lq, Lk), True where query i sees key j: i + shift - left <= j <= i + shift + right, a side of -1
+    unbounded; shift 0 aligns the window top-left (as is_causal), Lk - Lq bottom-right (packed sequences)."""
     left, right = window_size
-    offset = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # j - i
+    offset = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None] - shift  # j - i
     keep = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
     if left >= 0:
         keep &= offset >= -left
@@ -282,6 +308,42 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0,
                       window: tuple[int, int] | None = None):
     return _probabilities(q, k, mask, is_causal, scale, softcap, window)[0]  # not from stats: see _probabilities
+
+
+def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
+                   window: tuple[int, int] | None = None):
+    """Each packed sequence through attention_forward, its window as a bottom-right aligned mask; rows outside
+    every sequence, and sequences without keys, are dead rows (zeros, max -inf)."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    stats = torch.zeros((2, q.shape[1], q.shape[0]), dtype=compute_dtype(q), device=q.device)
+    stats[0] = float("-inf")
+    for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
+        o, st = attention_forward(q4, k4, v4, mask, False, scale, 0.0, 0)
+        out[rows_q] = o[0].transpose(0, 1)
+        stats[:, :, rows_q] = st[:, 0]
+    return out, stats
+
+
+def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
+                    window: tuple[int, int] | None = None):
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
+        do4, o4 = dout[rows_q].transpose(0, 1)[None], out[rows_q].transpose(0, 1)[None]
+        g = attention_backward(do4, q4, k4, v4, o4, stats[:, None, :, rows_q], mask, False, scale, 0.0, 0)
+        dq[rows_q], dk[rows_k], dv[rows_k] = (t[0].transpose(0, 1) for t in g)
+    return dq, dk, dv
+
+
+def _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
+    """(query rows, key rows, q, k, v as (1, heads, L, D), the window's mask or None) of each packed sequence
+    that has queries and keys."""
+    for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k):
+        q4, k4, v4 = (t[r].transpose(0, 1)[None] for t, r in ((q, rows_q), (k, rows_k), (v, rows_k)))
+        Lq, Lk = q4.shape[2], k4.shape[2]
+        if Lq and Lk:
+            mask = None if window is None else window_mask(window, Lq, Lk, q.device, Lk - Lq).expand(
+                1, q.shape[1], Lq, Lk)
+            yield rows_q, rows_k, q4, k4, v4, mask
 
 
 def attention_weights_backward(dw: Tensor, w: Tensor, q: Tensor, k: Tensor, scale: float, softcap: float = 0.0,

@@ -53,6 +53,8 @@ def _on_input_device(fn):
 attention_forward = _on_input_device(_attention.attention_forward)
 attention_backward = _on_input_device(_attention.attention_backward)
 attention_weights = _on_input_device(_attention.attention_weights)
+varlen_forward = _on_input_device(_attention.varlen_forward)
+varlen_backward = _on_input_device(_attention.varlen_backward)
 layer_norm_forward = _on_input_device(_layer_norm.layer_norm_forward)
 layer_norm_backward = _on_input_device(_layer_norm.layer_norm_backward)
 rms_norm_forward = _on_input_device(_rms_norm.rms_norm_forward)
@@ -64,6 +66,8 @@ softmax_backward = _on_input_device(_softmax.softmax_backward)
 def unsupported(op: str, **args):
     if op == "scaled_dot_product_attention":
         return _attention.unsupported(**args)
+    if op == "varlen_attention":
+        return _attention.varlen_unsupported(**args)
     for name, t in args.items():
         if isinstance(t, torch.Tensor) and t.dtype not in DTYPES:
             return f"{name} is {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
@@ -73,4 +77,5 @@ def unsupported(op: str, **args):
 __all__ = [
     "attention_backward", "attention_forward", "attention_weights", "layer_norm_backward", "layer_norm_forward",
     "rms_norm_backward", "rms_norm_forward", "softmax_forward", "softmax_backward", "unavailable", "unsupported",
+    "varlen_backward", "varlen_forward",
 ]

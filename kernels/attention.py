@@ -146,6 +146,19 @@ def _window_inner(lo, mid, first, last, win_left, win_right, BLOCK: tl.constexpr
 
 
 @triton.jit
+def _sequence(CuQ, CuK, b, win_left, win_right):
+    """VARLEN: batch entry b is the packed sequence of queries CuQ[b] .. CuQ[b + 1] - 1 and keys CuK[b] ..
+    CuK[b + 1] - 1. Returns its first query and key rows, its lengths, and the window's sides moved by Lk - Lq:
+    a packed sequence's window is aligned bottom-right (FlashAttention's varlen convention), so query i sees keys
+    i + (Lk - Lq) - left .. i + (Lk - Lq) + right."""
+    q0 = tl.load(CuQ + b)
+    k0 = tl.load(CuK + b)
+    Lq = tl.load(CuQ + b + 1) - q0
+    Lk = tl.load(CuK + b + 1) - k0
+    return q0.to(tl.int64), k0.to(tl.int64), Lq, Lk, win_left - (Lk - Lq), win_right + (Lk - Lq)
+
+
+@triton.jit
 def _keys_ok(offs_n, k_end, EDGE: tl.constexpr):
     """Which keys of a tile exist: tested on EDGE tiles only, a constant True (folded away) elsewhere."""
     if EDGE:
@@ -255,11 +268,11 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, stats_split_stride,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, win_left, win_right, dropout_p,
-              dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
-              DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, PACK_GQA: tl.constexpr,
-              PDL: tl.constexpr = False):
+              dropout_scale, seed, CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+              PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
@@ -267,6 +280,10 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     Out: (num_splits, B, H, Lq, Dv) contiguous (num_splits = 1 writes the result itself). Max and LogSum,
     (num_splits, B, H, Lq) contiguous: each row's statistics (STATS, in the module's docstring). With several
     splits each part is normalized on its own and merged by _attn_combine.
+
+    VARLEN (packed sequences, one split, no PACK_GQA): B sequences packed along the rows of Q (total_q, H, D), K
+    and V (total_k, Hkv, .), sequence b at CuQ[b] / CuK[b] (_sequence); Lq and Lk are the longest lengths (the
+    grid's), the strides sqb, skb, svb 0. Out is (total_q, H, Dv), Max and LogSum (H, total_q), contiguous.
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -288,16 +305,19 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         hkv = h // GROUP
         offs_m = offs_r
     bh = b * H + h
+    q0, k0 = 0, 0
+    if VARLEN:
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_r < n_rows
-    q_rows = Q + b * sqb + h * sqh + offs_m.to(tl.int64) * sqm
+    row_ok = offs_r < (Lq * GROUP if PACK_GQA else Lq)
+    q_rows = Q + b * sqb + q0 * sqm + h * sqh + offs_m.to(tl.int64) * sqm
     q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
                 other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * skb + hkv * skh
-    v_base = V + b * svb + hkv * svh
+    k_base = K + b * skb + k0 * skn + hkv * skh
+    v_base = V + b * svb + k0 * svn + hkv * svh
     k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                      TMA)
     mask_rows = (Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm)[:, None]  # (BLOCK_M, 1)
@@ -314,6 +334,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         # are never read. Packed rows hold queries 0 .. Lq - 1.
         first, last = (0, Lq - 1) if PACK_GQA else (start_m, start_m + BLOCK_M - 1)
         lo, hi = _window_bounds(lo, hi, first, last, win_left, win_right, BLOCK_N)
+    if VARLEN:  # blocks past a shorter sequence's end: nothing to read
+        hi = tl.where(start_m < Lq, hi, lo)
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -363,11 +385,16 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
     log2_sum = tl.math.log2(tl.where(live, l_i, 1.0))
-    rows = bh * Lq + offs_m  # (b, h, i) in Out, Max and LogSum
+    if VARLEN:
+        rows = (q0 + offs_m) * H + h  # (i, h) in Out
+        stat_rows = h * total_q + q0 + offs_m  # (h, i) in Max and LogSum
+    else:
+        rows = bh * Lq + offs_m  # (b, h, i) in Out, Max and LogSum
+        stat_rows = rows
     o_ptrs = Out + split * out_split_stride + rows[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(Max + split * stats_split_stride + rows, tl.where(live, m_i, float("-inf")), mask=row_ok)
-    tl.store(LogSum + split * stats_split_stride + rows, log2_sum, mask=row_ok)
+    tl.store(Max + split * stats_split_stride + stat_rows, tl.where(live, m_i, float("-inf")), mask=row_ok)
+    tl.store(LogSum + split * stats_split_stride + stat_rows, log2_sum, mask=row_ok)
 
 
 @triton.jit
@@ -488,25 +515,29 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                    H, Hkv, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale,
-                   seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                   seed, CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
                    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr):
+    """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order.
+    VARLEN as in _attn_fwd: DK and DV are (total_k, Hkv, .), Max, LogSum and Delta (H, total_q)."""
     pid = tl.program_id(0)
     n_nblocks = tl.cdiv(Lk, BLOCK_N)
     bhkv = (pid // n_nblocks).to(tl.int64)
     b = bhkv // Hkv
     hkv = bhkv % Hkv
+    q0, k0 = 0, 0
+    if VARLEN:
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
     start_n = (pid % n_nblocks) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < Lk
     rows_n = offs_n.to(tl.int64)[:, None]
-    k = tl.load(K + b * skb + hkv * skh + rows_n * skn + offs_d[None, :] * skd,
+    k = tl.load(K + b * skb + k0 * skn + hkv * skh + rows_n * skn + offs_d[None, :] * skd,
                 mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V + b * svb + hkv * svh + rows_n * svn + offs_dv[None, :] * svd,
+    v = tl.load(V + b * svb + k0 * svn + hkv * svh + rows_n * svn + offs_dv[None, :] * svd,
                 mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -524,11 +555,15 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
     if WINDOW:  # the keys are seen by queries start_n - win_right .. start_n + BLOCK_N - 1 + win_left
         lo, hi = _window_bounds(lo, hi, start_n, start_n + BLOCK_N - 1, win_right, win_left, BLOCK_M)
         mid = tl.minimum(tl.maximum(mid, lo), hi)
+    if VARLEN:  # blocks past a shorter sequence's end: nothing to read
+        hi = tl.where(start_n < Lk, hi, lo)
+        mid = tl.minimum(mid, hi)
 
     if TMA:  # one descriptor per batch for all heads: the group loop below then builds none
-        q_desc = tl.make_tensor_descriptor(Q + b * sqb, shape=[H, Lq, HEAD_DIM], strides=[sqh, sqm, 1],
+        q_desc = tl.make_tensor_descriptor(Q + b * sqb + q0 * sqm, shape=[H, Lq, HEAD_DIM], strides=[sqh, sqm, 1],
                                            block_shape=[1, BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(DO + b * sdob, shape=[H, Lq, HEAD_DIM_V], strides=[sdoh, sdom, 1],
+        do_desc = tl.make_tensor_descriptor(DO + b * sdob + q0 * sdom, shape=[H, Lq, HEAD_DIM_V],
+                                            strides=[sdoh, sdom, 1],
                                             block_shape=[1, BLOCK_M, BLOCK_DV])
     else:
         q_desc = Q
@@ -538,12 +573,13 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
     for g in range(GROUP):
         h = hkv * GROUP + g
         bh = b * H + h
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sdob + h * sdoh
+        q_base = Q + b * sqb + q0 * sqm + h * sqh
+        do_base = DO + b * sdob + q0 * sdom + h * sdoh
         mask_cols = Mask + b * smb + h * smh + rows_n * smn  # (BLOCK_N, 1)
         rng_base = bh * Lq * Lk
         h32 = h.to(tl.int32)
-        row_max, log_sum, delta = Max + bh * Lq, LogSum + bh * Lq, Delta + bh * Lq
+        stat_base = h * total_q + q0 if VARLEN else bh * Lq
+        row_max, log_sum, delta = Max + stat_base, LogSum + stat_base, Delta + stat_base
         if IS_CAUSAL:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h32, row_max, log_sum, delta,
                                  mask_cols, offs_n, n_ok, rng_base, lo, mid, Lq, Lk, sqm, sqd, sdom, sdod, smm,
@@ -556,10 +592,10 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                              BLOCK_DV, BLOCK_M, MASK_KIND, False, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA)
 
     dk = dk * scale
-    tl.store(DK + b * sdkb + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + b * sdvb + hkv * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd, dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(DK + b * sdkb + k0 * sdkn + hkv * sdkh + rows_n * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + b * sdvb + k0 * sdvn + hkv * sdvh + rows_n * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
@@ -615,12 +651,14 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                  H, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale, seed,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
-                 SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, TMA: tl.constexpr, MASK_GRAD: tl.constexpr):
+                 CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
+                 DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, MASK_GRAD: tl.constexpr,
+                 VARLEN: tl.constexpr):
     """One program: dQ for BLOCK_M queries of one (b, h), looping over the visible key blocks; with MASK_GRAD also
-    dMask (B, H, Lq, Lk) fp32 contiguous, zero where no tile stores (the launcher zeroes it)."""
+    dMask (B, H, Lq, Lk) fp32 contiguous, zero where no tile stores (the launcher zeroes it). VARLEN as in
+    _attn_fwd: DQ is (total_q, H, D), Max, LogSum and Delta (H, total_q)."""
     pid = tl.program_id(0)
     n_mblocks = tl.cdiv(Lq, BLOCK_M)
     mblock = n_mblocks - 1 - pid % n_mblocks
@@ -628,23 +666,27 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
     b = bh // H
     h = bh % H
     hkv = h // GROUP
+    q0, k0 = 0, 0
+    if VARLEN:
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
     start_m = mblock * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
     rows = offs_m.to(tl.int64)[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + rows * sqm + offs_d[None, :] * sqd,
+    q = tl.load(Q + b * sqb + q0 * sqm + h * sqh + rows * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows * sdom + offs_dv[None, :] * sdod,
+    do = tl.load(DO + b * sdob + q0 * sdom + h * sdoh + rows * sdom + offs_dv[None, :] * sdod,
                  mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    m, log_sum, lse = _row_stats(Max + bh * Lq + offs_m, LogSum + bh * Lq + offs_m, row_ok)
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * skb + hkv * skh
-    v_base = V + b * svb + hkv * svh
+    stat_rows = h * total_q + q0 + offs_m if VARLEN else bh * Lq + offs_m
+    m, log_sum, lse = _row_stats(Max + stat_rows, LogSum + stat_rows, row_ok)
+    delta = tl.load(Delta + stat_rows, mask=row_ok, other=0.0)
+    k_base = K + b * skb + k0 * skn + hkv * skh
+    v_base = V + b * svb + k0 * svn + hkv * svh
     k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                      TMA)
     mask_rows = Mask + b * smb + h * smh + rows * smm
@@ -659,6 +701,8 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
         hi = tl.minimum(hi, start_m + BLOCK_M)
     if WINDOW:  # as the forward's
         lo, hi = _window_bounds(lo, hi, start_m, start_m + BLOCK_M - 1, win_left, win_right, BLOCK_N)
+    if VARLEN:  # blocks past a shorter sequence's end: nothing to read
+        hi = tl.where(start_m < Lq, hi, lo)
     if IS_CAUSAL:
         mid = lo + tl.maximum(tl.minimum(hi, start_m + 1) - lo, 0) // BLOCK_N * BLOCK_N
     elif EDGE_FIRST:
@@ -689,7 +733,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
                    dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND,
                    IS_CAUSAL, WINDOW, DROPOUT, SOFTCAP, MASK_GRAD, UPCAST, IEEE, TMA, True)
     dq = dq * scale
-    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * sdqb + q0 * sdqm + h * sdqh + rows * sdqm + offs_d[None, :] * sdqd, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -749,7 +793,8 @@ def _dropout_mask_kernel(Keep, Lk, dropout_p, seed, BLOCK_N: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 # Configs: autotuned on GPU, one small config in the interpreter (programs run one at a time on the CPU)
 # ----------------------------------------------------------------------------------------------------------
-_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "WINDOW", "DROPOUT", "SOFTCAP"]
+_TUNING_KEY = ["Lq", "Lk", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "WINDOW", "DROPOUT", "SOFTCAP",
+               "VARLEN"]
 _SMEM_BYTES = 200 * 1024  # Hopper has 227 KB per block; leave room for the compiler's own scratch
 _REGS_PER_THREAD = 160    # fp32 accumulator values a thread may hold before spills become likely
 
@@ -993,13 +1038,21 @@ def _flags(q, mask, is_causal, dropout_p, softcap, window):
                 UPCAST=INTERPRET and q.dtype != torch.float32, IEEE=q.dtype == torch.float32)
 
 
-def _score_args(scale, softcap, window, Lq, Lk):
+def _score_args(scale, softcap, window, far):
     """The kernels' scalars for the scores (_scores, _apply_masks): the softmax scale and the logit cap, in base 2,
-    and the window's sides, an unbounded side (-1) as max(Lq, Lk), which no query-key distance reaches."""
+    and the window's sides, an unbounded side (-1) as `far`, which no query-key distance reaches: max(Lq, Lk), or
+    with packed sequences (VARLEN) max_q + max_k, which also outreaches a side moved by Lk - Lq (_sequence)."""
     left, right = (-1, -1) if window is None else window
-    far = max(Lq, Lk)
     return dict(qk_scale=scale * LOG2E, softcap=softcap * LOG2E, win_left=far if left < 0 else min(left, far),
                 win_right=far if right < 0 else min(right, far))
+
+
+def _varlen_args(q, cu_seq_q=None, cu_seq_k=None):
+    """The kernels' VARLEN arguments: packed sequences' offsets (int32, B + 1) and packed query rows, or
+    placeholders (never read) without them."""
+    if cu_seq_q is None:
+        return dict(CuQ=q, CuK=q, total_q=0, VARLEN=False)
+    return dict(CuQ=cu_seq_q, CuK=cu_seq_k, total_q=q.shape[0], VARLEN=True)
 
 
 def _dropout_args(dropout_p, seed):
@@ -1065,8 +1118,8 @@ def _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, 
     Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     mask_t, _, mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
-    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, Lq, Lk),
-                  **_dropout_args(dropout_p, seed), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
+    kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, max(Lq, Lk)),
+                  **_dropout_args(dropout_p, seed), **_varlen_args(q), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
                   **_flags(q, mask, is_causal, dropout_p, softcap, window))
     if plan is None:
         _launch("fwd", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
@@ -1161,8 +1214,8 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
     flags = dict(_flags(q, mask, is_causal, dropout_p, softcap, window), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv))
     inputs = (q, k, v, mask_t, dout, stats[0], stats[1], delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *mask_strides, *dout.stride())
-    common = dict(Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, Lq, Lk), scale=scale,
-                  **_dropout_args(dropout_p, seed), **flags)
+    common = dict(Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, max(Lq, Lk)), scale=scale,
+                  **_dropout_args(dropout_p, seed), **_varlen_args(q), **flags)
     _launch("dkdv", lambda meta: (cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,),
             *inputs, dk, dv, *strides, *dk.stride(), *dv.stride(), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
     dmask = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if mask_grad else None
@@ -1188,9 +1241,84 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
     grid = (cdiv(Lq, bm) * cdiv(Lk, bn) * B * H,)
     stats = stats.contiguous()
     _attn_weights[grid](q, k, mask_t, stats[0], stats[1], w, *q.stride(), *k.stride(), *mask_strides, H, H // Hkv,
-                        Lq, Lk, **_score_args(scale, softcap, window, Lq, Lk), **flags, BLOCK_M=bm, BLOCK_N=bn,
+                        Lq, Lk, **_score_args(scale, softcap, window, max(Lq, Lk)), **flags, BLOCK_M=bm, BLOCK_N=bn,
                         num_warps=warps)
     return w
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """A packed (total, heads, D) tensor, copied to contiguous where a row or head stride is too large to tile."""
+    return t.contiguous() if max(abs(t.stride(0)), abs(t.stride(1))) >= _MAX_TILE_STRIDE else t
+
+
+def _packed_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """A packed (total, heads, D) tensor's strides in the kernels' (batch, head, row, column) order: the batch
+    stride is 0, as each sequence's first row (_sequence) places it."""
+    return 0, t.stride(1), t.stride(0), t.stride(2)
+
+
+def varlen_unsupported(query, key, value, max_q=0, max_k=0, window=None, **_) -> str | None:
+    """None when the Triton kernels can run this packed-sequence call, else why not."""
+    reason = unsupported(query, key, value)
+    if reason is not None:
+        return reason
+    if max(query.shape[0], key.shape[0]) > MAX_LENGTH:
+        return (f"the packed lengths are {query.shape[0]} and {key.shape[0]}: the Triton attention kernels count "
+                f"positions in int32, up to {MAX_LENGTH}")
+    if window is not None and max_q + max_k > MAX_WINDOW_LENGTH:
+        return (f"max_q + max_k is {max_q + max_k}: with window_size the Triton attention kernels take up to "
+                f"{MAX_WINDOW_LENGTH}")
+    return None
+
+
+def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
+                   window: tuple[int, int] | None = None):
+    """Packed sequences (VARLEN): q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b's
+    queries at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 and keys likewise (int32, B + 1), at most max_q and max_k
+    of them; the window aligned bottom-right in each sequence (_sequence) -> out (total_q, H, Dv), stats fp32
+    (2, H, total_q)."""
+    q, k, v = _packed(q), _packed(k), _packed(v)
+    B = cu_seq_q.shape[0] - 1
+    total_q, H, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    out = torch.empty((total_q, H, Dv), dtype=q.dtype, device=q.device)
+    stats = torch.empty((2, H, total_q), dtype=torch.float32, device=q.device)
+    args = (q, k, v, q, out, stats[0], stats[1], *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
+            0, 0, 0, 0)
+    _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *args, 0, 0, H=H, GROUP=H // Hkv,
+            Lq=max_q, Lk=max_k, keys_per_split=max_k, num_splits=1, **_score_args(scale, 0.0, window, max_q + max_k),
+            **_dropout_args(0.0, 0), **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
+            PACK_GQA=False, **_flags(q, None, False, 0.0, 0.0, window))
+    return out, stats
+
+
+def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
+                    window: tuple[int, int] | None = None):
+    """varlen_forward's gradients: dout, out (total_q, H, Dv), stats (2, H, total_q) -> dq, dk, dv shaped like q,
+    k, v (contiguous)."""
+    dout, out, q, k, v = _packed(dout), _packed(out), _packed(q), _packed(k), _packed(v)
+    B = cu_seq_q.shape[0] - 1
+    total_q, H, _ = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    stats = stats.contiguous()
+    delta = torch.empty((H, total_q), dtype=torch.float32, device=q.device)
+    block_m = 32 if INTERPRET else 64
+    # Delta (h, i): the delta kernel's (batch, head, row) with one batch entry of total_q rows
+    _attn_bwd_delta[(cdiv(total_q, block_m) * H,)](out, dout, delta, *_packed_strides(out), *_packed_strides(dout),
+                                                   H, total_q, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_DV=_block(Dv))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    inputs = (q, k, v, q, dout, stats[0], stats[1], delta)
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(dout))
+    common = dict(Lq=max_q, Lk=max_k, **_score_args(scale, 0.0, window, max_q + max_k), scale=scale,
+                  **_dropout_args(0.0, 0), **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
+                  **_flags(q, None, False, 0.0, 0.0, window))
+    _launch("dkdv", lambda meta: (cdiv(max_k, meta["BLOCK_N"]) * B * Hkv,), *inputs, dk, dv, *strides,
+            *_packed_strides(dk), *_packed_strides(dv), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
+    _launch("dq", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *inputs, dq, q, *strides,
+            *_packed_strides(dq), H=H, GROUP=H // Hkv, MASK_GRAD=False, **common)
+    return dq, dk, dv
 
 
 def dropout_mask(seed: int, p: float, B: int, H: int, Lq: int, Lk: int, device) -> torch.Tensor:

@@ -1,0 +1,165 @@
+"""fast_attention::varlen_attention: attention over packed sequences (torch.nn.attention.varlen.varlen_attn, and
+FlashAttention's flash_attn_varlen_func), and its backward.
+
+Packing puts a batch of sequences of different lengths end to end, with no padding: query (total_q, H, E), key
+(total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query and
+cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value (cu_seq_*: int32, B + 1 offsets from 0), and attends only to
+itself. The kernels run one grid over (query block, sequence, head), sized by the longest sequence (max_q, max_k),
+and read each sequence's offsets on the device: no padding is computed and nothing syncs with the host.
+
+A local window (left, right) aligns bottom-right in each sequence, FlashAttention's varlen convention, which
+torch's varlen_attn inherits: query i of a sequence of Lq queries and Lk keys sees keys i + (Lk - Lq) - left ..
+i + (Lk - Lq) + right, so (-1, 0) is causal attention and (W, 0) a causal window of W + 1 keys; with Lq == Lk (a
+packed training batch) that is the usual, top-left causal mask. The statistics are (2, H, total_q), the dense ops'
+format (fast_attention/ops/attention.py) with the query rows packed.
+
+The offsets are trusted as FlashAttention and torch trust them (checking their values would sync with the host on
+every call): they must start at 0, never decrease and end at total_q / total_k (every row in a sequence), and
+max_q / max_k must be at least the longest sequence; the kernels write no row outside every sequence. On CPU
+tensors, whose values are on the host already, the op layer checks them.
+"""
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .. import backends, reference
+from ._checks import as_float, check_float, check_same_device
+from ._direct import call
+from .attention import check_window, window
+
+OP = "varlen_attn"
+LN2 = math.log(2)
+
+
+def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa):
+    """Validate varlen_attn's arguments (torch's rules, and its messages' content); return the softmax scale and
+    the window's sides (-1, -1 for none)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        check_float(name, t, OP)
+        if t.dim() != 3:
+            raise ValueError(f"fast_attention.{OP}: {name} must be 3-D, (total, heads, head dim), got shape "
+                             f"{tuple(t.shape)}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError(f"fast_attention.{OP}: query, key and value must have the same dtype, got {query.dtype}, "
+                        f"{key.dtype} and {value.dtype}")
+    for name, t in (("cu_seq_q", cu_seq_q), ("cu_seq_k", cu_seq_k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fast_attention.{OP}: {name} must be a torch.Tensor (int32 offsets), got "
+                            f"{type(t).__name__}")
+        if t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"fast_attention.{OP}: {name} must be a 1-D int32 tensor of B + 1 offsets, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+    if cu_seq_q.shape != cu_seq_k.shape:
+        raise ValueError(f"fast_attention.{OP}: cu_seq_q and cu_seq_k must hold the same number of offsets (B + 1), "
+                         f"got {cu_seq_q.shape[0]} and {cu_seq_k.shape[0]}")
+    check_same_device(OP, query=query, key=key, value=value, cu_seq_q=cu_seq_q, cu_seq_k=cu_seq_k)
+    if key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"fast_attention.{OP}: key's head dim (last dim) must equal query's, got {key.shape[-1]} "
+                         f"and {query.shape[-1]}")
+    if value.shape[:2] != key.shape[:2]:
+        raise ValueError(f"fast_attention.{OP}: value must have key's rows and heads, got shapes "
+                         f"{tuple(value.shape)} and {tuple(key.shape)}")
+    H, Hkv = query.shape[1], key.shape[1]
+    if not enable_gqa and H != Hkv:
+        raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hkv}; pass "
+                         f"enable_gqa=True for grouped-query attention")
+    if enable_gqa and (Hkv == 0 or H % Hkv):
+        raise ValueError(f"fast_attention.{OP}: with enable_gqa the number of query heads ({H}) must be divisible "
+                         f"by the number of key/value heads ({Hkv})")
+    for name, n in (("max_q", max_q), ("max_k", max_k)):
+        if not isinstance(n, (numbers.Integral, torch.SymInt)) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"fast_attention.{OP}: {name} must be an int >= 0 (the longest sequence's length), "
+                             f"got {n!r}")
+    if query.shape[-1] == 0 and query.numel() + key.numel() > 0 and value.shape[-1] > 0:
+        raise NotImplementedError(f"fast_attention.{OP}: a head dim of 0 (every score 0) is not supported")
+    if cu_seq_q.device.type == "cpu" and not torch.compiler.is_compiling():  # the values are on the host: check
+        # what the kernels trust (a traced graph has no values to check)
+        _check_offsets(cu_seq_q, "cu_seq_q", query.shape[0], max_q)
+        _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], max_k)
+    E = query.shape[-1]
+    scale = as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf
+    if window_size is None or tuple(window_size) == (-1, -1):
+        return scale, (-1, -1)
+    return scale, check_window(window_size, False)
+
+
+def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
+    lengths = cu.diff()
+    if cu[0] != 0 or bool((lengths < 0).any()) or cu[-1] != total:
+        raise ValueError(f"fast_attention.{OP}: {name} must start at 0, never decrease and end at the {total} "
+                         f"packed rows, got {cu.tolist()}")
+    if lengths.numel() and int(lengths.max()) > longest:
+        raise ValueError(f"fast_attention.{OP}: max_{name[-1]} is {longest} but {name} holds a sequence of "
+                         f"{int(lengths.max())}")
+
+
+def _empty_result(query, value):
+    out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
+    stats = query.new_zeros((2, query.shape[1], query.shape[0]), dtype=reference.compute_dtype(query))
+    stats[0] = float("-inf")  # every row is dead: max -inf, log sum 0
+    return out, stats
+
+
+def _nothing_to_do(query, key, value, max_q, max_k) -> bool:
+    return query.numel() == 0 or key.shape[0] == 0 or value.shape[-1] == 0 or max_q == 0 or max_k == 0
+
+
+@torch.library.custom_op("fast_attention::varlen_attention", mutates_args=())
+def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
+                     max_k: int, scale: float, backend: str, window_left: int = -1,
+                     window_right: int = -1) -> tuple[Tensor, Tensor]:
+    """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring."""
+    if _nothing_to_do(query, key, value, max_q, max_k):
+        return _empty_result(query, value)
+    return backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale,
+                                                window(window_left, window_right))
+
+
+@varlen_attention.register_fake
+def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1):
+    return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1]),
+            query.new_empty(2, query.shape[1], query.shape[0], dtype=reference.compute_dtype(query)))
+
+
+@torch.library.custom_op("fast_attention::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                              stats: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
+                              scale: float, backend: str, window_left: int = -1,
+                              window_right: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    if _nothing_to_do(query, key, value, max_q, max_k):
+        return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
+    return backends.get(backend).varlen_backward(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q,
+                                                 max_k, scale, window(window_left, window_right))
+
+
+@varlen_attention_backward.register_fake
+def _(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1,
+      window_right=-1):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    inputs = (*inputs, *(-1, -1)[len(inputs) - 9:])  # the keyword arguments a caller left at defaults
+    query, key, value, cu_seq_q, cu_seq_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = inputs[:9]
+    ctx.window_left, ctx.window_right = inputs[9:]
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, stats)
+
+
+def _backward(ctx, grad_out, _grad_stats):
+    query, key, value, cu_seq_q, cu_seq_k, out, stats = ctx.saved_tensors
+    dq, dk, dv = call(varlen_attention_backward, grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k,
+                      ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+varlen_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def logsumexp(stats: Tensor) -> Tensor:
+    """The natural logsumexp of each row's scores (H, total_q), from the base-2 statistics; -inf for a row with no
+    key (the log of an empty sum)."""
+    return (stats[0] + stats[1]) * LN2

@@ -1,0 +1,244 @@
+"""fa.varlen_attn: attention over packed sequences (torch.nn.attention.varlen.varlen_attn), against the float64
+reference (each sequence through scaled_dot_product_attention) under the 2x-torch's-error rule."""
+import math
+
+import pytest
+import torch
+
+import fast_attention as fa
+from fast_attention import reference as ref
+from tolerance import assert_close
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+TRITON = "triton" in fa.available_backends()
+needs_triton = pytest.mark.skipif(not TRITON, reason="the Triton backend is not available here")
+gpu_only = pytest.mark.skipif(not GPU, reason="the full grid needs a GPU (the interpreter is too slow for it)")
+
+
+class LSE:  # torch's AuxRequest(lse=True), without importing torch.nn.attention.varlen (torch >= 2.9)
+    lse = True
+
+
+def _offsets(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+
+def _packed(total, heads, D, dtype):
+    return torch.randn(total, heads, D, device=DEVICE, dtype=dtype, requires_grad=True)
+
+
+def _varlen_backend(backend):
+    if backend == "cuda":
+        pytest.skip("the CUDA kernels take no packed sequences (test_varlen_cuda_refuses checks that they refuse)")
+
+
+def _torch_varlen(dtype):
+    """torch's own varlen_attn where it runs (flash kernels: CUDA, 16-bit), else None."""
+    if not GPU or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _lse_reference(q, k, cu_q, cu_k, scale, window):
+    """The natural logsumexp of each row's scores (H, total_q) in float64, -inf for a row with no key."""
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
+    for rows_q, rows_k in ref.sequences(cu_q, cu_k):
+        qs, ks = q[rows_q].double().transpose(0, 1), k[rows_k].double().transpose(0, 1)
+        ks = ks.repeat_interleave(qs.shape[0] // max(ks.shape[0], 1), 0)
+        s = qs @ ks.transpose(-2, -1) * scale
+        if window != (-1, -1):
+            keep = ref.window_mask(window, qs.shape[1], ks.shape[1], q.device, ks.shape[1] - qs.shape[1])
+            s = s.masked_fill(~keep, float("-inf"))
+        lse[:, rows_q] = torch.logsumexp(s, -1) if s.shape[-1] else float("-inf")
+    return lse
+
+
+def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None):
+    """Ours vs the same-dtype baseline (torch's varlen_attn where it runs, else the reference written out in the
+    inputs' dtype) vs the float64 reference: the output, the logsumexp and the three gradients."""
+    cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
+    max_q, max_k = max(lengths_q), max(lengths_k)
+    q, k, v = _packed(sum(lengths_q), H, D, dtype), _packed(sum(lengths_k), Hkv, D, dtype), _packed(sum(lengths_k),
+                                                                                                  Hkv, D, dtype)
+    kwargs = dict(scale=scale, window_size=window, enable_gqa=H != Hkv)
+    out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=LSE(), backend=backend, **kwargs)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    theirs = _torch_varlen(dtype)
+    if theirs is not None:
+        t_out = theirs(*same, cu_q, cu_k, max_q, max_k, **kwargs)
+    else:
+        t_out = ref.varlen_attn(*same, cu_q, cu_k, **kwargs)
+    t_out.backward(grad)
+    oracle = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out = ref.varlen_attn(*oracle, cu_q, cu_k, **kwargs)
+    r_out.backward(grad.double())
+
+    assert out.dtype == q.dtype and out.shape == (q.shape[0], H, D)
+    assert_close(out, t_out, r_out, "output")
+    for name, ours, base, exact in zip(("dq", "dk", "dv"), (q, k, v), same, oracle):
+        assert_close(ours.grad, base.grad, exact.grad, name)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    expected_lse = _lse_reference(q, k, cu_q, cu_k, scale, window)
+    assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
+    live = torch.isfinite(expected_lse)
+    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+    return q, k, v, out
+
+
+# Sequences of 1 query, none, no keys, Lq > Lk and Lq < Lk, and two longer than the interpreter's 32-row tiles;
+# windows: none, causal (-1, 0), a causal window, two-sided, one key.
+VARLEN_CASES = [
+    ((-1, -1), torch.float32, 2), ((-1, 0), torch.float16, 1), ((5, 0), torch.bfloat16, 2),
+    ((3, 2), torch.float32, 1), ((0, 0), torch.float16, 2), ((-1, 0), torch.float32, 2),
+]
+
+
+@pytest.mark.parametrize("window,dtype,Hkv", VARLEN_CASES)
+def test_varlen(backend, window, dtype, Hkv):
+    _varlen_backend(backend)
+    check_varlen(backend, [17, 1, 0, 45, 6, 3], [17, 4, 5, 38, 0, 9], 2, Hkv, 16, dtype, window)
+
+
+def test_varlen_training_batch(backend):
+    """Packed training: every sequence's queries are its keys (Lq == Lk, the causal mask top-left and bottom-right
+    at once), as the dense causal op on each sequence alone gives."""
+    _varlen_backend(backend)
+    lengths = [33, 1, 20, 7]
+    q, k, v, out = check_varlen(backend, lengths, lengths, 2, 2, 24, torch.float32, (-1, 0), scale=0.3)
+    for rows, _ in ref.sequences(_offsets(lengths), _offsets(lengths)):
+        dense = fa.scaled_dot_product_attention(*(t[rows].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                                scale=0.3, backend=backend)
+        torch.testing.assert_close(out[rows], dense.transpose(0, 1), atol=2e-6, rtol=0)
+
+
+@needs_triton
+def test_varlen_sequences_are_independent():
+    """A sequence's output and gradients do not depend on the other sequences' values, bit for bit (the kernels
+    read only their own sequence's rows), whatever its neighbours hold, NaN included."""
+    lengths_q, lengths_k = [40, 7, 33], [35, 50, 2]
+    cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
+    q, k, v = (_packed(sum(n), 2, 16, torch.float16) for n in (lengths_q, lengths_k, lengths_k))
+    out = fa.varlen_attn(q, k, v, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend="triton")
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    rows_q, rows_k = slice(40, 47), slice(35, 85)  # the middle sequence
+    with torch.no_grad():
+        others = [t.detach().clone() for t in (q, k, v)]
+        for t, rows in zip(others, (rows_q, rows_k, rows_k)):
+            keep = t[rows].clone()
+            t.fill_(float("nan"))
+            t[rows] = keep
+    others = [t.requires_grad_() for t in others]
+    again = fa.varlen_attn(*others, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend="triton")
+    grads_again = torch.autograd.grad(again, others, dout)
+    assert torch.equal(again[rows_q], out[rows_q])
+    for g, h, rows in zip(grads, grads_again, (rows_q, rows_k, rows_k)):
+        assert torch.equal(g[rows], h[rows])
+
+
+@needs_triton
+def test_varlen_strided_inputs():
+    """Packed rows sliced out of one fused projection (q, k, v interleaved per row), as models produce them."""
+    total, H, D = 50, 2, 16
+    qkv = torch.randn(total, 3, H, D, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    q, k, v = qkv.unbind(1)
+    cu = _offsets([20, 30])
+    out = fa.varlen_attn(q, k, v, cu, cu, 30, 30, window_size=(-1, 0), backend="triton")
+    expected = ref.varlen_attn(*(t.detach().double() for t in (q, k, v)), cu, cu, window_size=(-1, 0))
+    torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=0)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
+
+
+@needs_triton
+@pytest.mark.skipif(not GPU, reason="the interpreter runs one config (32 x 32); this checks the GPU's tiles")
+@pytest.mark.parametrize("window,dtype", [((-1, -1), torch.bfloat16), ((-1, 0), torch.float16),
+                                          ((255, 0), torch.bfloat16), ((100, 37), torch.float16),
+                                          ((-1, 0), torch.float32)])
+@pytest.mark.parametrize("D", [64, 128])
+def test_varlen_gpu_grid(window, dtype, D):
+    lengths_q = [1000, 1, 4097, 127, 0, 3, 17]
+    lengths_k = [1000, 5, 4097, 300, 64, 3, 1]
+    check_varlen("triton", lengths_q, lengths_k, 8, 2, D, dtype, window)
+
+
+def test_varlen_bad_input():
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    cu = _offsets([4, 6])
+    with pytest.raises(ValueError, match="query must be 3-D"):
+        fa.varlen_attn(q[None], q, q, cu, cu, 6, 6)
+    with pytest.raises(ValueError, match="cu_seq_q must be a 1-D int32 tensor"):
+        fa.varlen_attn(q, q, q, cu.long(), cu, 6, 6)
+    with pytest.raises(ValueError, match="same number of offsets"):
+        fa.varlen_attn(q, q, q, cu, cu[:2], 6, 6)
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        fa.varlen_attn(q, q[:, :1], q[:, :1], cu, cu, 6, 6)
+    with pytest.raises(ValueError, match="divisible"):
+        fa.varlen_attn(q.repeat(1, 3, 1)[:, :5], q, q, cu, cu, 6, 6, enable_gqa=True)
+    with pytest.raises(ValueError, match="head dim"):
+        fa.varlen_attn(q, q[..., :8], q, cu, cu, 6, 6)
+    with pytest.raises(TypeError, match="same dtype"):
+        fa.varlen_attn(q, q.half(), q, cu, cu, 6, 6)
+    with pytest.raises(ValueError, match="max_k must be an int"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, -1)
+    with pytest.raises(TypeError, match="window_size must be None or a pair"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(3,))
+    with pytest.raises(ValueError, match="window_size sides must be >= 0"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(-2, 0))
+    if DEVICE == "cpu":  # the offsets' values are checked where they are on the host
+        with pytest.raises(ValueError, match="never decrease"):
+            fa.varlen_attn(q, q, q, _offsets([6, -2]), cu, 6, 6)
+        with pytest.raises(ValueError, match="end at the 10 packed rows"):
+            fa.varlen_attn(q, q, q, _offsets([6, 6]), cu, 6, 6)
+        with pytest.raises(ValueError, match="cu_seq_k must start at 0, never decrease and end at the 10"):
+            fa.varlen_attn(q, q, q, cu, _offsets([4, 5]), 6, 6)
+        with pytest.raises(ValueError, match="max_q is 5 but cu_seq_q holds a sequence of 6"):
+            fa.varlen_attn(q, q, q, cu, cu, 5, 6)
+
+
+def test_varlen_cuda_refuses():
+    """The CUDA backend has no varlen kernel: asked for, it says so; backend=None takes another."""
+    from fast_attention import backends
+
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    reason = backends.why_not("cuda", "varlen_attention", q.device, query=q, key=q, value=q, max_q=6, max_k=6)
+    assert reason is not None
+    if GPU and "cuda" in fa.available_backends():
+        assert "no kernel for varlen_attention" in reason
+
+
+def test_varlen_opcheck(backend, device):
+    _varlen_backend(backend)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = (torch.randn(n, 2, 16, device=device, dtype=dtype, requires_grad=True) for n in (12, 15, 15))
+    args = (q, k, v, _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, 3, 0)
+    torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_varlen_torch_compile(backend, device, compiler):
+    _varlen_backend(backend)
+    torch._dynamo.reset()
+    cu = _offsets([9, 4])
+    x = torch.randn(13, 2, 16, device=device, requires_grad=True)
+    proj = torch.nn.Linear(16, 48).to(device)
+
+    def loss(x):
+        q, k, v = proj(x).split(16, -1)
+        return fa.varlen_attn(q, k, v, cu, cu, 9, 9, window_size=(-1, 0), backend=backend).square().sum()
+
+    (g_eager,) = torch.autograd.grad(loss(x), x)
+    compiled = torch.compile(loss, fullgraph=True, backend=compiler)
+    value = compiled(x)
+    (g,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value, loss(x))
+    torch.testing.assert_close(g, g_eager)
