@@ -37,10 +37,17 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     and key lengths are equal (training, prefill): the mask transformers built stays the exact rule (query i sees
     keys i - W < j <= i, or |i - j| <= W where bidirectional), the window lets the kernels skip the key blocks
     outside it, so such a layer costs about L * W rather than L * L.
+
+    A packed batch (padding-free training: transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    puts the sequences end to end in one row and passes their offsets, cu_seq_lens_q / cu_seq_lens_k, and longest
+    lengths, max_length_q / max_length_k) runs on fa.varlen_attn (_packed).
     """
     Lq, Lk = query.shape[2], key.shape[2]
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    packed = _packed(query, key, value, dropout, scaling, bool(is_causal), kwargs)
+    if packed is not None:
+        return packed, None
     # transformers' mask function returns None exactly when the mask is causal (or absent) and can be dropped;
     # a single query row attends every cached key, so it is never causal
     is_causal = bool(is_causal) and attention_mask is None and Lq > 1
@@ -66,6 +73,32 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         out = F.scaled_dot_product_attention(query, key, value, **args)
     return out.transpose(1, 2).contiguous(), weights
+
+
+def _packed(query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling: float | None, is_causal: bool,
+            kwargs) -> Tensor | None:
+    """A packed batch's attention output (1, L, H, D) from fa.varlen_attn, or None where this call is not one it
+    runs. The offsets among the kwargs say where each sequence starts, as they do for transformers' own flash
+    implementations, which read the same kwargs: each sequence attends causally to itself (a sliding layer's
+    window of W keys is window_size=(W - 1, 0)), and the mask transformers built from the position ids, which
+    holds the same rule as an L x L block diagonal (or, with a cache object, is missing), is not read. The kernels
+    then skip every block outside the sequences, where the mask path computes all of the L x L scores. None, and
+    the mask path, for what varlen_attn does not take: bidirectional layers, several rows, cached keys, dropout,
+    sinks, a logit cap, a position bias, or the weights."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    L = query.shape[2]
+    if cu_q is None or cu_k is None or not is_causal or query.shape[0] != 1 or key.shape[2] != L:
+        return None
+    if (dropout or kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("position_bias") is not None
+            or _weights_wanted(kwargs)):
+        return None
+    W = kwargs.get("sliding_window")
+    window = (W - 1, 0) if isinstance(W, int) and W > 0 else (-1, 0)
+    out = F.varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
+                        cu_q.to(torch.int32), cu_k.to(torch.int32), int(kwargs.get("max_length_q") or L),
+                        int(kwargs.get("max_length_k") or L), scale=scaling, window_size=window,
+                        enable_gqa=key.shape[1] != query.shape[1])
+    return out[None]  # (1, L, H, D), contiguous: transformers' layout
 
 
 def _window(sliding_window, Lq: int, Lk: int) -> tuple[int, int] | None:

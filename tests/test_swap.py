@@ -449,6 +449,53 @@ def test_hugging_face_sliding_window_reaches_the_kernels(backend, monkeypatch, p
     assert [w[2] for w in windows if w[0] == 1] == [None] * 6 and windows[0][2] == (8, 8)
 
 
+@pytest.mark.parametrize("model_name", ["Llama", "Mistral"])
+def test_hugging_face_packed_sequences_run_on_varlen(backend, monkeypatch, model_name):
+    """A packed batch (DataCollatorWithFlattening(return_flash_attn_kwargs=True): four sequences of 40, 1, 25 and 9
+    tokens end to end) runs on fa.varlen_attn, causal, and a sliding layer of W keys with window_size (W - 1, 0):
+    the logits and the attention parameters' gradients are those of each sequence run alone, by eager and by the
+    float64 model. With transformers' default use_cache=True the mask path gets no mask for such a batch (eager and
+    sdpa then let the sequences attend to each other); the offsets make it right here too."""
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, max_position_embeddings=128)
+    if model_name == "Llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    else:
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=8)).eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    reference = copy.deepcopy(eager).double()
+    fa.swap(model, backend=backend)
+    windows = []
+    real_varlen = fa.functional.varlen_attn
+
+    def spy(*args, window_size=(-1, -1), **kwargs):
+        windows.append(window_size)
+        return real_varlen(*args, window_size=window_size, **kwargs)
+
+    monkeypatch.setattr(fa.functional, "varlen_attn", spy)
+    sequences = [torch.randint(3, 100, (n,)).tolist() for n in (40, 1, 25, 9)]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": ids} for ids in sequences])
+    batch.pop("labels")
+    for use_cache in (True, False):
+        windows.clear()
+        with torch.no_grad():
+            logits = model(**batch, use_cache=use_cache).logits[0]
+        assert windows == [(7, 0) if model_name == "Mistral" else (-1, 0)] * 2
+        alone = torch.cat([eager(input_ids=torch.tensor([ids])).logits[0] for ids in sequences])
+        torch.testing.assert_close(logits, alone, atol=2e-5, rtol=0)
+    logits = [model(**batch, use_cache=False).logits[0]]
+    logits += [torch.cat([m(input_ids=torch.tensor([ids])).logits[0] for ids in sequences]) for m in (eager, reference)]
+    assert_close(*logits)
+    for x in logits:
+        x.square().mean().backward()
+    grads = [[p.grad for name, p in m.named_parameters() if "self_attn" in name] for m in (model, eager, reference)]
+    for ours, theirs, exact in zip(*grads, strict=True):
+        assert_close(ours, theirs, exact, "attention parameters' gradients")
+
+
 def _tiny_t5():
     transformers = pytest.importorskip("transformers")
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
