@@ -11,6 +11,7 @@ from hypothesis import strategies as st  # noqa: E402
 from test_attention import TMA_EMULATED, _mask, _qkv, check_beyond_torch, check_sdpa  # noqa: E402
 from test_layernorm import check_norm  # noqa: E402
 from test_softmax import check_softmax  # noqa: E402
+from test_varlen import check_varlen  # noqa: E402
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 # The `backend` fixture is the same for every example of a test, which is what we want.
@@ -74,6 +75,22 @@ def test_window_fuzz(backend, monkeypatch, Lq, Lk, dtype, kind, left, right, lay
     q, k, v = _qkv(1, 2, 1, Lq, Lk, 16, dtype, layout=layout)
     attn_mask, is_causal = _mask(kind, 1, 2, Lq, Lk, dtype)
     check_beyond_torch(backend, q, k, v, attn_mask, is_causal, window_size=(left, right))
+
+
+@FUZZ
+@given(lengths=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), min_size=1, max_size=4),
+       Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
+       window=st.tuples(st.integers(-1, 40), st.integers(-1, 40)), strided=st.booleans(), tma=st.booleans())
+def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window, strided, tma):
+    """Packed sequences of random lengths (none among them), Lq != Lk, windows aligned bottom-right, strided
+    layouts, the descriptor path: values, logsumexp and every gradient."""
+    assume(backend != "cuda")
+    if backend == "triton":
+        from fast_attention.kernels import attention as kernels
+
+        monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma and TMA_EMULATED else "0")
+    lengths_q, lengths_k = zip(*lengths)
+    check_varlen(backend, list(lengths_q), list(lengths_k), Hkv * group, Hkv, D, dtype, window, strided=strided)
 
 
 @FUZZ

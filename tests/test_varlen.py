@@ -24,7 +24,11 @@ def _offsets(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
 
 
-def _packed(total, heads, D, dtype):
+def _packed(total, heads, D, dtype, strided=False):
+    """A fresh random leaf (total, heads, D); strided: a view of every other head-dim-sized slot of a wider buffer,
+    so neither its rows nor its heads are contiguous."""
+    if strided:
+        return torch.randn(total, heads, 2 * D, device=DEVICE, dtype=dtype)[..., D:].requires_grad_()
     return torch.randn(total, heads, D, device=DEVICE, dtype=dtype, requires_grad=True)
 
 
@@ -58,33 +62,44 @@ def _lse_reference(q, k, cu_q, cu_k, scale, window):
     return lse
 
 
-def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None):
+def _backward(out, grad):
+    """out.backward(grad), where out depends on the inputs: the formula written out gives constant zeros where no
+    sequence has both queries and keys."""
+    if out.requires_grad:
+        out.backward(grad)
+
+
+def _grad(t):
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
+def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None, strided=False):
     """Ours vs the same-dtype baseline (torch's varlen_attn where it runs, else the reference written out in the
     inputs' dtype) vs the float64 reference: the output, the logsumexp and the three gradients."""
     cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
     max_q, max_k = max(lengths_q), max(lengths_k)
-    q, k, v = _packed(sum(lengths_q), H, D, dtype), _packed(sum(lengths_k), Hkv, D, dtype), _packed(sum(lengths_k),
-                                                                                                  Hkv, D, dtype)
+    q, k, v = (_packed(sum(lengths_q), H, D, dtype, strided), _packed(sum(lengths_k), Hkv, D, dtype, strided),
+               _packed(sum(lengths_k), Hkv, D, dtype, strided))
     kwargs = dict(scale=scale, window_size=window, enable_gqa=H != Hkv)
     out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=LSE(), backend=backend, **kwargs)
     grad = torch.randn_like(out)
     out.backward(grad)
 
-    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # contiguous: torch's kernels want that
     theirs = _torch_varlen(dtype)
     if theirs is not None:
         t_out = theirs(*same, cu_q, cu_k, max_q, max_k, **kwargs)
     else:
         t_out = ref.varlen_attn(*same, cu_q, cu_k, **kwargs)
-    t_out.backward(grad)
+    _backward(t_out, grad)
     oracle = [t.detach().double().requires_grad_() for t in (q, k, v)]
     r_out = ref.varlen_attn(*oracle, cu_q, cu_k, **kwargs)
-    r_out.backward(grad.double())
+    _backward(r_out, grad.double())
 
     assert out.dtype == q.dtype and out.shape == (q.shape[0], H, D)
     assert_close(out, t_out, r_out, "output")
     for name, ours, base, exact in zip(("dq", "dk", "dv"), (q, k, v), same, oracle):
-        assert_close(ours.grad, base.grad, exact.grad, name)
+        assert_close(ours.grad, _grad(base), _grad(exact), name)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     expected_lse = _lse_reference(q, k, cu_q, cu_k, scale, window)
     assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
