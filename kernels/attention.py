@@ -1,7 +1,8 @@
 """Attention in Triton: FlashAttention-2 forward and backward with torch SDPA's semantics.
 
 Shapes: q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; out (B, H, Lq, Dv); stats fp32
-(2, B, H, Lq); mask None or (B, H, Lq, Lk) with stride-0 broadcast dims, bool (True = keep) or float (added).
+(2, B, H, Lq); mask None or (B, H, Lq, Lk) with stride-0 broadcast dims, bool (True = keep) or float (added); packed
+sequences below (VARLEN).
 
 Reading order: shared helpers, forward (tile loop, kernel, split-KV combine), backward (delta preprocess,
 dK/dV kernel, dQ kernel), attention weights, dropout mask, configs, launchers, backend entry points.
@@ -25,6 +26,11 @@ aligned as is_causal, on top of the mask and the causal diagonal. Each program r
 its block can see (key blocks in the forward and dQ, query blocks in dK/dV), so a window of W keys costs about
 L * W. Each tile read takes the window test (two comparisons per score), but in the light kernels (16-bit, no
 mask, no dropout) the blocks every row of a block sees whole skip it, as they skip every other test.
+
+Packed sequences (VARLEN, torch's varlen_attn): q (total_q, H, D), k and v (total_k, Hkv, .), B sequences end to
+end at int32 offsets cu_seq_q / cu_seq_k. The grid is the dense one for B sequences of the longest lengths; each
+program reads its sequence's offsets (_sequence) and places its rows there, programs past a shorter sequence's end
+read nothing, and the window aligns bottom-right in each sequence. Out is (total_q, H, Dv), stats (2, H, total_q).
 
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
