@@ -5,6 +5,12 @@ score_mod, the window as a block mask; on the CPU it has no backward), for the w
 transformers' sdpa attention builds, and fast_attention's own plain causal attention on the same shapes (what the
 cap or the sinks cost, what the window saves).
 
+And packed sequences (fa.varlen_attn, causal per sequence): a padding-free batch of sequences of L, 3L/4, L/2 and
+L/4 tokens, against torch's varlen_attn (FlashAttention's varlen kernel, on a GPU), torch's SDPA over the packed
+row with the block-diagonal mask transformers' sdpa attention builds for it, FlexAttention with a document mask,
+the formula run per sequence, and fast_attention's plain causal attention on the batch padded to L (what packing
+saves).
+
 GPU grid: bf16, causal, D 128, 16k tokens per batch at width 2048 (H 16), L 1k to 16k; forward and
 forward+backward. Run alone: `python -m bench --suite variants`.
 """
@@ -26,7 +32,14 @@ from fast_attention import reference
 
 SOFTCAP = 30.0  # Gemma 2's attn_logit_softcapping (scores past it are rare in the timed random inputs, as in a model)
 WINDOW = {True: 1024, False: 32}  # keys each query sees, on a GPU (about 4096 in Mistral 7B, 128 in gpt-oss) and here
-VARIANTS = ("softcap", "sinks", "window")
+VARIANTS = ("softcap", "sinks", "window", "packed")
+
+
+def packed_lengths(L: int, gpu: bool) -> list[int]:
+    """A packed batch whose longest sequence is L: L, 3L/4, L/2 and L/4 tokens, repeated on a GPU up to about the
+    suites' TOKENS."""
+    pattern = [L, 3 * L // 4, L // 2, L // 4]
+    return pattern * (max(1, TOKENS // sum(pattern)) if gpu else 1)
 
 
 def window_cells(L: int, W: int) -> float:
@@ -36,6 +49,8 @@ def window_cells(L: int, W: int) -> float:
 
 
 def _flops(p: dict) -> float:
+    if p["variant"] == "packed":
+        return sum(attention_flops(1, p["H"], n, n, p["D"], True, p["direction"]) for n in p["lengths"])
     flops = attention_flops(p["B"], p["H"], p["L"], p["L"], p["D"], True, p["direction"])
     if p["variant"] == "window":
         flops *= window_cells(p["L"], p["W"]) / (p["L"] * p["L"] / 2)
@@ -56,12 +71,16 @@ def cases(mode: Mode) -> list:
                      "H": heads, "dtype": dtype_name(dtype)}
                 if variant == "window":
                     p["W"] = WINDOW[mode.gpu]
+                if variant == "packed":
+                    p["lengths"] = packed_lengths(L, mode.gpu)
+                    p["B"] = len(p["lengths"])
                 out.append(Case(p, flops=_flops(p)))
     return out
 
 
 def label(p: dict) -> str:
-    variant = f"window {p['W']}" if p["variant"] == "window" else p["variant"]
+    variant = {"window": f"window {p.get('W')}", "packed": f"packed {sum(p.get('lengths', ()))} tokens"}.get(
+        p["variant"], p["variant"])
     return f"{SHORT[p['direction']]} {variant} D{p['D']} causal B{p['B']} H{p['H']} L{p['L']}"
 
 
@@ -78,6 +97,8 @@ def _extra(p: dict) -> tuple[dict, tuple]:
 
 def providers(case: Case) -> dict:
     p = case.params
+    if p["variant"] == "packed":
+        return packed_providers(p)
     direction = p["direction"]
 
     def ours(backend, plain=False):
@@ -146,11 +167,110 @@ def providers(case: Case) -> dict:
     return made
 
 
+def _packed_qkv(p: dict) -> tuple[list, torch.Tensor]:
+    """Packed q, k, v (total, H, D) and the int32 offsets of p["lengths"]."""
+    lengths = torch.tensor(p["lengths"], device=DEVICE)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    shape = (int(lengths.sum()), p["H"], p["D"])
+    return [torch.randn(shape, device=DEVICE, dtype=getattr(torch, p["dtype"]), requires_grad=True)
+            for _ in range(3)], cu
+
+
+def _torch_varlen():
+    """torch's varlen_attn as a causal call (its keyword changed: is_causal before torch 2.10's window_size), or
+    None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    import inspect
+
+    causal = ({"window_size": (-1, 0)} if "window_size" in inspect.signature(varlen_attn).parameters
+              else {"is_causal": True})
+    return functools.partial(varlen_attn, **causal)
+
+
+def packed_providers(p: dict) -> dict:
+    direction, L, total = p["direction"], p["L"], sum(p["lengths"])
+    longest = dict(p, B=1)  # the reference's largest score matrix is the longest sequence's
+
+    def ours(backend, plain=False):
+        def setup():
+            if backend == "reference":
+                _skip_huge_reference(longest)
+            if backend == "cuda" and not plain:
+                raise Skip("skipped: the CUDA kernels take no packed sequences")
+            if plain:  # the batch padded to its longest sequence, through the dense causal kernels
+                q, k, v = _qkv(p)
+                return directed(direction, lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                   backend=backend), (q, k, v))
+            (q, k, v), cu = _packed_qkv(p)
+            return directed(direction, lambda: fa.varlen_attn(q, k, v, cu, cu, L, L, window_size=(-1, 0),
+                                                              backend=backend), (q, k, v))
+        return setup
+
+    made = {f"fa:{backend}": ours(backend) for backend in timed_backends()}
+    made.update({f"fa:{backend} plain": ours(backend, plain=True) for backend in timed_backends()
+                 if backend != "reference"})
+
+    def eager():  # the formula, one sequence at a time
+        _skip_huge_reference(longest)
+        (q, k, v), cu = _packed_qkv(p)
+        return directed(direction, lambda: reference.varlen_attn(q, k, v, cu, cu, window_size=(-1, 0)), (q, k, v))
+
+    def compiled_eager():
+        raise Skip("skipped: the formula loops over offsets read on the host, no single graph to compile")
+
+    def torch_varlen():
+        attend = _torch_varlen()
+        if attend is None or DEVICE != "cuda":
+            raise Skip("skipped: torch's varlen_attn runs FlashAttention's CUDA kernels, not here")
+        (q, k, v), cu = _packed_qkv(p)
+        return directed(direction, lambda: attend(q, k, v, cu, cu, L, L), (q, k, v))
+
+    def documents() -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(p["lengths"]), device=DEVICE),
+                                       torch.tensor(p["lengths"], device=DEVICE))
+
+    def sdpa():  # transformers' sdpa attention on a packed row: the block-diagonal causal mask, materialized
+        if total * total > MASK_LIMIT:
+            raise Skip(f"skipped: the {total} x {total} mask would take {total * total / 2**30:.0f} GiB")
+        (q, k, v), _ = _packed_qkv(p)
+        doc = documents()
+        keep = (doc[:, None] == doc[None, :]).tril()
+        q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return directed(direction, lambda: torch.nn.functional.scaled_dot_product_attention(
+            q4, k4, v4, attn_mask=keep), (q, k, v))
+
+    def flex():
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError:
+            raise Skip("skipped: this torch has no FlexAttention") from None
+        (q, k, v), _ = _packed_qkv(p)
+        if direction == "forward":
+            q, k, v = (t.detach() for t in (q, k, v))
+        doc = documents()
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx),
+                                       None, None, total, total, device=DEVICE)
+        attend = _compiled_flex(flex_attention)
+        q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, k, v))
+        return directed(direction, lambda: attend(q4, k4, v4, block_mask=block_mask), (q, k, v))
+
+    made.update({"eager": eager, "compile(eager)": compiled_eager, "torch.varlen_attn": torch_varlen,
+                 "torch.sdpa(mask)": sdpa, "torch.flex_attention": flex})
+    return made
+
+
+MASK_LIMIT = 2**32  # mask cells: 4 GiB as bool, twice that as torch's SDPA's float copy of it
+
+
 @functools.cache
 def _compiled_flex(flex_attention):
-    """flex_attention under torch.compile with static shapes (one compile per length): with dynamic shapes, as
-    harness.compiled gives them, inductor's lowering of it failed (torch 2.13, CPU)."""
-    return torch.compile(flex_attention)
+    """flex_attention under torch.compile with static shapes (one compile per shape, dynamic=False: dynamo's
+    automatic dynamic shapes would recompile it dynamic at the second shape): with dynamic shapes inductor's
+    lowering of it failed (torch 2.13, CPU: a C++ compile error for the packed batch's document mask)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def checks(mode: Mode) -> list:
@@ -159,7 +279,7 @@ def checks(mode: Mode) -> list:
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if mode.gpu else (torch.float16, torch.float32)
     out = []
     for dtype in dtypes:
-        for variant in VARIANTS:
+        for variant in VARIANTS[:-1]:
             def run(backend, dtype=dtype, variant=variant):  # CUDA with softcap or a window: NotImplementedError
                 B, H, Lq, Lk, D = 2, 4, 37, 45, 64
                 inputs = {"query": 3 * torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
@@ -173,15 +293,29 @@ def checks(mode: Mode) -> list:
                     lambda **t: reference.scaled_dot_product_attention(**t, is_causal=True, **cap),
                     lambda **t: reference.scaled_dot_product_attention(**t, is_causal=True, **cap), inputs)
             out.append(Check(f"{variant} {dtype_name(dtype)} B2 H4 Lq37 Lk45 D64 causal", run))
+
+        def packed(backend, dtype=dtype):  # CUDA: NotImplementedError
+            lengths_q, lengths_k = torch.tensor([37, 1, 0, 20]), torch.tensor([45, 3, 6, 20])
+            cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
+                          for n in (lengths_q, lengths_k))
+            inputs = {"query": 3 * torch.randn(int(lengths_q.sum()), 4, 64, device=DEVICE, dtype=dtype),
+                      "key": torch.randn(int(lengths_k.sum()), 2, 64, device=DEVICE, dtype=dtype),
+                      "value": torch.randn(int(lengths_k.sum()), 2, 64, device=DEVICE, dtype=dtype)}
+            args = dict(cu_seq_q=cu_q, cu_seq_k=cu_k, window_size=(-1, 0), enable_gqa=True)
+            return triplets(lambda **t: fa.varlen_attn(**t, **args, max_q=37, max_k=45, backend=backend),
+                            lambda **t: reference.varlen_attn(**t, **args),
+                            lambda **t: reference.varlen_attn(**t, **args), inputs)
+        out.append(Check(f"packed {dtype_name(dtype)} Lq 37+1+0+20 Lk 45+3+6+20 H4/2 D64 causal", packed))
     return out
 
 
 SUITE = Suite(
     name="variants",
-    title="Attention with a logit cap (Gemma 2), learned sinks (gpt-oss) and a sliding window",
+    title="Attention with a logit cap (Gemma 2), learned sinks (gpt-oss), a sliding window and packed sequences",
     metric="TFLOP/s",
     convention=ATTENTION_FLOPS + f"; softcap {SOFTCAP}; the cap's tanh and the sinks' row scaling are not counted; "
-                                 "a window counts only the cells inside it (window_cells)",
+                                 "a window counts only the cells inside it (window_cells), packed sequences each "
+                                 "sequence's causal cells",
     label=label,
     cases=cases,
     providers=providers,

@@ -7,7 +7,7 @@ import torch
 
 import fast_attention as fa
 from fast_attention import reference as ref
-from tolerance import assert_close
+from tolerance import FLOOR, assert_close
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
@@ -38,14 +38,17 @@ def _varlen_backend(backend):
 
 
 def _torch_varlen(dtype):
-    """torch's own varlen_attn where it runs (flash kernels: CUDA, 16-bit), else None."""
+    """torch's own varlen_attn where it runs (flash kernels: CUDA, 16-bit) and takes our arguments (window_size and
+    enable_gqa came in torch 2.10), else None."""
     if not GPU or dtype not in (torch.float16, torch.bfloat16):
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    import inspect
+
+    return varlen_attn if {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters) else None
 
 
 def _lse_reference(q, k, cu_q, cu_k, scale, window):
@@ -97,6 +100,8 @@ def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1
     _backward(r_out, grad.double())
 
     assert out.dtype == q.dtype and out.shape == (q.shape[0], H, D)
+    if theirs is not None:  # torch's semantics are the oracle's (the windows' alignment among them)
+        torch.testing.assert_close(t_out.double(), r_out, atol=4 * FLOOR[dtype] * max(1.0, r_out.abs().max()), rtol=0)
     assert_close(out, t_out, r_out, "output")
     for name, ours, base, exact in zip(("dq", "dk", "dv"), (q, k, v), same, oracle):
         assert_close(ours.grad, _grad(base), _grad(exact), name)
