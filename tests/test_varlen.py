@@ -210,9 +210,9 @@ def test_varlen_bad_input():
         fa.varlen_attn(q, q.half(), q, cu, cu, 6, 6)
     with pytest.raises(ValueError, match="max_k must be an int"):
         fa.varlen_attn(q, q, q, cu, cu, 6, -1)
-    with pytest.raises(TypeError, match="window_size must be None or a pair"):
+    with pytest.raises(TypeError, match="varlen_attn: window_size must be None or a pair"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(3,))
-    with pytest.raises(ValueError, match="window_size sides must be >= 0"):
+    with pytest.raises(ValueError, match="varlen_attn: window_size sides must be >= 0"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(-2, 0))
     if DEVICE == "cpu":  # the offsets' values are checked where they are on the host
         with pytest.raises(ValueError, match="never decrease"):

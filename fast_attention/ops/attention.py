@@ -99,7 +99,7 @@ def check_sinks(sinks, query: Tensor, H: int) -> None:
     check_same_device(OP, query=query, sinks=sinks)
 
 
-def check_window(window_size, is_causal: bool) -> tuple[int, int]:
+def check_window(window_size, is_causal: bool, op: str = OP) -> tuple[int, int]:
     """window_size: None, or (left, right), ints >= -1 (-1: that side unbounded), FlashAttention's convention
     aligned as is_causal (top-left): query i sees keys i - left .. i + right. Returns the ops' (left, right), (-1,
     -1) for no window; with is_causal the right side adds nothing and is dropped (-1)."""
@@ -107,11 +107,11 @@ def check_window(window_size, is_causal: bool) -> tuple[int, int]:
         return -1, -1
     sides = tuple(window_size) if isinstance(window_size, (tuple, list)) else ()
     if len(sides) != 2 or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in sides):
-        raise TypeError(f"fast_attention.{OP}: window_size must be None or a pair of ints (left, right), got "
+        raise TypeError(f"fast_attention.{op}: window_size must be None or a pair of ints (left, right), got "
                         f"{window_size!r}")
     left, right = map(int, sides)
     if left < -1 or right < -1:
-        raise ValueError(f"fast_attention.{OP}: window_size sides must be >= 0, or -1 for no bound, got "
+        raise ValueError(f"fast_attention.{op}: window_size sides must be >= 0, or -1 for no bound, got "
                          f"{window_size!r}")
     return left, -1 if is_causal else right
 

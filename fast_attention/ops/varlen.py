@@ -82,7 +82,7 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     scale = as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf
     if window_size is None or tuple(window_size) == (-1, -1):
         return scale, (-1, -1)
-    return scale, check_window(window_size, False)
+    return scale, check_window(window_size, False, OP)
 
 
 def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
