@@ -15,8 +15,10 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
                        window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
-    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window) -> (out, stats fp32 (2, H, total_q))
-    varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window) -> (dq, dk, dv)
+    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
+        -> (out, stats fp32 (2, H, total_q))
+    varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
+        -> (dq, dk, dv)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
     unavailable() -> None, or a sentence saying why this backend cannot run on this machine (optional)
 

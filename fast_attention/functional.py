@@ -114,7 +114,8 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 
 def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                 max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
-                enable_gqa: bool = False, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                enable_gqa: bool = False, backend: str | None = None, sinks: Tensor | None = None,
+                softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """torch.nn.attention.varlen.varlen_attn: attention over packed sequences, with autograd, on every backend
     but "cuda" (backend=None takes Triton on a GPU).
 
@@ -124,17 +125,21 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     window_size (left, right), -1 unbounded, aligns bottom-right in each sequence as FlashAttention's: query i sees
     keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right; (-1, 0) is causal. enable_gqa: H a multiple of Hkv.
     return_aux: torch's AuxRequest; with lse=True also the natural logsumexp of each row's scores, (H, total_q)
-    float32, -inf for a row with no key to see (torch's flash kernels write +inf there), without gradient.
+    float32, -inf for a row with no key to see (torch's flash kernels write +inf there), without gradient (and
+    without the sink). Beyond torch, as scaled_dot_product_attention: sinks (H,), learned attention sinks, and
+    softcap, the logit cap (on the Triton and reference backends).
     The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch
     and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked. torch's seqused_k,
     block_table and num_splits (paged KV caches) are not taken.
     """
-    scale, sides = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
-                                 enable_gqa)
+    scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
+                                          enable_gqa, sinks, softcap)
     name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,
-                            max_q=max_q, max_k=max_k, window=_attention.window(*sides))
+                            max_q=max_q, max_k=max_k, window=_attention.window(*sides), softcap=softcap)
     out, stats = call(_varlen.varlen_attention, query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k),
-                      scale, name, *sides)
+                      scale, name, *sides, sinks, softcap)
+    if out.dtype != query.dtype:  # with sinks (fast_attention/ops/varlen.py)
+        out = out.to(query.dtype)
     if return_aux is not None and getattr(return_aux, "lse", False):
         return out, _varlen.logsumexp(stats).to(torch.float32)
     return out

@@ -80,24 +80,25 @@ def _packed(query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling: 
     """A packed batch's attention output (1, L, H, D) from fa.varlen_attn, or None where this call is not one it
     runs. The offsets among the kwargs say where each sequence starts, as they do for transformers' own flash
     implementations, which read the same kwargs: each sequence attends causally to itself (a sliding layer's
-    window of W keys is window_size=(W - 1, 0)), and the mask transformers built from the position ids, which
+    window of W keys is window_size=(W - 1, 0); sinks and a logit cap as in the dense call), and the mask
+    transformers built from the position ids, which
     holds the same rule as an L x L block diagonal (or, with a cache object, is missing), is not read. The kernels
     then skip every block outside the sequences, where the mask path computes all of the L x L scores. None, and
     the mask path, for what varlen_attn does not take: bidirectional layers, several rows, cached keys, dropout,
-    sinks, a logit cap, a position bias, or the weights."""
+    a position bias, or the weights."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     L = query.shape[2]
     if cu_q is None or cu_k is None or not is_causal or query.shape[0] != 1 or key.shape[2] != L:
         return None
-    if (dropout or kwargs.get("s_aux") is not None or kwargs.get("softcap") or kwargs.get("position_bias") is not None
-            or _weights_wanted(kwargs)):
+    if dropout or kwargs.get("position_bias") is not None or _weights_wanted(kwargs):
         return None
     W = kwargs.get("sliding_window")
     window = (W - 1, 0) if isinstance(W, int) and W > 0 else (-1, 0)
     out = F.varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                         cu_q.to(torch.int32), cu_k.to(torch.int32), int(kwargs.get("max_length_q") or L),
                         int(kwargs.get("max_length_k") or L), scale=scaling, window_size=window,
-                        enable_gqa=key.shape[1] != query.shape[1])
+                        enable_gqa=key.shape[1] != query.shape[1], sinks=kwargs.get("s_aux"),
+                        softcap=kwargs.get("softcap"))
     return out[None]  # (1, L, H, D), contiguous: transformers' layout
 
 

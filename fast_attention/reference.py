@@ -101,13 +101,13 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
 
 
 def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *, scale=None,
-                window_size=(-1, -1), enable_gqa=False) -> Tensor:
+                window_size=(-1, -1), enable_gqa=False, sinks=None, softcap=None) -> Tensor:
     """torch.nn.attention.varlen.varlen_attn, written out: packed sequences, query (total_q, H, E), key
     (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query
     and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value, attended on its own with scaled_dot_product_attention.
     window_size (left, right) aligns bottom-right in each sequence: query i of Lq sees keys i + (Lk - Lq) - left ..
     i + (Lk - Lq) + right ((-1, 0) is causal). A sequence without keys gives zeros. max_q and max_k are unused (the
-    lengths come from the offsets)."""
+    lengths come from the offsets); sinks and softcap as scaled_dot_product_attention takes them."""
     out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
     for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k):
         q, k, v = query[rows_q].transpose(0, 1), key[rows_k].transpose(0, 1), value[rows_k].transpose(0, 1)
@@ -115,7 +115,8 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *
         if Lq == 0 or Lk == 0:
             continue  # no keys: its rows give zeros
         mask = None if tuple(window_size) == (-1, -1) else window_mask(window_size, Lq, Lk, q.device, Lk - Lq)
-        o = scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa)
+        o = scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks,
+                                         softcap=softcap)
         out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o.transpose(0, 1))
     return out
 
@@ -311,25 +312,25 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0):
     """Each packed sequence through attention_forward, its window as a bottom-right aligned mask; rows outside
     every sequence, and sequences without keys, are dead rows (zeros, max -inf)."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     stats = torch.zeros((2, q.shape[1], q.shape[0]), dtype=compute_dtype(q), device=q.device)
     stats[0] = float("-inf")
     for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
-        o, st = attention_forward(q4, k4, v4, mask, False, scale, 0.0, 0)
+        o, st = attention_forward(q4, k4, v4, mask, False, scale, 0.0, 0, softcap)
         out[rows_q] = o[0].transpose(0, 1)
         stats[:, :, rows_q] = st[:, 0]
     return out, stats
 
 
 def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                    window: tuple[int, int] | None = None):
+                    window: tuple[int, int] | None = None, softcap: float = 0.0):
     dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
         do4, o4 = dout[rows_q].transpose(0, 1)[None], out[rows_q].transpose(0, 1)[None]
-        g = attention_backward(do4, q4, k4, v4, o4, stats[:, None, :, rows_q], mask, False, scale, 0.0, 0)
+        g = attention_backward(do4, q4, k4, v4, o4, stats[:, None, :, rows_q], mask, False, scale, 0.0, 0, softcap)
         dq[rows_q], dk[rows_k], dv[rows_k] = (t[0].transpose(0, 1) for t in g)
     return dq, dk, dv
 

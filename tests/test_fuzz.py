@@ -80,17 +80,19 @@ def test_window_fuzz(backend, monkeypatch, Lq, Lk, dtype, kind, left, right, lay
 @FUZZ
 @given(lengths=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), min_size=1, max_size=4),
        Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
-       window=st.tuples(st.integers(-1, 40), st.integers(-1, 40)), strided=st.booleans(), tma=st.booleans())
-def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window, strided, tma):
+       window=st.tuples(st.integers(-1, 40), st.integers(-1, 40)), strided=st.booleans(), tma=st.booleans(),
+       sinks=st.booleans(), softcap=st.sampled_from([None, None, 2.0]))
+def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window, strided, tma, sinks, softcap):
     """Packed sequences of random lengths (none among them), Lq != Lk, windows aligned bottom-right, strided
-    layouts, the descriptor path: values, logsumexp and every gradient."""
+    layouts, the descriptor path, sinks and the logit cap: values, logsumexp and every gradient."""
     assume(backend != "cuda")
     if backend == "triton":
         from fast_attention.kernels import attention as kernels
 
         monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma and TMA_EMULATED else "0")
     lengths_q, lengths_k = zip(*lengths)
-    check_varlen(backend, list(lengths_q), list(lengths_k), Hkv * group, Hkv, D, dtype, window, strided=strided)
+    check_varlen(backend, list(lengths_q), list(lengths_k), Hkv * group, Hkv, D, dtype, window, strided=strided,
+                 sinks=sinks, softcap=softcap)
 
 
 @FUZZ

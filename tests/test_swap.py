@@ -449,20 +449,26 @@ def test_hugging_face_sliding_window_reaches_the_kernels(backend, monkeypatch, p
     assert [w[2] for w in windows if w[0] == 1] == [None] * 6 and windows[0][2] == (8, 8)
 
 
-@pytest.mark.parametrize("model_name", ["Llama", "Mistral"])
+@pytest.mark.parametrize("model_name", ["Llama", "Mistral", "gpt_oss", "gemma2"])
 def test_hugging_face_packed_sequences_run_on_varlen(backend, monkeypatch, model_name):
     """A packed batch (DataCollatorWithFlattening(return_flash_attn_kwargs=True): four sequences of 40, 1, 25 and 9
-    tokens end to end) runs on fa.varlen_attn, causal, and a sliding layer of W keys with window_size (W - 1, 0):
-    the logits and the attention parameters' gradients are those of each sequence run alone, by eager and by the
-    float64 model. With transformers' default use_cache=True the mask path gets no mask for such a batch (eager and
-    sdpa then let the sequences attend to each other); the offsets make it right here too."""
+    tokens end to end) runs on fa.varlen_attn, causal, and a sliding layer of W keys with window_size (W - 1, 0),
+    gpt-oss's sinks and Gemma 2's logit cap as in the dense call: the logits and the attention parameters'
+    gradients are those of each sequence run alone, by eager and by the float64 model. With transformers' default
+    use_cache=True the mask path gets no mask for such a batch (eager and sdpa then let the sequences attend to
+    each other); the offsets make it right here too."""
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48, max_position_embeddings=128)
     if model_name == "Llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
-    else:
+    elif model_name == "Mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=8)).eval()
+    else:
+        model = _tiny_beyond_sdpa(model_name)
+    W = getattr(model.config, "sliding_window", None)
+    layers = getattr(model.config, "layer_types", None) or ["sliding_attention" if W else "full_attention"] * 2
+    expected = [(W - 1, 0) if kind == "sliding_attention" else (-1, 0) for kind in layers]
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     reference = copy.deepcopy(eager).double()
@@ -483,7 +489,7 @@ def test_hugging_face_packed_sequences_run_on_varlen(backend, monkeypatch, model
         windows.clear()
         with torch.no_grad():
             logits = model(**batch, use_cache=use_cache).logits[0]
-        assert windows == [(7, 0) if model_name == "Mistral" else (-1, 0)] * 2
+        assert windows == expected
         alone = torch.cat([eager(input_ids=torch.tensor([ids])).logits[0] for ids in sequences])
         torch.testing.assert_close(logits, alone, atol=2e-5, rtol=0)
     logits = [model(**batch, use_cache=False).logits[0]]

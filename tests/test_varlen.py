@@ -51,13 +51,16 @@ def _torch_varlen(dtype):
     return varlen_attn if {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters) else None
 
 
-def _lse_reference(q, k, cu_q, cu_k, scale, window):
-    """The natural logsumexp of each row's scores (H, total_q) in float64, -inf for a row with no key."""
+def _lse_reference(q, k, cu_q, cu_k, scale, window, softcap=None):
+    """The natural logsumexp of each row's scores (H, total_q) in float64 (capped with softcap; the sinks are not
+    among them), -inf for a row with no key."""
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     for rows_q, rows_k in ref.sequences(cu_q, cu_k):
         qs, ks = q[rows_q].double().transpose(0, 1), k[rows_k].double().transpose(0, 1)
         ks = ks.repeat_interleave(qs.shape[0] // max(ks.shape[0], 1), 0)
         s = qs @ ks.transpose(-2, -1) * scale
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
         if window != (-1, -1):
             keep = ref.window_mask(window, qs.shape[1], ks.shape[1], q.device, ks.shape[1] - qs.shape[1])
             s = s.masked_fill(~keep, float("-inf"))
@@ -76,37 +79,46 @@ def _grad(t):
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
-def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None, strided=False):
+def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None, strided=False,
+                 sinks=False, softcap=None):
     """Ours vs the same-dtype baseline (torch's varlen_attn where it runs, else the reference written out in the
-    inputs' dtype) vs the float64 reference: the output, the logsumexp and the three gradients."""
+    inputs' dtype) vs the float64 reference: the output, the logsumexp and the three gradients (and with sinks,
+    learned sinks and theirs)."""
     cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
     max_q, max_k = max(lengths_q), max(lengths_k)
     q, k, v = (_packed(sum(lengths_q), H, D, dtype, strided), _packed(sum(lengths_k), Hkv, D, dtype, strided),
                _packed(sum(lengths_k), Hkv, D, dtype, strided))
     kwargs = dict(scale=scale, window_size=window, enable_gqa=H != Hkv)
-    out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=LSE(), backend=backend, **kwargs)
+    beyond = dict(softcap=softcap)
+    leaves = (q, k, v)
+    if sinks:
+        beyond["sinks"] = torch.randn(H, device=DEVICE, requires_grad=True)
+        leaves += (beyond["sinks"],)
+    out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=LSE(), backend=backend, **kwargs,
+                              **beyond)
     grad = torch.randn_like(out)
     out.backward(grad)
 
-    same = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # contiguous: torch's kernels want that
-    theirs = _torch_varlen(dtype)
+    # in the inputs' dtype, the sinks too (as the dense tests' baseline), and contiguous: torch's kernels want that
+    same = [t.detach().to(dtype).clone().requires_grad_() for t in leaves]
+    theirs = _torch_varlen(dtype) if not (sinks or softcap) else None
     if theirs is not None:
         t_out = theirs(*same, cu_q, cu_k, max_q, max_k, **kwargs)
     else:
-        t_out = ref.varlen_attn(*same, cu_q, cu_k, **kwargs)
+        t_out = ref.varlen_attn(*same[:3], cu_q, cu_k, **kwargs, **dict(beyond, sinks=same[3] if sinks else None))
     _backward(t_out, grad)
-    oracle = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    r_out = ref.varlen_attn(*oracle, cu_q, cu_k, **kwargs)
+    oracle = [t.detach().double().requires_grad_() for t in leaves]
+    r_out = ref.varlen_attn(*oracle[:3], cu_q, cu_k, **kwargs, **dict(beyond, sinks=oracle[3] if sinks else None))
     _backward(r_out, grad.double())
 
     assert out.dtype == q.dtype and out.shape == (q.shape[0], H, D)
     if theirs is not None:  # torch's semantics are the oracle's (the windows' alignment among them)
         torch.testing.assert_close(t_out.double(), r_out, atol=4 * FLOOR[dtype] * max(1.0, r_out.abs().max()), rtol=0)
     assert_close(out, t_out, r_out, "output")
-    for name, ours, base, exact in zip(("dq", "dk", "dv"), (q, k, v), same, oracle):
+    for name, ours, base, exact in zip(("dq", "dk", "dv", "dsinks"), leaves, same, oracle):
         assert_close(ours.grad, _grad(base), _grad(exact), name)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    expected_lse = _lse_reference(q, k, cu_q, cu_k, scale, window)
+    expected_lse = _lse_reference(q, k, cu_q, cu_k, scale, window, softcap)
     assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
     assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
     live = torch.isfinite(expected_lse)
@@ -126,6 +138,17 @@ VARLEN_CASES = [
 def test_varlen(backend, window, dtype, Hkv):
     _varlen_backend(backend)
     check_varlen(backend, [17, 1, 0, 45, 6, 3], [17, 4, 5, 38, 0, 9], 2, Hkv, 16, dtype, window)
+
+
+@pytest.mark.parametrize("sinks,softcap,window,dtype", [(True, None, (-1, 0), torch.float32),
+                                                        (False, 1.5, (4, 0), torch.float16),
+                                                        (True, 0.8, (-1, -1), torch.bfloat16)])
+def test_varlen_sinks_and_softcap(backend, sinks, softcap, window, dtype):
+    """Beyond torch, as the dense op: learned sinks (their gradient too) and the logit cap, with and without a
+    window; sequences without keys keep zeros beside a sink."""
+    _varlen_backend(backend)
+    check_varlen(backend, [17, 1, 0, 40, 6], [17, 4, 5, 33, 0], 4, 2, 16, dtype, window, sinks=sinks,
+                 softcap=softcap)
 
 
 def test_varlen_training_batch(backend):
@@ -214,6 +237,10 @@ def test_varlen_bad_input():
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(3,))
     with pytest.raises(ValueError, match="varlen_attn: window_size sides must be >= 0"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, window_size=(-2, 0))
+    with pytest.raises(ValueError, match=r"varlen_attn: sinks must have shape \(2,\)"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, sinks=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="varlen_attn: softcap must be a positive finite number"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, softcap=-1.0)
     if DEVICE == "cpu":  # the offsets' values are checked where they are on the host
         with pytest.raises(ValueError, match="never decrease"):
             fa.varlen_attn(q, q, q, _offsets([6, -2]), cu, 6, 6)
@@ -240,8 +267,10 @@ def test_varlen_opcheck(backend, device):
     _varlen_backend(backend)
     dtype = torch.float64 if backend == "reference" else torch.float32
     q, k, v = (torch.randn(n, 2, 16, device=device, dtype=dtype, requires_grad=True) for n in (12, 15, 15))
-    args = (q, k, v, _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, 3, 0)
-    torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
+    sinks = torch.randn(2, device=device, dtype=dtype, requires_grad=True)
+    for extra in ((3, 0), (-1, 0, sinks, 1.5)):
+        args = (q, k, v, _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, *extra)
+        torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

@@ -88,15 +88,15 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return (as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
 
 
-def check_sinks(sinks, query: Tensor, H: int) -> None:
+def check_sinks(sinks, query: Tensor, H: int, op: str = OP) -> None:
     """sinks: None, or a float tensor of H elements (one per output head) on query's device."""
     if sinks is None:
         return
-    check_float("sinks", sinks, OP)
+    check_float("sinks", sinks, op)
     if tuple(sinks.shape) != (H,):
-        raise ValueError(f"fast_attention.{OP}: sinks must have shape ({H},), one per query head, got "
+        raise ValueError(f"fast_attention.{op}: sinks must have shape ({H},), one per query head, got "
                          f"{tuple(sinks.shape)}")
-    check_same_device(OP, query=query, sinks=sinks)
+    check_same_device(op, query=query, sinks=sinks)
 
 
 def check_window(window_size, is_causal: bool, op: str = OP) -> tuple[int, int]:
@@ -121,14 +121,14 @@ def window(left: int, right: int) -> Optional[tuple[int, int]]:
     return None if left < 0 and right < 0 else (left, right)
 
 
-def check_softcap(softcap) -> float:
+def check_softcap(softcap, op: str = OP) -> float:
     """softcap: the cap c of c * tanh(scores / c), a positive finite number, or None or 0 for no cap (0.0 for the
     ops), as FlashAttention's softcap=0.0."""
     if softcap is None:
         return 0.0
-    softcap = as_float(softcap, "softcap", OP)
+    softcap = as_float(softcap, "softcap", op)
     if not 0.0 <= softcap < math.inf:
-        raise ValueError(f"fast_attention.{OP}: softcap must be a positive finite number, or None or 0 for no cap, "
+        raise ValueError(f"fast_attention.{op}: softcap must be a positive finite number, or None or 0 for no cap, "
                          f"got {softcap}")
     return softcap
 

@@ -7,6 +7,11 @@ cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value (cu_seq_*: int32, B + 1 offs
 itself. The kernels run one grid over (query block, sequence, head), sized by the longest sequence (max_q, max_k),
 and read each sequence's offsets on the device: no padding is computed and nothing syncs with the host.
 
+Beyond torch, as fa.scaled_dot_product_attention takes them: learned sinks, one per query head, applied around
+the backend exactly as the dense op applies them (fast_attention/ops/attention.py: the output scaled by each row's
+share beside the sink, the backward handed the gradient scaled likewise), and softcap, the logit cap, which the
+backend applies to the scores.
+
 A local window (left, right) aligns bottom-right in each sequence, FlashAttention's varlen convention, which
 torch's varlen_attn inherits: query i of a sequence of Lq queries and Lk keys sees keys i + (Lk - Lq) - left ..
 i + (Lk - Lq) + right, so (-1, 0) is causal attention and (W, 0) a causal window of W + 1 keys; with Lq == Lk (a
@@ -20,6 +25,7 @@ tensors, whose values are on the host already, the op layer checks them.
 """
 import math
 import numbers
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,15 +33,16 @@ from torch import Tensor
 from .. import backends, reference
 from ._checks import as_float, check_float, check_same_device
 from ._direct import call
-from .attention import check_window, window
+from .attention import check_sinks, check_softcap, check_window, sink_shares, window
 
 OP = "varlen_attn"
 LN2 = math.log(2)
 
 
-def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa):
-    """Validate varlen_attn's arguments (torch's rules, and its messages' content); return the softmax scale and
-    the window's sides (-1, -1 for none)."""
+def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa, sinks=None,
+          softcap=None):
+    """Validate varlen_attn's arguments (torch's rules, and its messages' content); return the softmax scale, the
+    window's sides (-1, -1 for none) and the logit cap (0.0 for none)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_float(name, t, OP)
         if t.dim() != 3:
@@ -78,11 +85,13 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
         # what the kernels trust (a traced graph has no values to check)
         _check_offsets(cu_seq_q, "cu_seq_q", query.shape[0], max_q)
         _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], max_k)
+    check_sinks(sinks, query, H, OP)
+    softcap = check_softcap(softcap, OP)
     E = query.shape[-1]
     scale = as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf
     if window_size is None or tuple(window_size) == (-1, -1):
-        return scale, (-1, -1)
-    return scale, check_window(window_size, False, OP)
+        return scale, (-1, -1), softcap
+    return scale, check_window(window_size, False, OP), softcap
 
 
 def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
@@ -108,52 +117,68 @@ def _nothing_to_do(query, key, value, max_q, max_k) -> bool:
 
 @torch.library.custom_op("fast_attention::varlen_attention", mutates_args=())
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
-                     max_k: int, scale: float, backend: str, window_left: int = -1,
-                     window_right: int = -1) -> tuple[Tensor, Tensor]:
-    """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring."""
+                     max_k: int, scale: float, backend: str, window_left: int = -1, window_right: int = -1,
+                     sinks: Optional[Tensor] = None, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring. With sinks the output is in
+    stats' dtype, as the dense op's (fast_attention/ops/attention.py says why)."""
     if _nothing_to_do(query, key, value, max_q, max_k):
-        return _empty_result(query, value)
-    return backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale,
-                                                window(window_left, window_right))
+        out, stats = _empty_result(query, value)
+    else:
+        out, stats = backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
+                                                          scale, window(window_left, window_right), softcap)
+    if sinks is not None:
+        out = out.to(stats.dtype) * sink_shares(stats, sinks)[0].t()[..., None]
+    return out, stats
 
 
 @varlen_attention.register_fake
-def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1):
-    return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1]),
-            query.new_empty(2, query.shape[1], query.shape[0], dtype=reference.compute_dtype(query)))
+def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1,
+      sinks=None, softcap=0.0):
+    stats_dtype = reference.compute_dtype(query)
+    return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1],
+                            dtype=query.dtype if sinks is None else stats_dtype),
+            query.new_empty(2, query.shape[1], query.shape[0], dtype=stats_dtype))
 
 
 @torch.library.custom_op("fast_attention::varlen_attention_backward", mutates_args=())
 def varlen_attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                               stats: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
-                              scale: float, backend: str, window_left: int = -1,
-                              window_right: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+                              scale: float, backend: str, window_left: int = -1, window_right: int = -1,
+                              softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     if _nothing_to_do(query, key, value, max_q, max_k):
         return query.new_zeros(query.shape), key.new_zeros(key.shape), value.new_zeros(value.shape)
     return backends.get(backend).varlen_backward(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q,
-                                                 max_k, scale, window(window_left, window_right))
+                                                 max_k, scale, window(window_left, window_right), softcap)
 
 
 @varlen_attention_backward.register_fake
 def _(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1,
-      window_right=-1):
+      window_right=-1, softcap=0.0):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(-1, -1)[len(inputs) - 9:])  # the keyword arguments a caller left at defaults
+    inputs = (*inputs, *(-1, -1, None, 0.0)[len(inputs) - 9:])  # the keyword arguments a caller left at defaults
     query, key, value, cu_seq_q, cu_seq_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = inputs[:9]
-    ctx.window_left, ctx.window_right = inputs[9:]
+    ctx.window_left, ctx.window_right, sinks, ctx.softcap = inputs[9:]
     out, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, stats)
+    ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, stats, sinks)
 
 
 def _backward(ctx, grad_out, _grad_stats):
-    query, key, value, cu_seq_q, cu_seq_k, out, stats = ctx.saved_tensors
+    """As the dense op's: with sinks the backend gets r * dO, and each sink's gradient is -(1 - r) rowsum(dO * O)
+    summed over its head's rows (fast_attention/ops/attention.py)."""
+    query, key, value, cu_seq_q, cu_seq_k, out, stats, sinks = ctx.saved_tensors
+    dsinks = None
+    if sinks is not None:
+        keep, sink_share = (share.t() for share in sink_shares(stats, sinks))  # (total_q, H)
+        rows = (grad_out.to(stats.dtype) * out.to(stats.dtype)).sum(-1)
+        dsinks = -(sink_share * rows).sum(0).to(sinks.dtype)
+        grad_out = (grad_out * keep[..., None]).to(query.dtype)
     dq, dk, dv = call(varlen_attention_backward, grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k,
-                      ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+                      ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None
 
 
 varlen_attention.register_autograd(_backward, setup_context=_setup_context)
