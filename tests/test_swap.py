@@ -450,13 +450,13 @@ def test_hugging_face_sliding_window_reaches_the_kernels(backend, monkeypatch, p
 
 
 @pytest.mark.parametrize("model_name", ["Llama", "Mistral", "gpt_oss", "gemma2"])
-def test_hugging_face_packed_sequences_run_on_varlen(backend, monkeypatch, model_name):
+def test_hugging_face_packed_sequences_run_on_varlen(monkeypatch, model_name):
     """A packed batch (DataCollatorWithFlattening(return_flash_attn_kwargs=True): four sequences of 40, 1, 25 and 9
     tokens end to end) runs on fa.varlen_attn, causal, and a sliding layer of W keys with window_size (W - 1, 0),
     gpt-oss's sinks and Gemma 2's logit cap as in the dense call: the logits and the attention parameters'
     gradients are those of each sequence run alone, by eager and by the float64 model. With transformers' default
     use_cache=True the mask path gets no mask for such a batch (eager and sdpa then let the sequences attend to
-    each other); the offsets make it right here too."""
+    each other); the offsets make it right here too. (Transformers' attention calls pass no backend: one run.)"""
     transformers = pytest.importorskip("transformers")
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48, max_position_embeddings=128)
@@ -472,7 +472,7 @@ def test_hugging_face_packed_sequences_run_on_varlen(backend, monkeypatch, model
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     reference = copy.deepcopy(eager).double()
-    fa.swap(model, backend=backend)
+    fa.swap(model)
     windows = []
     real_varlen = fa.functional.varlen_attn
 
