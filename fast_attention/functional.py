@@ -150,6 +150,7 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropo
 
 def _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks=None, softcap=None,
             window_size=None):
+    attn_mask, is_causal, window_size = _attention.from_causal_bias(attn_mask, is_causal, window_size, query, key)
     query, key, value, attn_mask = cast_inputs("scaled_dot_product_attention", query, key, value, attn_mask)
     scale, batch, H = _attention.check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     _attention.check_sinks(sinks, query, H)

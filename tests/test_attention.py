@@ -471,6 +471,47 @@ def test_softcap_and_sinks_together(backend):
                        sinks=torch.randn(2, device=DEVICE, requires_grad=True))
 
 
+@pytest.mark.parametrize("variant", ["upper_left", "lower_right"])
+@pytest.mark.parametrize("Lq,Lk,window", [(5, 40, None), (40, 5, None), (33, 33, None), (20, 45, (6, -1)),
+                                          (20, 45, (-1, 3))])
+def test_causal_bias(backend, variant, Lq, Lk, window):
+    """torch's lazy causal masks (torch.nn.attention.bias), which torch SDPA takes as attn_mask: upper-left is
+    is_causal, lower-right aligns the diagonal to the last key (its first rows see no key where Lq > Lk: zeros),
+    with a window or without; the output and every gradient against torch given the same object and the float64
+    reference given the mask it stands for."""
+    from torch.nn.attention import bias
+
+    if window is not None and backend == "cuda":
+        pytest.skip("the CUDA kernels have no local window")
+    mask = getattr(bias, f"causal_{variant}")(Lq, Lk)
+    q, k, v = _qkv(2, 2, 2, Lq, Lk, 16, torch.float16)
+    out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, window_size=window)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    same = _detached((q, k, v))
+    theirs = F.scaled_dot_product_attention(*same, attn_mask=mask)
+    dense = mask._materialize(DEVICE)
+    if window is not None:  # torch takes no window: the same dtype's baseline is the formula with it
+        theirs = ref.scaled_dot_product_attention(*same, attn_mask=dense, window_size=window)
+    their_grads = torch.autograd.grad(theirs, same, dout)
+    exact = _detached((q, k, v), torch.float64)
+    expected = ref.scaled_dot_product_attention(*exact, attn_mask=dense, window_size=window)
+    exact_grads = torch.autograd.grad(expected, exact, dout.double())
+    assert_close(out, theirs, expected, "output")
+    for name, a, b, c in zip(("dq", "dk", "dv"), grads, their_grads, exact_grads):
+        assert_close(a, b, c, name)
+
+
+def test_causal_bias_bad_input():
+    from torch.nn.attention import bias
+
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="attn_mask is a CausalBias for 4 queries and 5 keys, but query has 5"):
+        fa.scaled_dot_product_attention(q, q, q, attn_mask=bias.causal_lower_right(4, 5))
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        fa.scaled_dot_product_attention(q, q, q, attn_mask=bias.causal_upper_left(5, 5), is_causal=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A local (sliding) window, window_size=(left, right): FlashAttention's argument, aligned as is_causal
 # ----------------------------------------------------------------------------------------------------------

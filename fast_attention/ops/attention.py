@@ -88,6 +88,33 @@ def check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     return (as_float(scale, "scale", OP) if scale is not None else 1.0 / math.sqrt(E) if E else math.inf), batch, H
 
 
+def from_causal_bias(attn_mask, is_causal, window_size, query: Tensor, key: Tensor):
+    """torch's lazy causal masks, torch.nn.attention.bias.causal_upper_left / causal_lower_right (a CausalBias,
+    which torch SDPA takes as attn_mask and never materializes), as the kernels' own arguments: (attn_mask,
+    is_causal, window_size). Upper-left is is_causal; lower-right (query i sees keys up to i + Lk - Lq) is a window
+    (left unbounded, or the caller's, right Lk - Lq or less) where Lk >= Lq, and where Lq > Lk (its first rows see
+    no key: zeros) the mask CausalBias materializes. Any other attn_mask is returned as it is. A CausalBias is a
+    Tensor subclass whose storage holds no mask: read as a tensor it would give a wrong answer silently."""
+    if attn_mask is None or type(attn_mask) is Tensor:
+        return attn_mask, is_causal, window_size
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not (isinstance(attn_mask, CausalBias) and isinstance(query, Tensor) and isinstance(key, Tensor)):
+        return attn_mask, is_causal, window_size  # check() names what is wrong with the others
+    Lq, Lk = query.shape[-2], key.shape[-2]
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (Lq, Lk):
+        raise ValueError(f"fast_attention.{OP}: attn_mask is a CausalBias for {attn_mask.seq_len_q} queries and "
+                         f"{attn_mask.seq_len_kv} keys, but query has {Lq} and key {Lk}")
+    if is_causal:
+        raise ValueError(f"fast_attention.{OP}: pass either attn_mask or is_causal=True, not both (as torch)")
+    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return None, True, window_size
+    if Lq > Lk:
+        return attn_mask._materialize(query.device), False, window_size
+    left, right = check_window(window_size, False)
+    return None, False, (left, Lk - Lq if right < 0 else min(right, Lk - Lq))
+
+
 def check_sinks(sinks, query: Tensor, H: int, op: str = OP) -> None:
     """sinks: None, or a float tensor of H elements (one per output head) on query's device."""
     if sinks is None:
