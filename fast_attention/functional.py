@@ -89,7 +89,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     sliding window of Mistral, Gemma and gpt-oss is is_causal=True, window_size=(W - 1, -1)). It combines with
     is_causal and with attn_mask; the Triton kernels skip the key blocks outside every window of a block of queries,
     so the work grows with Lq * window rather than Lq * Lk. On the Triton and reference backends.
+
+    Nested jagged tensors (torch.nested, layout=torch.jagged), (B, H, j, E) with the ragged length third, as torch
+    SDPA takes them, run on varlen_attn (_jagged_attention).
     """
+    if _nested(query, key, value):
+        return _jagged_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
+                                 sinks, softcap, window_size)
     return _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks, softcap,
                    window_size)[0]
 
@@ -103,6 +109,9 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     """Like scaled_dot_product_attention, and also the attention probabilities (before dropout) as float32
     (B, H, Lq, Lk), rebuilt tile by tile from the forward's saved row statistics. Gradients flow through them to
     query and key (and a float attn_mask that requires grad), as through torch's."""
+    if _nested(query, key, value):
+        raise NotImplementedError("fast_attention.scaled_dot_product_attention_with_weights: nested tensors give no "
+                                  "attention weights (nor does torch); call scaled_dot_product_attention")
     out, stats, args, name = _attend(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend,
                                      sinks, softcap, window_size)
     q4, k4, mask, is_causal, scale, softcap, window, (query, key, value, batch, H) = args
@@ -143,6 +152,47 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     if return_aux is not None and getattr(return_aux, "lse", False):
         return out, _varlen.logsumexp(stats).to(torch.float32)
     return out
+
+
+def _nested(*tensors) -> bool:
+    return any(isinstance(t, Tensor) and t.is_nested for t in tensors)
+
+
+def _jagged_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, sinks,
+                      softcap, window_size):
+    """torch SDPA on nested jagged tensors, (B, H, j, E) with a ragged length per batch entry: each entry attends on
+    its own, which is varlen_attn on the packed values (total, H, E) and the nested tensors' offsets; the output is
+    nested like query. As torch: no attn_mask. is_causal, which torch refuses here, and window_size, aligned
+    top-left as in the dense call, where query and key share their lengths (one ragged structure: then top-left
+    and varlen's bottom-right alignment agree). No dropout (the packed kernels have none)."""
+    op = "scaled_dot_product_attention"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not (isinstance(t, Tensor) and t.is_nested and t.layout == torch.jagged and t.dim() == 4
+                and isinstance(t.shape[1], int) and not isinstance(t.shape[2], int)):
+            raise ValueError(f"fast_attention.{op}: with nested tensors, query, key and value must all be nested "
+                             f"jagged tensors (layout=torch.jagged) of shape (B, H, j, E), the ragged length third "
+                             f"as torch SDPA takes them; {name} is not")
+    if attn_mask is not None:
+        raise NotImplementedError(f"fast_attention.{op}: attn_mask with nested tensors (torch takes none either)")
+    if dropout_p:
+        raise NotImplementedError(f"fast_attention.{op}: dropout with nested tensors (the packed-sequence kernels "
+                                  f"have no dropout)")
+    packed = [t.transpose(1, 2) for t in (query, key, value)]  # (B, j, H, E): values() are (total, H, E)
+    offsets_q, offsets_k = packed[0].offsets(), packed[1].offsets()
+    if not torch.equal(offsets_k, packed[2].offsets()):
+        raise ValueError(f"fast_attention.{op}: key and value must have the same lengths")
+    window = (-1, -1) if window_size is None else window_size
+    if is_causal or window != (-1, -1):
+        if not (offsets_q is offsets_k or torch.equal(offsets_q, offsets_k)):
+            raise NotImplementedError(f"fast_attention.{op}: is_causal or window_size with nested tensors needs query "
+                                      f"and key of the same lengths (torch takes no is_causal here)")
+        window = _attention.check_window(window_size, bool(is_causal))
+        window = (window[0], 0 if is_causal else window[1])
+    cu_q, cu_k = offsets_q.to(torch.int32), offsets_k.to(torch.int32)
+    longest = [int(o.diff().max()) if o.numel() > 1 else 0 for o in (offsets_q, offsets_k)]
+    out = varlen_attn(*(t.values() for t in packed), cu_q, cu_k, *longest, scale=scale, window_size=window,
+                      enable_gqa=enable_gqa, backend=backend, sinks=sinks, softcap=softcap)
+    return torch.nested.nested_tensor_from_jagged(out, offsets_q).transpose(1, 2)
 
 
 _NO_SEED = torch.zeros((), dtype=torch.int64)  # the seed argument without dropout: never read, never written

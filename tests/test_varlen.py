@@ -291,3 +291,69 @@ def test_varlen_torch_compile(backend, device, compiler):
     (g,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(value, loss(x))
     torch.testing.assert_close(g, g_eager)
+
+
+def _jagged(lengths, H, D, dtype):
+    """A nested jagged tensor (B, H, j, D), as torch SDPA takes them, and its packed values' offsets."""
+    nt = torch.nested.nested_tensor([torch.randn(n, H, D, device=DEVICE, dtype=dtype) for n in lengths],
+                                    layout=torch.jagged, requires_grad=True)
+    return nt, nt.transpose(1, 2)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's warning that nested tensors are a prototype
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nested_jagged_tensors(backend, dtype):
+    """scaled_dot_product_attention on nested jagged tensors, as torch's: each batch entry attends on its own,
+    query and key of different lengths; the output nested like query, and the gradients, through varlen_attn,
+    against torch's own nested SDPA and the float64 reference on the packed values."""
+    _varlen_backend(backend)
+    (q_nt, q), (k_nt, k), (v_nt, v) = _jagged([5, 40, 1], 2, 16, dtype), _jagged([7, 33, 3], 2, 16, dtype), \
+        _jagged([7, 33, 3], 2, 16, dtype)
+    v = torch.nested.nested_tensor_from_jagged(v_nt.values(), k_nt.offsets()).transpose(1, 2)  # key's lengths
+    out = fa.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert out.is_nested and out.shape[:2] == q.shape[:2] and out.shape[2] == q.shape[2]
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    values = [t.values().detach().double() for t in (q_nt, k_nt, v_nt)]
+    expected = ref.varlen_attn(*values, q_nt.offsets().to(torch.int32), k_nt.offsets().to(torch.int32))
+    ours_v, theirs_v = out.transpose(1, 2).values(), theirs.transpose(1, 2).values()
+    assert_close(ours_v, theirs_v, expected, "output")
+    grad = torch.randn_like(ours_v)
+    leaves = (q_nt, k_nt, v_nt)
+    ours_g = [g.values() for g in torch.autograd.grad(ours_v, leaves, grad, retain_graph=True)]  # q, k, v shared
+    their_g = [g.values() for g in torch.autograd.grad(theirs_v, leaves, grad)]
+    exact = [t.requires_grad_() for t in values]
+    exact_g = torch.autograd.grad(ref.varlen_attn(*exact, q_nt.offsets().to(torch.int32),
+                                                  k_nt.offsets().to(torch.int32)), exact, grad.double())
+    for name, a, b, c in zip(("dq", "dk", "dv"), ours_g, their_g, exact_g):
+        assert_close(a, b, c, name)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nested_jagged_tensors_causal(backend):
+    """is_causal (which torch refuses on nested tensors) and a window where query and key share their lengths:
+    each entry as the dense call on it alone."""
+    _varlen_backend(backend)
+    _, q = _jagged([5, 40, 1], 2, 16, torch.float32)
+    for kwargs in ({"is_causal": True}, {"is_causal": True, "window_size": (6, -1)}, {"window_size": (3, 2)}):
+        out = fa.scaled_dot_product_attention(q, q, q, backend=backend, **kwargs)
+        for got, seq in zip(out.unbind(), q.unbind()):
+            dense = fa.scaled_dot_product_attention(seq, seq, seq, backend=backend, **kwargs)
+            torch.testing.assert_close(got, dense, atol=2e-6, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_nested_jagged_tensors_bad_input():
+    _, q = _jagged([5, 9], 2, 16, torch.float32)
+    _, k = _jagged([4, 9], 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="must all be nested jagged tensors"):
+        fa.scaled_dot_product_attention(q, torch.randn(2, 2, 9, 16, device=DEVICE), q)
+    with pytest.raises(ValueError, match="must all be nested jagged tensors .* the ragged length third"):
+        fa.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))
+    with pytest.raises(NotImplementedError, match="attn_mask with nested tensors"):
+        fa.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(9, 9, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(NotImplementedError, match="dropout with nested tensors"):
+        fa.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="needs query and key of the same lengths"):
+        fa.scaled_dot_product_attention(q, k, k, is_causal=True)
+    with pytest.raises(NotImplementedError, match="nested tensors give no attention weights"):
+        fa.functional.scaled_dot_product_attention_with_weights(q, q, q)
