@@ -202,18 +202,20 @@ def attention_jobs(full: bool, arch: int):
                                f"{' tma' if c.kwargs.get('TMA') else ''}")
                         jobs.append((label, cfg, (A.__name__, fn_name), values, const, c.num_warps, c.num_stages,
                                      arch))
-                # Packed sequences (varlen_attn), the first kept config: full attention, and causal (a window).
-                for win in (False, True):
+                # Packed sequences (varlen_attn), the first kept config: full attention, causal (a window), and causal
+                # with Gemma 2's logit cap (Hugging Face's packed batches).
+                for win, cap in ((False, False), (True, False), (True, True)):
                     c = _kept(kind, dtype, D, 0, False)[0]
                     values = _attn_scalars(dtype, D, Lq, Lk, 0, varlen=True)
                     values.update(Out=dtype, out_split_stride=0, stats_split_stride=0, keys_per_split=Lk,
                                   num_splits=1)
-                    const = dict(_flags(dtype, D, False, 0, False, False, win, varlen=True), **c.kwargs)
+                    const = dict(_flags(dtype, D, False, 0, False, cap, win, varlen=True), **c.kwargs)
                     if kind == "fwd":
                         const.update(PACK_GQA=False, PDL=False)
                     if kind == "dq":
                         const.update(MASK_GRAD=False)
                     cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} varlen{' win' if win else ''}"
+                           f"{' cap' if cap else ''}"
                            f"{' tma' if c.kwargs.get('TMA') else ''}")
                     jobs.append((f"attn_{kind} {_SHORT[dtype]} D{D}", cfg, (A.__name__, fn_name), values, const,
                                  c.num_warps, c.num_stages, arch))
