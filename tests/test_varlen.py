@@ -273,7 +273,7 @@ def test_varlen_opcheck(backend, device):
         torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("compiler", ["aot_eager"])  # inductor runs a custom op as it is (test_ops.py compiles both)
 def test_varlen_torch_compile(backend, device, compiler):
     _varlen_backend(backend)
     torch._dynamo.reset()
