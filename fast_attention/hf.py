@@ -81,8 +81,8 @@ def _packed(query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling: 
     runs. The offsets among the kwargs say where each sequence starts, as they do for transformers' own flash
     implementations, which read the same kwargs: each sequence attends causally to itself (a sliding layer's
     window of W keys is window_size=(W - 1, 0); sinks and a logit cap as in the dense call), and the mask
-    transformers built from the position ids, which
-    holds the same rule as an L x L block diagonal (or, with a cache object, is missing), is not read. The kernels
+    transformers built from the position ids, which holds the same rule as an L x L block diagonal (or, with a
+    cache object, is missing), is not read. The kernels
     then skip every block outside the sequences, where the mask path computes all of the L x L scores. None, and
     the mask path, for what varlen_attn does not take: bidirectional layers, several rows, cached keys, dropout,
     a position bias, or the weights."""

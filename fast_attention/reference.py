@@ -109,15 +109,11 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *
     i + (Lk - Lq) + right ((-1, 0) is causal). A sequence without keys gives zeros. max_q and max_k are unused (the
     lengths come from the offsets); sinks and softcap as scaled_dot_product_attention takes them."""
     out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
-    for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k):
-        q, k, v = query[rows_q].transpose(0, 1), key[rows_k].transpose(0, 1), value[rows_k].transpose(0, 1)
-        Lq, Lk = q.shape[1], k.shape[1]
-        if Lq == 0 or Lk == 0:
-            continue  # no keys: its rows give zeros
-        mask = None if tuple(window_size) == (-1, -1) else window_mask(window_size, Lq, Lk, q.device, Lk - Lq)
+    window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
+    for rows_q, _, q, k, v, mask in _packed_sequences(query, key, value, cu_seq_q, cu_seq_k, window):
         o = scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks,
                                          softcap=softcap)
-        out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o.transpose(0, 1))
+        out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o[0].transpose(0, 1))
     return out
 
 

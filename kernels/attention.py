@@ -1277,6 +1277,13 @@ def varlen_unsupported(query, key, value, max_q=0, max_k=0, window=None, **_) ->
     return None
 
 
+def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window) -> dict:
+    """The arguments every packed-sequence launch passes alike: lengths, scores, no dropout, the offsets, flags."""
+    return dict(Lq=max_q, Lk=max_k, **_score_args(scale, softcap, window, max_q + max_k), **_dropout_args(0.0, 0),
+                **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=v.shape[-1], BLOCK_DV=_block(v.shape[-1]),
+                **_flags(q, None, False, 0.0, softcap, window))
+
+
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
                    window: tuple[int, int] | None = None, softcap: float = 0.0):
     """Packed sequences (VARLEN): q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b's
@@ -1292,10 +1299,8 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
     args = (q, k, v, q, out, stats[0], stats[1], *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
             0, 0, 0, 0)
     _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *args, 0, 0, H=H, GROUP=H // Hkv,
-            Lq=max_q, Lk=max_k, keys_per_split=max_k, num_splits=1,
-            **_score_args(scale, softcap, window, max_q + max_k), **_dropout_args(0.0, 0),
-            **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv), PACK_GQA=False,
-            **_flags(q, None, False, 0.0, softcap, window))
+            keys_per_split=max_k, num_splits=1, PACK_GQA=False,
+            **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window))
     return out, stats
 
 
@@ -1318,9 +1323,7 @@ def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, m
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     inputs = (q, k, v, q, dout, stats[0], stats[1], delta)
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0, *_packed_strides(dout))
-    common = dict(Lq=max_q, Lk=max_k, **_score_args(scale, softcap, window, max_q + max_k), scale=scale,
-                  **_dropout_args(0.0, 0), **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
-                  **_flags(q, None, False, 0.0, softcap, window))
+    common = dict(scale=scale, **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window))
     _launch("dkdv", lambda meta: (cdiv(max_k, meta["BLOCK_N"]) * B * Hkv,), *inputs, dk, dv, *strides,
             *_packed_strides(dk), *_packed_strides(dv), H=H, Hkv=Hkv, GROUP=H // Hkv, **common)
     _launch("dq", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *inputs, dq, q, *strides,
