@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cmath>
 #include <cstdint>
 #include <iterator>
 #include <optional>
@@ -396,15 +397,36 @@ void set_dropout(fa::AttentionParams& p, double dropout_p, int64_t seed, const c
   p.seed = static_cast<uint64_t>(seed);
 }
 
+// The logit cap and the local window (flash.h: softcap, window) into p, after set_dropout; a side of -1 bounds
+// nothing.
+void set_scores(fa::AttentionParams& p, double softcap, int64_t window_left, int64_t window_right, const char* op) {
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "fast_attention._C.", op,
+                    ": softcap must be a finite number >= 0 (0: no cap), got ", softcap);
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "fast_attention._C.", op,
+                    ": window_left and window_right must be >= 0, or -1 for no bound, got ", window_left, " and ",
+                    window_right);
+  const auto side = [](int64_t s) { return s < 0 || s >= fa::kNoWindow ? fa::kNoWindow : static_cast<int>(s); };
+  // instances.h: the dropout kernels leave out the cap's and the window's code
+  TORCH_CHECK_NOT_IMPLEMENTED((softcap == 0.0 && window_left < 0 && window_right < 0) || p.dropout_p == 0.f,
+                              "fast_attention._C.", op,
+                              ": the kernels take no dropout with a logit cap (softcap) or a local window");
+  p.softcap = static_cast<float>(softcap);
+  p.window = window_left >= 0 || window_right >= 0;
+  p.window_left = side(window_left);
+  p.window_right = side(window_right);
+}
+
 std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                              const OptTensor& mask, bool causal, double scale, double dropout_p,
-                                             int64_t seed) {
+                                             int64_t seed, double softcap, int64_t window_left,
+                                             int64_t window_right) {
   constexpr const char* op = "attention_forward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
   set_dropout(p, dropout_p, seed, op);
+  set_scores(p, softcap, window_left, window_right, op);
   Tensor out = at::empty({p.batch, p.heads, p.q_len, p.head_dim}, q.options());
   Tensor stats = at::empty({2, p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.k_len == 0) {  // every row dead: max -inf, log sum 0
@@ -424,7 +446,8 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
 std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                       const Tensor& v, const Tensor& out, const Tensor& stats,
                                                       const OptTensor& mask, bool causal, double scale,
-                                                      double dropout_p, int64_t seed) {
+                                                      double dropout_p, int64_t seed, double softcap,
+                                                      int64_t window_left, int64_t window_right) {
   constexpr const char* op = "attention_backward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
@@ -433,6 +456,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
   set_dropout(p, dropout_p, seed, op);
+  set_scores(p, softcap, window_left, window_right, op);
   Tensor held;
   set_stats(p, stats, held, q, op);
   check_same_dtype(dout, q, op, "dout", "query");
@@ -459,12 +483,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
 }
 
 Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& stats, const OptTensor& mask, bool causal,
-                         double scale) {
+                         double scale, double softcap, int64_t window_left, int64_t window_right) {
   constexpr const char* op = "attention_weights";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
   const AttentionInputs in = attention_inputs(p, q, k, std::nullopt, mask, causal, scale, op, false);
+  set_scores(p, softcap, window_left, window_right, op);  // dropout_p 0: the weights are before dropout
   Tensor held;
   set_stats(p, stats, held, q, op);
   Tensor weights = at::empty({p.batch, p.heads, p.q_len, p.k_len}, q.options().dtype(at::kFloat));
@@ -493,12 +518,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &attention_forward, "-> (out, stats fp32 (2, B, H, Lq): row max, log row sum; base 2)",
         py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
-        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("softcap") = 0.0, py::arg("window_left") = -1,
+        py::arg("window_right") = -1);
   m.def("attention_backward", &attention_backward, "-> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("attn_mask"),
-        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+        py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
-        py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"));
+        py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
+        py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
   py::tuple head_dims(std::size(fa::kHeadDims));
   for (size_t i = 0; i < std::size(fa::kHeadDims); ++i) head_dims[i] = fa::kHeadDims[i];
   m.attr("head_dims") = head_dims;

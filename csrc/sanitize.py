@@ -8,8 +8,8 @@
 
 Shapes are small (the sanitizer slows kernels 10-100x) but cover every code path: misaligned rows (odd widths),
 rows past one block's registers (multi-block softmax, chunked norms), partial tiles, causal, bool and additive
-masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, dropout, and
-decoding's split-KV kernel and merge.
+masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, dropout, the logit
+cap, local windows, and decoding's split-KV kernel and merge.
 It also checks each result against the reference loosely, so a sanitizer-clean but wrong kernel still shows: every
 check runs, and the exit status is 1 if any was off.
 """
@@ -138,7 +138,36 @@ def dropout():
                 check(f"{tag} {name}", g, r, 5e-2)
 
 
-GROUPS = {"rows": rows, "attention": attention, "dropout": dropout, "decoding": decoding}
+def window_and_cap():
+    """The logit cap's kernels (forward, dK/dV, dQ with the cap's slope; decoding; the weights) and a local window
+    that leaves whole key and query tiles out, with GQA and rows past the keys that see none."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for E in _C.head_dims:
+            B, H, Hkv, Lq, Lk = 1, 4, 2, 150, 100
+            q, k, v = (torch.randn(B, h, L, E, device="cuda", dtype=dtype) for h, L in ((H, Lq), (Hkv, Lk), (Hkv, Lk)))
+            scale = E ** -0.5
+            for softcap, window in ((2.0, None), (0.0, (20, 3)), (1.0, (70, -1))):
+                left, right = window or (-1, -1)
+                out, stats = _C.attention_forward(q, k, v, None, False, scale, 0.0, 0, softcap, left, right)
+                xs = [t.double().requires_grad_() for t in (q, k, v)]
+                ref = reference.scaled_dot_product_attention(*xs, enable_gqa=True, softcap=softcap or None,
+                                                             window_size=window)
+                tag = f"attention {dtype} E={E} softcap={softcap} window={window}"
+                check(f"{tag} fwd", out, ref, 3e-2)
+                dout = torch.randn_like(out)
+                grads = _C.attention_backward(dout, q, k, v, out, stats, None, False, scale, 0.0, 0, softcap, left,
+                                              right)
+                for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, xs, dout.double())):
+                    check(f"{tag} {name}", g, r, 5e-2)
+            k, v = (torch.randn(B, Hkv, 1100, E, device="cuda", dtype=dtype) for _ in range(2))
+            out, _ = _C.attention_forward(q[:, :, :3], k, v, None, False, scale, 0.0, 0, 1.0)  # split-KV, capped
+            ref = reference.scaled_dot_product_attention(q[:, :, :3].double(), k.double(), v.double(), enable_gqa=True,
+                                                         softcap=1.0)
+            check(f"decoding {dtype} E={E} softcap=1.0", out, ref, 3e-2)
+
+
+GROUPS = {"rows": rows, "attention": attention, "dropout": dropout, "decoding": decoding,
+          "window_and_cap": window_and_cap}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(GROUPS)  # a few groups: a racecheck of them alone fits a shorter device call

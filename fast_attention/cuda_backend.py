@@ -51,10 +51,9 @@ def _row_reason(x: Tensor) -> str | None:
 
 def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, softcap=0.0,
                       mask_grad=False, window=None) -> str | None:
-    if softcap:
-        return "its attention kernels do not cap the logits (softcap); backend='triton' does"
-    if window is not None:
-        return "its attention kernels have no local window (window_size); backend='triton' does"
+    if dropout_p and (softcap or window is not None):
+        return ("its attention kernels take no dropout with a logit cap (softcap) or a local window (window_size); "
+                "backend='triton' takes them together")
     if mask_grad:
         return ("its attention kernels give no gradient for a float attn_mask, and this one requires grad; "
                 "backend='triton' gives it")
@@ -117,32 +116,28 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor
 
 # ---------------------------------------------------------------------------------------------- attention
 # Dropout draws the Triton kernels' decisions for the same seed (csrc/attention/primitives.cuh, dropout_keep): the
-# two backends drop the same probabilities.
-# A logit cap (softcap) and a local window are refused by unsupported() above; the functions check them again for
-# direct callers.
-def _refuse_unsupported(softcap: float, window=None) -> None:
-    if softcap:
-        raise NotImplementedError("fast_attention: the CUDA attention kernels do not cap the logits (softcap)")
-    if window is not None:
-        raise NotImplementedError("fast_attention: the CUDA attention kernels have no local window (window_size)")
+# two backends drop the same probabilities. A logit cap (softcap) and a local window go to the kernels as the Triton
+# ones take them, not with dropout (unsupported() refuses that, _C checks it again).
+def _sides(window) -> tuple[int, int]:
+    return (-1, -1) if window is None else (int(window[0]), int(window[1]))
 
 
 def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                       softcap: float = 0.0, window=None):
-    _refuse_unsupported(softcap, window)
-    return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed))
+    left, right = _sides(window)
+    return tuple(_C.attention_forward(q, k, v, mask, is_causal, scale, dropout_p, seed, softcap, left, right))
 
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                        softcap: float = 0.0, mask_grad: bool = False, window=None):
-    _refuse_unsupported(softcap, window)
     if mask_grad:
         raise NotImplementedError("fast_attention: the CUDA attention kernels give no gradient for attn_mask")
+    left, right = _sides(window)
     # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
     return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, mask, is_causal, scale,
-                                       dropout_p, seed))
+                                       dropout_p, seed, softcap, left, right))
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0, window=None):
-    _refuse_unsupported(softcap, window)
-    return _C.attention_weights(q, k, stats, mask, is_causal, scale)
+    left, right = _sides(window)
+    return _C.attention_weights(q, k, stats, mask, is_causal, scale, softcap, left, right)

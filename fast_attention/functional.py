@@ -83,12 +83,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     every row's softmax (so each row's weights sum to less than 1, and a row with every key masked still gives
     zeros); differentiable, on every backend (fast_attention/ops/attention.py). softcap c > 0 (Gemma 2's
     attn_logit_softcapping): the scores capped to c * tanh(scores / c) before the mask is applied (None or 0: no
-    cap, as FlashAttention's softcap=0.0); on the Triton and reference backends (the CUDA kernels do not cap).
+    cap, as FlashAttention's softcap=0.0); on every backend (the CUDA kernels: not with dropout).
     window_size (left, right): local (sliding-window) attention, FlashAttention's argument: query i sees keys
     i - left .. i + right, -1 leaving that side unbounded, aligned top-left as is_causal (with Lq == Lk, the usual
     sliding window of Mistral, Gemma and gpt-oss is is_causal=True, window_size=(W - 1, -1)). It combines with
-    is_causal and with attn_mask; the Triton kernels skip the key blocks outside every window of a block of queries,
-    so the work grows with Lq * window rather than Lq * Lk. On the Triton and reference backends.
+    is_causal and with attn_mask; the Triton and CUDA kernels skip the key blocks outside every window of a block
+    of queries, so the work grows with Lq * window rather than Lq * Lk. On every backend (CUDA: not with dropout).
 
     Nested jagged tensors (torch.nested, layout=torch.jagged), (B, H, j, E) with the ragged length third, as torch
     SDPA takes them, run on varlen_attn (_jagged_attention).

@@ -444,16 +444,10 @@ def test_sinks_gradients_where_one_key_is_visible(backend):
                            sinks=torch.randn(1, device=DEVICE, requires_grad=True))
 
 
-def _softcap_backend(backend):
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels do not cap the logits (test_cuda.py checks that they refuse)")
-
-
 @pytest.mark.parametrize("kind,dtype", BEYOND_CASES)
 def test_softcap(backend, kind, dtype):
     """Scores capped to c tanh(s / c) before the mask, with scores well past the cap (queries scaled up): the
     output, the weights and every gradient (dS times 1 - tanh^2)."""
-    _softcap_backend(backend)
     B, H, Lq, Lk = 2, 4, 13, 21
     q, k, v = _qkv(B, H, 2, Lq, Lk, 16, dtype)
     with torch.no_grad():
@@ -465,7 +459,6 @@ def test_softcap(backend, kind, dtype):
 
 
 def test_softcap_and_sinks_together(backend):
-    _softcap_backend(backend)
     q, k, v = _qkv(1, 2, 1, 9, 14, 32, torch.float32)
     check_beyond_torch(backend, q, k, v, is_causal=True, softcap=0.5,
                        sinks=torch.randn(2, device=DEVICE, requires_grad=True))
@@ -481,8 +474,6 @@ def test_causal_bias(backend, variant, Lq, Lk, window):
     reference given the mask it stands for."""
     from torch.nn.attention import bias
 
-    if window is not None and backend == "cuda":
-        pytest.skip("the CUDA kernels have no local window")
     mask = getattr(bias, f"causal_{variant}")(Lq, Lk)
     q, k, v = _qkv(2, 2, 2, Lq, Lk, 16, torch.float16)
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend, window_size=window)
@@ -515,11 +506,6 @@ def test_causal_bias_bad_input():
 # ----------------------------------------------------------------------------------------------------------
 # A local (sliding) window, window_size=(left, right): FlashAttention's argument, aligned as is_causal
 # ----------------------------------------------------------------------------------------------------------
-def _window_backend(backend):
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels have no local window (test_cuda.py checks that they refuse)")
-
-
 # Lengths over the kernels' tiles (32 in the interpreter, up to 128 on a GPU), so that whole key blocks fall
 # outside the windows; windows of one key (0, 0), one side only, both, and wider than the lengths.
 WINDOW_CASES = [("causal", torch.bfloat16, (7, -1)), ("none", torch.float32, (3, 20)), ("bool", torch.float16, (0, 0)),
@@ -531,7 +517,6 @@ WINDOW_CASES = [("causal", torch.bfloat16, (7, -1)), ("none", torch.float32, (3,
 def test_window(backend, kind, dtype, window):
     """Query i sees keys i - left .. i + right and what the mask leaves of them, Lq != Lk (queries past the last
     window's reach see nothing: zeros): the output, the weights and every gradient."""
-    _window_backend(backend)
     B, H, Lq, Lk = 2, 2, 70, 45
     q, k, v = _qkv(B, H, 1, Lq, Lk, 16, dtype)
     mask, causal = _mask(kind, B, H, Lq, Lk, dtype)
@@ -545,7 +530,6 @@ def test_window_wider_than_the_tiles(backend, is_causal, window):
     """16-bit inputs without a mask (the light kernels, which split a window's blocks into its edges, tested, and
     the blocks every row of a query block sees whole, not tested), windows over several tiles: the blocks at each
     edge are the ones that must keep the test."""
-    _window_backend(backend)
     q, k, v = _qkv(1, 2, 1, 160, 150, 16, torch.float16)
     check_beyond_torch(backend, q, k, v, is_causal=is_causal, window_size=window)
 
@@ -577,7 +561,6 @@ def test_window_skips_the_key_blocks_outside_it(is_causal, window):
 
 def test_window_with_sinks_softcap_and_dropout(backend):
     """A window with everything else a row's softmax can hold: learned sinks, a logit cap, dropout."""
-    _window_backend(backend)
     q, k, v = _qkv(1, 2, 1, 40, 40, 16, torch.float32)
     sinks = torch.randn(2, device=DEVICE, requires_grad=True)
     p = 0.2

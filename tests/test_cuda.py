@@ -108,12 +108,10 @@ def test_unsupported_gives_reasons():
     assert attn(dropout_p=0.1) is None  # the Triton kernels' decisions (tests/test_cuda_emulated.py)
     assert attn(mask_dtype=torch.bool) is None and attn(mask_dtype=torch.float16) is None
     assert "attn_mask in query's dtype" in attn(mask_dtype=torch.float32)  # torch allows it; Triton runs it
-    assert "softcap" in attn(softcap=30.0)  # backend=None then runs Triton; sinks need nothing of the kernels
-    with pytest.raises(NotImplementedError, match="softcap"):
-        cuda_backend.attention_forward(None, None, None, None, False, 0.125, 0.0, 0, softcap=30.0)
-    assert "window_size" in attn(window=(8, -1))
-    with pytest.raises(NotImplementedError, match="window_size"):
-        cuda_backend.attention_backward(*[None] * 7, False, 0.125, 0.0, 0, window=(8, -1))
+    assert attn(softcap=30.0) is None and attn(window=(8, -1)) is None and attn(window=(0, 3), softcap=2.0) is None
+    # the dropout kernels leave the cap and the window out: backend=None then runs Triton
+    assert "no dropout with a logit cap (softcap) or a local window" in attn(softcap=30.0, dropout_p=0.1)
+    assert "no dropout with a logit cap (softcap) or a local window" in attn(window=(8, -1), dropout_p=0.1)
     x64 = torch.empty(2, 3, dtype=torch.float64)
     assert "float64" in cuda_backend.unsupported("softmax", input=x64)
     assert "float64" in cuda_backend.unsupported("layer_norm", input=x64, weight=None, bias=None)
@@ -397,21 +395,28 @@ def _attention_inputs(dtype, B, H, Hkv, Lq, Lk, E, layout="contiguous"):
     return q, k, v
 
 
-def _check_attention(q, k, v, mask=None, is_causal=False, gqa=False, against="torch"):
+def _check_attention(q, k, v, mask=None, is_causal=False, gqa=False, against="torch", **beyond):
+    """backend='cuda' against `against` in the same dtype (the error budget) and the float64 reference: the output
+    and dQ, dK, dV. beyond: softcap, window_size, which torch SDPA does not take: the budget is then the
+    reference's formula in the inputs' dtype."""
     dout = torch.randn(*q.shape[:-1], v.shape[-1], device="cuda", dtype=q.dtype)
 
     def ours_fn(q, k, v):
-        return fa.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa, backend="cuda")
+        return fa.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa, backend="cuda",
+                                               **beyond)
 
     def base_fn(q, k, v):
         if against == "triton":
             return fa.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa,
-                                                   backend="triton")
+                                                   backend="triton", **beyond)
+        if beyond:
+            return reference.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa,
+                                                          **beyond)
         return F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal, enable_gqa=gqa)
 
     def ref_fn(q, k, v):
         m = mask.double() if mask is not None and mask.dtype != torch.bool else mask
-        return reference.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, enable_gqa=gqa)
+        return reference.scaled_dot_product_attention(q, k, v, m, is_causal=is_causal, enable_gqa=gqa, **beyond)
 
     ours, g_ours = _grad(ours_fn, _leaves(q, k, v), dout)
     base, g_base = _grad(base_fn, _leaves(q, k, v), dout)  # same dtype: the error budget
@@ -428,6 +433,34 @@ def _check_attention(q, k, v, mask=None, is_causal=False, gqa=False, against="to
 @pytest.mark.parametrize("Lq,Lk", [(1, 1), (97, 111), (128, 64), (200, 333)])
 def test_attention_matches_reference(dtype, E, is_causal, Lq, Lk):
     _check_attention(*_attention_inputs(dtype, 2, 3, 3, Lq, Lk, E), is_causal=is_causal)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E", [32, 64, 80, 128])
+@pytest.mark.parametrize("is_causal,window,softcap", [(True, (40, -1), 0.0), (False, (17, 5), 0.0),
+                                                      (False, (0, 0), 0.0), (False, None, 2.0),
+                                                      (True, (64, -1), 30.0), (False, (300, 2), 1.0)])
+@pytest.mark.parametrize("Lq,Lk", [(200, 333), (333, 200), (1, 1)])
+def test_attention_window_and_softcap(dtype, E, is_causal, window, softcap, Lq, Lk):
+    """A local window (the tiles it leaves out are skipped: lengths over several tiles, windows of one key, of one
+    side, wider than the lengths; rows that see no key give zeros) and Gemma 2's logit cap (scores well past it),
+    alone and together, with GQA: the output and every gradient."""
+    q, k, v = _attention_inputs(dtype, 2, 4, 2, Lq, Lk, E)
+    if softcap:
+        q = q * 3  # scores of several units: the cap bends them
+    _check_attention(q, k, v, is_causal=is_causal, gqa=True, window_size=window, softcap=softcap or None)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+def test_attention_decoding_with_window_and_softcap(dtype):
+    """A decoding shape: the logit cap in the split-KV kernel; with a window the tiled forward, which visits only
+    the key tiles the window reaches, and a bool mask besides."""
+    q, k, v = _attention_inputs(dtype, 2, 8, 2, 3, 4100, 128)
+    _check_attention(q * 3, k, v, gqa=True, softcap=20.0)
+    keep = torch.rand(2, 1, 3, 4100, device="cuda") > 0.2
+    _check_attention(q, k, v, mask=keep, gqa=True, window_size=(1000, 600), softcap=20.0)
 
 
 @needs_gpu

@@ -74,20 +74,17 @@ def _attention_weights_sinks_case(device, backend):
     return op, (*args, _sinks(device))
 
 
-def _softcap(backend) -> float:
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels do not cap the logits")
-    return 0.5
+SOFTCAP = 0.5
 
 
 def _attention_softcap_case(device, backend):
     op, args = _attention_case(device, backend)
-    return op, (*args, _sinks(device), _softcap(backend))
+    return op, (*args, _sinks(device), SOFTCAP)
 
 
 def _attention_weights_softcap_case(device, backend):
     op, args = _attention_weights_case(device, backend)
-    return op, (*args, None, _softcap(backend))
+    return op, (*args, None, SOFTCAP)
 
 
 def _attention_mask_grad_case(device, backend):
@@ -98,20 +95,17 @@ def _attention_mask_grad_case(device, backend):
     return op, (q, k, v, mask.requires_grad_(), *rest)
 
 
-def _window(backend) -> tuple[int, int]:
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels have no local window")
-    return 2, 1
+WINDOW = (2, 1)
 
 
 def _attention_window_case(device, backend):
     op, args = _attention_case(device, backend)
-    return op, (*args, None, 0.0, *_window(backend))
+    return op, (*args, None, 0.0, *WINDOW)
 
 
 def _attention_weights_window_case(device, backend):
     op, args = _attention_weights_case(device, backend)
-    return op, (*args, None, 0.0, *_window(backend))
+    return op, (*args, None, 0.0, *WINDOW)
 
 
 @pytest.mark.parametrize("case", [_softmax_case, _layer_norm_case, _rms_norm_case, _attention_case,
@@ -474,10 +468,10 @@ def test_norm_backward_resolves_on_its_own_only_without_a_backend_asked_for(monk
 
 
 def test_decoding_prefers_cuda_and_under_torch_compile_triton(monkeypatch):
-    """backend=None runs decoding (Lq <= 16 queries, >= 1024 keys, not causal, no dropout) on the CUDA backend,
-    where the Triton one's launch path dominates each eager call, the same inside a CUDA-graph capture (which its
-    eager warm-up must have compiled), and on Triton under torch.compile (backends._DECODING_ORDER). Stand-ins for
-    CUDA tensors: only shapes and the device are read."""
+    """backend=None runs decoding (Lq <= 16 queries, >= 1024 keys, not causal, no window or dropout) on the CUDA
+    backend, where the Triton one's launch path dominates each eager call, the same inside a CUDA-graph capture
+    (which its eager warm-up must have compiled), and on Triton under torch.compile (backends._DECODING_ORDER).
+    Stand-ins for CUDA tensors: only shapes and the device are read."""
     from types import SimpleNamespace
     monkeypatch.setattr(backends, "why_not", lambda name, op, device, **args: None)  # every backend can run it
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)  # must not matter
@@ -490,6 +484,7 @@ def test_decoding_prefers_cuda_and_under_torch_compile_triton(monkeypatch):
 
     assert resolve() == resolve(Lq=16, Lk=1024) == "cuda"
     assert resolve(Lq=17) == resolve(Lk=1023) == resolve(is_causal=True) == resolve(dropout_p=0.1) == "triton"
+    assert resolve(window=(500, 0)) == "triton"  # CUDA's split-KV kernel takes no window, Triton's does
     assert resolve(backend="triton") == "triton"
     with fa.use_backend("triton"):
         assert resolve() == "triton"

@@ -8,7 +8,9 @@
 // of a one-pass backward with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and
 // dS are rounded to the input dtype only as mma operands (as in the forward's P V).
 // DROPOUT regenerates the forward's decisions (dropout_keep): dV takes the dropped P, and dP is dropped the same
-// way before dS = P (dP - delta) (delta = rowsum(dO * O), O being the dropped output).
+// way before dS = P (dP - delta) (delta = rowsum(dO * O), O being the dropped output). CAP, the logit cap
+// (softcap): dS takes the cap's slope too, 1 - tanh^2 of each score. Causal and a local window limit the tiles each
+// block visits (visible_keys, visible_rows). Neither the cap nor the window is compiled with DROPOUT.
 #pragma once
 
 #include "kernel_traits.h"
@@ -35,8 +37,10 @@ __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const Attentio
   if (lane == 0) p.delta[r] = acc;
 }
 
-template <typename T, int D, bool DROPOUT>
+template <typename T, int D, bool DROPOUT, bool CAP>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+  static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
+  constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
   constexpr int BN = Tr::kBwdN, BM = Tr::kBwdM, P = Tr::kPitch, NT = Tr::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -63,8 +67,9 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   const int key_lo = n0 + warp * 16 + lane / 4;  // this thread's keys: key_lo and key_lo + 8
   const float scale2 = p.scale * kLog2e;
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
-  // Causal: queries before n0 see none of this block's keys.
-  const int m_begin = p.causal ? (n0 / BM) * BM : 0;
+  // Causal or a window: the query tiles outside [m_begin, m_end) see none of this block's keys.
+  const Span rows = visible_rows<WINDOW>(p, n0, n0 + BN, BM);
+  const int m_begin = rows.lo, m_end = rows.hi;
 
   for (int g = 0; g < group; ++g) {
     const int h = hk * group + g;
@@ -72,7 +77,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
     const int64_t stats = (static_cast<int64_t>(b) * p.heads + h) * p.q_len;  // this head's rows
     const float* delta = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
-    for (int m0 = m_begin; m0 < p.q_len; m0 += BM) {
+    for (int m0 = m_begin; m0 < m_end; m0 += BM) {
       load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
       load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
       cp_async_commit();
@@ -84,10 +89,21 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
       cp_async_wait<0>();
       __syncthreads();
 
+      float dpt[BM / 8][4] = {};  // dP^T = V dO^T
+      if constexpr (CAP) {  // dP^T - delta first, so that the cap's slope joins it as the scores are capped
+        mma_ss_bt<T, D, BM, P>(dpt, sV + warp * 16 * P, sdO, lane);
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dpt[nt][e] -= sDelta[frag_col(lane, nt, e)];
+        }
+      }
       float s[BM / 8][4] = {};  // S^T = K Q^T: 16 keys x BM queries per warp
       mma_ss_bt<T, D, BM, P>(s, sK + warp * 16 * P, sQ, lane);
-      scale_and_mask<T>(s, p, scale2, unmasked_tile(p, m0, BM, n0 + warp * 16, 16), b,
-                        [&](int nt, int e) { return make_int3(m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8, h); });
+      scale_and_mask<T, false, CAP, WINDOW>(
+          s, p, scale2, unmasked_tile<WINDOW>(p, m0, BM, n0 + warp * 16, 16), b,
+          [&](int nt, int e) { return make_int3(m0 + frag_col(lane, nt, e), key_lo + (e / 2) * 8, h); },
+          [&](int nt, int e, float slope) { dpt[nt][e] *= slope; });
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
@@ -109,12 +125,12 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
       };
       mma_cs<T, BM, D, P>(dv, s, sdO, lane, dropped);  // dV += P^T dO (P dropped)
 
-      float dpt[BM / 8][4] = {};  // dP^T = V dO^T
-      mma_ss_bt<T, D, BM, P>(dpt, sV + warp * 16 * P, sdO, lane);
+      if constexpr (!CAP) mma_ss_bt<T, D, BM, P>(dpt, sV + warp * 16 * P, sdO, lane);
 #pragma unroll
       for (int nt = 0; nt < BM / 8; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= dropped(nt, e, dpt[nt][e]) - sDelta[frag_col(lane, nt, e)];  // dS^T
+        for (int e = 0; e < 4; ++e)  // dS^T = P^T (dP^T - delta), dP^T dropped
+          s[nt][e] *= CAP ? dpt[nt][e] : dropped(nt, e, dpt[nt][e]) - sDelta[frag_col(lane, nt, e)];
       }
       mma_cs<T, BM, D, P>(dk, s, sQ, lane);  // dK += dS^T Q
       __syncthreads();  // every warp is done with this Q / dO tile before the next overwrites it
@@ -137,8 +153,10 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   }
 }
 
-template <typename T, int D, bool DROPOUT>
+template <typename T, int D, bool DROPOUT, bool CAP>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+  static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
+  constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
   constexpr int BM = Tr::kDqM, BN = Tr::kDqN, P = Tr::kPitch, NT = Tr::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -162,12 +180,13 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   // Copies overlap the math with one K and one V buffer: each step computes dP = dO V_j^T first, so V_{j+1}
   // lands during S, dS and dQ += dS K_j, and K_{j+1} during the next dP. Two copy groups are in flight at each
   // step's start, V (older) then K.
-  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
+  const Span keys = visible_keys<WINDOW>(p, m0, m0 + BM, BN);  // causal or a window: the key tiles these rows see
+  const int n_begin = keys.lo, n_end = keys.hi;
   load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
   load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
-  if (n_end > 0) load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, 0, p.k_len);
+  if (n_begin < n_end) load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n_begin, p.k_len);
   cp_async_commit();
-  if (n_end > 0) load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, 0, p.k_len);
+  if (n_begin < n_end) load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n_begin, p.k_len);
   cp_async_commit();
 
   const int row_lo = m0 + warp * 16 + lane / 4;
@@ -183,7 +202,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   }
   float dq[D / 8][4] = {};
 
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     cp_async_wait<1>();  // V_j (and Q, dO at first) has landed; K_j may still be in flight
     __syncthreads();
     float dp[BN / 8][4] = {};  // dP = dO V^T
@@ -196,14 +215,24 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
     float s[BN / 8][4] = {};  // S = Q K^T
     mma_ss_bt<T, D, BN, P>(s, sQ + warp * 16 * P, sK, lane);
     const auto slot = [&](int nt, int e) { return make_int3(row_lo + (e / 2) * 8, n0 + frag_col(lane, nt, e), h); };
-    scale_and_mask<T, BN == 64>(s, p, scale2, unmasked_tile(p, m0 + warp * 16, 16, n0, BN), b, slot);
-    if constexpr (DROPOUT) dropout(dp, p, b, slot);  // dP dropped as the forward dropped P
+    const bool interior = unmasked_tile<WINDOW>(p, m0 + warp * 16, 16, n0, BN);
+    if constexpr (CAP) {  // as in dK/dV: dP - delta first, so that the cap's slope joins it as the scores are capped
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] -= delta[e / 2];
+      }
+      scale_and_mask<T, BN == 64, true, WINDOW>(s, p, scale2, interior, b, slot,
+                                                [&](int nt, int e, float slope) { dp[nt][e] *= slope; });
+    } else {
+      scale_and_mask<T, BN == 64, false, WINDOW>(s, p, scale2, interior, b, slot);
+      if constexpr (DROPOUT) dropout(dp, p, b, slot);  // dP dropped as the forward dropped P
+    }
 #pragma unroll
     for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e / 2;
-        s[nt][e] = prob(s[nt][e], stats[i]) * (dp[nt][e] - delta[i]);  // dS = P (dP - delta)
+      for (int e = 0; e < 4; ++e) {  // dS = P (dP - delta)
+        s[nt][e] = prob(s[nt][e], stats[e / 2]) * (CAP ? dp[nt][e] : dp[nt][e] - delta[e / 2]);
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

@@ -95,8 +95,9 @@ __global__ void __launch_bounds__(32 * kDecodeMaxWarps)
   float row_max[1][2] = {{-kInf, -kInf}}, row_sum[1][2] = {{0.f, 0.f}};
   float acc[1][D / 8][4] = {};
   uint32_t qf[1][D / 16][4];
-  // A tile is interior when no score in it needs a test: no mask, not causal (decode_plan sends causal calls to
-  // the tiled forward), every key below k_len. Splits are whole tiles: no tile reaches into the next split.
+  // A tile is interior when no score in it needs a test: no mask, not causal, no window (decode_plan sends those
+  // calls to the tiled forward), every key below k_len. Splits are whole tiles: no tile reaches into the next split.
+  // The logit cap (softcap) is scale_and_mask's.
   const bool plain = p.mask_kind == MaskKind::kNone && !p.causal;
   for (int t = 0; t < tiles; ++t) {
     cp_async_wait<S - 2>();  // tile t has landed for this thread ...

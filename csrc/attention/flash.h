@@ -15,6 +15,9 @@ namespace fa {
 // with these 64-row tiles, so it needs its own tile shapes.
 constexpr int kHeadDims[] = {16, 32, 64, 80, 96, 128};
 
+// A window side that bounds nothing (AttentionParams::window_left, window_right).
+constexpr int kNoWindow = 2147483647;
+
 enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2, kAny = -1 };  // kAny: kernels' "read it from p"
 
 struct AttentionParams {
@@ -22,6 +25,14 @@ struct AttentionParams {
   int batch, heads, kv_heads, q_len, k_len, head_dim;
   float scale;  // softmax scale (1 / sqrt(D) by default); scores are scale * q . k
   bool causal;  // top-left aligned: query i sees keys j <= i
+  // window: a local window (FlashAttention's window_size), top-left aligned as causal: query i sees keys
+  // i - window_left .. i + window_right; kNoWindow on a side bounds nothing. The kernels visit only the key (or
+  // query) tiles that the window reaches. False (as zero-initialized params have it): no window, sides unread.
+  bool window;
+  int window_left, window_right;
+  // Gemma 2's logit cap c: the scores are c * tanh(scale * q.k / c) before the masks; 0: no cap. The backward
+  // multiplies dS by the cap's slope 1 - tanh^2.
+  float softcap;
   // Dropout on the probabilities (after the softmax, as torch's): each kept with 1 - dropout_p and scaled by
   // dropout_scale = 1 / (1 - dropout_p), or zeroed, as decided by dropout_keep (primitives.cuh) from `seed`.
   // dropout_p = 0: none. The forward and the backward of one call take the same seed.

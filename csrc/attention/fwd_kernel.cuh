@@ -4,7 +4,9 @@
 // the output is rescaled when the running max grows by more than a factor 2^8 and divided by the row sum once at the
 // end. Saves each row's max and log2(sum) (AttentionParams::row_max, row_log_sum). A row whose keys are all masked
 // keeps max = -inf and sum = 0: it writes zeros, max -inf and log sum 0. DROPOUT: the probabilities enter P V dropped
-// (after the row sums have counted them, as dropout follows the softmax).
+// (after the row sums have counted them, as dropout follows the softmax). Causal and a local window limit the key
+// tiles a block visits (visible_keys). CAP: scale_and_mask caps the scores (softcap). Neither the cap nor the
+// window is compiled with DROPOUT.
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -14,8 +16,10 @@
 
 namespace fa {
 
-template <typename T, int D, bool DROPOUT>
+template <typename T, int D, bool DROPOUT, bool CAP>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams p) {
+  static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
+  constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
   constexpr int MT = Tr::kFwdMTiles, BM = Tr::kFwdM, BN = Tr::kFwdN, P = Tr::kPitch, NT = Tr::kThreads;
   constexpr int WM = 16 * MT;  // query rows per warp
@@ -36,12 +40,13 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  // Causal: keys past the block's last query are masked for every row of the block.
-  const int n_end = p.causal ? min(p.k_len, m0 + BM) : p.k_len;
+  // Causal or a window: the key tiles outside [n_begin, n_end) are masked for every row of the block.
+  const Span keys = visible_keys<WINDOW>(p, m0, m0 + BM, BN);
+  const int n_begin = keys.lo, n_end = keys.hi;
   load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
   cp_async_commit();
-  if (n_end > 0) {
-    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, 0, p.k_len);
+  if (n_begin < n_end) {
+    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n_begin, p.k_len);
     cp_async_commit();
   }
 
@@ -55,7 +60,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   float acc[MT][D / 8][4] = {};
   uint32_t qf[Tr::kFwdQInRegs ? MT : 1][Tr::kFwdQInRegs ? D / 16 : 1][4];
 
-  for (int n0 = 0; n0 < n_end; n0 += BN) {
+  for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     cp_async_wait<0>();  // K_j (and Q at first) has landed ...
     __syncthreads();     // ... for every thread, and every warp is done with V_{j-1}: sV is free
     load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
@@ -63,7 +68,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
 
     float s[MT][BN / 8][4] = {};  // S = Q K^T
     if constexpr (Tr::kFwdQInRegs) {
-      if (n0 == 0) {
+      if (n0 == n_begin) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) load_a<D, P>(qf[mt], sQw + mt * 16 * P, lane);
       }
@@ -79,7 +84,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
     };
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-      scale_and_mask<T>(s[mt], p, scale2, unmasked_tile(p, warp_m0 + mt * 16, 16, n0, BN), b, slot(mt));
+      scale_and_mask<T, false, CAP, WINDOW>(s[mt], p, scale2, unmasked_tile<WINDOW>(p, warp_m0 + mt * 16, 16, n0, BN),
+                                            b, slot(mt));
 
     online_softmax<MT, BN, D>(s, row_max, row_sum, acc);
     if constexpr (DROPOUT) {

@@ -50,10 +50,11 @@ int run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = AttnTraits<D>;
   if (const DecodePlan plan = decode_plan(p); plan.splits > 0) return run_attention_decode<T, D>(p, plan, stream);
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kFwdM - 1) / Tr::kFwdM);
-  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] {
-    return detail::launch_with_smem(attention_fwd_kernel<T, D, DROPOUT>, blocks, Tr::kThreads,
-                                    Tr::template fwd_smem<T>(), stream, p);
-  });
+  const auto launch = [&](auto kernel) {
+    return detail::launch_with_smem(kernel, blocks, Tr::kThreads, Tr::template fwd_smem<T>(), stream, p);
+  };
+  if (p.softcap != 0.f) return launch(attention_fwd_kernel<T, D, false, true>);  // never with dropout (the binding)
+  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] { return launch(attention_fwd_kernel<T, D, DROPOUT, false>); });
 }
 
 template <typename T, int D>
@@ -66,12 +67,15 @@ int run_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
 
   const int64_t kv_blocks = static_cast<int64_t>(p.batch) * p.kv_heads * ((p.k_len + Tr::kBwdN - 1) / Tr::kBwdN);
   const int64_t q_blocks = static_cast<int64_t>(p.batch) * p.heads * ((p.q_len + Tr::kDqM - 1) / Tr::kDqM);
-  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] {
-    if (int err = detail::launch_with_smem(attention_bwd_dkdv_kernel<T, D, DROPOUT>, kv_blocks, Tr::kThreads,
-                                           Tr::template dkdv_smem<T>(), stream, p))
+  const auto launch = [&](auto dkdv, auto dq) {
+    if (int err = detail::launch_with_smem(dkdv, kv_blocks, Tr::kThreads, Tr::template dkdv_smem<T>(), stream, p))
       return err;
-    return detail::launch_with_smem(attention_bwd_dq_kernel<T, D, DROPOUT>, q_blocks, Tr::kThreads,
-                                    Tr::template dq_smem<T>(), stream, p);
+    return detail::launch_with_smem(dq, q_blocks, Tr::kThreads, Tr::template dq_smem<T>(), stream, p);
+  };
+  if (p.softcap != 0.f)  // never with dropout (the binding refuses it)
+    return launch(attention_bwd_dkdv_kernel<T, D, false, true>, attention_bwd_dq_kernel<T, D, false, true>);
+  return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] {
+    return launch(attention_bwd_dkdv_kernel<T, D, DROPOUT, false>, attention_bwd_dq_kernel<T, D, DROPOUT, false>);
   });
 }
 

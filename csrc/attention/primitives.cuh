@@ -226,12 +226,20 @@ __device__ __forceinline__ float finite_log2e(float x) {
   return scaled < -kFloatMax ? -kFloatMax : scaled;
 }
 
-// The score of (query row, key col) in log2 units (x is already scale * log2(e) * q.k), or -inf where masked:
-// past either length, above the causal diagonal, a False in a bool mask. An additive mask adds its value. KIND:
-// the mask kind, or kAny to read it from p.
-template <typename T, MaskKind KIND = MaskKind::kAny>
+// Whether (query row, key col) lies outside the local window (AttentionParams::window). WINDOW false, here and in
+// the helpers below: the kernel takes no window (dropout's), and the window's code is left out.
+template <bool WINDOW = true>
+__device__ __forceinline__ bool outside_window(const AttentionParams& p, int row, int col) {
+  return WINDOW && p.window && (col - row < -p.window_left || col - row > p.window_right);
+}
+
+// The score of (query row, key col) in log2 units (x is already the scaled, maybe capped, q.k in log2 units), or
+// -inf where masked: past either length, above the causal diagonal, outside the window, a False in a bool mask. An
+// additive mask adds its value. KIND: the mask kind, or kAny to read it from p.
+template <typename T, MaskKind KIND = MaskKind::kAny, bool WINDOW = true>
 __device__ __forceinline__ float masked_score(const AttentionParams& p, float x, int b, int h, int row, int col) {
-  if (row >= p.q_len || col >= p.k_len || (p.causal && col > row)) return -kInf;
+  if (row >= p.q_len || col >= p.k_len || (p.causal && col > row) || outside_window<WINDOW>(p, row, col))
+    return -kInf;
   const MaskKind kind = KIND == MaskKind::kAny ? p.mask_kind : KIND;
   if (kind == MaskKind::kNone) return x;
   const int64_t at = b * p.mask_batch_stride + h * p.mask_head_stride + row * p.mask_q_stride +
@@ -244,23 +252,85 @@ __device__ __forceinline__ float masked_score(const AttentionParams& p, float x,
 }
 
 // Whether masked_score is the identity on a whole warp tile: query rows q0..q0+rows-1 against keys
-// k0..k0+cols-1, all in range, none above the causal diagonal, no mask tensor. Such interior tiles (all but
-// the edges and the diagonal of a long sequence) skip the per-score bounds, causal and mask tests.
+// k0..k0+cols-1, all in range, none above the causal diagonal or outside the window, no mask tensor. Such interior
+// tiles (all but the edges and the diagonals of a long sequence) skip the per-score bounds, causal, window and mask
+// tests.
+template <bool WINDOW = true>
 __device__ __forceinline__ bool unmasked_tile(const AttentionParams& p, int q0, int rows, int k0, int cols) {
   return p.mask_kind == MaskKind::kNone && q0 + rows <= p.q_len && k0 + cols <= p.k_len &&
-         (!p.causal || k0 + cols - 1 <= q0);
+         (!p.causal || k0 + cols - 1 <= q0) &&
+         (!WINDOW || !p.window || (k0 - (q0 + rows - 1) >= -p.window_left && k0 + cols - 1 - q0 <= p.window_right));
 }
 
-// s = scale2 * s, then masked_score on each score of a warp's fragment tile unless the tile is `interior`
+// [lo, hi): the keys that query rows r0..r1-1 may see under causal and the window, lo rounded down to a multiple
+// of `align` (the key tiles start there). Empty (lo >= hi) when they see none.
+struct Span {
+  int lo, hi;
+};
+
+template <bool WINDOW = true>
+__device__ __forceinline__ Span visible_keys(const AttentionParams& p, int r0, int r1, int align) {
+  int64_t lo = 0, hi = p.k_len;  // 64-bit: a side of kNoWindow goes past 2^31
+  if (p.causal && r1 < hi) hi = r1;
+  if (WINDOW && p.window) {
+    lo = max(lo, int64_t{r0} - p.window_left);
+    hi = min(hi, int64_t{r1} + p.window_right);
+  }
+  return {static_cast<int>(lo / align * align), static_cast<int>(hi)};
+}
+
+// [lo, hi): the query rows that may see keys c0..c1-1 (visible_keys turned around), lo a multiple of `align`.
+template <bool WINDOW = true>
+__device__ __forceinline__ Span visible_rows(const AttentionParams& p, int c0, int c1, int align) {
+  int64_t lo = 0, hi = p.q_len;
+  if (p.causal) lo = c0;
+  if (WINDOW && p.window) {
+    lo = max(lo, int64_t{c0} - p.window_right);
+    hi = min(hi, int64_t{c1} + p.window_left);
+  }
+  return {static_cast<int>(lo / align * align), static_cast<int>(hi)};
+}
+
+// The score in log2 units of a dot product q.k: scale * log2(e) * q.k, or under the logit cap c (p.softcap)
+// c * log2(e) * tanh(scale * q.k / c); slope(1 - tanh^2) then receives the cap's derivative (the backward's).
+struct NoSlope {
+  __device__ void operator()(float) const {}
+};
+
+template <typename Slope = NoSlope>
+__device__ __forceinline__ float scaled_score(const AttentionParams& p, float dot, float scale2, Slope slope = {}) {
+  if (p.softcap == 0.f) return dot * scale2;
+  const float t = tanhf(dot * (p.scale / p.softcap));
+  slope(1.f - t * t);
+  return p.softcap * kLog2e * t;
+}
+
+// s = scaled_score(s), then masked_score on each score of a warp's fragment tile unless the tile is `interior`
 // (unmasked_tile), where it would change nothing. at(nt, e) gives fragment slot (nt, e)'s {query row, key col,
-// query head}: the head is the same for the whole tile but in decoding, whose rows pack a GQA group's heads.
+// query head}: the head is the same for the whole tile but in decoding, whose rows pack a GQA group's heads. Under
+// the logit cap, slopes(nt, e, 1 - tanh^2) receives each score's slope. CAP false: the caller never caps (a kernel
+// instantiated without the cap), and the cap's code is left out; WINDOW false likewise for the window.
 // BY_KIND: one loop over the scores per mask kind instead of the kind tested per score. In the dQ kernel's 16 x 64
 // tiles (head dims up to 64) the per-score test had ptxas keep both kinds' loads and addresses for all 32 scores
 // in flight: 255 registers and 212 bytes of spill stores at head dim 64 (96 at 32), 168 and 16 (149 and none) by
 // kind (sm_90). Elsewhere the three loops cost more than they save (the forward at head dim 128: 80 -> 96 bytes).
-template <typename T, bool BY_KIND = false, int NTILES, typename At>
+struct NoSlopes {
+  __device__ void operator()(int, int, float) const {}
+};
+
+template <typename T, bool BY_KIND = false, bool CAP = true, bool WINDOW = true, int NTILES, typename At,
+          typename Slopes = NoSlopes>
 __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const AttentionParams& p, float scale2,
-                                               bool interior, int b, At at) {
+                                               bool interior, int b, At at, Slopes slopes = {}) {
+  if (CAP && p.softcap != 0.f) {  // a branch the whole block takes together
+#pragma unroll
+    for (int nt = 0; nt < NTILES; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = scaled_score(p, s[nt][e], scale2, [&](float slope) { slopes(nt, e, slope); });
+    }
+    scale2 = 1.f;  // the masks below see the capped scores
+  }
   if (interior) {
 #pragma unroll
     for (int nt = 0; nt < NTILES; ++nt) {
@@ -275,7 +345,7 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const Atte
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int3 at_e = at(nt, e);
-        s[nt][e] = masked_score<T, decltype(kind)::value>(p, s[nt][e] * scale2, b, at_e.z, at_e.x, at_e.y);
+        s[nt][e] = masked_score<T, decltype(kind)::value, WINDOW>(p, s[nt][e] * scale2, b, at_e.z, at_e.x, at_e.y);
       }
     }
   };

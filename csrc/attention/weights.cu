@@ -1,4 +1,4 @@
-// attention_weights: P = softmax(scale * q k^T + mask) as float32 (B, H, Lq, Lk), rebuilt from the forward's row
+// attention_weights: P = softmax(scale * q k^T (capped) + mask) as float32 (B, H, Lq, Lk), rebuilt from the forward's
 // statistics (prob, primitives.cuh), for need_weights=True. It materializes the Lq x Lk matrix anyway, so it is a
 // plain CUDA-core kernel: one block per query row keeps the row in shared memory (fp32) and each thread computes
 // whole dot products. Any head dim works here; rows with every key masked (max = -inf) give zeros.
@@ -26,7 +26,7 @@ __global__ void attention_weights_kernel(const AttentionParams p) {
     const T* kr = k + col * p.k_row_stride;
     float dot = 0.f;
     for (int d = 0; d < p.head_dim; ++d) dot += sq[d] * to_float(kr[d]);
-    out[col] = prob(masked_score<T>(p, dot * p.scale * kLog2e, b, h, row, col), stats);
+    out[col] = prob(masked_score<T>(p, scaled_score(p, dot, p.scale * kLog2e), b, h, row, col), stats);
   }
 }
 

@@ -1,8 +1,8 @@
-// csrc/attention's launchers (forward, backward, and the probabilities for need_weights) under the CPU emulation
-// of emu.h and ptx.h, against a float64 reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA,
-// boolean masks with a fully masked row, additive masks, lengths that leave partial tiles, dropout (the reference
-// drops what dropout_keep decides; dropout_test.cpp checks those decisions against Triton's). Prints each failure
-// and exits 1 if any. Built and run by tests/test_cuda_emulated.py.
+// csrc/attention's launchers (forward, backward, and the probabilities for need_weights) under the CPU emulation of
+// emu.h and ptx.h, against a float64 reference: every head dim, fp16 and bf16, causal with Lq != Lk, GQA, boolean
+// masks with a fully masked row, additive masks, lengths that leave partial tiles, dropout (the reference drops what
+// dropout_keep decides; dropout_test.cpp checks those decisions against Triton's), local windows and the logit cap.
+// Prints each failure and exits 1 if any. Built and run by tests/test_cuda_emulated.py.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -41,6 +41,8 @@ struct Case {
   bool causal;
   Mask mask;
   float dropout = 0.f;
+  float softcap = 0.f;              // the logit cap c: scores c * tanh(s / c); 0: none
+  int window_left = -1, window_right = -1;  // query i sees keys i - left .. i + right; -1: unbounded
 };
 
 void expect(const std::string& what, double err, double bound) {
@@ -87,12 +89,16 @@ fa::AttentionParams dense_params(const char* dtype, int B, int H, int Hkv, int L
 template <class T>
 void run(const Case& c, const char* dtype, double tol) {
   const int B = c.B, H = c.H, Hkv = c.Hkv, Lq = c.Lq, Lk = c.Lk, D = c.D, G = H / Hkv;
+  const bool window = c.window_left >= 0 || c.window_right >= 0;
   const std::string tag = std::string(dtype) + " D" + std::to_string(D) + " B" + std::to_string(B) + " H" +
                           std::to_string(H) + "/" + std::to_string(Hkv) + " Lq" + std::to_string(Lq) + " Lk" +
                           std::to_string(Lk) + (c.causal ? " causal" : "") +
                           (c.mask == kBool ? " bool" : c.mask == kAdditive ? " additive"
                                                        : c.mask == kFinfoMin ? " finfo.min row" : "") +
-                          (c.dropout > 0 ? " dropout " + std::to_string(c.dropout) : "");
+                          (c.dropout > 0 ? " dropout " + std::to_string(c.dropout) : "") +
+                          (c.softcap > 0 ? " softcap " + std::to_string(c.softcap) : "") +
+                          (window ? " window (" + std::to_string(c.window_left) + ", " +
+                                        std::to_string(c.window_right) + ")" : "");
   std::normal_distribution<float> nd(0.f, 1.f);
   auto make = [&](size_t n) {
     std::vector<T> v(n);
@@ -127,11 +133,15 @@ void run(const Case& c, const char* dtype, double tol) {
   p.dropout_p = c.dropout;
   p.dropout_scale = static_cast<float>(1.0 / (1.0 - c.dropout));
   p.seed = 0x9E3779B97F4A7C15ull >> 1;  // both words of the Philox key in play
+  p.softcap = c.softcap;
+  p.window = window;
+  p.window_left = c.window_left < 0 ? fa::kNoWindow : c.window_left;
+  p.window_right = c.window_right < 0 ? fa::kNoWindow : c.window_right;
   std::vector<float> workspace(fa::attention_forward_workspace_floats(p));  // decoding's split parts
   p.split_out = workspace.data();
   const fa::DecodePlan plan = fa::decode_plan(p);
-  if (c.Lq <= 16 && c.Lk >= 1024 && !c.causal)  // with dropout the tiled forward runs it
-    expect(tag + " takes the split-KV path", (plan.splits > 1) == (c.dropout == 0) ? 0 : 1, 0);
+  if (c.Lq <= 16 && c.Lk >= 1024 && !c.causal)  // with dropout or a window the tiled forward runs it
+    expect(tag + " takes the split-KV path", (plan.splits > 1) == (c.dropout == 0 && !window) ? 0 : 1, 0);
   if (int err = fa::attention_forward(p, nullptr)) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
     return;
@@ -162,14 +172,21 @@ void run(const Case& c, const char* dtype, double tol) {
       const T* V = &v[((size_t)b * Hkv + hk) * Lk * D];
       const T* dO = &dout[((size_t)b * H + h) * Lq * D];
       for (int i = 0; i < Lq; ++i) {
-        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk);
+        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk), slope(Lk, 1.0);
         double m = -INFINITY;
         for (int j = 0; j < Lk; ++j) {
           const size_t at = (((size_t)b * H + h) * Lq + i) * Lk + j;
           double dot = 0;
           for (int d = 0; d < D; ++d) dot += (double)tof(Q[i * D + d]) * tof(K[j * D + d]);
           s[j] = dot * scale;
+          if (c.softcap > 0) {  // capped before the masks; dS takes the slope 1 - tanh^2
+            const double t = std::tanh(s[j] / c.softcap);
+            s[j] = c.softcap * t;
+            slope[j] = 1 - t * t;
+          }
           if (c.causal && j > i) s[j] = -INFINITY;
+          if ((c.window_left >= 0 && j < i - c.window_left) || (c.window_right >= 0 && j > i + c.window_right))
+            s[j] = -INFINITY;
           if (c.mask == kBool && !keep[at]) s[j] = -INFINITY;
           if (c.mask == kAdditive || c.mask == kFinfoMin) s[j] += tof(add[at]);
           m = std::max(m, s[j]);
@@ -197,7 +214,7 @@ void run(const Case& c, const char* dtype, double tol) {
           rowdot += dp[j] * pr[j];
         }
         for (int j = 0; j < Lk; ++j) {
-          const double ds = pr[j] * (dp[j] - rowdot);
+          const double ds = pr[j] * (dp[j] - rowdot) * slope[j];
           for (int d = 0; d < D; ++d) {
             rdq[(((size_t)b * H + h) * Lq + i) * D + d] += scale * ds * tof(K[j * D + d]);
             rdk[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += scale * ds * tof(Q[i * D + d]);
@@ -300,6 +317,18 @@ int main() {
     std::printf("case done (%d checks, %d failed)\n", checks, failures);
     std::fflush(stdout);
   }
+  // A local window and the logit cap, in one dtype (they touch no dtype-specific code; CPU time).
+  const Case beyond[] = {
+      // the window: key (and, in dK/dV, query) tiles outside it skipped, one side or both, with causal, masks and
+      // GQA, rows past the keys that see none (Lq > Lk); a decoding shape, which then runs tiled
+      {1, 2, 1, 200, 150, 64, false, kNone, 0.f, 0.f, 20, 1},  {1, 2, 2, 100, 200, 128, true, kBool, 0.f, 0.f, 70, -1},
+      {1, 2, 1, 90, 130, 32, false, kAdditive, 0.f, 0.f, -1, 0},  {1, 1, 1, 40, 150, 96, false, kNone, 0.f, 0.f, 0, 0},
+      {1, 4, 1, 3, 1100, 64, false, kNone, 0.f, 0.f, 300, 300},
+      // the cap, scores (about N(0, 1)) well past it: tiled with causal, masks, GQA, a window; decoding
+      {1, 2, 1, 97, 111, 64, true, kNone, 0.f, 0.5f},  {1, 2, 2, 40, 70, 128, false, kAdditive, 0.f, 2.f, 16, 8},
+      {1, 2, 1, 45, 77, 32, false, kBool, 0.f, 0.5f},  {1, 8, 2, 3, 1030, 80, false, kNone, 0.f, 0.5f},
+  };
+  for (const Case& c : beyond) run<__half>(c, "fp16", 4e-3);
   nan_row_in_decoding<__nv_bfloat16>("bf16");
   nan_row_in_decoding<__half>("fp16");
   // A GPU of 40 SMs: 36 key splits, more than the merge's 32 lanes take in one pass.
