@@ -183,14 +183,14 @@ DECODE_MAX_LQ = 16     # the bounds of kernels/attention.py and csrc/attention/d
 DECODE_MIN_LK = 1024
 
 
-def _decoding_call(op: str, query=None, key=None, dropout_p=0.0, is_causal=False, **_) -> bool:
-    """Whether an attention call is decoding (few queries, a long cache, no causal mask, no dropout) on a GPU,
-    outside torch.compile."""
+def _decoding_call(op: str, query=None, key=None, dropout_p=0.0, is_causal=False, window=None, **_) -> bool:
+    """Whether an attention call is decoding (few queries, a long cache, no causal mask, no window, no dropout) on a
+    GPU, outside torch.compile. (With a window the CUDA backend runs its tiled forward, Triton its split-KV one.)"""
     # is_compiling first: under torch.compile, comparing the lengths would add guards on them (a recompile when a
     # growing cache passes 1024 keys).
     return (op == "scaled_dot_product_attention" and not torch.compiler.is_compiling()
             and query.device.type == "cuda" and query.shape[-2] <= DECODE_MAX_LQ and key.shape[-2] >= DECODE_MIN_LK
-            and not is_causal and dropout_p == 0.0)
+            and not is_causal and window is None and dropout_p == 0.0)
 
 
 # The backward of these ops prefers another order: on the H200 (bench/results/nvidia-h200/e7a0888/), the CUDA
