@@ -443,11 +443,11 @@ std::tuple<Tensor, Tensor> attention_forward(const Tensor& q, const Tensor& k, c
   return {out, stats};
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& stats,
-                                                      const OptTensor& mask, bool causal, double scale,
-                                                      double dropout_p, int64_t seed, double softcap,
-                                                      int64_t window_left, int64_t window_right) {
+// -> dq, dk, dv, and with mask_grad the float mask's gradient dS (B, H, Lq, Lk) fp32 (else None).
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& stats,
+    const OptTensor& mask, bool causal, double scale, double dropout_p, int64_t seed, double softcap,
+    int64_t window_left, int64_t window_right, bool mask_grad) {
   constexpr const char* op = "attention_backward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
@@ -457,6 +457,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   const AttentionInputs in = attention_inputs(p, q, k, v, mask, causal, scale, op, true);
   set_dropout(p, dropout_p, seed, op);
   set_scores(p, softcap, window_left, window_right, op);
+  TORCH_CHECK_VALUE(!mask_grad || p.mask_kind == fa::MaskKind::kAdditive, "fast_attention._C.", op,
+                    ": mask_grad needs a float (additive) attn_mask");
+  // flash.h: the dQ kernel writes dS before the cap's slope only where it does not cap
+  TORCH_CHECK_NOT_IMPLEMENTED(!mask_grad || softcap == 0.0, "fast_attention._C.", op,
+                              ": the kernels give no mask gradient with a logit cap (softcap)");
   Tensor held;
   set_stats(p, stats, held, q, op);
   check_same_dtype(dout, q, op, "dout", "query");
@@ -467,7 +472,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
-  if (dq.numel() == 0 || p.k_len == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  Tensor dmask;  // undefined: None in Python
+  if (mask_grad) {
+    dmask = at::zeros({p.batch, p.heads, p.q_len, p.k_len}, q.options().dtype(at::kFloat));
+    p.dmask = dmask.data_ptr<float>();
+  }
+  if (dq.numel() == 0 || p.k_len == 0) return {dq.zero_(), dk.zero_(), dv.zero_(), dmask};
   const Tensor d = attention_layout(dout), o = attention_layout(out);
   Tensor delta = at::empty({p.batch, p.heads, p.q_len}, q.options().dtype(at::kFloat));
   p.dout = d.data_ptr();
@@ -479,7 +489,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward(const Tensor& dout, const 
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   check_launch(fa::attention_backward(p, current_stream(q)), op);
-  return {dq, dk, dv};
+  return {dq, dk, dv, dmask};
 }
 
 Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& stats, const OptTensor& mask, bool causal,
@@ -520,10 +530,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key"), py::arg("value"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("softcap") = 0.0, py::arg("window_left") = -1,
         py::arg("window_right") = -1);
-  m.def("attention_backward", &attention_backward, "-> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
-        py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("attn_mask"),
-        py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
-        py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
+  m.def("attention_backward", &attention_backward,
+        "-> (dq, dk, dv, dmask): dmask, with mask_grad, the float mask's gradient (B, H, Lq, Lk) fp32, else None",
+        py::arg("dout"), py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"),
+        py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0,
+        py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1,
+        py::arg("mask_grad") = false);
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
         py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);

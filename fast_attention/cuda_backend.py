@@ -54,8 +54,8 @@ def _attention_reason(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     if dropout_p and (softcap or window is not None):
         return ("its attention kernels take no dropout with a logit cap (softcap) or a local window (window_size); "
                 "backend='triton' takes them together")
-    if mask_grad:
-        return ("its attention kernels give no gradient for a float attn_mask, and this one requires grad; "
+    if mask_grad and softcap:
+        return ("its attention kernels give no gradient for a float attn_mask with a logit cap (softcap); "
                 "backend='triton' gives it")
     if query.dtype not in _ATTENTION_DTYPES:
         return (f"its attention kernels take float16 or bfloat16 (tensor-core inputs), got {_name(query.dtype)}; "
@@ -130,12 +130,11 @@ def attention_forward(q, k, v, mask, is_causal: bool, scale: float, dropout_p: f
 
 def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: float, dropout_p: float, seed: int,
                        softcap: float = 0.0, mask_grad: bool = False, window=None):
-    if mask_grad:
-        raise NotImplementedError("fast_attention: the CUDA attention kernels give no gradient for attn_mask")
     left, right = _sides(window)
     # out is float32 with learned sinks (fast_attention/ops/attention.py); the kernels read it in q's dtype
-    return tuple(_C.attention_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, mask, is_causal, scale,
-                                       dropout_p, seed, softcap, left, right))
+    dq, dk, dv, dmask = _C.attention_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, mask, is_causal,
+                                              scale, dropout_p, seed, softcap, left, right, mask_grad)
+    return (dq, dk, dv, dmask) if mask_grad else (dq, dk, dv)
 
 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0, window=None):

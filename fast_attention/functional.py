@@ -75,9 +75,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Rows where every key is masked give zeros (torch >= 2.5 does the same). Dropout draws its seed from torch's
     default generator, so torch.manual_seed makes it reproducible. A float attn_mask that requires grad (a learned
-    position bias: T5's, Swin's) gets its gradient, dS summed over the dims it broadcasts along, from the Triton
-    kernels (written by the dQ kernel: a (B, H, Lq, Lk) float32 buffer, as large as the scores eager attention
-    builds) or the reference; the CUDA kernels give none, so backend=None takes Triton for such a call.
+    position bias: T5's, Swin's) gets its gradient, dS summed over the dims it broadcasts along, from the kernels
+    (written by the dQ kernel: a (B, H, Lq, Lk) float32 buffer, as large as the scores eager attention builds) or
+    the reference; the CUDA kernels give none under a logit cap, so backend=None takes Triton for such a call.
 
     Beyond torch: sinks (H,), one learned attention sink per query head (gpt-oss), a score with no value that joins
     every row's softmax (so each row's weights sum to less than 1, and a row with every key masked still gives

@@ -622,8 +622,6 @@ def test_mask_gradient(backend, mask_shape, Hkv, dtype):
 
 def test_mask_gradient_with_dropout_and_softcap(backend):
     """dS under dropout (the kernels' own mask, drawn again) and under a logit cap (added after it: no slope)."""
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels give no gradient for a mask")
     q, k, v = _qkv(1, 2, 2, 9, 14, 16, torch.float32)
     bias = torch.randn(1, 2, 9, 14, device=DEVICE, requires_grad=True)
     p, seed = 0.3, _drawn_seed(5)

@@ -94,12 +94,14 @@ def test_backend_cuda_on_cpu_tensors_is_a_clear_error(op):
 def test_unsupported_gives_reasons():
     from fast_attention import cuda_backend
 
-    def attn(E=64, Ev=None, dtype=torch.float16, dropout_p=0.0, mask_dtype=None, softcap=0.0, window=None):
+    def attn(E=64, Ev=None, dtype=torch.float16, dropout_p=0.0, mask_dtype=None, softcap=0.0, window=None,
+             mask_grad=False):
         q = torch.empty(1, 2, 3, E, dtype=dtype)
         v = torch.empty(1, 2, 3, Ev or E, dtype=dtype)
         mask = None if mask_dtype is None else torch.zeros(3, 3, dtype=mask_dtype)
         return cuda_backend.unsupported("scaled_dot_product_attention", query=q, key=q, value=v, attn_mask=mask,
-                                        dropout_p=dropout_p, is_causal=False, softcap=softcap, window=window)
+                                        dropout_p=dropout_p, is_causal=False, softcap=softcap, window=window,
+                                        mask_grad=mask_grad)
 
     assert attn() is None and attn(E=128, dtype=torch.bfloat16) is None
     assert "float16 or bfloat16" in attn(dtype=torch.float32)
@@ -112,6 +114,8 @@ def test_unsupported_gives_reasons():
     # the dropout kernels leave the cap and the window out: backend=None then runs Triton
     assert "no dropout with a logit cap (softcap) or a local window" in attn(softcap=30.0, dropout_p=0.1)
     assert "no dropout with a logit cap (softcap) or a local window" in attn(window=(8, -1), dropout_p=0.1)
+    assert attn(mask_dtype=torch.float16, mask_grad=True) is None  # dS from the dQ kernel
+    assert "float attn_mask with a logit cap" in attn(mask_dtype=torch.float16, mask_grad=True, softcap=2.0)
     x64 = torch.empty(2, 3, dtype=torch.float64)
     assert "float64" in cuda_backend.unsupported("softmax", input=x64)
     assert "float64" in cuda_backend.unsupported("layer_norm", input=x64, weight=None, bias=None)

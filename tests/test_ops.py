@@ -89,8 +89,6 @@ def _attention_weights_softcap_case(device, backend):
 
 def _attention_mask_grad_case(device, backend):
     """A float mask that requires grad, broadcast over the batch: the backward op returns its gradient."""
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels give no gradient for a mask")
     op, (q, k, v, mask, *rest) = _attention_case(device, backend)
     return op, (q, k, v, mask.requires_grad_(), *rest)
 
@@ -618,19 +616,14 @@ def test_attention_bad_input(args, kwargs, error, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_float_mask_gradient(backend, dtype):
     """A float attn_mask that requires grad (a learned bias broadcast over the batch, as T5's): torch's output and
-    gradients, the mask's included (dS from the Triton dQ kernel, summed over the mask's broadcast dims), and the
-    weights, differentiable too. The CUDA kernels give no such gradient: asked for by name they refuse, saying
-    why, and backend=None takes another backend."""
+    gradients, the mask's included (dS from the dQ kernel, summed over the mask's broadcast dims), and the weights,
+    differentiable too."""
     q, k, v = (t.requires_grad_() for t in _qkv(B=2, Lq=5, Lk=7, dtype=dtype))
     bias = torch.randn(1, 2, 5, 7, dtype=dtype)
     bias[..., 0, 3:] = float("-inf")
     bias.requires_grad_()
     leaves = (q, k, v, bias)
     r_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    if backend == "cuda":
-        with pytest.raises(NotImplementedError, match="backend='cuda' cannot run this call.*float attn_mask"):
-            fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
-        backend = None
     out = fa.scaled_dot_product_attention(q, k, v, attn_mask=bias, backend=backend)
     dout = torch.randn_like(out)
     with sdpa_kernel(SDPBackend.MATH):

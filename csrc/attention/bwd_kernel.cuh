@@ -3,7 +3,8 @@
 //   2. dK, dV: one block per (64 keys, batch, kv head). Each warp owns 16 keys and walks every query tile of
 //      every query head of its group (GQA folds into the loop, so no K/V repeat and no cross-block sum):
 //        P^T = exp2(S^T - max - log sum), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
-//   3. dQ: one block per (64 queries, batch, head), walking the key tiles: dQ += dS K.
+//   3. dQ: one block per (64 queries, batch, head), walking the key tiles: dQ += dS K (and dS itself, the gradient
+//      of a float mask that requires grad, when AttentionParams::dmask asks for it).
 // Kernels 2 and 3 both recompute S and P from the saved row statistics (prob, primitives.cuh): twice the Q K^T work
 // of a one-pass backward with atomic dQ, traded for bitwise-reproducible gradients. All accumulation is fp32; P and
 // dS are rounded to the input dtype only as mma operands (as in the forward's P V).
@@ -233,6 +234,17 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 #pragma unroll
       for (int e = 0; e < 4; ++e) {  // dS = P (dP - delta)
         s[nt][e] = prob(s[nt][e], stats[e / 2]) * (CAP ? dp[nt][e] : dp[nt][e] - delta[e / 2]);
+      }
+    }
+    if (!CAP && p.dmask != nullptr) {  // a float mask that requires grad: dS is its gradient (the binding: no cap)
+      float* dmask = p.dmask + static_cast<int64_t>(bh) * p.q_len * p.k_len;
+#pragma unroll
+      for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int3 at = slot(nt, e);
+          if (at.x < p.q_len && at.y < p.k_len) dmask[static_cast<int64_t>(at.x) * p.k_len + at.y] = s[nt][e];
+        }
       }
     }
     mma_cs<T, BN, D, P>(dq, s, sK, lane);  // dQ += dS K

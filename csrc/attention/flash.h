@@ -69,6 +69,9 @@ struct AttentionParams {
   int64_t do_batch_stride, do_head_stride, do_row_stride;
   float* delta;  // (B, H, Lq) contiguous workspace: rowsum(dout * out)
   void *dq, *dk, *dv;  // contiguous, shaped like q, k, v
+  // The additive mask's gradient, dS (B, H, Lq, Lk) contiguous fp32, zero-filled by the caller (the tiles causal or
+  // a window skip stay 0); the dQ kernel writes each score's once. nullptr: not wanted. Not with the logit cap.
+  float* dmask;
   float* weights;      // attention_weights: (B, H, Lq, Lk) contiguous float32
 };
 

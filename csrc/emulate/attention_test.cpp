@@ -9,6 +9,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -156,6 +157,10 @@ void run(const Case& c, const char* dtype, double tol) {
   p.do_batch_stride = p.q_batch_stride, p.do_head_stride = p.q_head_stride, p.do_row_stride = D;
   p.delta = delta.data();
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  // an additive mask's gradient (dS), as for a learned bias; the kernels give none under the cap
+  const bool mask_grad = kind == fa::MaskKind::kAdditive && c.softcap == 0;
+  std::vector<float> dmask(mask_grad ? (size_t)B * H * Lq * Lk : 0, 0.f);
+  p.dmask = mask_grad ? dmask.data() : nullptr;
   if (int err = fa::attention_backward(p, nullptr)) {
     expect(tag + " backward launch error " + std::to_string(err), 1, 0);
     return;
@@ -163,6 +168,7 @@ void run(const Case& c, const char* dtype, double tol) {
 
   // float64 reference from the same (rounded) inputs
   std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(rows);
+  std::vector<double> rdmask(dmask.size());
   std::vector<double> rweights(weights.size());
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
@@ -215,6 +221,7 @@ void run(const Case& c, const char* dtype, double tol) {
         }
         for (int j = 0; j < Lk; ++j) {
           const double ds = pr[j] * (dp[j] - rowdot) * slope[j];
+          if (mask_grad) rdmask[(((size_t)b * H + h) * Lq + i) * Lk + j] = ds;
           for (int d = 0; d < D; ++d) {
             rdq[(((size_t)b * H + h) * Lq + i) * D + d] += scale * ds * tof(K[j * D + d]);
             rdk[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += scale * ds * tof(Q[i * D + d]);
@@ -256,6 +263,14 @@ void run(const Case& c, const char* dtype, double tol) {
   expect(tag + " dq", rel_err(rdq, floats(dq)), 4 * tol);
   expect(tag + " dk", rel_err(rdk, floats(dk)), 4 * tol);
   expect(tag + " dv", rel_err(rdv, floats(dv)), 4 * tol);
+  if (mask_grad) {  // dS is small (P times dP): measured against its own largest value
+    double e = 0, m = 0;
+    for (size_t i = 0; i < rdmask.size(); ++i) {
+      e = std::max(e, std::abs(rdmask[i] - dmask[i]));
+      m = std::max(m, std::abs(rdmask[i]));
+    }
+    expect(tag + " dmask", std::isnan(e) ? INFINITY : e / m, tol);
+  }
 }
 
 // A NaN in an additive mask makes its row NaN, as in torch: in decoding too, where the split that meets it must not
@@ -294,6 +309,17 @@ int main() {
       {1, 1, 1, 150, 150, 96, true, kNone},   {1, 1, 1, 64, 300, 128, false, kNone},
       {1, 1, 1, 300, 260, 64, true, kNone},  // D 64's 64-key steps: interior tiles below the diagonal
       {2, 2, 1, 45, 77, 64, false, kAdditive},  // the dQ kernel's masks by kind (head dims up to 64)
+      // a row masked with finfo.min everywhere: tiled, and decoding over splits of unequal key counts
+      {1, 2, 1, 33, 65, 64, false, kFinfoMin},  {1, 4, 2, 3, 1100, 64, false, kFinfoMin},
+  };
+  for (const Case& c : cases) {
+    run<__nv_bfloat16>(c, "bf16", 2e-2);
+    run<__half>(c, "fp16", 4e-3);
+    std::printf("case done (%d checks, %d failed)\n", checks, failures);
+    std::fflush(stdout);
+  }
+  // The rest in one dtype each, bf16 and fp16 in turn (the cases above run both through every kernel; CPU time).
+  const Case one_dtype[] = {
       // decoding (decode_kernel.cuh): GQA groups packed into rows, several key splits (the emulated GPU has 3
       // SMs), a partial last tile, a fully masked row, blocks of 2 and 4 warps; causal goes to the tiled forward
       {1, 4, 1, 1, 1024, 128, false, kNone},  {2, 4, 2, 3, 1100, 64, false, kBool},
@@ -308,27 +334,20 @@ int main() {
       {1, 2, 1, 70, 90, 16, true, kNone},  {2, 2, 2, 40, 70, 80, false, kBool},
       {1, 2, 1, 33, 65, 80, true, kNone, 0.2f}, {1, 4, 2, 3, 1100, 80, false, kAdditive},
       {1, 4, 1, 1, 1030, 16, false, kNone},
-      // a row masked with finfo.min everywhere: tiled, and decoding over splits of unequal key counts
-      {1, 2, 1, 33, 65, 64, false, kFinfoMin},  {1, 4, 2, 3, 1100, 64, false, kFinfoMin},
-  };
-  for (const Case& c : cases) {
-    run<__nv_bfloat16>(c, "bf16", 2e-2);
-    run<__half>(c, "fp16", 4e-3);
-    std::printf("case done (%d checks, %d failed)\n", checks, failures);
-    std::fflush(stdout);
-  }
-  // A local window and the logit cap, in one dtype (they touch no dtype-specific code; CPU time).
-  const Case beyond[] = {
-      // the window: key (and, in dK/dV, query) tiles outside it skipped, one side or both, with causal, masks and
-      // GQA, rows past the keys that see none (Lq > Lk); a decoding shape, which then runs tiled
-      {1, 2, 1, 200, 150, 64, false, kNone, 0.f, 0.f, 20, 1},  {1, 2, 2, 100, 200, 128, true, kBool, 0.f, 0.f, 70, -1},
-      {1, 2, 1, 90, 130, 32, false, kAdditive, 0.f, 0.f, -1, 0},  {1, 1, 1, 40, 150, 96, false, kNone, 0.f, 0.f, 0, 0},
+      // a local window: key (and, in dK/dV, query) tiles outside it skipped, one side or both, with causal, masks
+      // and GQA, rows past the keys that see none (Lq > Lk); a decoding shape, which then runs tiled
       {1, 4, 1, 3, 1100, 64, false, kNone, 0.f, 0.f, 300, 300},
-      // the cap, scores (about N(0, 1)) well past it: tiled with causal, masks, GQA, a window; decoding
+      {1, 2, 1, 200, 150, 64, false, kNone, 0.f, 0.f, 20, 1},  // fp16's bound catches a first query tile skipped
+      {1, 2, 2, 100, 200, 128, true, kBool, 0.f, 0.f, 70, -1},
+      {1, 2, 1, 90, 130, 32, false, kAdditive, 0.f, 0.f, -1, 0},  {1, 1, 1, 40, 150, 96, false, kNone, 0.f, 0.f, 0, 0},
+      // the logit cap, scores (about N(0, 1)) well past it: tiled with causal, masks, GQA, a window; decoding
       {1, 2, 1, 97, 111, 64, true, kNone, 0.f, 0.5f},  {1, 2, 2, 40, 70, 128, false, kAdditive, 0.f, 2.f, 16, 8},
       {1, 2, 1, 45, 77, 32, false, kBool, 0.f, 0.5f},  {1, 8, 2, 3, 1030, 80, false, kNone, 0.f, 0.5f},
   };
-  for (const Case& c : beyond) run<__half>(c, "fp16", 4e-3);
+  for (size_t i = 0; i < std::size(one_dtype); ++i) {
+    if (i % 2 == 0) run<__nv_bfloat16>(one_dtype[i], "bf16", 2e-2);
+    else run<__half>(one_dtype[i], "fp16", 4e-3);
+  }
   nan_row_in_decoding<__nv_bfloat16>("bf16");
   nan_row_in_decoding<__half>("fp16");
   // A GPU of 40 SMs: 36 key splits, more than the merge's 32 lanes take in one pass.
