@@ -413,7 +413,7 @@ def test_hugging_face_sliding_window_reaches_the_kernels(backend, monkeypatch, p
     reference = copy.deepcopy(eager).double()
     fa.swap(model, backend=backend)
     if backend == "cuda":
-        backend = None  # the CUDA kernels take no window: Triton runs these calls
+        backend = None  # the CUDA kernels take no float32 (this model's): Triton runs these calls
     windows = []
     real_attention = fa.functional.scaled_dot_product_attention
 

@@ -296,6 +296,9 @@ __device__ __forceinline__ Span visible_rows(const AttentionParams& p, int c0, i
 struct NoSlope {
   __device__ void operator()(float) const {}
 };
+struct NoSlopes {  // scale_and_mask's, per fragment slot
+  __device__ void operator()(int, int, float) const {}
+};
 
 template <typename Slope = NoSlope>
 __device__ __forceinline__ float scaled_score(const AttentionParams& p, float dot, float scale2, Slope slope = {}) {
@@ -314,10 +317,6 @@ __device__ __forceinline__ float scaled_score(const AttentionParams& p, float do
 // tiles (head dims up to 64) the per-score test had ptxas keep both kinds' loads and addresses for all 32 scores
 // in flight: 255 registers and 212 bytes of spill stores at head dim 64 (96 at 32), 168 and 16 (149 and none) by
 // kind (sm_90). Elsewhere the three loops cost more than they save (the forward at head dim 128: 80 -> 96 bytes).
-struct NoSlopes {
-  __device__ void operator()(int, int, float) const {}
-};
-
 template <typename T, bool BY_KIND = false, bool CAP = true, bool WINDOW = true, int NTILES, typename At,
           typename Slopes = NoSlopes>
 __device__ __forceinline__ void scale_and_mask(float (&s)[NTILES][4], const AttentionParams& p, float scale2,
