@@ -82,10 +82,9 @@ def _packed(query: Tensor, key: Tensor, value: Tensor, dropout: float, scaling: 
     implementations, which read the same kwargs: each sequence attends causally to itself (a sliding layer's
     window of W keys is window_size=(W - 1, 0); sinks and a logit cap as in the dense call), and the mask
     transformers built from the position ids, which holds the same rule as an L x L block diagonal (or, with a
-    cache object, is missing), is not read. The kernels
-    then skip every block outside the sequences, where the mask path computes all of the L x L scores. None, and
-    the mask path, for what varlen_attn does not take: bidirectional layers, several rows, cached keys, dropout,
-    a position bias, or the weights."""
+    cache object, is missing), is not read. The kernels then skip every block outside the sequences, where the mask
+    path computes all of the L x L scores. None, and the mask path, for what varlen_attn does not take:
+    bidirectional layers, several rows, cached keys, dropout, a position bias, or the weights."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     L = query.shape[2]
     if cu_q is None or cu_k is None or not is_causal or query.shape[0] != 1 or key.shape[2] != L:
