@@ -11,7 +11,8 @@
 // DROPOUT regenerates the forward's decisions (dropout_keep): dV takes the dropped P, and dP is dropped the same
 // way before dS = P (dP - delta) (delta = rowsum(dO * O), O being the dropped output). CAP, the logit cap
 // (softcap): dS takes the cap's slope too, 1 - tanh^2 of each score. Causal and a local window limit the tiles each
-// block visits (visible_keys, visible_rows). Neither the cap nor the window is compiled with DROPOUT.
+// block visits (visible_keys, visible_rows). Neither the cap nor the window is compiled with DROPOUT, nor are packed
+// sequences, whose blocks each work on their own sequence (for_sequence) as in the forward.
 #pragma once
 
 #include "kernel_traits.h"
@@ -39,7 +40,7 @@ __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const Attentio
 }
 
 template <typename T, int D, bool DROPOUT, bool CAP>
-__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionParams params) {
   static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
   constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
@@ -52,10 +53,12 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   RowStats* sStats = reinterpret_cast<RowStats*>(sdO + BM * P);  // the query tile's rows; P = 0 past q_len
   float* sDelta = reinterpret_cast<float*>(sStats + BM);
 
-  const int n_blocks = (p.k_len + BN - 1) / BN;
+  const int n_blocks = (params.k_len + BN - 1) / BN;
   const int n0 = (blockIdx.x % n_blocks) * BN;  // causal: the first key blocks meet the most queries, and start first
   const int bhk = blockIdx.x / n_blocks;
-  const int b = bhk / p.kv_heads, hk = bhk % p.kv_heads;
+  const int b = bhk / params.kv_heads, hk = bhk % params.kv_heads;
+  const AttentionParams p = for_sequence<T, !DROPOUT>(params, b);  // packed sequences: sequence b's own
+  if (n0 >= p.k_len) return;  // past a packed sequence shorter than the longest
   const int group = p.heads / p.kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
@@ -76,8 +79,8 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
     const int h = hk * group + g;
     const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
     const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-    const int64_t stats = (static_cast<int64_t>(b) * p.heads + h) * p.q_len;  // this head's rows
-    const float* delta = p.delta + (static_cast<int64_t>(b) * p.heads + h) * p.q_len;
+    const int64_t stats = stats_offset(p, b, h);  // this head's rows
+    const float* delta = p.delta + stats;
     for (int m0 = m_begin; m0 < m_end; m0 += BM) {
       load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
       load_tile<T, D, BM, NT>(sdO, dout, p.do_row_stride, m0, p.q_len);
@@ -139,15 +142,15 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
   }
   cp_async_wait<0>();  // the K / V copy, when no query tile was visited
 
-  T* dk_out = static_cast<T*>(p.dk) + (static_cast<int64_t>(b) * p.kv_heads + hk) * p.k_len * D;
-  T* dv_out = static_cast<T*>(p.dv) + (static_cast<int64_t>(b) * p.kv_heads + hk) * p.k_len * D;
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dkv_batch_stride + hk * p.dkv_head_stride;
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dkv_batch_stride + hk * p.dkv_head_stride;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int key = key_lo + i * 8;
     if (key >= p.k_len) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      const int64_t at = static_cast<int64_t>(key) * D + dt * 8 + (lane % 4) * 2;
+      const int64_t at = key * p.dkv_row_stride + dt * 8 + (lane % 4) * 2;
       store2<T>(dk_out + at, dk[dt][2 * i] * p.scale, dk[dt][2 * i + 1] * p.scale);
       store2<T>(dv_out + at, dv[dt][2 * i], dv[dt][2 * i + 1]);
     }
@@ -155,7 +158,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dkdv_ke
 }
 
 template <typename T, int D, bool DROPOUT, bool CAP>
-__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kernel(const AttentionParams params) {
   static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
   constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
@@ -166,12 +169,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   T* sK = sdO + BM * P;
   T* sV = sK + BN * P;
 
-  const int m_blocks = (p.q_len + BM - 1) / BM;
+  const int m_blocks = (params.q_len + BM - 1) / BM;
   // Causal: a block further down has more keys to visit. Each head's blocks start from the last, so the grid's
   // tail is light blocks (longest first); a head's blocks still run side by side, sharing K and V in L2.
   const int m0 = (m_blocks - 1 - blockIdx.x % m_blocks) * BM;
   const int bh = blockIdx.x / m_blocks;
-  const int b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int b = bh / params.heads, h = bh % params.heads, hk = h / (params.heads / params.kv_heads);
+  const AttentionParams p = for_sequence<T, !DROPOUT>(params, b);  // packed sequences: sequence b's own
+  if (m0 >= p.q_len) return;  // past a packed sequence shorter than the longest
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -192,14 +197,15 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
 
   const int row_lo = m0 + warp * 16 + lane / 4;
   const float scale2 = p.scale * kLog2e;
+  const int64_t head_rows = stats_offset(p, b, h);  // this head's rows in the statistics and delta
   RowStats stats[2];
   float delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = row_lo + i * 8;
     const bool in = row < p.q_len;
-    stats[i] = row_stats(p, static_cast<int64_t>(bh) * p.q_len + row, in);
-    delta[i] = in ? p.delta[static_cast<int64_t>(bh) * p.q_len + row] : 0.f;
+    stats[i] = row_stats(p, head_rows + row, in);
+    delta[i] = in ? p.delta[head_rows + row] : 0.f;
   }
   float dq[D / 8][4] = {};
 
@@ -254,14 +260,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_bwd_dq_kern
   }
   cp_async_wait<0>();
 
-  T* dq_out = static_cast<T*>(p.dq) + static_cast<int64_t>(bh) * p.q_len * D;
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int row = row_lo + i * 8;
     if (row >= p.q_len) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      store2<T>(dq_out + static_cast<int64_t>(row) * D + dt * 8 + (lane % 4) * 2, dq[dt][2 * i] * p.scale,
+      store2<T>(dq_out + row * p.dq_row_stride + dt * 8 + (lane % 4) * 2, dq[dt][2 * i] * p.scale,
                 dq[dt][2 * i + 1] * p.scale);
   }
 }

@@ -11,11 +11,13 @@ namespace fa {
 
 // Decoding takes a few queries against at least kDecodeMinKeys keys, not causal (top-left causal, those queries
 // see at most kDecodeMaxQ keys: one tile of the tiled forward), without a window (the tiled forward visits only the
-// key tiles it reaches), without dropout (the tiled forward has it). The grid aims at kDecodeBlocksPerSm blocks per
-// SM: the splits are as many as that takes, with at least kDecodeMinSplitKeys keys each, cut at whole tiles. A
-// function of the shape and the SM count only, so the bits do not vary run to run.
+// key tiles it reaches), without dropout (the tiled forward has it), not packed sequences (the tiled forward's).
+// The grid aims at kDecodeBlocksPerSm blocks per SM: the splits are as many as that takes, with at least
+// kDecodeMinSplitKeys keys each, cut at whole tiles. A function of the shape and the SM count only, so the bits do
+// not vary run to run.
 DecodePlan decode_plan(const AttentionParams& p) {
-  if (p.causal || p.window || p.dropout_p > 0.f || p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys)
+  if (p.causal || p.window || p.dropout_p > 0.f || p.cu_seq_q != nullptr || p.q_len > kDecodeMaxQ ||
+      p.k_len < kDecodeMinKeys)
     return {0, 0, 0, 0};
   const int64_t keys = p.k_len;
   int device = 0, sms = 0;

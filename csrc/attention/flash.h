@@ -1,7 +1,8 @@
 // Parameters and launchers of fused attention. One plain struct describes a call (pointers, int64 strides in
 // elements, sizes, flags); the binding fills it, the launchers pick the compiled instantiation.
 //
-// Shapes: q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H % Hkv == 0 (query head h reads kv head h / (H / Hkv)).
+// Shapes: q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H % Hkv == 0 (query head h reads kv head h / (H / Hkv)); or
+// packed sequences (AttentionParams::cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D).
 // Preconditions the binding guarantees: dtype float16 or bfloat16, D in kHeadDims, last dim contiguous, every
 // other stride and every base 16-byte aligned (so tiles load with 16-byte cp.async), sizes positive.
 #pragma once
@@ -25,6 +26,14 @@ struct AttentionParams {
   int batch, heads, kv_heads, q_len, k_len, head_dim;
   float scale;  // softmax scale (1 / sqrt(D) by default); scores are scale * q . k
   bool causal;  // top-left aligned: query i sees keys j <= i
+  // Packed sequences (fa.varlen_attn), tiled forward and backward only: B + 1 int32 offsets on the device, sequence
+  // b being rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of q, out, dout and dq and rows cu_seq_k[b] .. of k, v, dk and
+  // dv. The batch strides are then 0, q_len and k_len the longest sequence's (they size the grid) and each block
+  // reads its own (for_sequence, primitives.cuh); the window aligns bottom-right in each sequence (FlashAttention's
+  // varlen convention); the statistics and delta are (H, total_q). No mask, dropout or decoding. nullptr: dense.
+  const int* cu_seq_q;
+  const int* cu_seq_k;
+  int total_q;
   // window: a local window (FlashAttention's window_size), top-left aligned as causal: query i sees keys
   // i - window_left .. i + window_right; kNoWindow on a side bounds nothing. The kernels visit only the key (or
   // query) tiles that the window reaches. False (as zero-initialized params have it): no window, sides unread.
@@ -68,7 +77,9 @@ struct AttentionParams {
   const void* dout;  // (B, H, Lq, D)
   int64_t do_batch_stride, do_head_stride, do_row_stride;
   float* delta;  // (B, H, Lq) contiguous workspace: rowsum(dout * out)
-  void *dq, *dk, *dv;  // contiguous, shaped like q, k, v
+  void *dq, *dk, *dv;  // shaped like q, k, v
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dkv_batch_stride, dkv_head_stride, dkv_row_stride;  // dk's and dv's
   // The additive mask's gradient, dS (B, H, Lq, Lk) contiguous fp32, zero-filled by the caller (the tiles causal or
   // a window skip stay 0); the dQ kernel writes each score's once. nullptr: not wanted. Not with the logit cap.
   float* dmask;

@@ -6,7 +6,8 @@
 // keeps max = -inf and sum = 0: it writes zeros, max -inf and log sum 0. DROPOUT: the probabilities enter P V dropped
 // (after the row sums have counted them, as dropout follows the softmax). Causal and a local window limit the key
 // tiles a block visits (visible_keys). CAP: scale_and_mask caps the scores (softcap). Neither the cap nor the
-// window is compiled with DROPOUT.
+// window is compiled with DROPOUT, nor are packed sequences (AttentionParams::cu_seq_q), whose blocks each work on
+// their own sequence (for_sequence), sized by the longest: a block past its sequence's rows has nothing to do.
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -17,7 +18,7 @@
 namespace fa {
 
 template <typename T, int D, bool DROPOUT, bool CAP>
-__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams params) {
   static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
   constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
@@ -29,12 +30,14 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   T* sK = sQ + BM * P;
   T* sV = sK + BN * P;
 
-  const int m_blocks = (p.q_len + BM - 1) / BM;
+  const int m_blocks = (params.q_len + BM - 1) / BM;
   // Causal: a block further down has more keys to visit. Each head's blocks start from the last, so the grid's
   // tail is light blocks (longest first); a head's blocks still run side by side, sharing K and V in L2.
   const int m0 = (m_blocks - 1 - blockIdx.x % m_blocks) * BM;
   const int bh = blockIdx.x / m_blocks;
-  const int b = bh / p.heads, h = bh % p.heads, hk = h / (p.heads / p.kv_heads);
+  const int b = bh / params.heads, h = bh % params.heads, hk = h / (params.heads / params.kv_heads);
+  const AttentionParams p = for_sequence<T, !DROPOUT>(params, b);  // packed sequences: sequence b's own
+  if (m0 >= p.q_len) return;  // past a packed sequence shorter than the longest
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
@@ -104,7 +107,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   cp_async_wait<0>();  // the Q copy, when no key tile was visited
 
   T* out = static_cast<T*>(p.out) + b * p.o_batch_stride + h * p.o_head_stride;
-  const int64_t stats = static_cast<int64_t>(bh) * p.q_len;  // this head's rows in row_max and row_log_sum
+  const int64_t stats = stats_offset(p, b, h);  // this head's rows in row_max and row_log_sum
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll

@@ -60,9 +60,12 @@ int run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
 template <typename T, int D>
 int run_attention_bwd(const AttentionParams& p, cudaStream_t stream) {
   using Tr = AttnTraits<D>;
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.heads * p.q_len;
+  // The delta kernel walks the rows as (B, H, Lq); packed sequences' (H, total_q) are one batch of total_q rows.
+  AttentionParams all_rows = p;
+  if (p.cu_seq_q != nullptr) all_rows.batch = 1, all_rows.q_len = p.total_q, all_rows.cu_seq_q = nullptr;
+  const int64_t rows = static_cast<int64_t>(all_rows.batch) * p.heads * all_rows.q_len;
   if (!detail::grid_fits((rows + 3) / 4)) return cudaErrorInvalidConfiguration;
-  attention_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
+  attention_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(all_rows);
   if (cudaError_t err = cudaGetLastError()) return err;
 
   const int64_t kv_blocks = static_cast<int64_t>(p.batch) * p.kv_heads * ((p.k_len + Tr::kBwdN - 1) / Tr::kBwdN);

@@ -291,6 +291,51 @@ __device__ __forceinline__ Span visible_rows(const AttentionParams& p, int c0, i
   return {static_cast<int>(lo / align * align), static_cast<int>(hi)};
 }
 
+// base moved on by `elements` of T; nullptr stays nullptr.
+template <typename T>
+__device__ __forceinline__ const void* advanced(const void* base, int64_t elements) {
+  return base == nullptr ? base : static_cast<const T*>(base) + elements;
+}
+template <typename T>
+__device__ __forceinline__ void* advanced(void* base, int64_t elements) {
+  return base == nullptr ? base : static_cast<T*>(base) + elements;
+}
+
+// The params a block of packed sequence b works with (AttentionParams::cu_seq_q): the pointers at the sequence's
+// first rows, its own lengths, and its bottom-right window turned into the kernels' top-left one (query i of Lq
+// sees keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right). Dense calls get p itself, and so do kernels compiled
+// without PACKED (dropout's: packed sequences take no dropout), which then carry none of this code.
+template <typename T, bool PACKED = true>
+__device__ __forceinline__ AttentionParams for_sequence(const AttentionParams& p, int b) {
+  if (!PACKED || p.cu_seq_q == nullptr) return p;
+  AttentionParams s = p;
+  const int q0 = p.cu_seq_q[b], k0 = p.cu_seq_k[b];
+  s.q_len = p.cu_seq_q[b + 1] - q0;
+  s.k_len = p.cu_seq_k[b + 1] - k0;
+  s.q = advanced<T>(p.q, q0 * p.q_row_stride);
+  s.out = advanced<T>(p.out, q0 * p.o_row_stride);
+  s.dout = advanced<T>(p.dout, q0 * p.do_row_stride);
+  s.dq = advanced<T>(p.dq, q0 * p.dq_row_stride);
+  s.k = advanced<T>(p.k, k0 * p.k_row_stride);
+  s.v = advanced<T>(p.v, k0 * p.v_row_stride);
+  s.dk = advanced<T>(p.dk, k0 * p.dkv_row_stride);
+  s.dv = advanced<T>(p.dv, k0 * p.dkv_row_stride);
+  s.row_max = p.row_max + q0, s.row_log_sum = p.row_log_sum + q0;
+  if (p.delta != nullptr) s.delta = p.delta + q0;
+  if (p.window) {  // 64-bit, clamped: a side far past the lengths bounds nothing (or hides every key)
+    const int64_t shift = int64_t{s.k_len} - s.q_len, far = kNoWindow;
+    if (p.window_left != kNoWindow) s.window_left = static_cast<int>(max(-far, min(far, p.window_left - shift)));
+    if (p.window_right != kNoWindow) s.window_right = static_cast<int>(max(-far, min(far, p.window_right + shift)));
+  }
+  return s;
+}
+
+// Where head h of batch b starts in row_max, row_log_sum and delta: (B, H, Lq), or (H, total_q) for packed
+// sequences (whose pointers for_sequence has moved to the sequence's first row).
+__device__ __forceinline__ int64_t stats_offset(const AttentionParams& p, int b, int h) {
+  return p.cu_seq_q != nullptr ? int64_t{h} * p.total_q : (int64_t{b} * p.heads + h) * p.q_len;
+}
+
 // The score in log2 units of a dot product q.k: scale * log2(e) * q.k, or under the logit cap c (p.softcap)
 // c * log2(e) * tanh(scale * q.k / c); slope(1 - tanh^2) then receives the cap's derivative (the backward's).
 struct NoSlope {

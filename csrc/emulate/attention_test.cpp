@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 
 #include <cfloat>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iterator>
@@ -157,6 +158,8 @@ void run(const Case& c, const char* dtype, double tol) {
   p.do_batch_stride = p.q_batch_stride, p.do_head_stride = p.q_head_stride, p.do_row_stride = D;
   p.delta = delta.data();
   p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  p.dq_batch_stride = p.q_batch_stride, p.dq_head_stride = p.q_head_stride, p.dq_row_stride = D;
+  p.dkv_batch_stride = p.k_batch_stride, p.dkv_head_stride = p.k_head_stride, p.dkv_row_stride = D;
   // an additive mask's gradient (dS), as for a learned bias; the kernels give none under the cap
   const bool mask_grad = kind == fa::MaskKind::kAdditive && c.softcap == 0;
   std::vector<float> dmask(mask_grad ? (size_t)B * H * Lq * Lk : 0, 0.f);
@@ -301,6 +304,140 @@ void nan_row_in_decoding(const char* dtype) {
   expect(tag + ": NaN outputs in the other head's row", nan1, 0);
 }
 
+// Packed sequences (flash.h: cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D), sequence b at rows
+// cu_seq_q[b] .. and cu_seq_k[b] ..; the window aligns bottom-right in each sequence. The outputs start as NaN, so
+// a row no block writes fails.
+struct VarlenCase {
+  int H, Hkv, D;
+  std::vector<int> lengths_q, lengths_k;
+  float softcap = 0.f;
+  int window_left = -1, window_right = -1;  // query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right
+};
+
+template <class T>
+void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
+  const int H = c.H, Hkv = c.Hkv, D = c.D, G = H / Hkv, B = static_cast<int>(c.lengths_q.size());
+  std::vector<int> cu_q{0}, cu_k{0};
+  for (int b = 0; b < B; ++b)
+    cu_q.push_back(cu_q.back() + c.lengths_q[b]), cu_k.push_back(cu_k.back() + c.lengths_k[b]);
+  const int total_q = cu_q.back(), total_k = cu_k.back();
+  const int max_q = *std::max_element(c.lengths_q.begin(), c.lengths_q.end());
+  const int max_k = *std::max_element(c.lengths_k.begin(), c.lengths_k.end());
+  std::string tag = std::string(dtype) + " varlen D" + std::to_string(D) + " H" + std::to_string(H) + "/" +
+                    std::to_string(Hkv) + " lengths";
+  for (int b = 0; b < B; ++b) tag += " " + std::to_string(c.lengths_q[b]) + "x" + std::to_string(c.lengths_k[b]);
+  if (c.softcap > 0) tag += " softcap " + std::to_string(c.softcap);
+  if (c.window_left >= 0 || c.window_right >= 0)
+    tag += " window (" + std::to_string(c.window_left) + ", " + std::to_string(c.window_right) + ")";
+  std::normal_distribution<float> nd(0.f, 1.f);
+  auto make = [&](size_t n) {
+    std::vector<T> v(n);
+    for (auto& e : v) e = fromf<T>(nd(rng));
+    return v;
+  };
+  std::vector<T> q = make((size_t)total_q * H * D), k = make((size_t)total_k * Hkv * D),
+                 v = make((size_t)total_k * Hkv * D), dout = make((size_t)total_q * H * D);
+  std::vector<T> out(q.size(), fromf<T>(NAN)), dq(q.size(), fromf<T>(NAN)), dk(k.size(), fromf<T>(NAN)),
+      dv(v.size(), fromf<T>(NAN));
+  std::vector<float> stats(2 * (size_t)H * total_q, NAN), delta((size_t)H * total_q);
+
+  fa::AttentionParams p{};
+  p.dtype = std::string(dtype) == "bf16" ? fa::DType::kBFloat16 : fa::DType::kFloat16;
+  p.batch = B, p.heads = H, p.kv_heads = Hkv, p.q_len = max_q, p.k_len = max_k, p.head_dim = D, p.total_q = total_q;
+  p.scale = 1.f / std::sqrt((float)D);
+  p.cu_seq_q = cu_q.data(), p.cu_seq_k = cu_k.data();
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.out = out.data(), p.dout = dout.data();
+  p.q_head_stride = p.o_head_stride = p.do_head_stride = p.dq_head_stride = D;  // batch strides 0
+  p.q_row_stride = p.o_row_stride = p.do_row_stride = p.dq_row_stride = (int64_t)H * D;
+  p.k_head_stride = p.v_head_stride = p.dkv_head_stride = D;
+  p.k_row_stride = p.v_row_stride = p.dkv_row_stride = (int64_t)Hkv * D;
+  p.row_max = stats.data(), p.row_log_sum = stats.data() + (size_t)H * total_q;  // (2, H, total_q)
+  p.softcap = c.softcap;
+  p.window = c.window_left >= 0 || c.window_right >= 0;
+  p.window_left = c.window_left < 0 ? fa::kNoWindow : c.window_left;
+  p.window_right = c.window_right < 0 ? fa::kNoWindow : c.window_right;
+  p.delta = delta.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  expect(tag + " takes no decoding workspace", fa::attention_forward_workspace_floats(p), 0);
+  if (int err = fa::attention_forward(p, nullptr)) {
+    expect(tag + " forward launch error " + std::to_string(err), 1, 0);
+    return;
+  }
+  if (int err = fa::attention_backward(p, nullptr)) {
+    expect(tag + " backward launch error " + std::to_string(err), 1, 0);
+    return;
+  }
+
+  // float64 reference, sequence by sequence
+  std::vector<double> ro(out.size(), 0), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
+  std::vector<double> rlse((size_t)H * total_q, -INFINITY);
+  const double scale = p.scale;
+  for (int b = 0; b < B; ++b) {
+    const int Lq = c.lengths_q[b], Lk = c.lengths_k[b], shift = Lk - Lq;
+    for (int h = 0; h < H; ++h)
+      for (int i = 0; i < Lq; ++i) {
+        const size_t qi = (size_t)cu_q[b] + i;
+        const T* Q = &q[(qi * H + h) * D];
+        const T* dO = &dout[(qi * H + h) * D];
+        const auto K = [&](int j) { return &k[(((size_t)cu_k[b] + j) * Hkv + h / G) * D]; };
+        const auto V = [&](int j) { return &v[(((size_t)cu_k[b] + j) * Hkv + h / G) * D]; };
+        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk), slope(Lk, 1.0);
+        double m = -INFINITY;
+        for (int j = 0; j < Lk; ++j) {
+          double dot = 0;
+          for (int d = 0; d < D; ++d) dot += (double)tof(Q[d]) * tof(K(j)[d]);
+          s[j] = dot * scale;
+          if (c.softcap > 0) {
+            const double t = std::tanh(s[j] / c.softcap);
+            s[j] = c.softcap * t;
+            slope[j] = 1 - t * t;
+          }
+          if ((c.window_left >= 0 && j < i + shift - c.window_left) ||
+              (c.window_right >= 0 && j > i + shift + c.window_right))
+            s[j] = -INFINITY;
+          m = std::max(m, s[j]);
+        }
+        double sum = 0;
+        if (m != -INFINITY)
+          for (int j = 0; j < Lk; ++j) sum += (pr[j] = std::exp(s[j] - m));
+        for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;
+        rlse[(size_t)h * total_q + qi] = sum > 0 ? m + std::log(sum) : -INFINITY;
+        double rowdot = 0;
+        for (int j = 0; j < Lk; ++j) {
+          dp[j] = 0;
+          for (int d = 0; d < D; ++d) {
+            ro[(qi * H + h) * D + d] += pr[j] * tof(V(j)[d]);
+            dp[j] += (double)tof(dO[d]) * tof(V(j)[d]);
+          }
+          rowdot += dp[j] * pr[j];
+        }
+        for (int j = 0; j < Lk; ++j) {
+          const double ds = pr[j] * (dp[j] - rowdot) * slope[j];
+          const size_t kj = (((size_t)cu_k[b] + j) * Hkv + h / G) * D;
+          for (int d = 0; d < D; ++d) {
+            rdq[(qi * H + h) * D + d] += scale * ds * tof(K(j)[d]);
+            rdk[kj + d] += scale * ds * tof(Q[d]);
+            rdv[kj + d] += pr[j] * tof(dO[d]);
+          }
+        }
+      }
+  }
+  auto floats = [](const std::vector<T>& t) {
+    std::vector<float> f(t.size());
+    for (size_t i = 0; i < t.size(); ++i) f[i] = tof(t[i]);
+    return f;
+  };
+  expect(tag + " out", rel_err(ro, floats(out)), tol);
+  double el = 0;
+  for (size_t r = 0; r < rlse.size(); ++r) {
+    const double lse = ((double)stats[r] + stats[rlse.size() + r]) * std::log(2.0);
+    el = std::max(el, std::isinf(rlse[r]) ? (lse == rlse[r] ? 0.0 : INFINITY) : std::abs(rlse[r] - lse));
+  }
+  expect(tag + " lse", std::isnan(el) ? INFINITY : el, 2e-2);
+  expect(tag + " dq", rel_err(rdq, floats(dq)), 4 * tol);
+  expect(tag + " dk", rel_err(rdk, floats(dk)), 4 * tol);
+  expect(tag + " dv", rel_err(rdv, floats(dv)), 4 * tol);
+}
+
 int main() {
   const Case cases[] = {
       {1, 2, 2, 1, 1, 64, false, kNone},      {1, 2, 1, 97, 111, 64, true, kNone},
@@ -347,6 +484,19 @@ int main() {
   for (size_t i = 0; i < std::size(one_dtype); ++i) {
     if (i % 2 == 0) run<__nv_bfloat16>(one_dtype[i], "bf16", 2e-2);
     else run<__half>(one_dtype[i], "fp16", 4e-3);
+  }
+  // Packed sequences: partial tiles, a sequence without queries and one without keys, Lq > Lk and Lq < Lk (the
+  // window's bottom-right alignment: causal is (-1, 0)), a sequence longer than a tile beside short ones, GQA, the
+  // cap with a window; the dK/dV tiles walk queries 64 (D <= 64) or 32 at a time.
+  const VarlenCase packed[] = {
+      {2, 1, 64, {17, 0, 70, 1, 130}, {17, 5, 40, 0, 200}},
+      {2, 2, 32, {100, 3, 64, 20}, {100, 70, 30, 20}, 0.f, -1, 0},
+      {4, 2, 128, {65, 130}, {90, 60}, 1.f, 20, 5},
+      {2, 1, 96, {33, 200, 7}, {150, 20, 7}, 0.f, 0, 0},
+  };
+  for (size_t i = 0; i < std::size(packed); ++i) {
+    if (i % 2 == 0) run_varlen<__nv_bfloat16>(packed[i], "bf16", 2e-2);
+    else run_varlen<__half>(packed[i], "fp16", 4e-3);
   }
   nan_row_in_decoding<__nv_bfloat16>("bf16");
   nan_row_in_decoding<__half>("fp16");
