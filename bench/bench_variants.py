@@ -196,8 +196,6 @@ def packed_providers(p: dict) -> dict:
         def setup():
             if backend == "reference":
                 _skip_huge_reference(longest)
-            if backend == "cuda" and not plain:
-                raise Skip("skipped: the CUDA kernels take no packed sequences")
             if plain:  # the batch padded to its longest sequence, through the dense causal kernels
                 q, k, v = _qkv(p)
                 return directed(direction, lambda: fa.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -292,7 +290,7 @@ def checks(mode: Mode) -> list:
                     lambda **t: reference.scaled_dot_product_attention(**t, is_causal=True, **cap), inputs)
             out.append(Check(f"{variant} {dtype_name(dtype)} B2 H4 Lq37 Lk45 D64 causal", run))
 
-        def packed(backend, dtype=dtype):  # CUDA: NotImplementedError
+        def packed(backend, dtype=dtype):
             lengths_q, lengths_k = torch.tensor([37, 1, 0, 20]), torch.tensor([45, 3, 6, 20])
             cu_q, cu_k = (torch.nn.functional.pad(n.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
                           for n in (lengths_q, lengths_k))

@@ -75,8 +75,8 @@ Tensor aligned_contiguous(const Tensor& t) {
 // Attention tiles load with 16-byte cp.async from any (batch, head, row): the last dim contiguous and every
 // other stride a multiple of 8 elements. Otherwise a contiguous copy.
 Tensor attention_layout(const Tensor& t) {
-  bool ok = t.stride(3) == 1 && aligned16(t);
-  for (int d = 0; d < 3; ++d) ok = ok && t.stride(d) % 8 == 0;
+  bool ok = t.stride(-1) == 1 && aligned16(t);
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && t.stride(d) % 8 == 0;
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
@@ -294,8 +294,22 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
 
 // ------------------------------------------------------------------------------------------------ attention
 struct AttentionInputs {
-  Tensor q, k, v, mask;
+  Tensor q, k, v, mask, cu_seq_q, cu_seq_k;
 };
+
+// The kernels index rows in 32-bit ints and step past the last row by up to one tile (64): keep that room.
+constexpr int64_t kMaxLen = INT32_MAX - 128;
+
+void check_head_dim(int64_t D, const char* op) {
+  bool known = false;
+  std::string dims;
+  for (int d : fa::kHeadDims) {
+    known = known || d == D;
+    dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+  }
+  TORCH_CHECK_VALUE(known, "fast_attention._C.", op, ": head dim ", D, " has no compiled kernel; supported head dims: ",
+                    dims);
+}
 
 // Checks shared by the attention entry points; fills the sizes, q/k/v and mask fields of `p`.
 AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, const Tensor& k_in,
@@ -320,20 +334,9 @@ AttentionInputs attention_inputs(fa::AttentionParams& p, const Tensor& q_in, con
                       k_in.sizes());
   TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "fast_attention._C.", op, ": query's heads (", H,
                     ") must be a multiple of key's heads (", Hkv, ")");
-  // The kernels index rows in 32-bit ints and step past the last row by up to one tile (64): keep that room.
-  constexpr int64_t kMaxLen = INT32_MAX - 128;
   TORCH_CHECK_VALUE(Lq < kMaxLen && Lk < kMaxLen && B * H < INT32_MAX, "fast_attention._C.", op,
                     ": sequence lengths must be below 2^31 - 129 and batch * heads below 2^31");
-  if (tiled) {
-    bool known = false;
-    std::string dims;
-    for (int d : fa::kHeadDims) {
-      known = known || d == D;
-      dims += (dims.empty() ? "" : ", ") + std::to_string(d);
-    }
-    TORCH_CHECK_VALUE(known, "fast_attention._C.", op, ": head dim ", D,
-                      " has no compiled kernel; supported head dims: ", dims);
-  }
+  if (tiled) check_head_dim(D, op);
   p.batch = static_cast<int>(B);
   p.heads = static_cast<int>(H);
   p.kv_heads = static_cast<int>(Hkv);
@@ -386,6 +389,18 @@ void set_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held, const 
   held = stats.contiguous();
   p.row_max = held.data_ptr<float>();
   p.row_log_sum = p.row_max + held.size(1) * held.size(2) * held.size(3);
+}
+
+// The gradients' pointers and strides into p: (B, H, L, D) tensors, or packed (total, H, D) ones, whose batch
+// stride is 0 (flash.h: cu_seq_q).
+void set_grads(fa::AttentionParams& p, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  const bool packed = dq.dim() == 3;
+  const auto strides = [&](const Tensor& t, int64_t& batch, int64_t& head, int64_t& row) {
+    batch = packed ? 0 : t.stride(0), head = t.stride(1), row = t.stride(packed ? 0 : 2);
+  };
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  strides(dq, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  strides(dk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride);  // dv: allocated like dk
 }
 
 // Dropout's probability and seed (fast_attention's op draws the seed from torch's generator per call).
@@ -485,9 +500,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward(
   p.out = o.data_ptr();
   p.o_batch_stride = o.stride(0), p.o_head_stride = o.stride(1), p.o_row_stride = o.stride(2);
   p.delta = delta.data_ptr<float>();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
+  set_grads(p, dq, dk, dv);
   check_launch(fa::attention_backward(p, current_stream(q)), op);
   return {dq, dk, dv, dmask};
 }
@@ -507,6 +520,138 @@ Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& stats, 
   p.weights = weights.data_ptr<float>();
   check_launch(fa::attention_weights(p, current_stream(q)), op);
   return weights;
+}
+
+// ------------------------------------------------------------------------------------------ packed sequences
+// fa.varlen_attn (flash.h: cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D), cu_seq_q and cu_seq_k B + 1
+// int32 offsets on q's device, trusted as FlashAttention trusts them (fast_attention/ops/varlen.py checks them
+// where they are on the host), max_q and max_k at least the longest sequence's lengths. The window aligns
+// bottom-right in each sequence (causal is the window (-1, 0)); no mask and no dropout.
+AttentionInputs varlen_inputs(fa::AttentionParams& p, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                              const Tensor& cu_seq_q, const Tensor& cu_seq_k, int64_t max_q, int64_t max_k,
+                              double scale, const char* op) {
+  check_cuda(q_in, op, "query");
+  check_same_device(k_in, q_in, op, "key", "query");
+  check_same_device(v_in, q_in, op, "value", "query");
+  check_same_device(cu_seq_q, q_in, op, "cu_seq_q", "query");
+  check_same_device(cu_seq_k, q_in, op, "cu_seq_k", "query");
+  p.dtype = attention_dtype(q_in, op, "query");
+  check_same_dtype(k_in, q_in, op, "key", "query");
+  check_same_dtype(v_in, q_in, op, "value", "query");
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "fast_attention._C.", op,
+                    ": query, key and value must be 3-D (total, H, D)");
+  const int64_t H = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1);
+  TORCH_CHECK_VALUE(k_in.size(2) == D, "fast_attention._C.", op, ": key must be (total_k, Hkv, ", D, "), got ",
+                    k_in.sizes());
+  TORCH_CHECK_VALUE(v_in.sizes() == k_in.sizes(), "fast_attention._C.", op,
+                    ": value must have key's shape (the same head dim as query), got ", v_in.sizes(), " and ",
+                    k_in.sizes());
+  TORCH_CHECK_VALUE(Hkv > 0 && H % Hkv == 0, "fast_attention._C.", op, ": query's heads (", H,
+                    ") must be a multiple of key's heads (", Hkv, ")");
+  for (const auto& [name, cu] : {std::pair{"cu_seq_q", &cu_seq_q}, std::pair{"cu_seq_k", &cu_seq_k}})
+    TORCH_CHECK_VALUE(cu->scalar_type() == at::kInt && cu->dim() == 1 && cu->size(0) == cu_seq_q.size(0) &&
+                          cu->size(0) >= 1,
+                      "fast_attention._C.", op, ": ", name, " must be 1-D int32 with B + 1 offsets, as many as ",
+                      "cu_seq_q's; got ", cu->scalar_type(), " of shape ", cu->sizes());
+  const int64_t B = cu_seq_q.size(0) - 1;
+  TORCH_CHECK_VALUE(q_in.size(0) < kMaxLen && k_in.size(0) < kMaxLen && max_q >= 0 && max_q < kMaxLen &&
+                        max_k >= 0 && max_k < kMaxLen && B * H < INT32_MAX,
+                    "fast_attention._C.", op, ": total_q, total_k, max_q and max_k must be in [0, 2^31 - 129) and "
+                    "batch * heads below 2^31, got ", q_in.size(0), ", ", k_in.size(0), ", ", max_q, ", ", max_k);
+  check_head_dim(D, op);
+  p.batch = static_cast<int>(B);
+  p.heads = static_cast<int>(H);
+  p.kv_heads = static_cast<int>(Hkv);
+  p.q_len = static_cast<int>(max_q);  // the grid's; each block reads its sequence's own
+  p.k_len = static_cast<int>(max_k);
+  p.total_q = static_cast<int>(q_in.size(0));
+  p.head_dim = static_cast<int>(D);
+  p.scale = static_cast<float>(scale);
+  p.mask_kind = fa::MaskKind::kNone;
+
+  AttentionInputs in;
+  in.cu_seq_q = cu_seq_q.contiguous(), in.cu_seq_k = cu_seq_k.contiguous();
+  p.cu_seq_q = in.cu_seq_q.data_ptr<int>(), p.cu_seq_k = in.cu_seq_k.data_ptr<int>();
+  in.q = attention_layout(q_in), in.k = attention_layout(k_in), in.v = attention_layout(v_in);
+  p.q = in.q.data_ptr(), p.k = in.k.data_ptr(), p.v = in.v.data_ptr();
+  p.q_head_stride = in.q.stride(1), p.q_row_stride = in.q.stride(0);  // batch strides 0: the offsets place rows
+  p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(0);
+  p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(0);
+  return in;
+}
+
+// Packed statistics (2, H, total_q) fp32 into p, read from `held`, a contiguous copy kept alive for the launch.
+void set_varlen_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held, const Tensor& q, const char* op) {
+  check_same_device(stats, q, op, "stats", "query");
+  TORCH_CHECK_TYPE(stats.scalar_type() == at::kFloat, "fast_attention._C.", op, ": stats must be float32, got ",
+                   stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 3 && stats.size(0) == 2 && stats.size(1) == p.heads && stats.size(2) == p.total_q,
+                    "fast_attention._C.", op, ": stats must be (2, H, total_q) = (2, ", p.heads, ", ", p.total_q,
+                    "), got ", stats.sizes());
+  held = stats.contiguous();
+  p.row_max = held.data_ptr<float>();
+  p.row_log_sum = p.row_max + held.size(1) * held.size(2);
+}
+
+std::tuple<Tensor, Tensor> varlen_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seq_q,
+                                          const Tensor& cu_seq_k, int64_t max_q, int64_t max_k, double scale,
+                                          double softcap, int64_t window_left, int64_t window_right) {
+  constexpr const char* op = "varlen_forward";
+  fa::AttentionParams p{};
+  check_cuda(q, op, "query");
+  c10::DeviceGuard guard(q.device());
+  const AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op);
+  set_scores(p, softcap, window_left, window_right, op);
+  Tensor out = at::empty({p.total_q, p.heads, p.head_dim}, q.options());
+  Tensor stats = at::empty({2, p.heads, p.total_q}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 || p.batch == 0 || p.q_len == 0 || p.k_len == 0) {  // every row dead: max -inf, log sum 0
+    stats[0].fill_(-INFINITY);
+    stats[1].zero_();
+    return {out.zero_(), stats};
+  }
+  p.out = out.data_ptr();
+  p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(0);
+  Tensor held;
+  set_varlen_stats(p, stats, held, q, op);
+  check_launch(fa::attention_forward(p, current_stream(q)), op);
+  return {out, stats};
+}
+
+std::tuple<Tensor, Tensor, Tensor> varlen_backward(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& out, const Tensor& stats,
+                                                   const Tensor& cu_seq_q, const Tensor& cu_seq_k, int64_t max_q,
+                                                   int64_t max_k, double scale, double softcap, int64_t window_left,
+                                                   int64_t window_right) {
+  constexpr const char* op = "varlen_backward";
+  fa::AttentionParams p{};
+  check_cuda(q, op, "query");
+  check_same_device(dout, q, op, "dout", "query");
+  check_same_device(out, q, op, "out", "query");
+  c10::DeviceGuard guard(q.device());
+  const AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op);
+  set_scores(p, softcap, window_left, window_right, op);
+  Tensor held;
+  set_varlen_stats(p, stats, held, q, op);
+  check_same_dtype(dout, q, op, "dout", "query");
+  check_same_dtype(out, q, op, "out", "query");
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
+                    ": dout and out must have query's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  if (dq.numel() == 0 || dk.numel() == 0 || p.batch == 0 || p.q_len == 0 || p.k_len == 0)
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  const Tensor d = attention_layout(dout), o = attention_layout(out);
+  Tensor delta = at::empty({p.heads, p.total_q}, q.options().dtype(at::kFloat));
+  p.dout = d.data_ptr();
+  p.do_head_stride = d.stride(1), p.do_row_stride = d.stride(0);
+  p.out = o.data_ptr();
+  p.o_head_stride = o.stride(1), p.o_row_stride = o.stride(0);
+  p.delta = delta.data_ptr<float>();
+  set_grads(p, dq, dk, dv);
+  check_launch(fa::attention_backward(p, current_stream(q)), op);
+  return {dq, dk, dv};
 }
 
 }  // namespace
@@ -539,6 +684,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_weights", &attention_weights, "-> probabilities fp32 (B, H, Lq, Lk)", py::arg("query"),
         py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
+  m.def("varlen_forward", &varlen_forward,
+        "packed sequences -> (out (total_q, H, D), stats fp32 (2, H, total_q)); the window aligns bottom-right",
+        py::arg("query"), py::arg("key"), py::arg("value"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
+        py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,
+        py::arg("window_right") = -1);
+  m.def("varlen_backward", &varlen_backward, "packed sequences -> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
+        py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,
+        py::arg("window_right") = -1);
   py::tuple head_dims(std::size(fa::kHeadDims));
   for (size_t i = 0; i < std::size(fa::kHeadDims); ++i) head_dims[i] = fa::kHeadDims[i];
   m.attr("head_dims") = head_dims;

@@ -9,10 +9,11 @@
 Shapes are small (the sanitizer slows kernels 10-100x) but cover every code path: misaligned rows (odd widths),
 rows past one block's registers (multi-block softmax, chunked norms), partial tiles, causal, bool and additive
 masks with a fully masked row, GQA, strided inputs, every head dim and both attention dtypes, dropout, the logit
-cap, local windows, and decoding's split-KV kernel and merge.
+cap, local windows, decoding's split-KV kernel and merge, and packed sequences.
 It also checks each result against the reference loosely, so a sanitizer-clean but wrong kernel still shows: every
 check runs, and the exit status is 1 if any was off.
 """
+import itertools
 import sys
 
 import torch
@@ -166,8 +167,33 @@ def window_and_cap():
             check(f"decoding {dtype} E={E} softcap=1.0", out, ref, 3e-2)
 
 
+def packed():
+    """Packed sequences (varlen): each block on its own sequence, partial tiles, a sequence without queries and one
+    without keys, Lq > Lk and Lq < Lk, GQA, causal and a window aligned bottom-right, the cap."""
+    lengths_q, lengths_k = [70, 0, 3, 130, 9], [40, 5, 90, 65, 0]
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
+                  for n in (lengths_q, lengths_k))
+    longest = max(lengths_q), max(lengths_k)
+    for dtype in (torch.float16, torch.bfloat16):
+        for E in _C.head_dims:
+            q, k, v = (torch.randn(sum(n), h, E, device="cuda", dtype=dtype)
+                       for n, h in ((lengths_q, 4), (lengths_k, 2), (lengths_k, 2)))
+            scale = E ** -0.5
+            for softcap, window in ((0.0, (-1, -1)), (0.0, (-1, 0)), (1.0, (20, 3))):
+                out, stats = _C.varlen_forward(q, k, v, cu_q, cu_k, *longest, scale, softcap, *window)
+                xs = [t.double().requires_grad_() for t in (q, k, v)]
+                ref = reference.varlen_attn(*xs, cu_q, cu_k, scale=scale, window_size=window, enable_gqa=True,
+                                            softcap=softcap or None)
+                tag = f"packed {dtype} E={E} softcap={softcap} window={window}"
+                check(f"{tag} fwd", out, ref, 3e-2)
+                dout = torch.randn_like(out)
+                grads = _C.varlen_backward(dout, q, k, v, out, stats, cu_q, cu_k, *longest, scale, softcap, *window)
+                for name, g, r in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, xs, dout.double())):
+                    check(f"{tag} {name}", g, r, 5e-2)
+
+
 GROUPS = {"rows": rows, "attention": attention, "dropout": dropout, "decoding": decoding,
-          "window_and_cap": window_and_cap}
+          "window_and_cap": window_and_cap, "packed": packed}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(GROUPS)  # a few groups: a racecheck of them alone fits a shorter device call

@@ -80,6 +80,8 @@ def unsupported(op: str, **args) -> str | None:
         return _row_reason(args["input"])
     if op == "scaled_dot_product_attention":
         return _attention_reason(**args)
+    if op == "varlen_attention":  # packed sequences: no mask or dropout to refuse
+        return _attention_reason(args["query"], args["key"], args["value"])
     return f"it has no kernel for {op}"
 
 
@@ -140,3 +142,19 @@ def attention_backward(dout, q, k, v, out, stats, mask, is_causal: bool, scale: 
 def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap: float = 0.0, window=None):
     left, right = _sides(window)
     return _C.attention_weights(q, k, stats, mask, is_causal, scale, softcap, left, right)
+
+
+# Packed sequences (fa.varlen_attn): the tiled kernels with each block on its own sequence (csrc/attention/flash.h,
+# cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says.
+def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float, window=None,
+                   softcap: float = 0.0):
+    left, right = _sides(window)
+    return tuple(_C.varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, left, right))
+
+
+def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
+                    window=None, softcap: float = 0.0):
+    left, right = _sides(window)
+    # out is float32 with learned sinks (fast_attention/ops/varlen.py); the kernels read it in q's dtype
+    return tuple(_C.varlen_backward(dout.to(q.dtype), q, k, v, out.to(q.dtype), stats, cu_seq_q, cu_seq_k, max_q,
+                                    max_k, scale, softcap, left, right))

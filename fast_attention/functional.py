@@ -125,8 +125,8 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
                 max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
                 enable_gqa: bool = False, backend: str | None = None, sinks: Tensor | None = None,
                 softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """torch.nn.attention.varlen.varlen_attn: attention over packed sequences, with autograd, on every backend
-    but "cuda" (backend=None takes Triton on a GPU).
+    """torch.nn.attention.varlen.varlen_attn: attention over packed sequences, with autograd, on every backend (the
+    CUDA kernels in float16 and bfloat16 at their head dims; backend=None takes Triton first on a GPU).
 
     query (total_q, H, E), key (total_k, Hkv, E), value (total_k, Hkv, Ev) -> (total_q, H, Ev): sequence b is rows
     cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value (int32
@@ -136,7 +136,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     return_aux: torch's AuxRequest; with lse=True also the natural logsumexp of each row's scores, (H, total_q)
     float32, -inf for a row with no key to see (torch's flash kernels write +inf there), without gradient (and
     without the sink). Beyond torch, as scaled_dot_product_attention: sinks (H,), learned attention sinks, and
-    softcap, the logit cap (on the Triton and reference backends).
+    softcap, the logit cap.
     The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch
     and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked. torch's seqused_k,
     block_table and num_splits (paged KV caches) are not taken.

@@ -37,7 +37,7 @@ def test_extension_imports_and_backend_module_loads():
 
     for name in ("softmax_forward", "softmax_backward", "layer_norm_forward", "layer_norm_backward",
                  "rms_norm_forward", "rms_norm_backward", "attention_forward", "attention_backward",
-                 "attention_weights"):
+                 "attention_weights", "varlen_forward", "varlen_backward"):
         assert callable(getattr(_C, name)), name
     assert 64 in cuda_backend.HEAD_DIMS and 128 in cuda_backend.HEAD_DIMS
 
@@ -46,6 +46,7 @@ def _cpu_calls():
     x = torch.randn(3, 5)
     q = torch.randn(1, 2, 4, 64, dtype=torch.float16)
     stats = torch.zeros(2, 1, 2, 4)
+    packed, cu = q[0].transpose(0, 1), torch.tensor([0, 4], dtype=torch.int32)
     return {
         "softmax_forward": (("x",), lambda C: C.softmax_forward(x)),
         "softmax_backward": (("y",), lambda C: C.softmax_backward(x, x)),
@@ -56,6 +57,9 @@ def _cpu_calls():
         "attention_forward": (("query",), lambda C: C.attention_forward(q, q, q, None, False, 0.125)),
         "attention_backward": (("query",), lambda C: C.attention_backward(q, q, q, q, q, stats, None, False, 0.125)),
         "attention_weights": (("query",), lambda C: C.attention_weights(q, q, stats, None, False, 0.125)),
+        "varlen_forward": (("query",), lambda C: C.varlen_forward(packed, packed, packed, cu, cu, 4, 4, 0.125)),
+        "varlen_backward": (("query",), lambda C: C.varlen_backward(packed, packed, packed, packed, packed,
+                                                                    stats[:, 0], cu, cu, 4, 4, 0.125)),
     }
 
 
@@ -76,16 +80,20 @@ def test_cuda_is_not_available_without_a_gpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-@pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"])
+@pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention",
+                                "varlen_attn"])
 def test_backend_cuda_on_cpu_tensors_is_a_clear_error(op):
     x = torch.randn(2, 3, 8, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 5, 8], dtype=torch.int32)
     call = {
         "softmax": lambda: fa.softmax(x, backend="cuda"),
         "layer_norm": lambda: fa.layer_norm(x, (64,), backend="cuda"),
         "rms_norm": lambda: fa.rms_norm(x, (64,), backend="cuda"),
         "scaled_dot_product_attention": lambda: fa.scaled_dot_product_attention(x, x, x, backend="cuda"),
+        "varlen_attn": lambda: fa.varlen_attn(*[x[0].transpose(0, 1)] * 3, cu, cu, 5, 5, backend="cuda"),
     }[op]
-    with pytest.raises(RuntimeError, match=rf"fast_attention\.{op}: backend='cuda' cannot run this call: it runs "
+    name = "varlen_attention" if op == "varlen_attn" else op  # the op's name (torch.ops.fast_attention.*)
+    with pytest.raises(RuntimeError, match=rf"fast_attention\.{name}: backend='cuda' cannot run this call: it runs "
                                            rf"on CUDA tensors and the inputs are on cpu"):
         call()
 
@@ -116,6 +124,14 @@ def test_unsupported_gives_reasons():
     assert "no dropout with a logit cap (softcap) or a local window" in attn(window=(8, -1), dropout_p=0.1)
     assert attn(mask_dtype=torch.float16, mask_grad=True) is None  # dS from the dQ kernel
     assert "float attn_mask with a logit cap" in attn(mask_dtype=torch.float16, mask_grad=True, softcap=2.0)
+
+    def packed(E=64, dtype=torch.float16):
+        q = torch.empty(7, 2, E, dtype=dtype)
+        return cuda_backend.unsupported("varlen_attention", query=q, key=q, value=q, max_q=7, max_k=7,
+                                        window=(3, 0), softcap=2.0)
+
+    assert packed() is None and packed(E=128, dtype=torch.bfloat16) is None
+    assert "float16 or bfloat16" in packed(dtype=torch.float32) and "head dim 48" in packed(E=48)
     x64 = torch.empty(2, 3, dtype=torch.float64)
     assert "float64" in cuda_backend.unsupported("softmax", input=x64)
     assert "float64" in cuda_backend.unsupported("layer_norm", input=x64, weight=None, bias=None)

@@ -32,11 +32,6 @@ def _packed(total, heads, D, dtype, strided=False):
     return torch.randn(total, heads, D, device=DEVICE, dtype=dtype, requires_grad=True)
 
 
-def _varlen_backend(backend):
-    if backend == "cuda":
-        pytest.skip("the CUDA kernels take no packed sequences (test_varlen_cuda_refuses checks that they refuse)")
-
-
 def _torch_varlen(dtype):
     """torch's own varlen_attn where it runs (flash kernels: CUDA, 16-bit) and takes our arguments (window_size and
     enable_gqa came in torch 2.10), else None."""
@@ -136,7 +131,6 @@ VARLEN_CASES = [
 
 @pytest.mark.parametrize("window,dtype,Hkv", VARLEN_CASES)
 def test_varlen(backend, window, dtype, Hkv):
-    _varlen_backend(backend)
     check_varlen(backend, [17, 1, 0, 45, 6, 3], [17, 4, 5, 38, 0, 9], 2, Hkv, 16, dtype, window)
 
 
@@ -146,7 +140,6 @@ def test_varlen(backend, window, dtype, Hkv):
 def test_varlen_sinks_and_softcap(backend, sinks, softcap, window, dtype):
     """Beyond torch, as the dense op: learned sinks (their gradient too) and the logit cap, with and without a
     window; sequences without keys keep zeros beside a sink."""
-    _varlen_backend(backend)
     check_varlen(backend, [17, 1, 0, 40, 6], [17, 4, 5, 33, 0], 4, 2, 16, dtype, window, sinks=sinks,
                  softcap=softcap)
 
@@ -154,7 +147,6 @@ def test_varlen_sinks_and_softcap(backend, sinks, softcap, window, dtype):
 def test_varlen_training_batch(backend):
     """Packed training: every sequence's queries are its keys (Lq == Lk, the causal mask top-left and bottom-right
     at once), as the dense causal op on each sequence alone gives."""
-    _varlen_backend(backend)
     lengths = [33, 1, 20, 7]
     q, k, v, out = check_varlen(backend, lengths, lengths, 2, 2, 24, torch.float32, (-1, 0), scale=0.3)
     for rows, _ in ref.sequences(_offsets(lengths), _offsets(lengths)):
@@ -163,14 +155,16 @@ def test_varlen_training_batch(backend):
         torch.testing.assert_close(out[rows], dense.transpose(0, 1), atol=2e-6, rtol=0)
 
 
-@needs_triton
-def test_varlen_sequences_are_independent():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_varlen_sequences_are_independent(backend):
     """A sequence's output and gradients do not depend on the other sequences' values, bit for bit (the kernels
     read only their own sequence's rows), whatever its neighbours hold, NaN included."""
+    if backend not in fa.available_backends():
+        pytest.skip(f"the {backend} backend is not available here")
     lengths_q, lengths_k = [40, 7, 33], [35, 50, 2]
     cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
     q, k, v = (_packed(sum(n), 2, 16, torch.float16) for n in (lengths_q, lengths_k, lengths_k))
-    out = fa.varlen_attn(q, k, v, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend="triton")
+    out = fa.varlen_attn(q, k, v, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend=backend)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     rows_q, rows_k = slice(40, 47), slice(35, 85)  # the middle sequence
@@ -181,7 +175,7 @@ def test_varlen_sequences_are_independent():
             t.fill_(float("nan"))
             t[rows] = keep
     others = [t.requires_grad_() for t in others]
-    again = fa.varlen_attn(*others, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend="triton")
+    again = fa.varlen_attn(*others, cu_q, cu_k, 40, 50, window_size=(-1, 0), backend=backend)
     grads_again = torch.autograd.grad(again, others, dout)
     assert torch.equal(again[rows_q], out[rows_q])
     for g, h, rows in zip(grads, grads_again, (rows_q, rows_k, rows_k)):
@@ -202,16 +196,18 @@ def test_varlen_strided_inputs():
     assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
 
 
-@needs_triton
 @pytest.mark.skipif(not GPU, reason="the interpreter runs one config (32 x 32); this checks the GPU's tiles")
 @pytest.mark.parametrize("window,dtype", [((-1, -1), torch.bfloat16), ((-1, 0), torch.float16),
                                           ((255, 0), torch.bfloat16), ((100, 37), torch.float16),
                                           ((-1, 0), torch.float32)])
 @pytest.mark.parametrize("D", [64, 128])
-def test_varlen_gpu_grid(window, dtype, D):
+@pytest.mark.parametrize("backend", ["triton", "cuda"])  # the CUDA kernels refuse float32: reported as a skip
+def test_varlen_gpu_grid(backend, window, dtype, D):
+    if backend not in fa.available_backends():
+        pytest.skip(f"the {backend} backend is not available here")
     lengths_q = [1000, 1, 4097, 127, 0, 3, 17]
     lengths_k = [1000, 5, 4097, 300, 64, 3, 1]
-    check_varlen("triton", lengths_q, lengths_k, 8, 2, D, dtype, window)
+    check_varlen(backend, lengths_q, lengths_k, 8, 2, D, dtype, window)
 
 
 def test_varlen_bad_input():
@@ -252,20 +248,23 @@ def test_varlen_bad_input():
             fa.varlen_attn(q, q, q, cu, cu, 5, 6)
 
 
-def test_varlen_cuda_refuses():
-    """The CUDA backend has no varlen kernel: asked for, it says so; backend=None takes another."""
+def test_varlen_cuda_takes_16_bit():
+    """The CUDA kernels take packed sequences in float16 and bfloat16 at their compiled head dims; float32 they
+    refuse, saying why (backend=None then takes Triton)."""
     from fast_attention import backends
 
     q = torch.randn(10, 2, 16, device=DEVICE)
     reason = backends.why_not("cuda", "varlen_attention", q.device, query=q, key=q, value=q, max_q=6, max_k=6)
     assert reason is not None
     if GPU and "cuda" in fa.available_backends():
-        assert "no kernel for varlen_attention" in reason
+        assert "float16 or bfloat16" in reason
+        h = q.half()
+        assert backends.why_not("cuda", "varlen_attention", q.device, query=h, key=h, value=h, max_q=6,
+                                max_k=6) is None
 
 
 def test_varlen_opcheck(backend, device):
-    _varlen_backend(backend)
-    dtype = torch.float64 if backend == "reference" else torch.float32
+    dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
     q, k, v = (torch.randn(n, 2, 16, device=device, dtype=dtype, requires_grad=True) for n in (12, 15, 15))
     sinks = torch.randn(2, device=device, dtype=dtype, requires_grad=True)
     for extra in ((3, 0), (-1, 0, sinks, 1.5)):
@@ -275,11 +274,11 @@ def test_varlen_opcheck(backend, device):
 
 @pytest.mark.parametrize("compiler", ["aot_eager"])  # inductor runs a custom op as it is (test_ops.py compiles both)
 def test_varlen_torch_compile(backend, device, compiler):
-    _varlen_backend(backend)
     torch._dynamo.reset()
     cu = _offsets([9, 4])
-    x = torch.randn(13, 2, 16, device=device, requires_grad=True)
-    proj = torch.nn.Linear(16, 48).to(device)
+    dtype = torch.float16 if backend == "cuda" else torch.float32  # the CUDA kernels' 16-bit
+    x = torch.randn(13, 2, 16, device=device, dtype=dtype, requires_grad=True)
+    proj = torch.nn.Linear(16, 48).to(device, dtype)
 
     def loss(x):
         q, k, v = proj(x).split(16, -1)
@@ -306,7 +305,6 @@ def test_nested_jagged_tensors(backend, dtype):
     """scaled_dot_product_attention on nested jagged tensors, as torch's: each batch entry attends on its own,
     query and key of different lengths; the output nested like query, and the gradients, through varlen_attn,
     against torch's own nested SDPA and the float64 reference on the packed values."""
-    _varlen_backend(backend)
     (q_nt, q), (k_nt, k), (v_nt, v) = _jagged([5, 40, 1], 2, 16, dtype), _jagged([7, 33, 3], 2, 16, dtype), \
         _jagged([7, 33, 3], 2, 16, dtype)
     v = torch.nested.nested_tensor_from_jagged(v_nt.values(), k_nt.offsets()).transpose(1, 2)  # key's lengths
@@ -332,7 +330,6 @@ def test_nested_jagged_tensors(backend, dtype):
 def test_nested_jagged_tensors_causal(backend):
     """is_causal (which torch refuses on nested tensors) and a window where query and key share their lengths:
     each entry as the dense call on it alone."""
-    _varlen_backend(backend)
     _, q = _jagged([5, 40, 1], 2, 16, torch.float32)
     for kwargs in ({"is_causal": True}, {"is_causal": True, "window_size": (6, -1)}, {"window_size": (3, 2)}):
         out = fa.scaled_dot_product_attention(q, q, q, backend=backend, **kwargs)
