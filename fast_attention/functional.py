@@ -123,7 +123,8 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
 
 def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                 max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
-                enable_gqa: bool = False, backend: str | None = None, sinks: Tensor | None = None,
+                enable_gqa: bool = False, seqused_k: Tensor | None = None, block_table: Tensor | None = None,
+                num_splits: int | None = None, backend: str | None = None, sinks: Tensor | None = None,
                 softcap: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """torch.nn.attention.varlen.varlen_attn: attention over packed sequences, with autograd, on every backend (the
     CUDA kernels in float16 and bfloat16 at their head dims; backend=None takes Triton first on a GPU).
@@ -138,9 +139,13 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     without the sink). Beyond torch, as scaled_dot_product_attention: sinks (H,), learned attention sinks, and
     softcap, the logit cap.
     The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch
-    and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked. torch's seqused_k,
-    block_table and num_splits (paged KV caches) are not taken.
+    and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked.
+    torch's num_splits is taken and needs nothing: no backend splits a packed sequence's keys across blocks, so
+    each sequence's output is bitwise independent of the others in the batch (torch's num_splits=1) whatever it
+    says. torch's KV-cache arguments, seqused_k and block_table (paged caches), are not supported: passing either
+    raises NotImplementedError.
     """
+    _varlen.check_torch_only(seqused_k, block_table, num_splits)
     scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
                                           enable_gqa, sinks, softcap)
     name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,

@@ -237,6 +237,12 @@ def test_varlen_bad_input():
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, sinks=torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match="varlen_attn: softcap must be a positive finite number"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, softcap=-1.0)
+    with pytest.raises(NotImplementedError, match=r"varlen_attn: seqused_k \(KV caches.*\) is not supported"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=cu.diff())
+    with pytest.raises(NotImplementedError, match=r"varlen_attn: block_table \(KV caches.*\) is not supported"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="varlen_attn: num_splits must be None or an int >= 1, got 0"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, num_splits=0)
     if DEVICE == "cpu":  # the offsets' values are checked where they are on the host
         with pytest.raises(ValueError, match="never decrease"):
             fa.varlen_attn(q, q, q, _offsets([6, -2]), cu, 6, 6)
@@ -246,6 +252,29 @@ def test_varlen_bad_input():
             fa.varlen_attn(q, q, q, cu, _offsets([4, 5]), 6, 6)
         with pytest.raises(ValueError, match="max_q is 5 but cu_seq_q holds a sequence of 6"):
             fa.varlen_attn(q, q, q, cu, cu, 5, 6)
+
+
+def test_varlen_takes_every_argument_of_torchs():
+    """A call written for torch's varlen_attn runs as it is (or says which argument is not supported)."""
+    import inspect
+
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    ours = inspect.signature(fa.varlen_attn).parameters
+    for name, theirs in inspect.signature(varlen.varlen_attn).parameters.items():
+        assert name in ours and ours[name].kind == theirs.kind, name
+        assert ours[name].default == theirs.default, name
+
+
+def test_varlen_takes_num_splits(backend):
+    """torch's num_splits=1 asks for batch-invariant outputs: no backend splits a sequence's keys, so any value
+    gives the output without it, bit for bit."""
+    dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
+    q, k, v = (torch.randn(n, 2, 16, device=DEVICE, dtype=dtype) for n in (12, 15, 15))
+    cu_q, cu_k = _offsets([5, 7]), _offsets([10, 5])
+    out = fa.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, window_size=(-1, 0), backend=backend)
+    for splits in (1, 4):
+        assert torch.equal(fa.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, window_size=(-1, 0), num_splits=splits,
+                                          backend=backend), out)
 
 
 def test_varlen_cuda_takes_16_bit():

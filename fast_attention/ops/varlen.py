@@ -94,6 +94,18 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     return scale, check_window(window_size, False, OP), softcap
 
 
+def check_torch_only(seqused_k, block_table, num_splits) -> None:
+    """torch's KV-cache arguments, which no backend takes (NotImplementedError), and num_splits, which needs
+    nothing (no backend splits a packed sequence's keys) but must be what torch takes."""
+    for name, t in (("seqused_k", seqused_k), ("block_table", block_table)):
+        if t is not None:
+            raise NotImplementedError(f"fast_attention.{OP}: {name} (KV caches: a sequence's used keys, paged "
+                                      f"caches) is not supported; pass each sequence's keys packed, with cu_seq_k")
+    if num_splits is not None and (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
+                                   or num_splits < 1):
+        raise ValueError(f"fast_attention.{OP}: num_splits must be None or an int >= 1, got {num_splits!r}")
+
+
 def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
     lengths = cu.diff()
     if cu[0] != 0 or bool((lengths < 0).any()) or cu[-1] != total:
