@@ -391,6 +391,15 @@ void set_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held, const 
   p.row_log_sum = p.row_max + held.size(1) * held.size(2) * held.size(3);
 }
 
+// The backward's dout and out: query's dtype and shape.
+void check_like_query(const Tensor& dout, const Tensor& out, const Tensor& q, const char* op) {
+  check_same_dtype(dout, q, op, "dout", "query");
+  check_same_dtype(out, q, op, "out", "query");
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
+                    ": dout and out must have query's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
+}
+
 // The gradients' pointers and strides into p: (B, H, L, D) tensors, or packed (total, H, D) ones, whose batch
 // stride is 0 (flash.h: cu_seq_q).
 void set_grads(fa::AttentionParams& p, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
@@ -479,11 +488,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_backward(
                               ": the kernels give no mask gradient with a logit cap (softcap)");
   Tensor held;
   set_stats(p, stats, held, q, op);
-  check_same_dtype(dout, q, op, "dout", "query");
-  check_same_dtype(out, q, op, "out", "query");
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
-                    ": dout and out must have query's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
-                    out.sizes());
+  check_like_query(dout, out, q, op);
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
@@ -632,11 +637,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_backward(const Tensor& dout, const Ten
   set_scores(p, softcap, window_left, window_right, op);
   Tensor held;
   set_varlen_stats(p, stats, held, q, op);
-  check_same_dtype(dout, q, op, "dout", "query");
-  check_same_dtype(out, q, op, "out", "query");
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "fast_attention._C.", op,
-                    ": dout and out must have query's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
-                    out.sizes());
+  check_like_query(dout, out, q, op);
   Tensor dq = at::empty(q.sizes(), q.options());
   Tensor dk = at::empty(k.sizes(), k.options());
   Tensor dv = at::empty(v.sizes(), v.options());
