@@ -5,7 +5,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -47,6 +49,9 @@ void expect(const std::string& what, double err, double bound) {
   if (!(err <= bound)) { ++failures; std::printf("FAIL %s: max error %.3g > %.3g\n", what.c_str(), err, bound); }
 }
 
+// The larger error, infinite for a NaN (which std::max would pass over: a NaN output would not fail).
+double worse(double e, double d) { return std::isnan(d) ? INFINITY : std::max(e, d); }
+
 template <class T> std::string dtype_name() {
   return sizeof(T) == 4 ? "fp32" : dt<T>() == fa::DType::kFloat16 ? "fp16" : "bf16";
 }
@@ -64,7 +69,7 @@ void softmax(const std::vector<T>& x, const std::vector<T>& dy, std::vector<T>& 
     for (int c = 0; c < cols; ++c) m = std::max(m, (double)tof(x[r * (size_t)cols + c]));
     for (int c = 0; c < cols; ++c) s += std::exp(tof(x[r * (size_t)cols + c]) - m);
     for (int c = 0; c < cols; ++c)
-      err = std::max(err, std::abs(std::exp(tof(x[r * (size_t)cols + c]) - m) / s - tof(y[r * (size_t)cols + c])));
+      err = worse(err, std::abs(std::exp(tof(x[r * (size_t)cols + c]) - m) / s - tof(y[r * (size_t)cols + c])));
   }
   expect("softmax fwd " + tag, err, t);
   fa::SoftmaxParams bp{dt<T>(), rows, cols, y.data(), dy.data(), dx.data(), nullptr};
@@ -77,7 +82,7 @@ void softmax(const std::vector<T>& x, const std::vector<T>& dy, std::vector<T>& 
     for (int c = 0; c < cols; ++c) dot += (double)tof(y[r * (size_t)cols + c]) * tof(dy[r * (size_t)cols + c]);
     for (int c = 0; c < cols; ++c) {
       const size_t i = r * (size_t)cols + c;
-      err = std::max(err, std::abs(tof(y[i]) * (tof(dy[i]) - dot) - tof(dx[i])));
+      err = worse(err, std::abs(tof(y[i]) * (tof(dy[i]) - dot) - tof(dx[i])));
     }
   }
   expect("softmax bwd " + tag, err, t * 4);
@@ -107,11 +112,11 @@ void norms(const std::vector<T>& x, const std::vector<T>& dy, const std::vector<
         for (int c = 0; c < cols; ++c) var += std::pow(tof(x[r * (size_t)cols + c]) - mu, 2);
         const double rs = 1 / std::sqrt(var / cols + 1e-5);
         dmean[r] = mu; drstd[r] = rs;
-        es = std::max(es, std::abs(rs - rstd[r]) / rs + (rms ? 0 : std::abs(mu - mean[r])));
+        es = worse(es, std::abs(rs - rstd[r]) / rs + (rms ? 0 : std::abs(mu - mean[r])));
         for (int c = 0; c < cols; ++c) {
           const double want = (tof(x[r * (size_t)cols + c]) - mu) * rs * (affine ? tof(w[c]) : 1) +
                                (affine && !rms ? tof(b[c]) : 0);
-          ey = std::max(ey, std::abs(want - tof(out[r * (size_t)cols + c])) / (1 + std::abs(want)));
+          ey = worse(ey, std::abs(want - tof(out[r * (size_t)cols + c])) / (1 + std::abs(want)));
         }
       }
       expect(name + " fwd y", ey, t * 2);
@@ -138,14 +143,14 @@ void norms(const std::vector<T>& x, const std::vector<T>& dy, const std::vector<
           const size_t i = r * (size_t)cols + c;
           const double xh = (tof(x[i]) - mu) * rs, g = tof(dy[i]) * (affine ? tof(w[c]) : 1);
           const double want = rs * (g - mg - xh * mgx);
-          edx = std::max(edx, std::abs(want - tof(dx[i])) / (1 + std::abs(want)));
+          edx = worse(edx, std::abs(want - tof(dx[i])) / (1 + std::abs(want)));
         }
       }
       expect(name + " bwd dx", edx, t * 4);
       if (affine) {
         for (int c = 0; c < cols; ++c) {
-          edw = std::max(edw, std::abs(rdw[c] - tof(dw[c])) / (1 + std::abs(rdw[c])));
-          if (!rms) edb = std::max(edb, std::abs(rdb[c] - tof(db[c])) / (1 + std::abs(rdb[c])));
+          edw = worse(edw, std::abs(rdw[c] - tof(dw[c])) / (1 + std::abs(rdw[c])));
+          if (!rms) edb = worse(edb, std::abs(rdb[c] - tof(db[c])) / (1 + std::abs(rdb[c])));
         }
         // fp32 sums, rounded once to PT
         const double bound = std::max(1e-4, tol<PT>() / 4);
