@@ -294,7 +294,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
 
 // ------------------------------------------------------------------------------------------------ attention
 struct AttentionInputs {
-  Tensor q, k, v, mask, cu_seq_q, cu_seq_k;
+  Tensor q, k, v, mask, cu_seq_q, cu_seq_k, seqused_k;
 };
 
 // The kernels index rows in 32-bit ints and step past the last row by up to one tile (64): keep that room.
@@ -600,13 +600,22 @@ void set_varlen_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held,
 
 std::tuple<Tensor, Tensor> varlen_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seq_q,
                                           const Tensor& cu_seq_k, int64_t max_q, int64_t max_k, double scale,
-                                          double softcap, int64_t window_left, int64_t window_right) {
+                                          double softcap, int64_t window_left, int64_t window_right,
+                                          const OptTensor& seqused_k) {
   constexpr const char* op = "varlen_forward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
-  const AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op);
+  AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op);
   set_scores(p, softcap, window_left, window_right, op);
+  if (seqused_k) {  // a KV cache's used keys, trusted as the offsets are: each at most its sequence's keys
+    check_same_device(*seqused_k, q, op, "seqused_k", "query");
+    TORCH_CHECK_VALUE(seqused_k->scalar_type() == at::kInt && seqused_k->dim() == 1 && seqused_k->size(0) == p.batch,
+                      "fast_attention._C.", op, ": seqused_k must be 1-D int32 with B = ", p.batch, " counts, got ",
+                      seqused_k->scalar_type(), " of shape ", seqused_k->sizes());
+    in.seqused_k = seqused_k->contiguous();
+    p.seqused_k = in.seqused_k.data_ptr<int>();
+  }
   Tensor out = at::empty({p.total_q, p.heads, p.head_dim}, q.options());
   Tensor stats = at::empty({2, p.heads, p.total_q}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 || p.batch == 0 || p.q_len == 0 || p.k_len == 0) {  // every row dead: max -inf, log sum 0
@@ -686,10 +695,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key"), py::arg("stats"), py::arg("attn_mask"), py::arg("is_causal"), py::arg("scale"),
         py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
   m.def("varlen_forward", &varlen_forward,
-        "packed sequences -> (out (total_q, H, D), stats fp32 (2, H, total_q)); the window aligns bottom-right",
+        "packed sequences -> (out (total_q, H, D), stats fp32 (2, H, total_q)); the window aligns bottom-right; "
+        "seqused_k: a KV cache's used keys per sequence",
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,
-        py::arg("window_right") = -1);
+        py::arg("window_right") = -1, py::arg("seqused_k") = py::none());
   m.def("varlen_backward", &varlen_backward, "packed sequences -> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,

@@ -15,7 +15,7 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
                        window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
-    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
+    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap, seqused_k)
         -> (out, stats fp32 (2, H, total_q))
     varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
         -> (dq, dk, dv)
@@ -37,6 +37,8 @@ The varlen functions take packed sequences (torch's varlen_attn): q (total_q, H,
 (total_k, Hkv, Dv), sequence b at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of q and cu_seq_k[b] .. of k and v
 (int32, B + 1), max_q and max_k the longest; out is (total_q, H, Dv), and its window aligns bottom-right in each
 sequence (query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right), FlashAttention's varlen convention.
+seqused_k is None or int32 (B,), a KV cache's used keys: sequence b's first seqused_k[b] keys are its Lk (forward
+only: the op refuses a gradient).
 """
 from __future__ import annotations
 

@@ -140,18 +140,20 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     softcap, the logit cap.
     The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch
     and FlashAttention trust them (fast_attention/ops/varlen.py), on the CPU checked.
+    seqused_k (B,) int32, torch's KV caches: sequence b attends to only the first seqused_k[b] of its keys (the
+    window aligned to those), the rest of its rows in key and value never read; inference only, as torch's (with
+    inputs that require grad it raises NotImplementedError, a RuntimeError as torch's error is).
     torch's num_splits is taken and needs nothing: no backend splits a packed sequence's keys across blocks, so
     each sequence's output is bitwise independent of the others in the batch (torch's num_splits=1) whatever it
-    says. torch's KV-cache arguments, seqused_k and block_table (paged caches), are not supported: passing either
-    raises NotImplementedError.
+    says. Paged caches (torch's block_table) are not supported: NotImplementedError.
     """
-    _varlen.check_torch_only(seqused_k, block_table, num_splits)
+    _varlen.check_torch_only(block_table, num_splits)
     scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
-                                          enable_gqa, sinks, softcap)
+                                          enable_gqa, sinks, softcap, seqused_k)
     name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,
                             max_q=max_q, max_k=max_k, window=_attention.window(*sides), softcap=softcap)
     out, stats = call(_varlen.varlen_attention, query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k),
-                      scale, name, *sides, sinks, softcap)
+                      scale, name, *sides, sinks, softcap, seqused_k)
     if out.dtype != query.dtype:  # with sinks (fast_attention/ops/varlen.py)
         out = out.to(query.dtype)
     if return_aux is not None and getattr(return_aux, "lse", False):

@@ -101,26 +101,29 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
 
 
 def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *, scale=None,
-                window_size=(-1, -1), enable_gqa=False, sinks=None, softcap=None) -> Tensor:
+                window_size=(-1, -1), enable_gqa=False, sinks=None, softcap=None, seqused_k=None) -> Tensor:
     """torch.nn.attention.varlen.varlen_attn, written out: packed sequences, query (total_q, H, E), key
     (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query
     and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value, attended on its own with scaled_dot_product_attention.
     window_size (left, right) aligns bottom-right in each sequence: query i of Lq sees keys i + (Lk - Lq) - left ..
     i + (Lk - Lq) + right ((-1, 0) is causal). A sequence without keys gives zeros. max_q and max_k are unused (the
-    lengths come from the offsets); sinks and softcap as scaled_dot_product_attention takes them."""
+    lengths come from the offsets); seqused_k (B,): sequence b's first seqused_k[b] keys only (its Lk); sinks and
+    softcap as scaled_dot_product_attention takes them."""
     out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
     window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
-    for rows_q, _, q, k, v, mask in _packed_sequences(query, key, value, cu_seq_q, cu_seq_k, window):
+    for rows_q, _, q, k, v, mask in _packed_sequences(query, key, value, cu_seq_q, cu_seq_k, window, seqused_k):
         o = scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=enable_gqa, sinks=sinks,
                                          softcap=softcap)
         out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o[0].transpose(0, 1))
     return out
 
 
-def sequences(cu_seq_q: Tensor, cu_seq_k: Tensor) -> list[tuple[slice, slice]]:
-    """Each packed sequence's query rows and key rows (read on the host)."""
+def sequences(cu_seq_q: Tensor, cu_seq_k: Tensor, seqused_k: Tensor | None = None) -> list[tuple[slice, slice]]:
+    """Each packed sequence's query rows and key rows (read on the host); with seqused_k (B,) the first
+    seqused_k[b] of sequence b's keys."""
     cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
-    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])) for b in range(len(cq) - 1)]
+    ends = ck[1:] if seqused_k is None else [start + used for start, used in zip(ck, seqused_k.tolist())]
+    return [(slice(cq[b], cq[b + 1]), slice(ck[b], ends[b])) for b in range(len(cq) - 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,13 +311,13 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None, softcap: float = 0.0):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k: Tensor | None = None):
     """Each packed sequence through attention_forward, its window as a bottom-right aligned mask; rows outside
     every sequence, and sequences without keys, are dead rows (zeros, max -inf)."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     stats = torch.zeros((2, q.shape[1], q.shape[0]), dtype=compute_dtype(q), device=q.device)
     stats[0] = float("-inf")
-    for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
+    for rows_q, rows_k, q4, k4, v4, mask in _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window, seqused_k):
         o, st = attention_forward(q4, k4, v4, mask, False, scale, 0.0, 0, softcap)
         out[rows_q] = o[0].transpose(0, 1)
         stats[:, :, rows_q] = st[:, 0]
@@ -331,10 +334,10 @@ def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, m
     return dq, dk, dv
 
 
-def _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window):
+def _packed_sequences(q, k, v, cu_seq_q, cu_seq_k, window, seqused_k=None):
     """(query rows, key rows, q, k, v as (1, heads, L, D), the window's mask or None) of each packed sequence
     that has queries and keys."""
-    for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k):
+    for rows_q, rows_k in sequences(cu_seq_q, cu_seq_k, seqused_k):
         q4, k4, v4 = (t[r].transpose(0, 1)[None] for t, r in ((q, rows_q), (k, rows_k), (v, rows_k)))
         Lq, Lk = q4.shape[2], k4.shape[2]
         if Lq and Lk:

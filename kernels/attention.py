@@ -31,6 +31,7 @@ Packed sequences (VARLEN, torch's varlen_attn): q (total_q, H, D), k and v (tota
 end at int32 offsets cu_seq_q / cu_seq_k. The grid is the dense one for B sequences of the longest lengths; each
 program reads its sequence's offsets (_sequence) and places its rows there, programs past a shorter sequence's end
 read nothing, and the window aligns bottom-right in each sequence. Out is (total_q, H, Dv), stats (2, H, total_q).
+With a KV cache's seqused_k (the forward only) sequence b's keys end after its first seqused_k[b] rows.
 
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
@@ -152,15 +153,16 @@ def _window_inner(lo, mid, first, last, win_left, win_right, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _sequence(CuQ, CuK, b, win_left, win_right):
+def _sequence(CuQ, CuK, KEnd, b, win_left, win_right):
     """VARLEN: batch entry b is the packed sequence of queries CuQ[b] .. CuQ[b + 1] - 1 and keys CuK[b] ..
-    CuK[b + 1] - 1. Returns its first query and key rows, its lengths, and the window's sides moved by Lk - Lq:
-    a packed sequence's window is aligned bottom-right (FlashAttention's varlen convention), so query i sees keys
+    KEnd[b] - 1 (KEnd[b] is CuK[b + 1], or with a KV cache's used keys CuK[b] + seqused_k[b]: _varlen_args).
+    Returns its first query and key rows, its lengths, and the window's sides moved by Lk - Lq: a packed
+    sequence's window is aligned bottom-right (FlashAttention's varlen convention), so query i sees keys
     i + (Lk - Lq) - left .. i + (Lk - Lq) + right."""
     q0 = tl.load(CuQ + b)
     k0 = tl.load(CuK + b)
     Lq = tl.load(CuQ + b + 1) - q0
-    Lk = tl.load(CuK + b + 1) - k0
+    Lk = tl.load(KEnd + b) - k0
     return q0.to(tl.int64), k0.to(tl.int64), Lq, Lk, win_left - (Lk - Lq), win_right + (Lk - Lq)
 
 
@@ -274,7 +276,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, stats_split_stride,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, win_left, win_right, dropout_p,
-              dropout_scale, seed, CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              dropout_scale, seed, CuQ, CuK, KEnd, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
@@ -313,7 +315,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     bh = b * H + h
     q0, k0 = 0, 0
     if VARLEN:
-        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, KEnd, b, win_left, win_right)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_r < (Lq * GROUP if PACK_GQA else Lq)
@@ -521,10 +523,11 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                    sdob, sdoh, sdom, sdod, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                    H, Hkv, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale,
-                   seed, CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
-                   DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, VARLEN: tl.constexpr):
+                   seed, CuQ, CuK, KEnd, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+                   WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
+                   VARLEN: tl.constexpr):
     """One program: dK, dV for BLOCK_N keys of one kv head, summed over its GROUP query heads in a fixed order.
     VARLEN as in _attn_fwd: DK and DV are (total_k, Hkv, .), Max, LogSum and Delta (H, total_q)."""
     pid = tl.program_id(0)
@@ -534,7 +537,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Max, LogSum, Delta, DK, DV,
     hkv = bhkv % Hkv
     q0, k0 = 0, 0
     if VARLEN:
-        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, KEnd, b, win_left, win_right)
     start_n = (pid % n_nblocks) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -657,7 +660,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
                  sdob, sdoh, sdom, sdod, sdqb, sdqh, sdqm, sdqd,
                  H, GROUP, Lq, Lk, qk_scale, softcap, win_left, win_right, scale, dropout_p, dropout_scale, seed,
-                 CuQ, CuK, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CuQ, CuK, KEnd, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr,
                  DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, MASK_GRAD: tl.constexpr,
@@ -674,7 +677,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Max, LogSum, Delta, DQ, DMask,
     hkv = h // GROUP
     q0, k0 = 0, 0
     if VARLEN:
-        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, b, win_left, win_right)
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, KEnd, b, win_left, win_right)
     start_m = mblock * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -1053,12 +1056,14 @@ def _score_args(scale, softcap, window, far):
                 win_right=far if right < 0 else min(right, far))
 
 
-def _varlen_args(q, cu_seq_q=None, cu_seq_k=None):
-    """The kernels' VARLEN arguments: packed sequences' offsets (int32, B + 1) and packed query rows, or
+def _varlen_args(q, cu_seq_q=None, cu_seq_k=None, seqused_k=None):
+    """The kernels' VARLEN arguments: packed sequences' offsets (int32, B + 1), where each sequence's keys end
+    (KEnd, B: the next offset, or with seqused_k the first row past the used keys) and the packed query rows; or
     placeholders (never read) without them."""
     if cu_seq_q is None:
-        return dict(CuQ=q, CuK=q, total_q=0, VARLEN=False)
-    return dict(CuQ=cu_seq_q, CuK=cu_seq_k, total_q=q.shape[0], VARLEN=True)
+        return dict(CuQ=q, CuK=q, KEnd=q, total_q=0, VARLEN=False)
+    ends = cu_seq_k[1:] if seqused_k is None else cu_seq_k[:-1] + seqused_k
+    return dict(CuQ=cu_seq_q, CuK=cu_seq_k, KEnd=ends, total_q=q.shape[0], VARLEN=True)
 
 
 def _dropout_args(dropout_p, seed):
@@ -1277,19 +1282,19 @@ def varlen_unsupported(query, key, value, max_q=0, max_k=0, window=None, **_) ->
     return None
 
 
-def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window) -> dict:
+def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k=None) -> dict:
     """The arguments every packed-sequence launch passes alike: lengths, scores, no dropout, the offsets, flags."""
     return dict(Lq=max_q, Lk=max_k, **_score_args(scale, softcap, window, max_q + max_k), **_dropout_args(0.0, 0),
-                **_varlen_args(q, cu_seq_q, cu_seq_k), HEAD_DIM_V=v.shape[-1], BLOCK_DV=_block(v.shape[-1]),
+                **_varlen_args(q, cu_seq_q, cu_seq_k, seqused_k), HEAD_DIM_V=v.shape[-1], BLOCK_DV=_block(v.shape[-1]),
                 **_flags(q, None, False, 0.0, softcap, window))
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None, softcap: float = 0.0):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k=None):
     """Packed sequences (VARLEN): q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b's
-    queries at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 and keys likewise (int32, B + 1), at most max_q and max_k
-    of them; the window aligned bottom-right in each sequence (_sequence) -> out (total_q, H, Dv), stats fp32
-    (2, H, total_q)."""
+    queries at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 and keys likewise (int32, B + 1), or with seqused_k (int32,
+    B) its first seqused_k[b] keys, at most max_q and max_k of them; the window aligned bottom-right in each
+    sequence (_sequence) -> out (total_q, H, Dv), stats fp32 (2, H, total_q)."""
     q, k, v = _packed(q), _packed(k), _packed(v)
     B = cu_seq_q.shape[0] - 1
     total_q, H, _ = q.shape
@@ -1300,7 +1305,7 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
             0, 0, 0, 0)
     _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *args, 0, 0, H=H, GROUP=H // Hkv,
             keys_per_split=max_k, num_splits=1, PACK_GQA=False,
-            **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window))
+            **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
     return out, stats
 
 

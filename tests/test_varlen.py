@@ -182,6 +182,55 @@ def test_varlen_sequences_are_independent(backend):
         assert torch.equal(g[rows], h[rows])
 
 
+@pytest.mark.parametrize("window,dtype", [((-1, 0), torch.float32), ((-1, -1), torch.float16),
+                                          ((4, 0), torch.bfloat16)])
+def test_varlen_kv_cache(backend, window, dtype):
+    """torch's seqused_k: each sequence's keys sit in a cache slot longer than they fill (decoding: a few queries
+    after many keys); only the used keys count, the window aligns to them, and the slots' unused rows (NaN here)
+    are never read. The oracle is the plain call on the used keys packed end to end."""
+    if backend == "cuda":
+        dtype = torch.float16 if dtype == torch.float32 else dtype
+    lengths_q, slots, used = [1, 1, 3, 0, 20, 2], [40, 6, 50, 10, 30, 8], [33, 0, 50, 7, 25, 8]
+    H, Hkv, D = 4, 2, 16
+    cu_q, cu_k, cu_used = _offsets(lengths_q), _offsets(slots), _offsets(used)
+    seqused_k = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(lengths_q), H, D, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(slots), Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    rows = torch.cat([torch.arange(s, s + n) for s, n in zip(cu_k.tolist(), used)]).to(DEVICE)
+    unused = torch.ones(k.shape[0], dtype=torch.bool, device=DEVICE).index_fill(0, rows, False)
+    k[unused], v[unused] = float("nan"), float("nan")
+    kwargs = dict(window_size=window, enable_gqa=True)
+
+    out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), return_aux=LSE(),
+                              seqused_k=seqused_k, backend=backend, **kwargs)
+    theirs = _torch_varlen(dtype)
+    if theirs is not None and "seqused_k" in __import__("inspect").signature(theirs).parameters:
+        base = theirs(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), seqused_k=seqused_k, **kwargs)
+    else:
+        base = ref.varlen_attn(q, k[rows], v[rows], cu_q, cu_used, **kwargs)
+    exact = ref.varlen_attn(q.double(), k[rows].double(), v[rows].double(), cu_q, cu_used, **kwargs)
+    assert torch.equal(ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_k, seqused_k=seqused_k,
+                                       **kwargs), exact)
+    assert_close(out, base, exact, "output")
+    expected_lse = _lse_reference(q, k[rows], cu_q, cu_used, 1 / math.sqrt(D), window)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
+    live = torch.isfinite(expected_lse)
+    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+
+
+def test_varlen_kv_cache_is_for_inference():
+    """As torch's: seqused_k takes no gradient (NotImplementedError, which is the RuntimeError torch raises);
+    under torch.no_grad, or with inputs that need none, it runs."""
+    q = torch.randn(6, 2, 16, device=DEVICE, requires_grad=True)
+    cu, used = _offsets([2, 4]), torch.tensor([1, 3], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(RuntimeError, match="varlen_attn: seqused_k is for inference"):
+        fa.varlen_attn(q, q, q, cu, cu, 4, 4, seqused_k=used)
+    with pytest.raises(NotImplementedError, match="varlen_attn: seqused_k is for inference"):
+        torch.ops.fast_attention.varlen_attention(q, q, q, cu, cu, 4, 4, 0.25, "reference", seqused_k=used)
+    with torch.no_grad():
+        assert fa.varlen_attn(q, q, q, cu, cu, 4, 4, seqused_k=used).shape == q.shape
+
+
 @needs_triton
 def test_varlen_strided_inputs():
     """Packed rows sliced out of one fused projection (q, k, v interleaved per row), as models produce them."""
@@ -237,9 +286,13 @@ def test_varlen_bad_input():
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, sinks=torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match="varlen_attn: softcap must be a positive finite number"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, softcap=-1.0)
-    with pytest.raises(NotImplementedError, match=r"varlen_attn: seqused_k \(KV caches.*\) is not supported"):
-        fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=cu.diff())
-    with pytest.raises(NotImplementedError, match=r"varlen_attn: block_table \(KV caches.*\) is not supported"):
+    with pytest.raises(ValueError, match=r"varlen_attn: seqused_k must be int32 of shape \(2,\)"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=cu)
+    with pytest.raises(ValueError, match=r"varlen_attn: seqused_k must be int32 of shape \(2,\)"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=cu.diff().long())
+    with pytest.raises(TypeError, match="varlen_attn: seqused_k must be None or a torch.Tensor"):
+        fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=[4, 6])
+    with pytest.raises(NotImplementedError, match=r"varlen_attn: block_table \(paged KV caches\) is not supported"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="varlen_attn: num_splits must be None or an int >= 1, got 0"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, num_splits=0)
@@ -252,6 +305,9 @@ def test_varlen_bad_input():
             fa.varlen_attn(q, q, q, cu, _offsets([4, 5]), 6, 6)
         with pytest.raises(ValueError, match="max_q is 5 but cu_seq_q holds a sequence of 6"):
             fa.varlen_attn(q, q, q, cu, cu, 5, 6)
+        for used in ([4, 7], [-1, 2]):
+            with pytest.raises(ValueError, match=r"seqused_k\[b\] must be in 0 .. sequence b's keys \[4, 6\]"):
+                fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=torch.tensor(used, dtype=torch.int32))
 
 
 def test_varlen_takes_every_argument_of_torchs():
@@ -299,6 +355,10 @@ def test_varlen_opcheck(backend, device):
     for extra in ((3, 0), (-1, 0, sinks, 1.5)):
         args = (q, k, v, _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, *extra)
         torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
+    used = torch.tensor([8, 3], dtype=torch.int32, device=device)  # a KV cache's used keys: inference only
+    args = (q.detach(), k.detach(), v.detach(), _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, -1, 0,
+            None, 0.0, used)
+    torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager"])  # inductor runs a custom op as it is (test_ops.py compiles both)
@@ -319,6 +379,22 @@ def test_varlen_torch_compile(backend, device, compiler):
     (g,) = torch.autograd.grad(value, x)
     torch.testing.assert_close(value, loss(x))
     torch.testing.assert_close(g, g_eager)
+
+
+def test_varlen_kv_cache_torch_compile(backend, device):
+    """seqused_k traces into one graph (inference: its values are not read on the host while tracing)."""
+    torch._dynamo.reset()
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = (torch.randn(n, 2, 16, device=device, dtype=dtype) for n in (3, 20, 20))
+    cu_q, cu_k = _offsets([1, 2]), _offsets([12, 8])
+    used = torch.tensor([9, 5], dtype=torch.int32, device=device)
+
+    def attend(q, k, v, used):
+        return fa.varlen_attn(q, k, v, cu_q, cu_k, 2, 12, window_size=(-1, 0), seqused_k=used, backend=backend)
+
+    with torch.no_grad():
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(q, k, v, used), attend(q, k, v, used))
 
 
 def _jagged(lengths, H, D, dtype):

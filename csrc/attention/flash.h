@@ -34,6 +34,9 @@ struct AttentionParams {
   const int* cu_seq_q;
   const int* cu_seq_k;
   int total_q;
+  // A KV cache's used keys (torch's seqused_k), forward only: B int32 counts on the device, sequence b's keys being
+  // rows cu_seq_k[b] .. cu_seq_k[b] + seqused_k[b] - 1 (its Lk, to which its window aligns). nullptr: all of them.
+  const int* seqused_k;
   // window: a local window (FlashAttention's window_size), top-left aligned as causal: query i sees keys
   // i - window_left .. i + window_right; kNoWindow on a side bounds nothing. The kernels visit only the key (or
   // query) tiles that the window reaches. False (as zero-initialized params have it): no window, sides unread.

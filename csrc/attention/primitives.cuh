@@ -311,7 +311,7 @@ __device__ __forceinline__ AttentionParams for_sequence(const AttentionParams& p
   AttentionParams s = p;
   const int q0 = p.cu_seq_q[b], k0 = p.cu_seq_k[b];
   s.q_len = p.cu_seq_q[b + 1] - q0;
-  s.k_len = p.cu_seq_k[b + 1] - k0;
+  s.k_len = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seq_k[b + 1] - k0;
   s.q = advanced<T>(p.q, q0 * p.q_row_stride);
   s.out = advanced<T>(p.out, q0 * p.o_row_stride);
   s.dout = advanced<T>(p.dout, q0 * p.do_row_stride);

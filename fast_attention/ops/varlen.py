@@ -18,10 +18,14 @@ i + (Lk - Lq) + right, so (-1, 0) is causal attention and (W, 0) a causal window
 packed training batch) that is the usual, top-left causal mask. The statistics are (2, H, total_q), the dense ops'
 format (fast_attention/ops/attention.py) with the query rows packed.
 
+KV caches (seqused_k, torch's): sequence b uses only the first seqused_k[b] of its keys (a cache slot, allocated
+longer than it is filled); its window aligns bottom-right to those keys, and the other rows of key and value are
+never read. Inference only, as in torch: the backward raises.
+
 The offsets are trusted as FlashAttention and torch trust them (checking their values would sync with the host on
 every call): they must start at 0, never decrease and end at total_q / total_k (every row in a sequence), and
-max_q / max_k must be at least the longest sequence; the kernels write no row outside every sequence. On CPU
-tensors, whose values are on the host already, the op layer checks them.
+max_q / max_k must be at least the longest sequence, and seqused_k[b] at most sequence b's keys; the kernels write
+no row outside every sequence. On CPU tensors, whose values are on the host already, the op layer checks them.
 """
 import math
 import numbers
@@ -40,7 +44,7 @@ LN2 = math.log(2)
 
 
 def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa, sinks=None,
-          softcap=None):
+          softcap=None, seqused_k=None):
     """Validate varlen_attn's arguments (torch's rules, and its messages' content); return the softmax scale, the
     window's sides (-1, -1 for none) and the logit cap (0.0 for none)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -85,6 +89,8 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
         # what the kernels trust (a traced graph has no values to check)
         _check_offsets(cu_seq_q, "cu_seq_q", query.shape[0], max_q)
         _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], max_k)
+    if seqused_k is not None:
+        _check_used_keys(seqused_k, cu_seq_k, query, key, value, sinks)
     check_sinks(sinks, query, H, OP)
     softcap = check_softcap(softcap, OP)
     E = query.shape[-1]
@@ -94,13 +100,12 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     return scale, check_window(window_size, False, OP), softcap
 
 
-def check_torch_only(seqused_k, block_table, num_splits) -> None:
-    """torch's KV-cache arguments, which no backend takes (NotImplementedError), and num_splits, which needs
-    nothing (no backend splits a packed sequence's keys) but must be what torch takes."""
-    for name, t in (("seqused_k", seqused_k), ("block_table", block_table)):
-        if t is not None:
-            raise NotImplementedError(f"fast_attention.{OP}: {name} (KV caches: a sequence's used keys, paged "
-                                      f"caches) is not supported; pass each sequence's keys packed, with cu_seq_k")
+def check_torch_only(block_table, num_splits) -> None:
+    """torch's paged KV caches, which no backend takes (NotImplementedError), and num_splits, which needs nothing
+    (no backend splits a packed sequence's keys) but must be what torch takes."""
+    if block_table is not None:
+        raise NotImplementedError(f"fast_attention.{OP}: block_table (paged KV caches) is not supported; pass each "
+                                  f"sequence's cache packed in key and value, with cu_seq_k and seqused_k")
     if num_splits is not None and (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
                                    or num_splits < 1):
         raise ValueError(f"fast_attention.{OP}: num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -114,6 +119,27 @@ def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
     if lengths.numel() and int(lengths.max()) > longest:
         raise ValueError(f"fast_attention.{OP}: max_{name[-1]} is {longest} but {name} holds a sequence of "
                          f"{int(lengths.max())}")
+
+
+def _check_used_keys(seqused_k, cu_seq_k, *inputs) -> None:
+    """seqused_k: int32 (B,), on cu_seq_k's device; on the CPU each at most its sequence's keys. Inference only, as
+    torch's (whose autograd raises): a NotImplementedError, which is a RuntimeError as torch's is."""
+    if not isinstance(seqused_k, Tensor):
+        raise TypeError(f"fast_attention.{OP}: seqused_k must be None or a torch.Tensor (int32, one per sequence), "
+                        f"got {type(seqused_k).__name__}")
+    B = cu_seq_k.shape[0] - 1
+    if seqused_k.dtype != torch.int32 or seqused_k.shape != (B,):
+        raise ValueError(f"fast_attention.{OP}: seqused_k must be int32 of shape ({B},), one count per sequence, "
+                         f"got {seqused_k.dtype} of shape {tuple(seqused_k.shape)}")
+    check_same_device(OP, cu_seq_k=cu_seq_k, seqused_k=seqused_k)
+    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+        raise NotImplementedError(f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no "
+                                  f"gradient; call it under torch.no_grad() or with inputs that do not require grad")
+    if seqused_k.device.type == "cpu" and not torch.compiler.is_compiling():
+        lengths = cu_seq_k.diff()
+        if bool((seqused_k < 0).any()) or bool((seqused_k > lengths).any()):
+            raise ValueError(f"fast_attention.{OP}: seqused_k[b] must be in 0 .. sequence b's keys "
+                             f"{lengths.tolist()}, got {seqused_k.tolist()}")
 
 
 def _empty_result(query, value):
@@ -130,14 +156,16 @@ def _nothing_to_do(query, key, value, max_q, max_k) -> bool:
 @torch.library.custom_op("fast_attention::varlen_attention", mutates_args=())
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                      max_k: int, scale: float, backend: str, window_left: int = -1, window_right: int = -1,
-                     sinks: Optional[Tensor] = None, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                     sinks: Optional[Tensor] = None, softcap: float = 0.0,
+                     seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring. With sinks the output is in
     stats' dtype, as the dense op's (fast_attention/ops/attention.py says why)."""
     if _nothing_to_do(query, key, value, max_q, max_k):
         out, stats = _empty_result(query, value)
     else:
         out, stats = backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                                                          scale, window(window_left, window_right), softcap)
+                                                          scale, window(window_left, window_right), softcap,
+                                                          seqused_k)
     if sinks is not None:
         out = out.to(stats.dtype) * sink_shares(stats, sinks)[0].t()[..., None]
     return out, stats
@@ -145,7 +173,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
 
 @varlen_attention.register_fake
 def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1,
-      sinks=None, softcap=0.0):
+      sinks=None, softcap=0.0, seqused_k=None):
     stats_dtype = reference.compute_dtype(query)
     return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1],
                             dtype=query.dtype if sinks is None else stats_dtype),
@@ -170,9 +198,12 @@ def _(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q, max_k,
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(-1, -1, None, 0.0)[len(inputs) - 9:])  # the keyword arguments a caller left at defaults
+    inputs = (*inputs, *(-1, -1, None, 0.0, None)[len(inputs) - 9:])  # the keyword arguments left at defaults
     query, key, value, cu_seq_q, cu_seq_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = inputs[:9]
-    ctx.window_left, ctx.window_right, sinks, ctx.softcap = inputs[9:]
+    ctx.window_left, ctx.window_right, sinks, ctx.softcap, seqused_k = inputs[9:]
+    if seqused_k is not None:  # the functional op refuses it sooner (_check_used_keys); a direct call gets here
+        raise NotImplementedError(f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no "
+                                  f"gradient")
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, stats, sinks)
@@ -190,7 +221,7 @@ def _backward(ctx, grad_out, _grad_stats):
         grad_out = (grad_out * keep[..., None]).to(query.dtype)
     dq, dk, dv = call(varlen_attention_backward, grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k,
                       ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None, None
 
 
 varlen_attention.register_autograd(_backward, setup_context=_setup_context)
