@@ -68,6 +68,79 @@ double rel_err(const std::vector<double>& ref, const std::vector<float>& got) {
   return e / m;
 }
 
+template <class T>
+std::vector<T> random_normal(size_t n) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<T> v(n);
+  for (auto& e : v) e = fromf<T>(nd(rng));
+  return v;
+}
+
+template <class T>
+std::vector<float> floats(const std::vector<T>& t) {
+  std::vector<float> f(t.size());
+  for (size_t i = 0; i < t.size(); ++i) f[i] = tof(t[i]);
+  return f;
+}
+
+// A query row's probabilities, dS (the softmax's gradient times the cap's slope) and logsumexp (-inf for no key).
+struct RowReference {
+  std::vector<double> p, ds;
+  double lse;
+};
+
+// One query row of attention in float64, from the (rounded) inputs: the scores scale * q.k against Lk keys, capped
+// (softcap: c * tanh(s / c)), then masked(j, s) (-inf hides key j, an additive mask adds to s); the softmax (zeros
+// for a row that sees no key) and drop[j] (dropout's 0 or 1 / (1 - p); empty: none). Adds the row's output to
+// out[0 .. D) and its backward (dO = dout) to dq[0 .. D), key_grad(j) and value_grad(j) (the dK and dV rows).
+
+template <class T, class Masked, class Key, class Value, class KeyGrad, class ValueGrad>
+RowReference reference_row(const T* q, const T* dout, Key key, Value value, int Lk, int D, double scale,
+                           double softcap, Masked masked, const std::vector<double>& drop, double* out, double* dq,
+                           KeyGrad key_grad, ValueGrad value_grad) {
+  RowReference r{std::vector<double>(Lk, 0.0), std::vector<double>(Lk), -INFINITY};
+  std::vector<double> s(Lk), dp(Lk), slope(Lk, 1.0);
+  const auto dropped = [&](int j) { return drop.empty() ? 1.0 : drop[j]; };
+  double m = -INFINITY;
+  for (int j = 0; j < Lk; ++j) {
+    double dot = 0;
+    for (int d = 0; d < D; ++d) dot += (double)tof(q[d]) * tof(key(j)[d]);
+    s[j] = dot * scale;
+    if (softcap > 0) {  // capped before the masks; dS takes the slope 1 - tanh^2
+      const double t = std::tanh(s[j] / softcap);
+      s[j] = softcap * t;
+      slope[j] = 1 - t * t;
+    }
+    masked(j, s[j]);
+    m = std::max(m, s[j]);
+  }
+  double sum = 0;
+  if (m != -INFINITY)
+    for (int j = 0; j < Lk; ++j) sum += (r.p[j] = std::exp(s[j] - m));
+  for (int j = 0; j < Lk; ++j) r.p[j] = sum > 0 ? r.p[j] / sum : 0.0;
+  if (sum > 0) r.lse = m + std::log(sum);
+  double rowdot = 0;  // rowsum(dP * P), dP dropped
+  for (int j = 0; j < Lk; ++j) {
+    dp[j] = 0;
+    for (int d = 0; d < D; ++d) {
+      out[d] += r.p[j] * dropped(j) * tof(value(j)[d]);
+      dp[j] += (double)tof(dout[d]) * tof(value(j)[d]);
+    }
+    dp[j] *= dropped(j);
+    rowdot += dp[j] * r.p[j];
+  }
+  for (int j = 0; j < Lk; ++j) {
+    r.ds[j] = r.p[j] * (dp[j] - rowdot) * slope[j];
+    double *dk = key_grad(j), *dv = value_grad(j);
+    for (int d = 0; d < D; ++d) {
+      dq[d] += scale * r.ds[j] * tof(key(j)[d]);
+      dk[d] += scale * r.ds[j] * tof(q[d]);
+      dv[d] += r.p[j] * dropped(j) * tof(dout[d]);
+    }
+  }
+  return r;
+}
+
 // Params of contiguous (B, H, L, D) q, out and (B, Hkv, Lk, D) k, v with a dense (B, H, Lq, Lk) mask, of the
 // dtype named "bf16" or "fp16", without a causal mask or dropout.
 template <class T>
@@ -105,13 +178,8 @@ void run(const Case& c, const char* dtype, double tol) {
                           (window ? " window (" + std::to_string(c.window_left) + ", " +
                                         std::to_string(c.window_right) + ")" : "");
   std::normal_distribution<float> nd(0.f, 1.f);
-  auto make = [&](size_t n) {
-    std::vector<T> v(n);
-    for (auto& e : v) e = fromf<T>(nd(rng));
-    return v;
-  };
-  std::vector<T> q = make((size_t)B * H * Lq * D), k = make((size_t)B * Hkv * Lk * D),
-                 v = make((size_t)B * Hkv * Lk * D), dout = make((size_t)B * H * Lq * D);
+  std::vector<T> q = random_normal<T>((size_t)B * H * Lq * D), k = random_normal<T>((size_t)B * Hkv * Lk * D),
+                 v = random_normal<T>((size_t)B * Hkv * Lk * D), dout = random_normal<T>((size_t)B * H * Lq * D);
   // masks, (B, H, Lq, Lk) dense: bool keys padded per batch (row 0 of head 0 fully masked); additive random
   // on a ramp over the keys, so that the forward's running max grows tile after tile and rescales O
   std::vector<uint8_t> keep((size_t)B * H * Lq * Lk, 1);
@@ -173,74 +241,36 @@ void run(const Case& c, const char* dtype, double tol) {
   }
 
   // float64 reference from the same (rounded) inputs
-  std::vector<double> ro(out.size()), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(rows);
+  std::vector<double> ro(out.size(), 0), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0), rlse(rows);
   std::vector<double> rdmask(dmask.size());
   std::vector<double> rweights(weights.size());
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
-      const int hk = h / G;
-      const T* Q = &q[((size_t)b * H + h) * Lq * D];
-      const T* K = &k[((size_t)b * Hkv + hk) * Lk * D];
-      const T* V = &v[((size_t)b * Hkv + hk) * Lk * D];
-      const T* dO = &dout[((size_t)b * H + h) * Lq * D];
+      const size_t kv = ((size_t)b * Hkv + h / G) * Lk;  // the first key row of this head's kv head
+      const auto K = [&](int j) { return &k[(kv + j) * D]; };
+      const auto V = [&](int j) { return &v[(kv + j) * D]; };
+      const auto dK = [&](int j) { return &rdk[(kv + j) * D]; };
+      const auto dV = [&](int j) { return &rdv[(kv + j) * D]; };
       for (int i = 0; i < Lq; ++i) {
-        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk), slope(Lk, 1.0);
-        double m = -INFINITY;
-        for (int j = 0; j < Lk; ++j) {
-          const size_t at = (((size_t)b * H + h) * Lq + i) * Lk + j;
-          double dot = 0;
-          for (int d = 0; d < D; ++d) dot += (double)tof(Q[i * D + d]) * tof(K[j * D + d]);
-          s[j] = dot * scale;
-          if (c.softcap > 0) {  // capped before the masks; dS takes the slope 1 - tanh^2
-            const double t = std::tanh(s[j] / c.softcap);
-            s[j] = c.softcap * t;
-            slope[j] = 1 - t * t;
-          }
-          if (c.causal && j > i) s[j] = -INFINITY;
+        const size_t row = ((size_t)b * H + h) * Lq + i;
+        const auto masked = [&](int j, double& s) {
+          if (c.causal && j > i) s = -INFINITY;
           if ((c.window_left >= 0 && j < i - c.window_left) || (c.window_right >= 0 && j > i + c.window_right))
-            s[j] = -INFINITY;
-          if (c.mask == kBool && !keep[at]) s[j] = -INFINITY;
-          if (c.mask == kAdditive || c.mask == kFinfoMin) s[j] += tof(add[at]);
-          m = std::max(m, s[j]);
-        }
-        double sum = 0;
-        if (m != -INFINITY)
-          for (int j = 0; j < Lk; ++j) sum += (pr[j] = std::exp(s[j] - m));
-        for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;  // a fully masked row gives zeros
-        for (int j = 0; j < Lk; ++j) rweights[(((size_t)b * H + h) * Lq + i) * Lk + j] = pr[j];
-        rlse[((size_t)b * H + h) * Lq + i] = sum > 0 ? m + std::log(sum) : -INFINITY;
+            s = -INFINITY;
+          if (c.mask == kBool && !keep[row * Lk + j]) s = -INFINITY;
+          if (c.mask == kAdditive || c.mask == kFinfoMin) s += tof(add[row * Lk + j]);
+        };
         // dropout after the softmax: the kept probabilities scaled by 1 / (1 - p), the others 0
-        std::vector<double> drop(Lk, 1.0);
-        if (c.dropout > 0)
-          for (int j = 0; j < Lk; ++j) drop[j] = fa::dropout_keep(p, b, h, i, j) ? 1.0 / (1.0 - c.dropout) : 0.0;
-        double* o = &ro[(((size_t)b * H + h) * Lq + i) * D];
-        for (int d = 0; d < D; ++d) {
-          o[d] = 0;
-          for (int j = 0; j < Lk; ++j) o[d] += pr[j] * drop[j] * tof(V[j * D + d]);
-        }
-        double rowdot = 0;  // rowsum(dP * P), dP dropped = dO . O
-        for (int j = 0; j < Lk; ++j) {
-          dp[j] = 0;
-          for (int d = 0; d < D; ++d) dp[j] += (double)tof(dO[i * D + d]) * tof(V[j * D + d]);
-          dp[j] *= drop[j];
-          rowdot += dp[j] * pr[j];
-        }
-        for (int j = 0; j < Lk; ++j) {
-          const double ds = pr[j] * (dp[j] - rowdot) * slope[j];
-          if (mask_grad) rdmask[(((size_t)b * H + h) * Lq + i) * Lk + j] = ds;
-          for (int d = 0; d < D; ++d) {
-            rdq[(((size_t)b * H + h) * Lq + i) * D + d] += scale * ds * tof(K[j * D + d]);
-            rdk[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += scale * ds * tof(Q[i * D + d]);
-            rdv[(((size_t)b * Hkv + hk) * Lk + j) * D + d] += pr[j] * drop[j] * tof(dO[i * D + d]);
-          }
-        }
+        std::vector<double> drop;
+        for (int j = 0; j < Lk && c.dropout > 0; ++j)
+          drop.push_back(fa::dropout_keep(p, b, h, i, j) ? 1.0 / (1.0 - c.dropout) : 0.0);
+        const RowReference r = reference_row(&q[row * D], &dout[row * D], K, V, Lk, D, scale, c.softcap, masked,
+                                             drop, &ro[row * D], &rdq[row * D], dK, dV);
+        std::copy(r.p.begin(), r.p.end(), rweights.begin() + row * Lk);
+        if (mask_grad) std::copy(r.ds.begin(), r.ds.end(), rdmask.begin() + row * Lk);
+        rlse[row] = r.lse;
       }
     }
-  auto floats = [](const std::vector<T>& t) {
-    std::vector<float> f(t.size());
-    for (size_t i = 0; i < t.size(); ++i) f[i] = tof(t[i]);
-    return f;
-  };
   expect(tag + " out", rel_err(ro, floats(out)), tol);
   if (c.mask == kFinfoMin)
     for (int b = 0; b < B; ++b) {
@@ -340,14 +370,8 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
     tag += " used keys";
     for (int u : used_k) tag += " " + std::to_string(u);
   }
-  std::normal_distribution<float> nd(0.f, 1.f);
-  auto make = [&](size_t n) {
-    std::vector<T> v(n);
-    for (auto& e : v) e = fromf<T>(nd(rng));
-    return v;
-  };
-  std::vector<T> q = make((size_t)total_q * H * D), k = make((size_t)total_k * Hkv * D),
-                 v = make((size_t)total_k * Hkv * D), dout = make((size_t)total_q * H * D);
+  std::vector<T> q = random_normal<T>((size_t)total_q * H * D), k = random_normal<T>((size_t)total_k * Hkv * D),
+                 v = random_normal<T>((size_t)total_k * Hkv * D), dout = random_normal<T>((size_t)total_q * H * D);
   for (int b = 0; b < B; ++b)  // a cache's rows past the used keys: never to be read
     for (size_t r = (size_t)cu_k[b] + used_k[b]; r < (size_t)cu_k[b + 1]; ++r)
       for (size_t e = 0; e < (size_t)Hkv * D; ++e) k[r * Hkv * D + e] = v[r * Hkv * D + e] = fromf<T>(NAN);
@@ -385,62 +409,27 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
   // float64 reference, sequence by sequence
   std::vector<double> ro(out.size(), 0), rdq(q.size(), 0), rdk(k.size(), 0), rdv(v.size(), 0);
   std::vector<double> rlse((size_t)H * total_q, -INFINITY);
-  const double scale = p.scale;
   for (int b = 0; b < B; ++b) {
     const int Lq = c.lengths_q[b], Lk = used_k[b], shift = Lk - Lq;
-    for (int h = 0; h < H; ++h)
+    for (int h = 0; h < H; ++h) {
+      const auto at = [&](int j) { return (((size_t)cu_k[b] + j) * Hkv + h / G) * D; };  // key j of the kv head
+      const auto K = [&](int j) { return &k[at(j)]; };
+      const auto V = [&](int j) { return &v[at(j)]; };
+      const auto dK = [&](int j) { return &rdk[at(j)]; };
+      const auto dV = [&](int j) { return &rdv[at(j)]; };
       for (int i = 0; i < Lq; ++i) {
-        const size_t qi = (size_t)cu_q[b] + i;
-        const T* Q = &q[(qi * H + h) * D];
-        const T* dO = &dout[(qi * H + h) * D];
-        const auto K = [&](int j) { return &k[(((size_t)cu_k[b] + j) * Hkv + h / G) * D]; };
-        const auto V = [&](int j) { return &v[(((size_t)cu_k[b] + j) * Hkv + h / G) * D]; };
-        std::vector<double> s(Lk), pr(Lk, 0.0), dp(Lk), slope(Lk, 1.0);
-        double m = -INFINITY;
-        for (int j = 0; j < Lk; ++j) {
-          double dot = 0;
-          for (int d = 0; d < D; ++d) dot += (double)tof(Q[d]) * tof(K(j)[d]);
-          s[j] = dot * scale;
-          if (c.softcap > 0) {
-            const double t = std::tanh(s[j] / c.softcap);
-            s[j] = c.softcap * t;
-            slope[j] = 1 - t * t;
-          }
+        const size_t row = ((size_t)cu_q[b] + i) * H + h;  // (query, head) in q, out, dout
+        const auto masked = [&](int j, double& s) {
           if ((c.window_left >= 0 && j < i + shift - c.window_left) ||
               (c.window_right >= 0 && j > i + shift + c.window_right))
-            s[j] = -INFINITY;
-          m = std::max(m, s[j]);
-        }
-        double sum = 0;
-        if (m != -INFINITY)
-          for (int j = 0; j < Lk; ++j) sum += (pr[j] = std::exp(s[j] - m));
-        for (int j = 0; j < Lk; ++j) pr[j] = sum > 0 ? pr[j] / sum : 0.0;
-        rlse[(size_t)h * total_q + qi] = sum > 0 ? m + std::log(sum) : -INFINITY;
-        double rowdot = 0;
-        for (int j = 0; j < Lk; ++j) {
-          dp[j] = 0;
-          for (int d = 0; d < D; ++d) {
-            ro[(qi * H + h) * D + d] += pr[j] * tof(V(j)[d]);
-            dp[j] += (double)tof(dO[d]) * tof(V(j)[d]);
-          }
-          rowdot += dp[j] * pr[j];
-        }
-        for (int j = 0; j < Lk; ++j) {
-          const double ds = pr[j] * (dp[j] - rowdot) * slope[j];
-          const size_t kj = (((size_t)cu_k[b] + j) * Hkv + h / G) * D;
-          for (int d = 0; d < D; ++d) {
-            rdq[(qi * H + h) * D + d] += scale * ds * tof(K(j)[d]);
-            rdk[kj + d] += scale * ds * tof(Q[d]);
-            rdv[kj + d] += pr[j] * tof(dO[d]);
-          }
-        }
+            s = -INFINITY;
+        };
+        rlse[(size_t)h * total_q + cu_q[b] + i] =
+            reference_row(&q[row * D], &dout[row * D], K, V, Lk, D, (double)p.scale, c.softcap, masked, {},
+                          &ro[row * D], &rdq[row * D], dK, dV).lse;
       }
+    }
   }
-  auto floats = [](const std::vector<T>& t) {
-    std::vector<float> f(t.size());
-    for (size_t i = 0; i < t.size(); ++i) f[i] = tof(t[i]);
-    return f;
-  };
   expect(tag + " out", rel_err(ro, floats(out)), tol);
   double el = 0;
   for (size_t r = 0; r < rlse.size(); ++r) {
