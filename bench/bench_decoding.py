@@ -5,8 +5,14 @@ reference under torch.compile, and flash-attn / xformers when installed.
 
 No mask: each new query attends to the whole cache (a verify step of speculative decoding would add a small
 mask over the last Lq keys; the work differs by at most Lq/Lk).
+
+The same batch packed (fa.varlen_attn: query (B * Lq, H, D), the caches (B * Lk, Hkv, D) end to end, offsets every
+Lq and Lk rows), as a server batching sequences of different lengths calls it: fast_attention's packed kernels
+(Triton's splitting each sequence's keys, and with num_splits=1 not), and torch's varlen_attn on a GPU.
 Run alone: `python -m bench --suite decoding` or `python bench/bench_decoding.py [--quick]`.
 """
+import functools
+import inspect
 import sys
 from pathlib import Path
 
@@ -87,6 +93,24 @@ def providers(case: Case) -> dict:
     made["compile(reference)"] = run(lambda q, k, v: compiled(reference.scaled_dot_product_attention)(
         q, k, v, enable_gqa=True))
 
+    def packed(attend):
+        def setup():
+            q, k, v = (t.flatten(0, 1) for t in _qkv(p, "BLHD"))  # views: (B * L, heads, D)
+            cu_q, cu_k = (_offsets(p["B"], n) for n in (p["Lq"], p["Lk"]))
+            return directed("forward", lambda: attend(q, k, v, cu_q, cu_k, p["Lq"], p["Lk"]), ())
+        return setup
+
+    for backend in timed:
+        if backend != "reference":  # the reference runs a packed batch one sequence at a time
+            made[f"fa:{backend} packed"] = packed(functools.partial(fa.varlen_attn, enable_gqa=True,
+                                                                    backend=backend))
+    if "triton" in timed:
+        made["fa:triton packed num_splits=1"] = packed(functools.partial(fa.varlen_attn, enable_gqa=True,
+                                                                         backend="triton", num_splits=1))
+    torch_varlen = _torch_varlen()
+    if torch_varlen is not None:
+        made["torch.varlen_attn"] = packed(functools.partial(torch_varlen, enable_gqa=True))
+
     if DEVICE == "cuda":
         flash_attn = optional_import("flash_attn")
         if flash_attn is not None:
@@ -102,6 +126,30 @@ def providers(case: Case) -> dict:
                 return xops.memory_efficient_attention(q5, k5, v5)
             made["xformers"] = run(xformers, "BLHD")
     return made
+
+
+def _offsets(B: int, L: int) -> torch.Tensor:
+    return torch.arange(0, (B + 1) * L, L, dtype=torch.int32, device=DEVICE)
+
+
+def _torch_varlen():
+    """torch's varlen_attn where it runs here (a GPU) and takes GQA (torch 2.10 on), else None."""
+    if DEVICE != "cuda":
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if "enable_gqa" in inspect.signature(varlen_attn).parameters else None
+
+
+def packed_attention(query, key, value, backend=None):
+    """fa.varlen_attn on a (B, H, L, D) batch packed, (B * L, H, D), and its output back as (B, H, Lq, D)."""
+    B, _, Lq, _ = query.shape
+    q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
+    out = fa.varlen_attn(q, k, v, _offsets(B, Lq), _offsets(B, key.shape[2]), Lq, key.shape[2], enable_gqa=True,
+                         backend=backend)
+    return out.unflatten(0, (B, Lq)).transpose(1, 2)
 
 
 def checks(mode: Mode) -> list:
@@ -120,6 +168,18 @@ def checks(mode: Mode) -> list:
                     lambda **t: F.scaled_dot_product_attention(**t, enable_gqa=True),
                     lambda **t: reference.scaled_dot_product_attention(**t, enable_gqa=True), inputs, grad=False)
             out.append(Check(f"decode {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}", run))
+
+            def run_packed(backend, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=dtype):
+                inputs = {"query": torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
+                          "key": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype),
+                          "value": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype)}
+                return triplets(lambda **t: packed_attention(**t, backend=backend),
+                                lambda **t: F.scaled_dot_product_attention(**t, enable_gqa=True),
+                                lambda **t: reference.scaled_dot_product_attention(**t, enable_gqa=True), inputs,
+                                grad=False)
+            if Lk >= 1024:  # the split-KV path of packed sequences
+                out.append(Check(f"decode packed {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}",
+                                 run_packed))
     return out
 
 

@@ -123,9 +123,10 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8, varlen=False):
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
     mask_dtype = {0: dtype, 1: torch.uint8, 2: dtype}[mask_kind]
     v = dict(Q=dtype, K=dtype, V=dtype, Mask=mask_dtype, DO=dtype, Max=torch.float32, LogSum=torch.float32,
-             Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv, Lq=Lq, Lk=Lk,
-             qk_scale=0.1, softcap=72.0, win_left=255, win_right=0, scale=0.1, dropout_p=0.1, dropout_scale=1.1,
-             seed=2**40 + 7, CuQ=torch.int32, CuK=torch.int32, total_q=B * Lq if varlen else 0)
+             Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv,
+             Lq=Lq, Lk=Lk, qk_scale=0.1, softcap=72.0, win_left=255, win_right=0, scale=0.1, dropout_p=0.1,
+             dropout_scale=1.1, seed=2**40 + 7, CuQ=torch.int32, CuK=torch.int32, KEnd=torch.int32,
+             total_q=B * Lq if varlen else 0)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
         v.update(zip((prefix + s for s in "bhmd"), strides))
@@ -238,9 +239,10 @@ def attention_jobs(full: bool, arch: int):
             for splits in (2, 128):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
                               Max=torch.float32, LogSum=torch.float32, num_splits=splits, out_split_stride=16 * D,
-                              stats_split_stride=16)
+                              stats_split_stride=16, H=8, total_q=2)
                 block_s = max(2, triton.next_power_of_2(splits))
-                const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D), PDL=pdl)
+                const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D),
+                             VARLEN=False, PDL=pdl)
                 jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}",
                              (A.__name__, "_attn_combine"), values, const, 4 if D >= 128 else 2, 3, arch,
                              dict(launch_pdl=pdl)))

@@ -15,7 +15,7 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
                        window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
-    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap, seqused_k)
+    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap, seqused_k, num_splits)
         -> (out, stats fp32 (2, H, total_q))
     varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
         -> (dq, dk, dv)
@@ -38,7 +38,8 @@ The varlen functions take packed sequences (torch's varlen_attn): q (total_q, H,
 (int32, B + 1), max_q and max_k the longest; out is (total_q, H, Dv), and its window aligns bottom-right in each
 sequence (query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right), FlashAttention's varlen convention.
 seqused_k is None or int32 (B,), a KV cache's used keys: sequence b's first seqused_k[b] keys are its Lk (forward
-only: the op refuses a gradient).
+only: the op refuses a gradient). num_splits is torch's: None (the backend's choice), 1 (never split a sequence's
+keys: each output then independent of the batch, bit for bit) or n > 1; a backend that never splits ignores it.
 """
 from __future__ import annotations
 

@@ -145,9 +145,10 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 
 # Packed sequences (fa.varlen_attn): the tiled kernels with each block on its own sequence (csrc/attention/flash.h,
-# cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says.
+# cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says. No split-KV for them
+# (num_splits is not needed: each output is batch-invariant).
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float, window=None,
-                   softcap: float = 0.0, seqused_k=None):
+                   softcap: float = 0.0, seqused_k=None, num_splits=None):
     left, right = _sides(window)
     return tuple(_C.varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, left, right,
                                    seqused_k))

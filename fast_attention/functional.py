@@ -143,9 +143,11 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     seqused_k (B,) int32, torch's KV caches: sequence b attends to only the first seqused_k[b] of its keys (the
     window aligned to those), the rest of its rows in key and value never read; inference only, as torch's (with
     inputs that require grad it raises NotImplementedError, a RuntimeError as torch's error is).
-    torch's num_splits is taken and needs nothing: no backend splits a packed sequence's keys across blocks, so
-    each sequence's output is bitwise independent of the others in the batch (torch's num_splits=1) whatever it
-    says. Paged caches (torch's block_table) are not supported: NotImplementedError.
+    num_splits, as torch's: None lets the Triton kernels split each sequence's keys over several programs where
+    the call is decoding (max_q <= 16 queries, max_k >= 1024 keys; merged after, as the dense split-KV path);
+    1 never splits, so each sequence's output is bitwise the same whatever the other sequences in the batch;
+    n > 1 splits n ways. The CUDA kernels and the reference never split (each output batch-invariant).
+    Paged caches (torch's block_table) are not supported: NotImplementedError.
     """
     _varlen.check_torch_only(block_table, num_splits)
     scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
@@ -153,7 +155,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,
                             max_q=max_q, max_k=max_k, window=_attention.window(*sides), softcap=softcap)
     out, stats = call(_varlen.varlen_attention, query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k),
-                      scale, name, *sides, sinks, softcap, seqused_k)
+                      scale, name, *sides, sinks, softcap, seqused_k, num_splits)
     if out.dtype != query.dtype:  # with sinks (fast_attention/ops/varlen.py)
         out = out.to(query.dtype)
     if return_aux is not None and getattr(return_aux, "lse", False):

@@ -311,7 +311,8 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k: Tensor | None = None):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k: Tensor | None = None,
+                   num_splits: int | None = None):
     """Each packed sequence through attention_forward, its window as a bottom-right aligned mask; rows outside
     every sequence, and sequences without keys, are dead rows (zeros, max -inf)."""
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])

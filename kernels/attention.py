@@ -289,9 +289,10 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     (num_splits, B, H, Lq) contiguous: each row's statistics (STATS, in the module's docstring). With several
     splits each part is normalized on its own and merged by _attn_combine.
 
-    VARLEN (packed sequences, one split, no PACK_GQA): B sequences packed along the rows of Q (total_q, H, D), K
-    and V (total_k, Hkv, .), sequence b at CuQ[b] / CuK[b] (_sequence); Lq and Lk are the longest lengths (the
-    grid's), the strides sqb, skb, svb 0. Out is (total_q, H, Dv), Max and LogSum (H, total_q), contiguous.
+    VARLEN (packed sequences, no PACK_GQA): B sequences packed along the rows of Q (total_q, H, D), K and V
+    (total_k, Hkv, .), sequence b at CuQ[b] / CuK[b] (_sequence); Lq and Lk are the longest lengths (the grid's),
+    the strides sqb, skb, svb 0. Out is (num_splits, total_q, H, Dv), Max and LogSum (num_splits, H, total_q),
+    contiguous; split s takes keys s * keys_per_split .. of each sequence (none past a shorter one's keys).
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -342,8 +343,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         # are never read. Packed rows hold queries 0 .. Lq - 1.
         first, last = (0, Lq - 1) if PACK_GQA else (start_m, start_m + BLOCK_M - 1)
         lo, hi = _window_bounds(lo, hi, first, last, win_left, win_right, BLOCK_N)
-    if VARLEN:  # blocks past a shorter sequence's end: nothing to read
-        hi = tl.where(start_m < Lq, hi, lo)
+    if VARLEN:  # blocks past a shorter sequence's end, and splits past its keys: nothing to read
+        hi = tl.where(start_m < Lq, tl.maximum(hi, lo), lo)
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -407,16 +408,19 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
 
 @triton.jit
 def _attn_combine(PartOut, PartMax, PartLogSum, Out, Max, LogSum, num_splits, out_split_stride, stats_split_stride,
-                  HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  PDL: tl.constexpr):
+                  H, total_q, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, VARLEN: tl.constexpr, PDL: tl.constexpr):
     """One program per query row r = (b * H + h) * Lq + i: merge the splits' normalized parts, weighting each by
     its share of the row sum, exp2(max_s - m + log_sum_s) / total (base 2, as the statistics). PartOut
     (S, B*H*Lq, Dv) fp32, PartMax and PartLogSum (S, B*H*Lq) fp32 -> Out (B*H*Lq, Dv), and the row's Max and
-    LogSum (B*H*Lq): m and log2(total). With PDL (launched as a programmatic dependent of the split kernel) it
-    first waits for that grid to complete and its writes to be visible."""
+    LogSum (B*H*Lq): m and log2(total). VARLEN (packed sequences): r = h * total_q + i, as in the statistics
+    (H, total_q), and the outputs' row is i * H + h, as in PartOut (S, total_q, H, Dv) and Out (total_q, H, Dv).
+    With PDL (launched as a programmatic dependent of the split kernel) it first waits for that grid to complete
+    and its writes to be visible."""
     if PDL:
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
+    out_row = (row % total_q) * H + row // total_q if VARLEN else row
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_range = offs_s < num_splits
@@ -436,11 +440,11 @@ def _attn_combine(PartOut, PartMax, PartLogSum, Out, Max, LogSum, num_splits, ou
         at = s.to(tl.int64) * stats_split_stride + row
         w = tl.math.exp2(tl.load(PartMax + at, mask=s_ok, other=float("-inf")) - m_safe
                          + tl.load(PartLogSum + at, mask=s_ok, other=0.0))
-        parts = tl.load(PartOut + s[:, None].to(tl.int64) * out_split_stride + row * HEAD_DIM_V + offs_dv[None, :],
-                        mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        parts = tl.load(PartOut + s[:, None].to(tl.int64) * out_split_stride + out_row * HEAD_DIM_V
+                        + offs_dv[None, :], mask=s_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
         acc += tl.sum(parts * w[:, None], 0)
     out = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(Out + row * HEAD_DIM_V + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(Out + out_row * HEAD_DIM_V + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
     tl.store(Max + row, tl.where(total > 0.0, m_safe, float("-inf")))
     tl.store(LogSum + row, tl.math.log2(tl.where(total > 0.0, total, 1.0)))
 
@@ -1089,15 +1093,17 @@ def _pdl(device: torch.device) -> bool:
     return PDL_MODE != "0" and not INTERPRET and device.type == "cuda" and properties(device).major >= 9
 
 
-def _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl):
+def _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl, varlen=False):
     """Merge the splits: part_out (S, B, H, Lq, Dv) fp32, part_max and part_log_sum (S, B, H, Lq) -> out and the
-    rows' stats (2, B, H, Lq) in place."""
+    rows' stats (2, B, H, Lq) in place; varlen: part_out (S, total_q, H, Dv), the statistics (S, H, total_q)."""
     rows = stats[0].numel()
+    H, total_q = (out.shape[1], out.shape[0]) if varlen else (1, 1)
     dv = out.shape[-1]
     block_s = max(2, next_power_of_2(splits))
     _attn_combine[(rows,)](part_out, part_max, part_log_sum, out, stats[0], stats[1], splits, part_out.stride(0),
-                           part_max.stride(0), HEAD_DIM_V=dv, BLOCK_S=block_s, CHUNK_S=min(block_s, 16),
-                           BLOCK_DV=_block(dv), PDL=pdl, num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
+                           part_max.stride(0), H, total_q, HEAD_DIM_V=dv, BLOCK_S=block_s,
+                           CHUNK_S=min(block_s, 16), BLOCK_DV=_block(dv), VARLEN=varlen, PDL=pdl,
+                           num_warps=4 if dv >= 128 else 2, launch_pdl=pdl)
 
 
 def _decode_grid(B, H, Hkv, Lq, config, splits) -> int:
@@ -1290,23 +1296,54 @@ def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, windo
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k=None):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k=None, num_splits=None):
     """Packed sequences (VARLEN): q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b's
     queries at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 and keys likewise (int32, B + 1), or with seqused_k (int32,
     B) its first seqused_k[b] keys, at most max_q and max_k of them; the window aligned bottom-right in each
-    sequence (_sequence) -> out (total_q, H, Dv), stats fp32 (2, H, total_q)."""
+    sequence (_sequence) -> out (total_q, H, Dv), stats fp32 (2, H, total_q). Decoding splits each sequence's keys
+    as the dense call's does (_varlen_split_plan; num_splits as torch's)."""
     q, k, v = _packed(q), _packed(k), _packed(v)
     B = cu_seq_q.shape[0] - 1
     total_q, H, _ = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     out = torch.empty((total_q, H, Dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, H, total_q), dtype=torch.float32, device=q.device)
-    args = (q, k, v, q, out, stats[0], stats[1], *_packed_strides(q), *_packed_strides(k), *_packed_strides(v),
-            0, 0, 0, 0)
-    _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), *args, 0, 0, H=H, GROUP=H // Hkv,
-            keys_per_split=max_k, num_splits=1, PACK_GQA=False,
-            **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
+    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
+    kwargs = dict(H=H, GROUP=H // Hkv,
+                  **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
+    plan = _varlen_split_plan(q, B, max_q, max_k, num_splits)
+    if plan is None:
+        _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), q, k, v, q, out, stats[0], stats[1],
+                *strides, 0, 0, keys_per_split=max_k, num_splits=1, PACK_GQA=False, **kwargs)
+        return out, stats
+    config, splits, keys = plan
+    part_out = torch.empty((splits, total_q, H, Dv), dtype=torch.float32, device=q.device)
+    part_max, part_log_sum = torch.empty((2, splits, H, total_q), dtype=torch.float32, device=q.device)
+    pdl = _pdl(q.device)
+    grid = (cdiv(max_q, config["BLOCK_M"]) * B * H * splits,)
+    _attn_fwd[grid](q, k, v, q, part_out, part_max, part_log_sum, *strides, total_q * H * Dv, H * total_q,
+                    keys_per_split=keys, num_splits=splits, PDL=pdl, **kwargs, **config)
+    _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl, varlen=True)
     return out, stats
+
+
+def _varlen_split_plan(q, B: int, max_q: int, max_k: int, num_splits: int | None):
+    """As _split_plan for packed sequences: None for one autotuned pass over each sequence's keys, else decoding's
+    tile config (each program on one head: VARLEN packs no GQA group) and (splits, keys per split). num_splits
+    None splits decoding calls (max_q <= DECODE_MAX_LQ, max_k >= DECODE_MIN_LK) for a full GPU; 1 never splits,
+    so a sequence's output is bitwise the same whatever the batch around it (torch's meaning); n > 1 splits the
+    longest sequence's keys n ways (at most MAX_SPLITS), whatever the lengths."""
+    if num_splits == 1 or max_k == 0 or num_splits is None and (max_q > DECODE_MAX_LQ or max_k < DECODE_MIN_LK):
+        return None
+    H, D = q.shape[1], q.shape[2]
+    config = dict(_decode_config(_block(D), q.element_size(), max_q, False), PACK_GQA=False)
+    block_n = config["BLOCK_N"]
+    if num_splits is None:
+        splits, keys = _num_splits(B * H * cdiv(max_q, config["BLOCK_M"]), max_k, q.device, block_n)
+    else:
+        keys = cdiv(cdiv(max_k, min(num_splits, MAX_SPLITS)), block_n) * block_n
+        splits = cdiv(max_k, keys)
+    return None if splits == 1 else (config, splits, keys)
 
 
 def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,

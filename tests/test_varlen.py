@@ -75,10 +75,10 @@ def _grad(t):
 
 
 def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1), scale=None, strided=False,
-                 sinks=False, softcap=None):
+                 sinks=False, softcap=None, num_splits=None):
     """Ours vs the same-dtype baseline (torch's varlen_attn where it runs, else the reference written out in the
     inputs' dtype) vs the float64 reference: the output, the logsumexp and the three gradients (and with sinks,
-    learned sinks and theirs)."""
+    learned sinks and theirs). num_splits goes to our call only."""
     cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
     max_q, max_k = max(lengths_q), max(lengths_k)
     q, k, v = (_packed(sum(lengths_q), H, D, dtype, strided), _packed(sum(lengths_k), Hkv, D, dtype, strided),
@@ -90,7 +90,7 @@ def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1
         beyond["sinks"] = torch.randn(H, device=DEVICE, requires_grad=True)
         leaves += (beyond["sinks"],)
     out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=LSE(), backend=backend, **kwargs,
-                              **beyond)
+                              num_splits=num_splits, **beyond)
     grad = torch.randn_like(out)
     out.backward(grad)
 
@@ -182,12 +182,13 @@ def test_varlen_sequences_are_independent(backend):
         assert torch.equal(g[rows], h[rows])
 
 
-@pytest.mark.parametrize("window,dtype", [((-1, 0), torch.float32), ((-1, -1), torch.float16),
-                                          ((4, 0), torch.bfloat16)])
-def test_varlen_kv_cache(backend, window, dtype):
+@pytest.mark.parametrize("window,dtype,num_splits", [((-1, 0), torch.float32, None), ((-1, -1), torch.float16, 2),
+                                                     ((4, 0), torch.bfloat16, 3)])
+def test_varlen_kv_cache(backend, window, dtype, num_splits):
     """torch's seqused_k: each sequence's keys sit in a cache slot longer than they fill (decoding: a few queries
     after many keys); only the used keys count, the window aligns to them, and the slots' unused rows (NaN here)
-    are never read. The oracle is the plain call on the used keys packed end to end."""
+    are never read, split-KV (num_splits) or not. The oracle is the plain call on the used keys packed end to
+    end."""
     if backend == "cuda":
         dtype = torch.float16 if dtype == torch.float32 else dtype
     lengths_q, slots, used = [1, 1, 3, 0, 20, 2], [40, 6, 50, 10, 30, 8], [33, 0, 50, 7, 25, 8]
@@ -202,7 +203,7 @@ def test_varlen_kv_cache(backend, window, dtype):
     kwargs = dict(window_size=window, enable_gqa=True)
 
     out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), return_aux=LSE(),
-                              seqused_k=seqused_k, backend=backend, **kwargs)
+                              seqused_k=seqused_k, num_splits=num_splits, backend=backend, **kwargs)
     theirs = _torch_varlen(dtype)
     if theirs is not None and "seqused_k" in __import__("inspect").signature(theirs).parameters:
         base = theirs(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), seqused_k=seqused_k, **kwargs)
@@ -321,16 +322,37 @@ def test_varlen_takes_every_argument_of_torchs():
         assert ours[name].default == theirs.default, name
 
 
-def test_varlen_takes_num_splits(backend):
-    """torch's num_splits=1 asks for batch-invariant outputs: no backend splits a sequence's keys, so any value
-    gives the output without it, bit for bit."""
+@pytest.mark.parametrize("window,sinks,softcap,dtype", [((-1, -1), False, None, torch.float32),
+                                                        ((-1, 0), True, None, torch.float16),
+                                                        ((40, 3), False, 2.0, torch.bfloat16)])
+def test_varlen_split_keys(backend, window, sinks, softcap, dtype):
+    """num_splits=3: each sequence's keys in three parts (Triton; the other backends never split), merged after:
+    sequences shorter than a part (empty parts), one without keys, one without queries, queries past 16 rows, GQA,
+    windows, sinks, the cap; values, logsumexp and gradients (from the merged statistics)."""
+    check_varlen(backend, [1, 3, 0, 5, 20, 2], [100, 7, 50, 0, 130, 64], 4, 2, 16, dtype, window, sinks=sinks,
+                 softcap=softcap, num_splits=3)
+
+
+def test_varlen_num_splits(backend):
+    """torch's num_splits on a decoding batch (a few queries against 1000+ keys), where None splits each sequence's
+    keys (Triton): 1 splits nothing, so a sequence's output is the same alone as in any batch, bit for bit; None
+    and 4 give the values within rounding."""
     dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
-    q, k, v = (torch.randn(n, 2, 16, device=DEVICE, dtype=dtype) for n in (12, 15, 15))
-    cu_q, cu_k = _offsets([5, 7]), _offsets([10, 5])
-    out = fa.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, window_size=(-1, 0), backend=backend)
-    for splits in (1, 4):
-        assert torch.equal(fa.varlen_attn(q, k, v, cu_q, cu_k, 7, 10, window_size=(-1, 0), num_splits=splits,
-                                          backend=backend), out)
+    lengths_q, lengths_k = [2, 1, 3], [1100, 1500, 1024]
+    q, k, v = (torch.randn(sum(n), 2, 16, device=DEVICE, dtype=dtype) for n in (lengths_q, lengths_k, lengths_k))
+    cu_q, cu_k = _offsets(lengths_q), _offsets(lengths_k)
+    kwargs = dict(window_size=(-1, 0), backend=backend)
+    if backend == "triton":
+        from fast_attention.kernels import attention as kernels
+
+        assert kernels._varlen_split_plan(q, 3, 3, 1500, None) is not None  # None splits this batch
+    whole = fa.varlen_attn(q, k, v, cu_q, cu_k, 3, 1500, num_splits=1, **kwargs)
+    alone = fa.varlen_attn(q[:2], k[:1100], v[:1100], cu_q[:2], cu_k[:2], 2, 1100, num_splits=1, **kwargs)
+    assert torch.equal(whole[:2], alone)
+    exact = ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_k, window_size=(-1, 0))
+    for splits in (None, 4):
+        out = fa.varlen_attn(q, k, v, cu_q, cu_k, 3, 1500, num_splits=splits, **kwargs)
+        torch.testing.assert_close(out.double(), exact, atol=2 * FLOOR[dtype], rtol=0)
 
 
 def test_varlen_cuda_takes_16_bit():

@@ -5,7 +5,8 @@ Packing puts a batch of sequences of different lengths end to end, with no paddi
 (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query and
 cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value (cu_seq_*: int32, B + 1 offsets from 0), and attends only to
 itself. The kernels run one grid over (query block, sequence, head), sized by the longest sequence (max_q, max_k),
-and read each sequence's offsets on the device: no padding is computed and nothing syncs with the host.
+and read each sequence's offsets on the device: no padding is computed and nothing syncs with the host. Decoding
+calls may split each sequence's keys over several programs (num_splits, torch's: 1 never does).
 
 Beyond torch, as fa.scaled_dot_product_attention takes them: learned sinks, one per query head, applied around
 the backend exactly as the dense op applies them (fast_attention/ops/attention.py: the output scaled by each row's
@@ -101,8 +102,8 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
 
 
 def check_torch_only(block_table, num_splits) -> None:
-    """torch's paged KV caches, which no backend takes (NotImplementedError), and num_splits, which needs nothing
-    (no backend splits a packed sequence's keys) but must be what torch takes."""
+    """torch's paged KV caches, which no backend takes (NotImplementedError), and num_splits (None, or an int
+    >= 1)."""
     if block_table is not None:
         raise NotImplementedError(f"fast_attention.{OP}: block_table (paged KV caches) is not supported; pass each "
                                   f"sequence's cache packed in key and value, with cu_seq_k and seqused_k")
@@ -156,8 +157,8 @@ def _nothing_to_do(query, key, value, max_q, max_k) -> bool:
 @torch.library.custom_op("fast_attention::varlen_attention", mutates_args=())
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                      max_k: int, scale: float, backend: str, window_left: int = -1, window_right: int = -1,
-                     sinks: Optional[Tensor] = None, softcap: float = 0.0,
-                     seqused_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     sinks: Optional[Tensor] = None, softcap: float = 0.0, seqused_k: Optional[Tensor] = None,
+                     num_splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring. With sinks the output is in
     stats' dtype, as the dense op's (fast_attention/ops/attention.py says why)."""
     if _nothing_to_do(query, key, value, max_q, max_k):
@@ -165,7 +166,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     else:
         out, stats = backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
                                                           scale, window(window_left, window_right), softcap,
-                                                          seqused_k)
+                                                          seqused_k, num_splits)
     if sinks is not None:
         out = out.to(stats.dtype) * sink_shares(stats, sinks)[0].t()[..., None]
     return out, stats
@@ -173,7 +174,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
 
 @varlen_attention.register_fake
 def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1,
-      sinks=None, softcap=0.0, seqused_k=None):
+      sinks=None, softcap=0.0, seqused_k=None, num_splits=None):
     stats_dtype = reference.compute_dtype(query)
     return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1],
                             dtype=query.dtype if sinks is None else stats_dtype),
@@ -198,9 +199,9 @@ def _(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q, max_k,
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(-1, -1, None, 0.0, None)[len(inputs) - 9:])  # the keyword arguments left at defaults
+    inputs = (*inputs, *(-1, -1, None, 0.0, None, None)[len(inputs) - 9:])  # the keyword arguments left at defaults
     query, key, value, cu_seq_q, cu_seq_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = inputs[:9]
-    ctx.window_left, ctx.window_right, sinks, ctx.softcap, seqused_k = inputs[9:]
+    ctx.window_left, ctx.window_right, sinks, ctx.softcap, seqused_k, _num_splits = inputs[9:]
     if seqused_k is not None:  # the functional op refuses it sooner (_check_used_keys); a direct call gets here
         raise NotImplementedError(f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no "
                                   f"gradient")
@@ -221,7 +222,7 @@ def _backward(ctx, grad_out, _grad_stats):
         grad_out = (grad_out * keep[..., None]).to(query.dtype)
     dq, dk, dv = call(varlen_attention_backward, grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k,
                       ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None, None, None
 
 
 varlen_attention.register_autograd(_backward, setup_context=_setup_context)
