@@ -236,14 +236,24 @@ def attention_jobs(full: bool, arch: int):
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}"
                                  f"{' cap' if cap else ''}{' win' if win else ''}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
-            for splits in (2, 128):
+                # Packed sequences' decoding (varlen_attn, _varlen_split_plan): one head per program, causal
+                dc = dict(A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), Lq_dec, False),
+                          PACK_GQA=False)
+                values = _attn_scalars(dtype, D, Lq_dec, 8192, 0, Hkv=2, varlen=True)
+                values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, stats_split_stride=16 * Lq_dec,
+                              keys_per_split=512, num_splits=16)
+                const = dict(_flags(dtype, D, False, 0, False, False, True, varlen=True), BLOCK_M=dc["BLOCK_M"],
+                             BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=False, PDL=pdl)
+                jobs.append((f"attn_decode {_SHORT[dtype]} D{D}", f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} varlen win",
+                             (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
+            for splits, varlen in ((2, False), (128, False), (16, True)):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
                               Max=torch.float32, LogSum=torch.float32, num_splits=splits, out_split_stride=16 * D,
                               stats_split_stride=16, H=8, total_q=2)
                 block_s = max(2, triton.next_power_of_2(splits))
                 const = dict(HEAD_DIM_V=D, BLOCK_S=block_s, CHUNK_S=min(block_s, 16), BLOCK_DV=A._block(D),
-                             VARLEN=False, PDL=pdl)
-                jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}",
+                             VARLEN=varlen, PDL=pdl)
+                jobs.append((f"attn_combine {_SHORT[dtype]} D{D}", f"S{const['BLOCK_S']}{' varlen' if varlen else ''}",
                              (A.__name__, "_attn_combine"), values, const, 4 if D >= 128 else 2, 3, arch,
                              dict(launch_pdl=pdl)))
             values = dict(O=dtype, DO=dtype, Delta=torch.float32, sob=8000 * D, soh=1000 * D, som=D, sod=1,

@@ -81,10 +81,11 @@ def test_window_fuzz(backend, monkeypatch, Lq, Lk, dtype, kind, left, right, lay
 @given(lengths=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1, max_size=3),
        Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 2]), D=st.sampled_from([16, 24, 40, 64]), dtype=DTYPES,
        window=st.tuples(st.integers(-1, 40), st.integers(-1, 40)), strided=st.booleans(), tma=st.booleans(),
-       sinks=st.booleans(), softcap=st.sampled_from([None, None, 2.0]))
-def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window, strided, tma, sinks, softcap):
+       sinks=st.booleans(), softcap=st.sampled_from([None, None, 2.0]), num_splits=st.sampled_from([None, 1, 2, 3]))
+def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window, strided, tma, sinks, softcap,
+                     num_splits):
     """Packed sequences of random lengths (none among them), Lq != Lk, windows aligned bottom-right, strided
-    layouts, the descriptor path, sinks and the logit cap: values, logsumexp and every gradient."""
+    layouts, the descriptor path, sinks, the logit cap and split keys: values, logsumexp and every gradient."""
     assume(backend != "cuda" or (dtype != torch.float32 and D in (16, 64)))  # the CUDA kernels' dtypes, head dims
     if backend == "triton":
         from fast_attention.kernels import attention as kernels
@@ -92,7 +93,7 @@ def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window
         monkeypatch.setattr(kernels, "TMA_MODE", "1" if tma and TMA_EMULATED else "0")
     lengths_q, lengths_k = zip(*lengths)
     check_varlen(backend, list(lengths_q), list(lengths_k), Hkv * group, Hkv, D, dtype, window, strided=strided,
-                 sinks=sinks, softcap=softcap)
+                 sinks=sinks, softcap=softcap, num_splits=num_splits)
 
 
 @FUZZ
