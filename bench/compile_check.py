@@ -236,14 +236,13 @@ def attention_jobs(full: bool, arch: int):
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}"
                                  f"{' cap' if cap else ''}{' win' if win else ''}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
-                # Packed sequences' decoding (varlen_attn, _varlen_split_plan): one head per program, causal
-                dc = dict(A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), Lq_dec, False),
-                          PACK_GQA=False)
+                # Packed sequences' decoding (varlen_attn, _varlen_split_plan), causal
+                dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec, False)
                 values = _attn_scalars(dtype, D, Lq_dec, 8192, 0, Hkv=2, varlen=True)
                 values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, stats_split_stride=16 * Lq_dec,
                               keys_per_split=512, num_splits=16)
                 const = dict(_flags(dtype, D, False, 0, False, False, True, varlen=True), BLOCK_M=dc["BLOCK_M"],
-                             BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=False, PDL=pdl)
+                             BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
                 jobs.append((f"attn_decode {_SHORT[dtype]} D{D}", f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} varlen win",
                              (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits, varlen in ((2, False), (128, False), (16, True)):

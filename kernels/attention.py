@@ -289,10 +289,11 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     (num_splits, B, H, Lq) contiguous: each row's statistics (STATS, in the module's docstring). With several
     splits each part is normalized on its own and merged by _attn_combine.
 
-    VARLEN (packed sequences, no PACK_GQA): B sequences packed along the rows of Q (total_q, H, D), K and V
-    (total_k, Hkv, .), sequence b at CuQ[b] / CuK[b] (_sequence); Lq and Lk are the longest lengths (the grid's),
-    the strides sqb, skb, svb 0. Out is (num_splits, total_q, H, Dv), Max and LogSum (num_splits, H, total_q),
-    contiguous; split s takes keys s * keys_per_split .. of each sequence (none past a shorter one's keys).
+    VARLEN (packed sequences): B sequences packed along the rows of Q (total_q, H, D), K and V (total_k, Hkv, .),
+    sequence b at CuQ[b] / CuK[b] (_sequence); Lq and Lk are the longest lengths (the grid's), the strides sqb,
+    skb, svb 0. Out is (num_splits, total_q, H, Dv), Max and LogSum (num_splits, H, total_q), contiguous; split s
+    takes keys s * keys_per_split .. of each sequence (none past a shorter one's keys); PACK_GQA packs the
+    sequence's queries of a group's heads.
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -306,20 +307,23 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     if PACK_GQA:
         b = head // (H // GROUP)
         hkv = head % (H // GROUP)
-        h = hkv * GROUP + offs_r // Lq  # per row
-        offs_m = offs_r % Lq
     else:
         b = head // H
         h = head % H
         hkv = h // GROUP
+    q0, k0 = 0, 0
+    if VARLEN:  # from here on Lq and Lk are the sequence's (the grid's were the longest)
+        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, KEnd, b, win_left, win_right)
+    if PACK_GQA:
+        h = hkv * GROUP + offs_r // tl.maximum(Lq, 1)  # per row (a packed sequence may have no queries)
+        offs_m = offs_r % tl.maximum(Lq, 1)
+    else:
         offs_m = offs_r
     bh = b * H + h
-    q0, k0 = 0, 0
-    if VARLEN:
-        q0, k0, Lq, Lk, win_left, win_right = _sequence(CuQ, CuK, KEnd, b, win_left, win_right)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    row_ok = offs_r < (Lq * GROUP if PACK_GQA else Lq)
+    rows_here = Lq * GROUP if PACK_GQA else Lq
+    row_ok = offs_r < rows_here
     q_rows = Q + b * sqb + q0 * sqm + h * sqh + offs_m.to(tl.int64) * sqm
     q = tl.load(q_rows[:, None] + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
                 other=0.0)
@@ -344,7 +348,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         first, last = (0, Lq - 1) if PACK_GQA else (start_m, start_m + BLOCK_M - 1)
         lo, hi = _window_bounds(lo, hi, first, last, win_left, win_right, BLOCK_N)
     if VARLEN:  # blocks past a shorter sequence's end, and splits past its keys: nothing to read
-        hi = tl.where(start_m < Lq, tl.maximum(hi, lo), lo)
+        hi = tl.where(start_m < rows_here, tl.maximum(hi, lo), lo)
     if IS_CAUSAL and PACK_GQA:
         # Packed rows are not in query order: no key past the last query (Lq - 1) is visible, and every block
         # takes the diagonal test.
@@ -1311,7 +1315,7 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
     strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
     kwargs = dict(H=H, GROUP=H // Hkv,
                   **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
-    plan = _varlen_split_plan(q, B, max_q, max_k, num_splits)
+    plan = _varlen_split_plan(q, Hkv, B, max_q, max_k, num_splits)
     if plan is None:
         _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), q, k, v, q, out, stats[0], stats[1],
                 *strides, 0, 0, keys_per_split=max_k, num_splits=1, PACK_GQA=False, **kwargs)
@@ -1320,26 +1324,27 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
     part_out = torch.empty((splits, total_q, H, Dv), dtype=torch.float32, device=q.device)
     part_max, part_log_sum = torch.empty((2, splits, H, total_q), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
-    grid = (cdiv(max_q, config["BLOCK_M"]) * B * H * splits,)
+    grid = (_decode_grid(B, H, Hkv, max_q, config, splits),)
     _attn_fwd[grid](q, k, v, q, part_out, part_max, part_log_sum, *strides, total_q * H * Dv, H * total_q,
                     keys_per_split=keys, num_splits=splits, PDL=pdl, **kwargs, **config)
     _combine(part_out, part_max, part_log_sum, out, stats, splits, pdl, varlen=True)
     return out, stats
 
 
-def _varlen_split_plan(q, B: int, max_q: int, max_k: int, num_splits: int | None):
+def _varlen_split_plan(q, Hkv: int, B: int, max_q: int, max_k: int, num_splits: int | None):
     """As _split_plan for packed sequences: None for one autotuned pass over each sequence's keys, else decoding's
-    tile config (each program on one head: VARLEN packs no GQA group) and (splits, keys per split). num_splits
+    tile config (16-bit packs a GQA group's rows, up to max_q of each head, into a program) and (splits, keys per
+    split). num_splits
     None splits decoding calls (max_q <= DECODE_MAX_LQ, max_k >= DECODE_MIN_LK) for a full GPU; 1 never splits,
     so a sequence's output is bitwise the same whatever the batch around it (torch's meaning); n > 1 splits the
     longest sequence's keys n ways (at most MAX_SPLITS), whatever the lengths."""
     if num_splits == 1 or max_k == 0 or num_splits is None and (max_q > DECODE_MAX_LQ or max_k < DECODE_MIN_LK):
         return None
     H, D = q.shape[1], q.shape[2]
-    config = dict(_decode_config(_block(D), q.element_size(), max_q, False), PACK_GQA=False)
+    config = _decode_config(_block(D), q.element_size(), H // Hkv * max_q, False)
     block_n = config["BLOCK_N"]
     if num_splits is None:
-        splits, keys = _num_splits(B * H * cdiv(max_q, config["BLOCK_M"]), max_k, q.device, block_n)
+        splits, keys = _num_splits(_decode_grid(B, H, Hkv, max_q, config, 1), max_k, q.device, block_n)
     else:
         keys = cdiv(cdiv(max_k, min(num_splits, MAX_SPLITS)), block_n) * block_n
         splits = cdiv(max_k, keys)

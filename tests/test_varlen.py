@@ -345,7 +345,7 @@ def test_varlen_num_splits(backend):
     if backend == "triton":
         from fast_attention.kernels import attention as kernels
 
-        assert kernels._varlen_split_plan(q, 3, 3, 1500, None) is not None  # None splits this batch
+        assert kernels._varlen_split_plan(q, 2, 3, 3, 1500, None) is not None  # None splits this batch
     whole = fa.varlen_attn(q, k, v, cu_q, cu_k, 3, 1500, num_splits=1, **kwargs)
     alone = fa.varlen_attn(q[:2], k[:1100], v[:1100], cu_q[:2], cu_k[:2], 2, 1100, num_splits=1, **kwargs)
     assert torch.equal(whole[:2], alone)
