@@ -145,8 +145,9 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     inputs that require grad it raises NotImplementedError, a RuntimeError as torch's error is).
     num_splits, as torch's: None lets the Triton kernels split each sequence's keys over several programs where
     the call is decoding (max_q <= 16 queries, max_k >= 1024 keys; merged after, as the dense split-KV path);
-    1 never splits, so each sequence's output is bitwise the same whatever the other sequences in the batch;
-    n > 1 splits n ways. The CUDA kernels and the reference never split (each output batch-invariant).
+    1 never splits and takes a tile not tuned by the batch's lengths, so each sequence's output is bitwise the
+    same whatever the other sequences in the batch; n > 1 splits n ways. The CUDA kernels (whose tiles depend on
+    the head dim alone) and the reference never split: their outputs are batch-invariant.
     Paged caches (torch's block_table) are not supported: NotImplementedError.
     """
     _varlen.check_torch_only(block_table, num_splits)

@@ -987,12 +987,17 @@ def _ensure_allocator():
         triton.set_allocator(_torch_scratch)
 
 
-def _launch(kind, grid, *args, **kwargs):
+def _launch(kind, grid, *args, fixed=False, **kwargs):
+    """Launch `kind` with its autotuned config for these arguments' bucket (lengths by powers of two), or without
+    autotuning the first config that fits. fixed: that first fitting config of the pointer-load ones, whatever the
+    lengths and alignment, so that a packed sequence's output does not depend on its batch (num_splits=1)."""
     plain, tuned = _KERNELS[kind]
     named = dict(zip(plain.arg_names, args), **kwargs)
     if not INTERPRET and TMA_MODE != "0":
         _ensure_allocator()
-    if AUTOTUNE:
+    if fixed:
+        c = _prune(kind)([c for c in _configs(kind) if not c.kwargs.get("TMA")], named)[0]
+    elif AUTOTUNE:
         bucket = _tuning_bucket(kind, named)
         c = _tuned_configs.get(bucket)
         if c is None:
@@ -1317,8 +1322,9 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
                   **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
     plan = _varlen_split_plan(q, Hkv, B, max_q, max_k, num_splits)
     if plan is None:
+        # num_splits=1 promises a sequence the same bits in any batch: no config tuned by the batch's lengths
         _launch("fwd", lambda meta: (cdiv(max_q, meta["BLOCK_M"]) * B * H,), q, k, v, q, out, stats[0], stats[1],
-                *strides, 0, 0, keys_per_split=max_k, num_splits=1, PACK_GQA=False, **kwargs)
+                *strides, 0, 0, keys_per_split=max_k, num_splits=1, PACK_GQA=False, fixed=num_splits == 1, **kwargs)
         return out, stats
     config, splits, keys = plan
     part_out = torch.empty((splits, total_q, H, Dv), dtype=torch.float32, device=q.device)

@@ -1,5 +1,6 @@
 """fa.varlen_attn: attention over packed sequences (torch.nn.attention.varlen.varlen_attn), against the float64
 reference (each sequence through scaled_dot_product_attention) under the 2x-torch's-error rule."""
+import inspect
 import math
 
 import pytest
@@ -41,8 +42,6 @@ def _torch_varlen(dtype):
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    import inspect
-
     return varlen_attn if {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters) else None
 
 
@@ -205,7 +204,7 @@ def test_varlen_kv_cache(backend, window, dtype, num_splits):
     out, lse = fa.varlen_attn(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), return_aux=LSE(),
                               seqused_k=seqused_k, num_splits=num_splits, backend=backend, **kwargs)
     theirs = _torch_varlen(dtype)
-    if theirs is not None and "seqused_k" in __import__("inspect").signature(theirs).parameters:
+    if theirs is not None and "seqused_k" in inspect.signature(theirs).parameters:
         base = theirs(q, k, v, cu_q, cu_k, max(lengths_q), max(slots), seqused_k=seqused_k, **kwargs)
     else:
         base = ref.varlen_attn(q, k[rows], v[rows], cu_q, cu_used, **kwargs)
@@ -313,8 +312,6 @@ def test_varlen_bad_input():
 
 def test_varlen_takes_every_argument_of_torchs():
     """A call written for torch's varlen_attn runs as it is (or says which argument is not supported)."""
-    import inspect
-
     varlen = pytest.importorskip("torch.nn.attention.varlen")
     ours = inspect.signature(fa.varlen_attn).parameters
     for name, theirs in inspect.signature(varlen.varlen_attn).parameters.items():
