@@ -103,8 +103,9 @@ RowReference reference_row(const T* q, const T* dout, Key key, Value value, int 
   const auto dropped = [&](int j) { return drop.empty() ? 1.0 : drop[j]; };
   double m = -INFINITY;
   for (int j = 0; j < Lk; ++j) {
+    const T* k = key(j);
     double dot = 0;
-    for (int d = 0; d < D; ++d) dot += (double)tof(q[d]) * tof(key(j)[d]);
+    for (int d = 0; d < D; ++d) dot += (double)tof(q[d]) * tof(k[d]);
     s[j] = dot * scale;
     if (softcap > 0) {  // capped before the masks; dS takes the slope 1 - tanh^2
       const double t = std::tanh(s[j] / softcap);
@@ -121,19 +122,21 @@ RowReference reference_row(const T* q, const T* dout, Key key, Value value, int 
   if (sum > 0) r.lse = m + std::log(sum);
   double rowdot = 0;  // rowsum(dP * P), dP dropped
   for (int j = 0; j < Lk; ++j) {
+    const T* v = value(j);
     dp[j] = 0;
     for (int d = 0; d < D; ++d) {
-      out[d] += r.p[j] * dropped(j) * tof(value(j)[d]);
-      dp[j] += (double)tof(dout[d]) * tof(value(j)[d]);
+      out[d] += r.p[j] * dropped(j) * tof(v[d]);
+      dp[j] += (double)tof(dout[d]) * tof(v[d]);
     }
     dp[j] *= dropped(j);
     rowdot += dp[j] * r.p[j];
   }
   for (int j = 0; j < Lk; ++j) {
     r.ds[j] = r.p[j] * (dp[j] - rowdot) * slope[j];
+    const T* k = key(j);
     double *dk = key_grad(j), *dv = value_grad(j);
     for (int d = 0; d < D; ++d) {
-      dq[d] += scale * r.ds[j] * tof(key(j)[d]);
+      dq[d] += scale * r.ds[j] * tof(k[d]);
       dk[d] += scale * r.ds[j] * tof(q[d]);
       dv[d] += r.p[j] * dropped(j) * tof(dout[d]);
     }
