@@ -8,7 +8,9 @@ mask over the last Lq keys; the work differs by at most Lq/Lk).
 
 The same batch packed (fa.varlen_attn: query (B * Lq, H, D), the caches (B * Lk, Hkv, D) end to end, offsets every
 Lq and Lk rows), as a server batching sequences of different lengths calls it: fast_attention's packed kernels
-(Triton's splitting each sequence's keys, and with num_splits=1 not), and torch's varlen_attn on a GPU.
+(Triton's splitting each sequence's keys, and with num_splits=1 not), and torch's varlen_attn on a GPU; and the
+caches paged (block_table: pages of PAGE_SIZE rows in a shuffled pool, as a serving engine's allocator leaves them),
+which the Triton kernels read through the table.
 Run alone: `python -m bench --suite decoding` or `python bench/bench_decoding.py [--quick]`.
 """
 import functools
@@ -107,6 +109,15 @@ def providers(case: Case) -> dict:
     if "triton" in timed:
         made["fa:triton packed num_splits=1"] = packed(functools.partial(fa.varlen_attn, enable_gqa=True,
                                                                          backend="triton", num_splits=1))
+
+        def paged_setup():
+            q, k, v = (t.flatten(0, 1) for t in _qkv(p, "BLHD"))
+            k_pool, v_pool, table, used = paged(k, v, p["B"], p["Lk"])
+            cu_q = _offsets(p["B"], p["Lq"])
+            return directed("forward", lambda: fa.varlen_attn(q, k_pool, v_pool, cu_q, None, p["Lq"], p["Lk"],
+                                                              enable_gqa=True, seqused_k=used, block_table=table,
+                                                              backend="triton"), ())
+        made["fa:triton paged"] = paged_setup
     torch_varlen = _torch_varlen()
     if torch_varlen is not None:
         made["torch.varlen_attn"] = packed(functools.partial(torch_varlen, enable_gqa=True))
@@ -143,12 +154,38 @@ def _torch_varlen():
     return varlen_attn if "enable_gqa" in inspect.signature(varlen_attn).parameters else None
 
 
-def packed_attention(query, key, value, backend=None):
-    """fa.varlen_attn on a (B, H, L, D) batch packed, (B * L, H, D), and its output back as (B, H, Lq, D)."""
+PAGE_SIZE = 16  # vLLM's default block size
+
+
+def paged(k, v, B: int, Lk: int):
+    """Packed caches k, v (B * Lk, Hkv, D) moved into pools of PAGE_SIZE-row pages in a shuffled order: the pools,
+    the block table and seqused_k, fa.varlen_attn's arguments for them."""
+    per_seq = -(-Lk // PAGE_SIZE)
+    order = torch.randperm(B * per_seq, device=k.device)  # where each sequence's j-th page lands in the pool
+    pools = []
+    for t in (k, v):
+        pages = F.pad(t.unflatten(0, (B, Lk)), (0, 0, 0, 0, 0, per_seq * PAGE_SIZE - Lk))
+        pool = torch.empty((B * per_seq, PAGE_SIZE, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        pool[order] = pages.reshape(B * per_seq, PAGE_SIZE, *t.shape[1:])
+        pools.append(pool)
+    used = torch.full((B,), Lk, dtype=torch.int32, device=k.device)
+    return *pools, order.view(B, per_seq).to(torch.int32), used
+
+
+def paged_varlen(q, k, v, cu_q, cu_k, max_q, max_k, backend=None):
+    """fa.varlen_attn with the packed caches paged (paged(): copied on every call, so for checks, not timing)."""
+    k_pool, v_pool, table, used = paged(k, v, cu_k.shape[0] - 1, max_k)
+    return fa.varlen_attn(q, k_pool, v_pool, cu_q, None, max_q, max_k, enable_gqa=True, seqused_k=used,
+                          block_table=table, backend=backend)
+
+
+def packed_attention(query, key, value, backend=None, paged=False):
+    """fa.varlen_attn on a (B, H, L, D) batch packed, (B * L, H, D), or with its caches paged, and its output back as
+    (B, H, Lq, D)."""
     B, _, Lq, _ = query.shape
     q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))
-    out = fa.varlen_attn(q, k, v, _offsets(B, Lq), _offsets(B, key.shape[2]), Lq, key.shape[2], enable_gqa=True,
-                         backend=backend)
+    attend = paged_varlen if paged else functools.partial(fa.varlen_attn, enable_gqa=True)
+    out = attend(q, k, v, _offsets(B, Lq), _offsets(B, key.shape[2]), Lq, key.shape[2], backend=backend)
     return out.unflatten(0, (B, Lq)).transpose(1, 2)
 
 
@@ -169,17 +206,19 @@ def checks(mode: Mode) -> list:
                     lambda **t: reference.scaled_dot_product_attention(**t, enable_gqa=True), inputs, grad=False)
             out.append(Check(f"decode {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}", run))
 
-            def run_packed(backend, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=dtype):
+            def run_packed(backend, B=B, H=H, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, dtype=dtype, paged=False):
                 inputs = {"query": torch.randn(B, H, Lq, D, device=DEVICE, dtype=dtype),
                           "key": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype),
                           "value": torch.randn(B, Hkv, Lk, D, device=DEVICE, dtype=dtype)}
-                return triplets(lambda **t: packed_attention(**t, backend=backend),
+                return triplets(lambda **t: packed_attention(**t, backend=backend, paged=paged),
                                 lambda **t: F.scaled_dot_product_attention(**t, enable_gqa=True),
                                 lambda **t: reference.scaled_dot_product_attention(**t, enable_gqa=True), inputs,
                                 grad=False)
             if Lk >= 1024:  # the split-KV path of packed sequences
                 out.append(Check(f"decode packed {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}",
                                  run_packed))
+                out.append(Check(f"decode paged {dtype_name(dtype)} B{B} H{H}/{Hkv} Lq{Lq} Lk{Lk} D{D}",
+                                 functools.partial(run_packed, paged=True)))
     return out
 
 

@@ -115,9 +115,10 @@ def _problems(row) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ attention jobs
-def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8, varlen=False):
+def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8, varlen=False, page_size=0):
     """Runtime arguments of contiguous (B, H, L, D) q, k, v, dO and outputs, and an expanded (Lq, Lk) mask; with
-    varlen, packed (total, heads, D) tensors of B sequences of up to Lq and Lk rows."""
+    varlen, packed (total, heads, D) tensors of B sequences of up to Lq and Lk rows; with a page size, k and v
+    pools of pages of it (the forward's PAGED)."""
     q_strides = (0, D, H * D, 1) if varlen else (H * Lq * D, Lq * D, D, 1)
     kv_strides = (0, D, Hkv * D, 1) if varlen else (Hkv * Lk * D, Lk * D, D, 1)
     mask_strides = (0, 0, Lk, 1) if mask_kind else (0, 0, 0, 0)
@@ -126,7 +127,8 @@ def _attn_scalars(dtype, D, Lq, Lk, mask_kind, B=2, H=8, Hkv=8, varlen=False):
              Delta=torch.float32, DQ=dtype, DMask=torch.float32, DK=dtype, DV=dtype, H=H, Hkv=Hkv, GROUP=H // Hkv,
              Lq=Lq, Lk=Lk, qk_scale=0.1, softcap=72.0, win_left=255, win_right=0, scale=0.1, dropout_p=0.1,
              dropout_scale=1.1, seed=2**40 + 7, CuQ=torch.int32, CuK=torch.int32, KEnd=torch.int32,
-             total_q=B * Lq if varlen else 0)
+             total_q=B * Lq if varlen else 0, BlockTable=torch.int32, sbt=Lk // max(page_size, 1),
+             page_size=max(page_size, 1), skp=page_size * Hkv * D, svp=page_size * Hkv * D)
     for prefix, strides in (("sq", q_strides), ("sk", kv_strides), ("sv", kv_strides), ("sm", mask_strides),
                             ("sdo", q_strides), ("sdq", q_strides), ("sdk", kv_strides), ("sdv", kv_strides)):
         v.update(zip((prefix + s for s in "bhmd"), strides))
@@ -193,7 +195,7 @@ def attention_jobs(full: bool, arch: int):
                                       num_splits=1)
                         const = dict(_flags(dtype, D, causal, mask, drop, cap, win), **c.kwargs)
                         if kind == "fwd":
-                            const.update(PACK_GQA=False, PDL=False)  # offline, every constexpr needs a value
+                            const.update(PACK_GQA=False, PDL=False, PAGED=False)  # offline, every constexpr needs one
                         if kind == "dq":
                             const.update(MASK_GRAD=bias_grad)
                         label = f"attn_{kind} {_SHORT[dtype]} D{D}"
@@ -212,7 +214,7 @@ def attention_jobs(full: bool, arch: int):
                                   num_splits=1)
                     const = dict(_flags(dtype, D, False, 0, False, cap, win, varlen=True), **c.kwargs)
                     if kind == "fwd":
-                        const.update(PACK_GQA=False, PDL=False)
+                        const.update(PACK_GQA=False, PDL=False, PAGED=False)
                     if kind == "dq":
                         const.update(MASK_GRAD=False)
                     cfg = (f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} varlen{' win' if win else ''}"
@@ -231,20 +233,24 @@ def attention_jobs(full: bool, arch: int):
                     values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D,
                                   stats_split_stride=16 * Lq_dec, keys_per_split=512, num_splits=16)
                     const = dict(_flags(dtype, D, causal, mask, drop, cap, win), BLOCK_M=dc["BLOCK_M"],
-                                 BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl, VARLEN=False)
+                                 BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl, VARLEN=False,
+                                 PAGED=False)
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} c{int(causal)} m{mask} p{int(drop)}"
                                  f"{' cap' if cap else ''}{' win' if win else ''}",
                                  (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
-                # Packed sequences' decoding (varlen_attn, _varlen_split_plan), causal
+                # Packed sequences' decoding (varlen_attn, _varlen_split_plan), causal, and from a paged KV cache
                 dc = A._decode_config(A._block(D), torch.tensor([], dtype=dtype).element_size(), 4 * Lq_dec, False)
-                values = _attn_scalars(dtype, D, Lq_dec, 8192, 0, Hkv=2, varlen=True)
-                values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D, stats_split_stride=16 * Lq_dec,
-                              keys_per_split=512, num_splits=16)
-                const = dict(_flags(dtype, D, False, 0, False, False, True, varlen=True), BLOCK_M=dc["BLOCK_M"],
-                             BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl)
-                jobs.append((f"attn_decode {_SHORT[dtype]} D{D}", f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} varlen win",
-                             (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
+                for page_size in (0, 256):
+                    values = _attn_scalars(dtype, D, Lq_dec, 8192, 0, Hkv=2, varlen=True, page_size=page_size)
+                    values.update(Out=torch.float32, out_split_stride=2 * 8 * Lq_dec * D,
+                                  stats_split_stride=16 * Lq_dec, keys_per_split=512, num_splits=16)
+                    const = dict(_flags(dtype, D, False, 0, False, False, True, varlen=True), BLOCK_M=dc["BLOCK_M"],
+                                 BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl,
+                                 PAGED=page_size > 0)
+                    jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
+                                 f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} varlen win{' paged' if page_size else ''}",
+                                 (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
             for splits, varlen in ((2, False), (128, False), (16, True)):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
                               Max=torch.float32, LogSum=torch.float32, num_splits=splits, out_split_stride=16 * D,

@@ -15,8 +15,8 @@ Backend interface (2-D row ops get contiguous (M, N) inputs; attention gets (B, 
     attention_backward(dout, q, k, v, out, stats, mask|None, is_causal, scale, dropout_p, seed, softcap, mask_grad,
                        window) -> (dq, dk, dv), and with mask_grad (dq, dk, dv, dmask fp32 (B, H, Lq, Lk))
     attention_weights(q, k, stats, mask|None, is_causal, scale, softcap, window) -> probabilities fp32 (B, H, Lq, Lk)
-    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap, seqused_k, num_splits)
-        -> (out, stats fp32 (2, H, total_q))
+    varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap, seqused_k, num_splits,
+                   block_table) -> (out, stats fp32 (2, H, total_q))
     varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q, max_k, scale, window, softcap)
         -> (dq, dk, dv)
     unsupported(op, **args) -> None, or a sentence saying why this backend cannot run the call
@@ -40,6 +40,9 @@ sequence (query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right), Fl
 seqused_k is None or int32 (B,), a KV cache's used keys: sequence b's first seqused_k[b] keys are its Lk (forward
 only: the op refuses a gradient). num_splits is torch's: None (the backend's choice), 1 (never split a sequence's
 keys: each output then independent of the batch, bit for bit) or n > 1; a backend that never splits ignores it.
+block_table is None or int32 (B, pages per sequence), a paged KV cache (with seqused_k; forward only): k and v are
+then pools of pages (pages, page_size, Hkv, .), sequence b's keys the first seqused_k[b] rows of its pages, in the
+table's order, and cu_seq_k is not read (a backend without paging says so in unsupported(): block_table).
 """
 from __future__ import annotations
 

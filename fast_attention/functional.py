@@ -121,7 +121,7 @@ def scaled_dot_product_attention_with_weights(query: Tensor, key: Tensor, value:
     return out, weights if weights.shape == shape else weights.reshape(shape)
 
 
-def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor | None, max_q: int,
                 max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
                 enable_gqa: bool = False, seqused_k: Tensor | None = None, block_table: Tensor | None = None,
                 num_splits: int | None = None, backend: str | None = None, sinks: Tensor | None = None,
@@ -148,15 +148,22 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     1 never splits and takes a tile not tuned by the batch's lengths, so each sequence's output is bitwise the
     same whatever the other sequences in the batch; n > 1 splits n ways. The CUDA kernels (whose tiles depend on
     the head dim alone) and the reference never split: their outputs are batch-invariant.
-    Paged caches (torch's block_table) are not supported: NotImplementedError.
+    block_table (B, pages per sequence) int32, torch's paged KV caches (with seqused_k; inference only): key and
+    value are then pools of pages, (pages, page_size, Hkv, E) and (.., Ev), and sequence b's keys are the first
+    seqused_k[b] rows of its pages block_table[b, 0], block_table[b, 1], .. (any page size; cu_seq_k is not read
+    and may be None, as in torch). The Triton kernels gather each key's row from its page, the reference unpages
+    them first; the CUDA kernels read no pages (backend=None takes Triton on a GPU).
     """
-    _varlen.check_torch_only(block_table, num_splits)
+    _varlen.check_num_splits(num_splits)
     scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,
-                                          enable_gqa, sinks, softcap, seqused_k)
+                                          enable_gqa, sinks, softcap, seqused_k, block_table)
+    if cu_seq_k is None:  # with pages (check() refused it without): the op's schema takes a tensor
+        cu_seq_k = cu_seq_q
     name = backends.resolve("varlen_attention", backend, query.device, query=query, key=key, value=value,
-                            max_q=max_q, max_k=max_k, window=_attention.window(*sides), softcap=softcap)
+                            max_q=max_q, max_k=max_k, window=_attention.window(*sides), softcap=softcap,
+                            block_table=block_table)
     out, stats = call(_varlen.varlen_attention, query, key, value, cu_seq_q, cu_seq_k, int(max_q), int(max_k),
-                      scale, name, *sides, sinks, softcap, seqused_k, num_splits)
+                      scale, name, *sides, sinks, softcap, seqused_k, num_splits, block_table)
     if out.dtype != query.dtype:  # with sinks (fast_attention/ops/varlen.py)
         out = out.to(query.dtype)
     if return_aux is not None and getattr(return_aux, "lse", False):

@@ -101,14 +101,18 @@ def attention_and_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_c
 
 
 def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *, scale=None,
-                window_size=(-1, -1), enable_gqa=False, sinks=None, softcap=None, seqused_k=None) -> Tensor:
+                window_size=(-1, -1), enable_gqa=False, sinks=None, softcap=None, seqused_k=None,
+                block_table=None) -> Tensor:
     """torch.nn.attention.varlen.varlen_attn, written out: packed sequences, query (total_q, H, E), key
     (total_k, Hkv, E), value (total_k, Hkv, Ev); sequence b is rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of query
     and cu_seq_k[b] .. cu_seq_k[b + 1] - 1 of key and value, attended on its own with scaled_dot_product_attention.
     window_size (left, right) aligns bottom-right in each sequence: query i of Lq sees keys i + (Lk - Lq) - left ..
     i + (Lk - Lq) + right ((-1, 0) is causal). A sequence without keys gives zeros. max_q and max_k are unused (the
-    lengths come from the offsets); seqused_k (B,): sequence b's first seqused_k[b] keys only (its Lk); sinks and
-    softcap as scaled_dot_product_attention takes them."""
+    lengths come from the offsets); seqused_k (B,): sequence b's first seqused_k[b] keys only (its Lk); with
+    block_table a paged cache (unpage); sinks and softcap as scaled_dot_product_attention takes them."""
+    if block_table is not None:
+        key, value, cu_seq_k = unpage(key, value, block_table, seqused_k)
+        seqused_k = None
     out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
     window = None if tuple(window_size) == (-1, -1) else tuple(window_size)
     for rows_q, _, q, k, v, mask in _packed_sequences(query, key, value, cu_seq_q, cu_seq_k, window, seqused_k):
@@ -116,6 +120,19 @@ def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q=None, max_k=None, *
                                          softcap=softcap)
         out = out.index_copy(0, torch.arange(rows_q.start, rows_q.stop, device=out.device), o[0].transpose(0, 1))
     return out
+
+
+def unpage(key: Tensor, value: Tensor, block_table: Tensor, seqused_k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A paged KV cache (torch's block_table) gathered into packed keys and values: key and value are pools of pages
+    (pages, page_size, Hkv, .), sequence b's keys the first seqused_k[b] rows of its pages block_table[b, 0],
+    block_table[b, 1], ..; returns key and value (total_k, Hkv, .) and their offsets cu_seq_k (int32, B + 1)."""
+    page_size = key.shape[1]
+    used = seqused_k.tolist()
+    rows = [block_table[b, n // page_size].long() * page_size + n % page_size
+            for b, n in enumerate(torch.arange(u, device=key.device) for u in used)]
+    rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=key.device)
+    cu_seq_k = torch.tensor([0] + used, dtype=torch.int32, device=key.device).cumsum(0, dtype=torch.int32)
+    return key.flatten(0, 1)[rows], value.flatten(0, 1)[rows], cu_seq_k
 
 
 def sequences(cu_seq_q: Tensor, cu_seq_k: Tensor, seqused_k: Tensor | None = None) -> list[tuple[slice, slice]]:
@@ -312,9 +329,12 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
                    window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k: Tensor | None = None,
-                   num_splits: int | None = None):
+                   num_splits: int | None = None, block_table: Tensor | None = None):
     """Each packed sequence through attention_forward, its window as a bottom-right aligned mask; rows outside
-    every sequence, and sequences without keys, are dead rows (zeros, max -inf)."""
+    every sequence, and sequences without keys, are dead rows (zeros, max -inf). A paged cache is unpaged first."""
+    if block_table is not None:
+        k, v, cu_seq_k = unpage(k, v, block_table, seqused_k)
+        seqused_k = None
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     stats = torch.zeros((2, q.shape[1], q.shape[0]), dtype=compute_dtype(q), device=q.device)
     stats[0] = float("-inf")

@@ -31,7 +31,8 @@ Packed sequences (VARLEN, torch's varlen_attn): q (total_q, H, D), k and v (tota
 end at int32 offsets cu_seq_q / cu_seq_k. The grid is the dense one for B sequences of the longest lengths; each
 program reads its sequence's offsets (_sequence) and places its rows there, programs past a shorter sequence's end
 read nothing, and the window aligns bottom-right in each sequence. Out is (total_q, H, Dv), stats (2, H, total_q).
-With a KV cache's seqused_k (the forward only) sequence b's keys end after its first seqused_k[b] rows.
+With a KV cache's seqused_k (the forward only) sequence b's keys end after its first seqused_k[b] rows; with a
+paged one (PAGED, torch's block_table) K and V are pools of pages and each key's row is looked up in the table.
 
 The backward never uses atomics: dK/dV programs own a key block (and loop over the query blocks of every query
 head of their GQA group), dQ programs own a query block, so two runs give bitwise equal gradients.
@@ -203,6 +204,16 @@ def _probabilities(s, m, log_sum, lse, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def _page_rows(pages, offs_n, n_ok, page_size, skp, skn, svp, svn):
+    """A paged KV cache: key n of the sequence is row n % page_size of page pages[n // page_size] (pages: the
+    sequence's row of the block table). The int64 offsets of those rows in K and V (pages may lie anywhere in the
+    pool); keys not n_ok read page 0 and are masked by the caller."""
+    page = tl.load(pages + offs_n // page_size, mask=n_ok, other=0).to(tl.int64)
+    slot = (offs_n % page_size).to(tl.int64)
+    return page * skp + slot * skn, page * svp + slot * svn
+
+
+@triton.jit
 def _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, TMA: tl.constexpr):
     """With TMA, (Lk, D) tensor descriptors of one kv head's K and V, read BLOCK_N rows at a time: Hopper's copy
@@ -224,13 +235,14 @@ def _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM: tl.constexpr, HEAD_D
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m, rng_rows,
                start, end, k_end, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right, dropout_p,
-               dropout_scale, seed, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, CAUSAL_TILE: tl.constexpr,
-               WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-               IEEE: tl.constexpr, TMA: tl.constexpr, EDGE: tl.constexpr):
+               dropout_scale, seed, pages, page_size, skp, svp, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+               CAUSAL_TILE: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
+               UPCAST: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, PAGED: tl.constexpr, EDGE: tl.constexpr):
     """The online softmax over key blocks [start, end): returns the updated (acc, l, m), m in base 2. With TMA the
     K and V blocks come through the tensor descriptors (zero-filled past Lk and the head dim), else through
-    pointer loads. Only EDGE tiles may hold keys at or past k_end, so only they test for them."""
+    pointer loads; PAGED (a paged KV cache) gathers each key's row from its page (_page_rows). Only EDGE tiles may
+    hold keys at or past k_end, so only they test for them."""
     arange_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -239,7 +251,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + arange_n
         n_ok = _keys_ok(offs_n, k_end, EDGE)
-        if TMA:
+        if PAGED:
+            k_rows, v_rows = _page_rows(pages, offs_n, n_ok, page_size, skp, skn, svp, svn)
+            kt = tl.load(k_base + k_rows[None, :] + offs_d[:, None] * skd,
+                         mask=(offs_d[:, None] < HEAD_DIM) & n_ok[None, :], other=0.0)
+        elif TMA:
             kt = tl.trans(k_desc.load([start_n, 0]))
         else:
             kt = tl.load(k_base + tl.cast(start_n, tl.int64) * skn + kt_tile,
@@ -258,7 +274,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_
         if DROPOUT:
             keep = _keep(seed, rng_rows[:, None] + offs_n[None, :], dropout_p)
             p = tl.where(keep, p * dropout_scale, 0.0)
-        if TMA:
+        if PAGED:
+            v = tl.load(v_base + v_rows[:, None] + offs_dv[None, :] * svd,
+                        mask=n_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        elif TMA:
             # Rows in [k_end, Lk) are real keys of another split or past the causal limit; their p is exactly 0.
             v = v_desc.load([start_n, 0])
         else:
@@ -276,11 +295,12 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
               sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smm, smn,
               out_split_stride, stats_split_stride,
               H, GROUP, Lq, Lk, keys_per_split, num_splits, qk_scale, softcap, win_left, win_right, dropout_p,
-              dropout_scale, seed, CuQ, CuK, KEnd, total_q, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              WINDOW: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-              PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, PDL: tl.constexpr = False):
+              dropout_scale, seed, CuQ, CuK, KEnd, total_q, BlockTable, sbt, page_size, skp, svp,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, TMA: tl.constexpr, PACK_GQA: tl.constexpr, VARLEN: tl.constexpr,
+              PAGED: tl.constexpr, PDL: tl.constexpr = False):
     """One program: BLOCK_M query rows against the keys of one split. The rows are queries of one (b, h), or with
     PACK_GQA (decoding) the queries of all GROUP heads that share one kv head, head-major (row r is query r % Lq
     of head hkv * GROUP + r // Lq), so each K and V block is read once for the whole group.
@@ -294,6 +314,10 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     skb, svb 0. Out is (num_splits, total_q, H, Dv), Max and LogSum (num_splits, H, total_q), contiguous; split s
     takes keys s * keys_per_split .. of each sequence (none past a shorter one's keys); PACK_GQA packs the
     sequence's queries of a group's heads.
+
+    PAGED (with VARLEN: a paged KV cache, torch's block_table): K and V are pools of pages (pages, page_size, Hkv,
+    .), page stride skp / svp, slot stride skn / svn; key n of sequence b is in page BlockTable[b, n // page_size]
+    (row stride sbt), and its sequence's keys start at 0 (CuK is zeros, KEnd its used keys: _varlen_args).
     """
     pid = tl.program_id(0)
     n_rows = Lq * GROUP if PACK_GQA else Lq
@@ -333,6 +357,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
     v_base = V + b * svb + k0 * svn + hkv * svh
     k_desc, v_desc = _kv_descriptors(k_base, v_base, Lk, skn, svn, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV,
                                      TMA)
+    pages = BlockTable + b * sbt
     mask_rows = (Mask + b * smb + h * smh + offs_m.to(tl.int64) * smm)[:, None]  # (BLOCK_M, 1)
     rng_rows = (bh * Lq + offs_m) * Lk  # int64 dropout counters of (i, 0)
 
@@ -376,22 +401,25 @@ def _attn_fwd(Q, K, V, Mask, Out, Max, LogSum,
         inner_lo, inner_hi = _window_inner(lo, mid, first, last, win_left, win_right, BLOCK_N)
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                    rng_rows, lo, inner_lo, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
-                                   win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                   BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
+                                   win_right, dropout_p, dropout_scale, seed, pages, page_size, skp, svp, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP,
+                                   UPCAST, IEEE, TMA, PAGED, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                rng_rows, inner_lo, inner_hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
-                               win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                               BLOCK_N, MASK_KIND, False, INNER_WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA,
-                               EDGE_FIRST)
+                               win_right, dropout_p, dropout_scale, seed, pages, page_size, skp, svp, HEAD_DIM,
+                               HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, INNER_WINDOW, DROPOUT,
+                               SOFTCAP, UPCAST, IEEE, TMA, PAGED, EDGE_FIRST)
     if SPLIT:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                    rng_rows, inner_hi, mid, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left,
-                                   win_right, dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV,
-                                   BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, EDGE_FIRST)
+                                   win_right, dropout_p, dropout_scale, seed, pages, page_size, skp, svp, HEAD_DIM,
+                                   HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, False, True, DROPOUT, SOFTCAP,
+                                   UPCAST, IEEE, TMA, PAGED, EDGE_FIRST)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, mask_rows, row_ok, offs_m,
                                rng_rows, mid, hi, hi, skn, skd, svn, svd, smn, qk_scale, softcap, win_left, win_right,
-                               dropout_p, dropout_scale, seed, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N,
-                               MASK_KIND, IS_CAUSAL, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE, TMA, True)
+                               dropout_p, dropout_scale, seed, pages, page_size, skp, svp, HEAD_DIM, HEAD_DIM_V,
+                               BLOCK_D, BLOCK_DV, BLOCK_N, MASK_KIND, IS_CAUSAL, WINDOW, DROPOUT, SOFTCAP, UPCAST, IEEE,
+                               TMA, PAGED, True)
     if PDL:  # the combine may start its set-up now; it reads nothing before this grid has finished
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -863,7 +891,9 @@ def _tma_ok(kind, named) -> bool:
     """Whether the tensors `kind` streams can be read through descriptors: 16-bit, a unit head-dim stride,
     16-byte aligned base pointers and batch/head/row strides (what the copy engine requires), positive strides in
     the descriptor's own dims (a broadcast, stride-0 dim is left to pointer loads), and on a GPU sm_90 or newer
-    (the interpreter emulates descriptors)."""
+    (the interpreter emulates descriptors). A paged KV cache (PAGED) is gathered row by row: no descriptor."""
+    if named.get("PAGED"):
+        return False
     for name, prefix, dims in _TMA_READS[kind]:
         t = named[name]
         elem = t.element_size()
@@ -945,7 +975,7 @@ def _configs(kind):
 
 
 def _tuning_key(kind) -> list[str]:
-    return _TUNING_KEY + ["MASK_GRAD"] if kind == "dq" else _TUNING_KEY
+    return _TUNING_KEY + {"dq": ["MASK_GRAD"], "fwd": ["PAGED"]}.get(kind, [])
 
 
 def _tuned(kernel, kind):
@@ -1069,14 +1099,26 @@ def _score_args(scale, softcap, window, far):
                 win_right=far if right < 0 else min(right, far))
 
 
-def _varlen_args(q, cu_seq_q=None, cu_seq_k=None, seqused_k=None):
+def _varlen_args(q, cu_seq_q=None, cu_seq_k=None, seqused_k=None, paged=False):
     """The kernels' VARLEN arguments: packed sequences' offsets (int32, B + 1), where each sequence's keys end
     (KEnd, B: the next offset, or with seqused_k the first row past the used keys) and the packed query rows; or
-    placeholders (never read) without them."""
+    placeholders (never read) without them. paged: each sequence's keys are its pages' rows 0 .. seqused_k[b] - 1
+    (_paged_args), cu_seq_k unread."""
     if cu_seq_q is None:
         return dict(CuQ=q, CuK=q, KEnd=q, total_q=0, VARLEN=False)
+    if paged:
+        return dict(CuQ=cu_seq_q, CuK=torch.zeros_like(cu_seq_q), KEnd=seqused_k, total_q=q.shape[0], VARLEN=True)
     ends = cu_seq_k[1:] if seqused_k is None else cu_seq_k[:-1] + seqused_k
     return dict(CuQ=cu_seq_q, CuK=cu_seq_k, KEnd=ends, total_q=q.shape[0], VARLEN=True)
+
+
+def _paged_args(q, k=None, v=None, block_table=None):
+    """The forward's PAGED arguments: a paged KV cache's block table (int32 (B, pages per sequence)), the page
+    size and the pool's page strides; or placeholders (never read) without one."""
+    if block_table is None:
+        return dict(BlockTable=q, sbt=0, page_size=1, skp=0, svp=0, PAGED=False)
+    return dict(BlockTable=block_table, sbt=block_table.stride(0), page_size=k.shape[1], skp=k.stride(0),
+                svp=v.stride(0), PAGED=True)
 
 
 def _dropout_args(dropout_p, seed):
@@ -1145,8 +1187,8 @@ def _forward(q, k, v, mask, is_causal, scale, softcap, window, dropout_p, seed, 
     mask_t, _, mask_strides = _mask_args(mask, q)
     args = (q, k, v, mask_t, out, row_max, log_sum, *q.stride(), *k.stride(), *v.stride(), *mask_strides)
     kwargs = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, **_score_args(scale, softcap, window, max(Lq, Lk)),
-                  **_dropout_args(dropout_p, seed), **_varlen_args(q), HEAD_DIM_V=Dv, BLOCK_DV=_block(Dv),
-                  **_flags(q, mask, is_causal, dropout_p, softcap, window))
+                  **_dropout_args(dropout_p, seed), **_varlen_args(q), **_paged_args(q), HEAD_DIM_V=Dv,
+                  BLOCK_DV=_block(Dv), **_flags(q, mask, is_causal, dropout_p, softcap, window))
     if plan is None:
         _launch("fwd", lambda meta: (cdiv(Lq, meta["BLOCK_M"]) * B * H,), *args, 0, 0, keys_per_split=Lk,
                 num_splits=1, PACK_GQA=False, **kwargs)
@@ -1297,29 +1339,43 @@ def varlen_unsupported(query, key, value, max_q=0, max_k=0, window=None, **_) ->
     return None
 
 
-def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k=None) -> dict:
+def _varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k=None,
+                   paged=False) -> dict:
     """The arguments every packed-sequence launch passes alike: lengths, scores, no dropout, the offsets, flags."""
     return dict(Lq=max_q, Lk=max_k, **_score_args(scale, softcap, window, max_q + max_k), **_dropout_args(0.0, 0),
-                **_varlen_args(q, cu_seq_q, cu_seq_k, seqused_k), HEAD_DIM_V=v.shape[-1], BLOCK_DV=_block(v.shape[-1]),
-                **_flags(q, None, False, 0.0, softcap, window))
+                **_varlen_args(q, cu_seq_q, cu_seq_k, seqused_k, paged), HEAD_DIM_V=v.shape[-1],
+                BLOCK_DV=_block(v.shape[-1]), **_flags(q, None, False, 0.0, softcap, window))
+
+
+def _paged_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """A page pool (pages, page_size, heads, D) in the kernels' (batch, head, row, column) order: the rows are a
+    page's slots, the batch stride 0 (the block table places each page; its stride is passed apart)."""
+    return 0, t.stride(2), t.stride(1), t.stride(3)
 
 
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,
-                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k=None, num_splits=None):
+                   window: tuple[int, int] | None = None, softcap: float = 0.0, seqused_k=None, num_splits=None,
+                   block_table=None):
     """Packed sequences (VARLEN): q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), sequence b's
     queries at rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 and keys likewise (int32, B + 1), or with seqused_k (int32,
     B) its first seqused_k[b] keys, at most max_q and max_k of them; the window aligned bottom-right in each
     sequence (_sequence) -> out (total_q, H, Dv), stats fp32 (2, H, total_q). Decoding splits each sequence's keys
-    as the dense call's does (_varlen_split_plan; num_splits as torch's)."""
-    q, k, v = _packed(q), _packed(k), _packed(v)
+    as the dense call's does (_varlen_split_plan; num_splits as torch's). With block_table (int32 (B, pages per
+    sequence), and seqused_k) k and v are a paged cache, (pages, page_size, Hkv, .): sequence b's keys are the
+    first seqused_k[b] rows of its pages block_table[b, 0], block_table[b, 1], .. (cu_seq_k unread)."""
+    paged = block_table is not None
+    q = _packed(q)
+    # a paged row's offset is int64 (_page_rows); only the head dim's stride enters the int32 tile offsets
+    k, v = (_tileable(k), _tileable(v)) if paged else (_packed(k), _packed(v))
     B = cu_seq_q.shape[0] - 1
     total_q, H, _ = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
+    Hkv, Dv = k.shape[-2], v.shape[-1]
     out = torch.empty((total_q, H, Dv), dtype=q.dtype, device=q.device)
     stats = torch.empty((2, H, total_q), dtype=torch.float32, device=q.device)
-    strides = (*_packed_strides(q), *_packed_strides(k), *_packed_strides(v), 0, 0, 0, 0)
-    kwargs = dict(H=H, GROUP=H // Hkv,
-                  **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k))
+    kv_strides = _paged_strides if paged else _packed_strides
+    strides = (*_packed_strides(q), *kv_strides(k), *kv_strides(v), 0, 0, 0, 0)
+    kwargs = dict(H=H, GROUP=H // Hkv, **_paged_args(q, k, v, block_table),
+                  **_varlen_kwargs(q, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, window, seqused_k, paged))
     plan = _varlen_split_plan(q, Hkv, B, max_q, max_k, num_splits)
     if plan is None:
         # num_splits=1 promises a sequence the same bits in any batch: no config tuned by the batch's lengths

@@ -218,6 +218,62 @@ def test_varlen_kv_cache(backend, window, dtype, num_splits):
     torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
 
 
+def _pages(k, v, used, page_size, spare=2):
+    """Packed keys and values (total, Hkv, .) of sequences of `used` rows copied into pools of pages of page_size
+    rows, in a random order among spare pages: the pools (pages, page_size, Hkv, .), NaN wherever no key was
+    copied, the value pool a view of every other head-dim-sized slot of a wider buffer (so the two page strides
+    differ), and the block table (int32, (B, the most pages a sequence uses + 1)), whose entries past a sequence's
+    pages point at a NaN page."""
+    counts = [-(-n // page_size) for n in used]
+    order = torch.randperm(sum(counts) + spare).tolist()
+    pools = [torch.full((len(order), page_size, t.shape[1], t.shape[2] * width), float("nan"), dtype=t.dtype,
+                        device=DEVICE)[..., :t.shape[2]] for t, width in ((k, 1), (v, 2))]
+    table = torch.full((len(used), max(counts) + 1), order[-1], dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(used):
+        for j in range(counts[b]):
+            page, rows = order.pop(0), slice(start + j * page_size, start + min((j + 1) * page_size, n))
+            table[b, j] = page
+            for pool, t in zip(pools, (k, v)):
+                pool[page, :rows.stop - rows.start] = t[rows]
+        start += n
+    return *pools, table.to(DEVICE)
+
+
+@pytest.mark.parametrize("window,dtype,num_splits,page_size", [((-1, 0), torch.float32, None, 16),
+                                                               ((-1, -1), torch.float16, 3, 5),
+                                                               ((4, 0), torch.float32, 1, 1)])
+def test_varlen_paged_kv_cache(backend, window, dtype, num_splits, page_size):
+    """torch's block_table: each sequence's cached keys spread over pages of a shared pool, in any order, the last
+    page part filled; its window aligns to its seqused_k keys, and no other row is read (NaN here), split-KV or
+    not. The oracle is the plain call on the used keys packed end to end. The CUDA kernels refuse it."""
+    lengths_q, used = [1, 3, 0, 20, 2], [33, 0, 7, 25, 8]
+    H, Hkv, D = 4, 2, 16
+    cu_q, cu_used = _offsets(lengths_q), _offsets(used)
+    seqused_k = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    dtype = torch.float16 if backend == "cuda" else dtype
+    q = torch.randn(sum(lengths_q), H, D, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(sum(used), Hkv, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    pool_k, pool_v, table = _pages(k, v, used, page_size)
+    kwargs = dict(window_size=window, enable_gqa=True)
+    call = dict(seqused_k=seqused_k, block_table=table, num_splits=num_splits, backend=backend, **kwargs)
+    if backend == "cuda":
+        with pytest.raises(NotImplementedError, match="backend='cuda'.*no paged KV cache"):
+            fa.varlen_attn(q, pool_k, pool_v, cu_q, None, max(lengths_q), max(used), **call)
+        return
+
+    out, lse = fa.varlen_attn(q, pool_k, pool_v, cu_q, None, max(lengths_q), max(used), return_aux=LSE(), **call)
+    base = ref.varlen_attn(q, k, v, cu_q, cu_used, **kwargs)
+    exact = ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_used, **kwargs)
+    assert torch.equal(ref.varlen_attn(q.double(), pool_k.double(), pool_v.double(), cu_q, None,
+                                       seqused_k=seqused_k, block_table=table, **kwargs), exact)
+    assert_close(out, base, exact, "output")
+    expected_lse = _lse_reference(q, k, cu_q, cu_used, 1 / math.sqrt(D), window)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
+    live = torch.isfinite(expected_lse)
+    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+
+
 def test_varlen_kv_cache_is_for_inference():
     """As torch's: seqused_k takes no gradient (NotImplementedError, which is the RuntimeError torch raises);
     under torch.no_grad, or with inputs that need none, it runs."""
@@ -292,8 +348,16 @@ def test_varlen_bad_input():
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=cu.diff().long())
     with pytest.raises(TypeError, match="varlen_attn: seqused_k must be None or a torch.Tensor"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=[4, 6])
-    with pytest.raises(NotImplementedError, match=r"varlen_attn: block_table \(paged KV caches\) is not supported"):
-        fa.varlen_attn(q, q, q, cu, cu, 6, 6, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+    pool, table = q.reshape(5, 2, 2, 16), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    filled = torch.tensor([4, 3], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"varlen_attn: with block_table, key must be a 4-D pool of pages, \(pages, page size"):
+        fa.varlen_attn(q, q, pool, cu, None, 6, 6, seqused_k=filled, block_table=table)
+    with pytest.raises(ValueError, match="varlen_attn: block_table needs seqused_k"):
+        fa.varlen_attn(q, pool, pool, cu, None, 6, 6, block_table=table)
+    with pytest.raises(ValueError, match=r"varlen_attn: block_table must be int32 of shape \(2, pages per sequence"):
+        fa.varlen_attn(q, pool, pool, cu, None, 6, 6, seqused_k=filled, block_table=table.long())
+    with pytest.raises(TypeError, match="varlen_attn: cu_seq_k must be a torch.Tensor"):
+        fa.varlen_attn(q, q, q, cu, None, 6, 6)
     with pytest.raises(ValueError, match="varlen_attn: num_splits must be None or an int >= 1, got 0"):
         fa.varlen_attn(q, q, q, cu, cu, 6, 6, num_splits=0)
     if DEVICE == "cpu":  # the offsets' values are checked where they are on the host
@@ -308,6 +372,10 @@ def test_varlen_bad_input():
         for used in ([4, 7], [-1, 2]):
             with pytest.raises(ValueError, match=r"seqused_k\[b\] must be in 0 .. sequence b's keys \[4, 6\]"):
                 fa.varlen_attn(q, q, q, cu, cu, 6, 6, seqused_k=torch.tensor(used, dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"seqused_k\[b\] must be in 0 .. min\(max_k, 2 pages x 2 rows\)"):
+            fa.varlen_attn(q, pool, pool, cu, None, 6, 6, seqused_k=filled + 1, block_table=table)
+        with pytest.raises(ValueError, match=r"block_table's used entries must be pages 0 .. 4 of key and value"):
+            fa.varlen_attn(q, pool, pool, cu, None, 6, 6, seqused_k=filled, block_table=table * 2)
 
 
 def test_varlen_takes_every_argument_of_torchs():
@@ -378,6 +446,12 @@ def test_varlen_opcheck(backend, device):
     args = (q.detach(), k.detach(), v.detach(), _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, -1, 0,
             None, 0.0, used)
     torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
+    if backend != "cuda":  # a paged cache, 3 pages of 5 rows (the CUDA kernels read none); cu_seq_k unread
+        pool = k.detach()[:15].reshape(3, 5, 2, 16)
+        table = torch.tensor([[2, 0], [1, 1]], dtype=torch.int32, device=device)
+        args = (q.detach(), pool, pool, _offsets([5, 7]), _offsets([5, 7]), 7, 10, 0.25, backend, -1, 0, None, 0.0,
+                used, None, table)
+        torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager"])  # inductor runs a custom op as it is (test_ops.py compiles both)

@@ -21,12 +21,15 @@ format (fast_attention/ops/attention.py) with the query rows packed.
 
 KV caches (seqused_k, torch's): sequence b uses only the first seqused_k[b] of its keys (a cache slot, allocated
 longer than it is filled); its window aligns bottom-right to those keys, and the other rows of key and value are
-never read. Inference only, as in torch: the backward raises.
+never read. Inference only, as in torch: the backward raises. Paged caches (block_table, torch's): key and value
+are pools of pages (pages, page_size, Hkv, .), and sequence b's keys are the first seqused_k[b] rows of its pages,
+block_table[b, 0], block_table[b, 1], ..; cu_seq_k is not read then.
 
 The offsets are trusted as FlashAttention and torch trust them (checking their values would sync with the host on
 every call): they must start at 0, never decrease and end at total_q / total_k (every row in a sequence), and
-max_q / max_k must be at least the longest sequence, and seqused_k[b] at most sequence b's keys; the kernels write
-no row outside every sequence. On CPU tensors, whose values are on the host already, the op layer checks them.
+max_q / max_k must be at least the longest sequence, and seqused_k[b] at most sequence b's keys (with pages, at
+most max_k and what its pages hold, each page in the pool); the kernels write no row outside every sequence. On
+CPU tensors, whose values are on the host already, the op layer checks them.
 """
 import math
 import numbers
@@ -45,17 +48,23 @@ LN2 = math.log(2)
 
 
 def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa, sinks=None,
-          softcap=None, seqused_k=None):
+          softcap=None, seqused_k=None, block_table=None):
     """Validate varlen_attn's arguments (torch's rules, and its messages' content); return the softmax scale, the
-    window's sides (-1, -1 for none) and the logit cap (0.0 for none)."""
+    window's sides (-1, -1 for none) and the logit cap (0.0 for none). With block_table cu_seq_k may be None."""
+    paged = block_table is not None
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_float(name, t, OP)
-        if t.dim() != 3:
+        if paged and name != "query" and t.dim() != 4:
+            raise ValueError(f"fast_attention.{OP}: with block_table, {name} must be a 4-D pool of pages, (pages, "
+                             f"page size, heads, head dim), got shape {tuple(t.shape)}")
+        if (not paged or name == "query") and t.dim() != 3:
             raise ValueError(f"fast_attention.{OP}: {name} must be 3-D, (total, heads, head dim), got shape "
                              f"{tuple(t.shape)}")
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(f"fast_attention.{OP}: query, key and value must have the same dtype, got {query.dtype}, "
                         f"{key.dtype} and {value.dtype}")
+    if paged and cu_seq_k is None:
+        cu_seq_k = cu_seq_q  # unread with pages: checked as a stand-in
     for name, t in (("cu_seq_q", cu_seq_q), ("cu_seq_k", cu_seq_k)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fast_attention.{OP}: {name} must be a torch.Tensor (int32 offsets), got "
@@ -70,10 +79,10 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     if key.shape[-1] != query.shape[-1]:
         raise ValueError(f"fast_attention.{OP}: key's head dim (last dim) must equal query's, got {key.shape[-1]} "
                          f"and {query.shape[-1]}")
-    if value.shape[:2] != key.shape[:2]:
+    if value.shape[:-1] != key.shape[:-1]:
         raise ValueError(f"fast_attention.{OP}: value must have key's rows and heads, got shapes "
                          f"{tuple(value.shape)} and {tuple(key.shape)}")
-    H, Hkv = query.shape[1], key.shape[1]
+    H, Hkv = query.shape[1], key.shape[-2]
     if not enable_gqa and H != Hkv:
         raise ValueError(f"fast_attention.{OP}: query has {H} heads but key and value have {Hkv}; pass "
                          f"enable_gqa=True for grouped-query attention")
@@ -89,9 +98,14 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     if cu_seq_q.device.type == "cpu" and not torch.compiler.is_compiling():  # the values are on the host: check
         # what the kernels trust (a traced graph has no values to check)
         _check_offsets(cu_seq_q, "cu_seq_q", query.shape[0], max_q)
-        _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], max_k)
-    if seqused_k is not None:
-        _check_used_keys(seqused_k, cu_seq_k, query, key, value, sinks)
+        if not paged:
+            _check_offsets(cu_seq_k, "cu_seq_k", key.shape[0], max_k)
+    if paged:
+        _check_pages(block_table, seqused_k, key, cu_seq_q, max_k, query, key, value, sinks)
+    elif seqused_k is not None:
+        _check_used_keys(seqused_k, cu_seq_q, query, key, value, sinks)
+        if seqused_k.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_used_values(seqused_k, cu_seq_k.diff(), "sequence b's keys")
     check_sinks(sinks, query, H, OP)
     softcap = check_softcap(softcap, OP)
     E = query.shape[-1]
@@ -101,12 +115,8 @@ def check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_siz
     return scale, check_window(window_size, False, OP), softcap
 
 
-def check_torch_only(block_table, num_splits) -> None:
-    """torch's paged KV caches, which no backend takes (NotImplementedError), and num_splits (None, or an int
-    >= 1)."""
-    if block_table is not None:
-        raise NotImplementedError(f"fast_attention.{OP}: block_table (paged KV caches) is not supported; pass each "
-                                  f"sequence's cache packed in key and value, with cu_seq_k and seqused_k")
+def check_num_splits(num_splits) -> None:
+    """num_splits: None, or an int >= 1."""
     if num_splits is not None and (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
                                    or num_splits < 1):
         raise ValueError(f"fast_attention.{OP}: num_splits must be None or an int >= 1, got {num_splits!r}")
@@ -122,25 +132,60 @@ def _check_offsets(cu: Tensor, name: str, total: int, longest: int) -> None:
                          f"{int(lengths.max())}")
 
 
-def _check_used_keys(seqused_k, cu_seq_k, *inputs) -> None:
-    """seqused_k: int32 (B,), on cu_seq_k's device; on the CPU each at most its sequence's keys. Inference only, as
-    torch's (whose autograd raises): a NotImplementedError, which is a RuntimeError as torch's is."""
+# KV caches take no gradient, as torch's (whose autograd raises): a NotImplementedError is a RuntimeError as
+# torch's error is.
+_FOR_INFERENCE = f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no gradient"
+
+
+def _check_used_keys(seqused_k, cu_seq_q, *inputs) -> None:
+    """seqused_k: int32 (B,), on cu_seq_q's device, and no input that requires grad."""
     if not isinstance(seqused_k, Tensor):
         raise TypeError(f"fast_attention.{OP}: seqused_k must be None or a torch.Tensor (int32, one per sequence), "
                         f"got {type(seqused_k).__name__}")
-    B = cu_seq_k.shape[0] - 1
+    B = cu_seq_q.shape[0] - 1
     if seqused_k.dtype != torch.int32 or seqused_k.shape != (B,):
         raise ValueError(f"fast_attention.{OP}: seqused_k must be int32 of shape ({B},), one count per sequence, "
                          f"got {seqused_k.dtype} of shape {tuple(seqused_k.shape)}")
-    check_same_device(OP, cu_seq_k=cu_seq_k, seqused_k=seqused_k)
+    check_same_device(OP, cu_seq_q=cu_seq_q, seqused_k=seqused_k)
     if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
-        raise NotImplementedError(f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no "
-                                  f"gradient; call it under torch.no_grad() or with inputs that do not require grad")
-    if seqused_k.device.type == "cpu" and not torch.compiler.is_compiling():
-        lengths = cu_seq_k.diff()
-        if bool((seqused_k < 0).any()) or bool((seqused_k > lengths).any()):
-            raise ValueError(f"fast_attention.{OP}: seqused_k[b] must be in 0 .. sequence b's keys "
-                             f"{lengths.tolist()}, got {seqused_k.tolist()}")
+        raise NotImplementedError(f"{_FOR_INFERENCE}; call it under torch.no_grad() or with inputs that do not "
+                                  f"require grad")
+
+
+def _check_used_values(seqused_k, room, what) -> None:
+    """On the CPU: seqused_k[b] in 0 .. room[b]."""
+    if bool((seqused_k < 0).any()) or bool((seqused_k > room).any()):
+        raise ValueError(f"fast_attention.{OP}: seqused_k[b] must be in 0 .. {what} {room.tolist()}, got "
+                         f"{seqused_k.tolist()}")
+
+
+def _check_pages(block_table, seqused_k, key, cu_seq_q, max_k, *inputs) -> None:
+    """A paged KV cache, torch's rules: block_table int32 (B, pages per sequence) with seqused_k; on the CPU every
+    page a sequence uses is in the pool, and no sequence uses more keys than its pages hold or max_k."""
+    if not isinstance(block_table, Tensor):
+        raise TypeError(f"fast_attention.{OP}: block_table must be None or a torch.Tensor (int32, (B, pages per "
+                        f"sequence)), got {type(block_table).__name__}")
+    B = cu_seq_q.shape[0] - 1
+    if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+        raise ValueError(f"fast_attention.{OP}: block_table must be int32 of shape ({B}, pages per sequence), got "
+                         f"{block_table.dtype} of shape {tuple(block_table.shape)}")
+    if seqused_k is None:
+        raise ValueError(f"fast_attention.{OP}: block_table needs seqused_k, each sequence's number of keys in its "
+                         f"pages (as torch's)")
+    if key.shape[1] == 0:
+        raise ValueError(f"fast_attention.{OP}: key and value's pages must hold at least one row, got shape "
+                         f"{tuple(key.shape)}")
+    check_same_device(OP, cu_seq_q=cu_seq_q, block_table=block_table)
+    _check_used_keys(seqused_k, cu_seq_q, *inputs)
+    if block_table.device.type == "cpu" and not torch.compiler.is_compiling():
+        page_size = key.shape[1]
+        room = torch.full_like(seqused_k, min(block_table.shape[1] * page_size, max_k))
+        _check_used_values(seqused_k, room, f"min(max_k, {block_table.shape[1]} pages x {page_size} rows)")
+        used = torch.arange(block_table.shape[1]) < (seqused_k[:, None] + page_size - 1) // page_size
+        pages = block_table[used]
+        if bool((pages < 0).any()) or bool((pages >= key.shape[0]).any()):
+            raise ValueError(f"fast_attention.{OP}: block_table's used entries must be pages 0 .. {key.shape[0] - 1} "
+                             f"of key and value, got {pages.tolist()}")
 
 
 def _empty_result(query, value):
@@ -158,7 +203,7 @@ def _nothing_to_do(query, key, value, max_q, max_k) -> bool:
 def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                      max_k: int, scale: float, backend: str, window_left: int = -1, window_right: int = -1,
                      sinks: Optional[Tensor] = None, softcap: float = 0.0, seqused_k: Optional[Tensor] = None,
-                     num_splits: Optional[int] = None) -> tuple[Tensor, Tensor]:
+                     num_splits: Optional[int] = None, block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(out (total_q, H, Ev), stats (2, H, total_q)): see the module's docstring. With sinks the output is in
     stats' dtype, as the dense op's (fast_attention/ops/attention.py says why)."""
     if _nothing_to_do(query, key, value, max_q, max_k):
@@ -166,7 +211,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
     else:
         out, stats = backends.get(backend).varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
                                                           scale, window(window_left, window_right), softcap,
-                                                          seqused_k, num_splits)
+                                                          seqused_k, num_splits, block_table)
     if sinks is not None:
         out = out.to(stats.dtype) * sink_shares(stats, sinks)[0].t()[..., None]
     return out, stats
@@ -174,7 +219,7 @@ def varlen_attention(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor
 
 @varlen_attention.register_fake
 def _(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, backend, window_left=-1, window_right=-1,
-      sinks=None, softcap=0.0, seqused_k=None, num_splits=None):
+      sinks=None, softcap=0.0, seqused_k=None, num_splits=None, block_table=None):
     stats_dtype = reference.compute_dtype(query)
     return (query.new_empty(query.shape[0], query.shape[1], value.shape[-1],
                             dtype=query.dtype if sinks is None else stats_dtype),
@@ -199,12 +244,11 @@ def _(grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k, max_q, max_k,
 
 
 def _setup_context(ctx, inputs, output):
-    inputs = (*inputs, *(-1, -1, None, 0.0, None, None)[len(inputs) - 9:])  # the keyword arguments left at defaults
+    inputs = (*inputs, *(-1, -1, None, 0.0, None, None, None)[len(inputs) - 9:])  # keyword arguments left at defaults
     query, key, value, cu_seq_q, cu_seq_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = inputs[:9]
-    ctx.window_left, ctx.window_right, sinks, ctx.softcap, seqused_k, _num_splits = inputs[9:]
+    ctx.window_left, ctx.window_right, sinks, ctx.softcap, seqused_k, _num_splits, _block_table = inputs[9:]
     if seqused_k is not None:  # the functional op refuses it sooner (_check_used_keys); a direct call gets here
-        raise NotImplementedError(f"fast_attention.{OP}: seqused_k is for inference (as torch's): it takes no "
-                                  f"gradient")
+        raise NotImplementedError(_FOR_INFERENCE)
     out, stats = output
     ctx.mark_non_differentiable(stats)
     ctx.save_for_backward(query, key, value, cu_seq_q, cu_seq_k, out, stats, sinks)
@@ -222,7 +266,7 @@ def _backward(ctx, grad_out, _grad_stats):
         grad_out = (grad_out * keep[..., None]).to(query.dtype)
     dq, dk, dv = call(varlen_attention_backward, grad_out, query, key, value, out, stats, cu_seq_q, cu_seq_k,
                       ctx.max_q, ctx.max_k, ctx.scale, ctx.backend, ctx.window_left, ctx.window_right, ctx.softcap)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, dsinks, None, None, None, None
 
 
 varlen_attention.register_autograd(_backward, setup_context=_setup_context)
