@@ -1018,7 +1018,7 @@ def test_concurrent_tuning_keeps_each_buckets_own_config(monkeypatch):
     monkeypatch.setitem(kernels._KERNELS, "fwd", (Plain(), Tuner()))
     q = torch.empty(0, dtype=torch.float16)
     flags = dict(Lq=100, Lk=100, HEAD_DIM_V=64, IS_CAUSAL=False, MASK_KIND=0, WINDOW=False, DROPOUT=False,
-                 SOFTCAP=False, VARLEN=False)
+                 SOFTCAP=False, VARLEN=False, PAGED=False)
     threads = [threading.Thread(target=kernels._launch, args=("fwd", (1,), q), kwargs=dict(flags, HEAD_DIM=d))
                for d in winners]
     for t in threads:
