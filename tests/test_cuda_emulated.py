@@ -6,9 +6,10 @@ their pieces on their own).
 This checks the kernels' logic (indexing, fragment layouts, reductions, masking, the partition of rows and columns
 among blocks) on a machine without a GPU; their speed, memory ordering and races need the GPU (tests/test_cuda.py,
 csrc/sanitize.py). It needs g++ with C++20 and the CUDA headers (for the bf16/fp16 types), as the extension's
-build does.
+build does, and an x86-64 machine (the emulated CUDA threads are fibers switched in x86-64 assembly).
 """
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -32,6 +33,8 @@ CXX = shutil.which("g++")
 INCLUDE = _cuda_include()
 pytestmark = [
     pytest.mark.skipif(CXX is None or INCLUDE is None, reason="needs g++ and the CUDA headers"),
+    # csrc/emulate/emu.h switches its fibers (the emulated CUDA threads) in x86-64 assembly
+    pytest.mark.skipif(platform.machine() != "x86_64", reason="the emulation's fibers are x86-64 code"),
     # With a GPU, tests/test_cuda.py runs the kernels themselves; the emulation would only spend a minute of CPU.
     pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: tests/test_cuda.py runs the real kernels"),
 ]

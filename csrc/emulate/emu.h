@@ -1,7 +1,8 @@
 // The CUDA execution model on the CPU, for the row and attention kernels: enough of it to run their launchers and
-// kernels, compiled by the host C++ compiler, on a machine without a GPU. A launch runs one OS thread per CUDA
-// thread of a block and walks the blocks in order; __syncthreads and the warp shuffles are barriers, and
-// __shared__ variables are statics (one block at a time uses them). It checks the kernels' logic (indexing,
+// kernels, compiled by the host C++ compiler, on a machine without a GPU. A launch runs each CUDA thread of a block
+// as a fiber on the launching thread, walking the blocks in order; __syncthreads and the warp shuffles are
+// barriers, where each fiber lets the others run until all have arrived, and __shared__ variables are statics (one
+// block at a time uses them). It checks the kernels' logic (indexing,
 // reductions, the partition of rows and columns), not their speed, memory model or races: those need the GPU.
 // tests/test_cuda_emulated.py rewrites each `kernel<<<grid, block, smem, stream>>>(args)` to
 // `emu::launch(kernel, grid, block, smem, stream)(args)`, `extern __shared__` arrays to emu::dynamic_smem, the
@@ -12,12 +13,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <tuple>
 #include <vector>
 
 #undef __shared__
@@ -25,31 +25,94 @@
 #define __launch_bounds__(...)
 
 namespace emu {
-// A barrier of n threads. A block's 128 threads wait at each __syncthreads and a warp's 32 at each shuffle, on a
-// machine of a few cores: a waiter yields its core a few dozen times before it sleeps, so that the threads still
-// to arrive run. std::barrier put every waiter to sleep at once: on 2 cores the emulated attention checks took
-// 205 s with it, 167 s with this, the row checks 69 s and 52 s.
+// The CUDA threads of a block are fibers on the launching thread, switched in turn (round robin) whenever one
+// waits at a barrier: no OS scheduler, no atomics, a switch a few instructions long. One OS thread per CUDA thread
+// (before 2026-11-28) spent most of the checks' time switching: on 2 cores the emulated attention checks took
+// 162-185 s, 60% of the CPU time in the kernel (futex and yield calls); as fibers 51 s on one core, the row checks
+// 52-64 s -> 3 s.
+// emu_switch_to saves the callee-saved registers, the SSE and x87 control words and the stack pointer of the
+// running fiber in *from and resumes the one saved at `to` (x86-64, System V; .weak: every unit includes it).
+extern "C" void emu_switch_to(void** from, void* to);
+asm(R"(
+  .pushsection .text
+  .weak emu_switch_to
+  .type emu_switch_to, @function
+emu_switch_to:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_to, .-emu_switch_to
+  .popsection
+)");
+
+inline uint3 tid, bid;  // threadIdx, blockIdx of the running fiber
+inline int lin;         // its linear index in the block: warp lin / 32, lane lin % 32
+
+struct Fiber {
+  void* sp = nullptr;
+  std::unique_ptr<char[]> stack;
+  uint3 tid{}, bid{};
+  int lin = 0;
+  bool done = false;
+};
+inline std::vector<Fiber>* fibers = nullptr;
+inline int running = -1;        // the running fiber
+inline void* launcher_sp = nullptr;
+
+// Resume the next fiber that has not finished (round robin), or the launcher when none is left; back here when
+// this one's turn comes again.
+inline void yield() {
+  auto& fs = *fibers;
+  const int me = running, n = static_cast<int>(fs.size());
+  int next = (me + 1) % n;
+  while (fs[next].done && next != me) next = (next + 1) % n;
+  if (fs[next].done) {  // every fiber has finished (this one too): back to the launcher, never to return
+    emu_switch_to(&fs[me].sp, launcher_sp);
+    return;
+  }
+  if (next == me) return;
+  running = next;
+  emu_switch_to(&fs[me].sp, fs[next].sp);
+  running = me;  // resumed
+  tid = fs[me].tid, bid = fs[me].bid, lin = fs[me].lin;
+}
+
+// A barrier of n fibers: each waiter lets the others run until the last to arrive opens the next phase.
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   void arrive_and_wait() {
-    const unsigned phase = phase_.load(std::memory_order_acquire);
-    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {  // the last: open the next phase
-      arrived_.store(0, std::memory_order_relaxed);
-      phase_.store(phase + 1, std::memory_order_release);
-      phase_.notify_all();
+    const unsigned phase = phase_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++phase_;
       return;
     }
-    for (int i = 0; phase_.load(std::memory_order_acquire) == phase; ++i) {
-      if (i < 64) std::this_thread::yield();
-      else phase_.wait(phase, std::memory_order_acquire);
-    }
+    while (phase_ == phase) yield();
   }
 
  private:
   const int n_;
-  std::atomic<int> arrived_{0};
-  std::atomic<unsigned> phase_{0};
+  int arrived_ = 0;
+  unsigned phase_ = 0;
 };
 
 struct Warp {
@@ -57,13 +120,50 @@ struct Warp {
   alignas(16) unsigned char posted[1024];  // ptx.h's per-lane operands (32 lanes x up to 32 bytes)
   std::unique_ptr<Barrier> bar;     // the warp's 32 threads
 };
-inline thread_local uint3 tid, bid;  // threadIdx, blockIdx of the calling thread
-inline thread_local int lin;         // its linear index in the block: warp lin / 32, lane lin % 32
 inline dim3 bdim, gdim;              // blockDim, gridDim of the running launch
 inline Barrier* block_bar = nullptr;
 inline std::vector<Warp>* warps = nullptr;
 inline int occupancy = 2, sms = 3;             // the made-up GPU of runtime.cpp
 inline unsigned char* dynamic_smem = nullptr;  // `extern __shared__` arrays point here
+inline void (*fiber_body)() = nullptr;        // the running launch's: every block of the grid, then done
+
+// A fiber's first frame: run the launch's body as fiber `running`, then mark it done and move on.
+[[noreturn]] inline void fiber_entry() {
+  Fiber& f = (*fibers)[running];
+  tid = f.tid, bid = f.bid, lin = f.lin;
+  fiber_body();
+  f.done = true;
+  yield();
+  __builtin_unreachable();
+}
+
+// A new fiber's stack, laid out as emu_switch_to leaves a suspended one: its first switch "returns" into
+// fiber_entry with the stack aligned as after a call.
+inline void* initial_stack(char* stack, size_t size) {
+  auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15};
+  auto* slot = reinterpret_cast<uint64_t*>(top);
+  *--slot = 0;                                           // fiber_entry's return address: never used
+  *--slot = reinterpret_cast<uint64_t>(&fiber_entry);    // where the first switch returns to
+  for (int r = 0; r < 6; ++r) *--slot = 0;               // rbp, rbx, r12-r15
+  uint32_t control[2];
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+  *--slot = uint64_t{control[0]} | uint64_t{control[1] & 0xffff} << 32;
+  return slot;
+}
+
+constexpr size_t kFiberStack = 256 * 1024;
+
+template <class K, class... A>
+void run_blocks(K kernel, A... args) {
+  Fiber& f = (*fibers)[running];
+  for (unsigned bz = 0; bz < gdim.z; ++bz)
+    for (unsigned by = 0; by < gdim.y; ++by)
+      for (unsigned bx = 0; bx < gdim.x; ++bx) {
+        bid = f.bid = make_uint3(bx, by, bz);
+        kernel(args...);
+        block_bar->arrive_and_wait();
+      }
+}
 
 template <class K>
 auto launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = 0) {
@@ -81,22 +181,24 @@ auto launch(K kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = 0) 
       ws[w].bar = std::make_unique<Barrier>(std::min(32, n - static_cast<int>(w) * 32));
     block_bar = &bar;
     warps = &ws;
-    // One OS thread per CUDA thread of a block, walking the blocks in order: a barrier after each block keeps
-    // them apart (the block's __shared__ variables are statics).
-    std::vector<std::thread> ts;
-    for (int t = 0; t < n; ++t)
-      ts.emplace_back([&, t] {
-        tid = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-        lin = t;
-        for (unsigned bz = 0; bz < grid.z; ++bz)
-          for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-              bid = make_uint3(bx, by, bz);
-              kernel(args...);
-              bar.arrive_and_wait();
-            }
-      });
-    for (auto& th : ts) th.join();
+    // One fiber per CUDA thread of a block, walking the blocks in order: the barrier after each block keeps them
+    // apart (the block's __shared__ variables are statics).
+    // The kernel and its arguments reach the fibers through fiber_body, a plain function (fiber_entry calls it).
+    static std::tuple<K, decltype(args)...>* call;
+    std::tuple<K, decltype(args)...> this_call(kernel, args...);
+    call = &this_call;
+    fiber_body = [] { std::apply([](auto k, auto... a) { run_blocks(k, a...); }, *call); };
+    std::vector<Fiber> fs(n);
+    for (int t = 0; t < n; ++t) {
+      fs[t].tid = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      fs[t].lin = t;
+      fs[t].stack.reset(new char[kFiberStack]);
+      fs[t].sp = initial_stack(fs[t].stack.get(), kFiberStack);
+    }
+    fibers = &fs;
+    running = 0;
+    emu_switch_to(&launcher_sp, fs[0].sp);  // back when every fiber has finished
+    fibers = nullptr;
   };
 }
 
