@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fast_attention as fa
+from fast_attention import reference as ref
 
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis (pip install -e .[test])")
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
@@ -11,7 +12,8 @@ from hypothesis import strategies as st  # noqa: E402
 from test_attention import TMA_EMULATED, _mask, _qkv, check_beyond_torch, check_sdpa  # noqa: E402
 from test_layernorm import check_norm  # noqa: E402
 from test_softmax import check_softmax  # noqa: E402
-from test_varlen import check_varlen  # noqa: E402
+from test_varlen import DEVICE, _offsets, _pages, check_varlen  # noqa: E402
+from tolerance import assert_close  # noqa: E402
 
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 # The `backend` fixture is the same for every example of a test, which is what we want.
@@ -94,6 +96,29 @@ def test_varlen_fuzz(backend, monkeypatch, lengths, Hkv, group, D, dtype, window
     lengths_q, lengths_k = zip(*lengths)
     check_varlen(backend, list(lengths_q), list(lengths_k), Hkv * group, Hkv, D, dtype, window, strided=strided,
                  sinks=sinks, softcap=softcap, num_splits=num_splits)
+
+
+@FUZZ
+@given(seqs=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 70)), min_size=1, max_size=3),
+       page_size=st.integers(1, 40), Hkv=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), dtype=DTYPES,
+       window=st.tuples(st.integers(-1, 30), st.integers(-1, 30)), num_splits=st.sampled_from([None, 1, 2, 3]))
+def test_paged_kv_cache_fuzz(backend, seqs, page_size, Hkv, group, dtype, window, num_splits):
+    """Paged KV caches (block_table) of any page size, from one row to more than a sequence: sequences without
+    queries or keys, part-filled last pages, windows, GQA and split keys; the output against the float64 reference
+    on the used keys packed end to end (forward only: the caches take no gradient)."""
+    assume(backend != "cuda")  # the CUDA kernels read no pages (test_varlen checks that they say so)
+    lengths_q, used = (list(t) for t in zip(*seqs))
+    H, D = Hkv * group, 16
+    q = torch.randn(sum(lengths_q), H, D, dtype=dtype, device=DEVICE)
+    k, v = (torch.randn(sum(used), Hkv, D, dtype=dtype, device=q.device) for _ in range(2))
+    k_pool, v_pool, table = _pages(k, v, used, page_size)
+    cu_q, cu_used = _offsets(lengths_q), _offsets(used)
+    kwargs = dict(window_size=window, enable_gqa=True)
+    out = fa.varlen_attn(q, k_pool, v_pool, cu_q, None, max(lengths_q), max(used),
+                         seqused_k=cu_used.diff(), block_table=table, num_splits=num_splits, backend=backend, **kwargs)
+    base = ref.varlen_attn(q, k, v, cu_q, cu_used, **kwargs)
+    exact = ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_used, **kwargs)
+    assert_close(out, base, exact, "output")
 
 
 @FUZZ
