@@ -10,7 +10,7 @@ The same batch packed (fa.varlen_attn: query (B * Lq, H, D), the caches (B * Lk,
 Lq and Lk rows), as a server batching sequences of different lengths calls it: fast_attention's packed kernels
 (Triton's splitting each sequence's keys, and with num_splits=1 not), and torch's varlen_attn on a GPU; and the
 caches paged (block_table: pages of PAGE_SIZE rows in a shuffled pool, as a serving engine's allocator leaves them),
-which the Triton kernels read through the table.
+which both backends' kernels read through the table.
 Run alone: `python -m bench --suite decoding` or `python bench/bench_decoding.py [--quick]`.
 """
 import functools
@@ -110,14 +110,19 @@ def providers(case: Case) -> dict:
         made["fa:triton packed num_splits=1"] = packed(functools.partial(fa.varlen_attn, enable_gqa=True,
                                                                          backend="triton", num_splits=1))
 
-        def paged_setup():
+    def paged_setup(backend):
+        def setup():
             q, k, v = (t.flatten(0, 1) for t in _qkv(p, "BLHD"))
             k_pool, v_pool, table, used = paged(k, v, p["B"], p["Lk"])
             cu_q = _offsets(p["B"], p["Lq"])
             return directed("forward", lambda: fa.varlen_attn(q, k_pool, v_pool, cu_q, None, p["Lq"], p["Lk"],
                                                               enable_gqa=True, seqused_k=used, block_table=table,
-                                                              backend="triton"), ())
-        made["fa:triton paged"] = paged_setup
+                                                              backend=backend), ())
+        return setup
+
+    for backend in timed:
+        if backend != "reference":
+            made[f"fa:{backend} paged"] = paged_setup(backend)
     torch_varlen = _torch_varlen()
     if torch_varlen is not None:
         made["torch.varlen_attn"] = packed(functools.partial(torch_varlen, enable_gqa=True))

@@ -294,7 +294,7 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
 
 // ------------------------------------------------------------------------------------------------ attention
 struct AttentionInputs {
-  Tensor q, k, v, mask, cu_seq_q, cu_seq_k, seqused_k;
+  Tensor q, k, v, mask, cu_seq_q, cu_seq_k, seqused_k, block_table;
 };
 
 // The kernels index rows in 32-bit ints and step past the last row by up to one tile (64): keep that room.
@@ -531,10 +531,11 @@ Tensor attention_weights(const Tensor& q, const Tensor& k, const Tensor& stats, 
 // fa.varlen_attn (flash.h: cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D), cu_seq_q and cu_seq_k B + 1
 // int32 offsets on q's device, trusted as FlashAttention trusts them (fast_attention/ops/varlen.py checks them
 // where they are on the host), max_q and max_k at least the longest sequence's lengths. The window aligns
-// bottom-right in each sequence (causal is the window (-1, 0)); no mask and no dropout.
+// bottom-right in each sequence (causal is the window (-1, 0)); no mask and no dropout. paged: k and v are pools of
+// pages (pages, page_size, Hkv, D) instead (flash.h: block_table; varlen_forward sets the table).
 AttentionInputs varlen_inputs(fa::AttentionParams& p, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                               const Tensor& cu_seq_q, const Tensor& cu_seq_k, int64_t max_q, int64_t max_k,
-                              double scale, const char* op) {
+                              double scale, const char* op, bool paged = false) {
   check_cuda(q_in, op, "query");
   check_same_device(k_in, q_in, op, "key", "query");
   check_same_device(v_in, q_in, op, "value", "query");
@@ -543,11 +544,13 @@ AttentionInputs varlen_inputs(fa::AttentionParams& p, const Tensor& q_in, const 
   p.dtype = attention_dtype(q_in, op, "query");
   check_same_dtype(k_in, q_in, op, "key", "query");
   check_same_dtype(v_in, q_in, op, "value", "query");
-  TORCH_CHECK_VALUE(q_in.dim() == 3 && k_in.dim() == 3 && v_in.dim() == 3, "fast_attention._C.", op,
-                    ": query, key and value must be 3-D (total, H, D)");
-  const int64_t H = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(1);
-  TORCH_CHECK_VALUE(k_in.size(2) == D, "fast_attention._C.", op, ": key must be (total_k, Hkv, ", D, "), got ",
-                    k_in.sizes());
+  const int64_t kv_dims = paged ? 4 : 3;
+  TORCH_CHECK_VALUE(q_in.dim() == 3 && k_in.dim() == kv_dims && v_in.dim() == kv_dims, "fast_attention._C.", op,
+                    paged ? ": query must be 3-D (total, H, D), key and value 4-D pools (pages, page size, Hkv, D)"
+                          : ": query, key and value must be 3-D (total, H, D)");
+  const int64_t H = q_in.size(1), D = q_in.size(2), Hkv = k_in.size(-2);
+  TORCH_CHECK_VALUE(k_in.size(-1) == D, "fast_attention._C.", op, ": key must be (",
+                    paged ? "pages, page size" : "total_k", ", Hkv, ", D, "), got ", k_in.sizes());
   TORCH_CHECK_VALUE(v_in.sizes() == k_in.sizes(), "fast_attention._C.", op,
                     ": value must have key's shape (the same head dim as query), got ", v_in.sizes(), " and ",
                     k_in.sizes());
@@ -580,8 +583,12 @@ AttentionInputs varlen_inputs(fa::AttentionParams& p, const Tensor& q_in, const 
   in.q = attention_layout(q_in), in.k = attention_layout(k_in), in.v = attention_layout(v_in);
   p.q = in.q.data_ptr(), p.k = in.k.data_ptr(), p.v = in.v.data_ptr();
   p.q_head_stride = in.q.stride(1), p.q_row_stride = in.q.stride(0);  // batch strides 0: the offsets place rows
-  p.k_head_stride = in.k.stride(1), p.k_row_stride = in.k.stride(0);
-  p.v_head_stride = in.v.stride(1), p.v_row_stride = in.v.stride(0);
+  p.k_head_stride = in.k.stride(-2), p.k_row_stride = in.k.stride(-3);  // paged: rows within a page
+  p.v_head_stride = in.v.stride(-2), p.v_row_stride = in.v.stride(-3);
+  if (paged) {
+    p.k_page_stride = in.k.stride(0), p.v_page_stride = in.v.stride(0);
+    p.page_size = static_cast<int>(in.k.size(1));
+  }
   return in;
 }
 
@@ -601,13 +608,27 @@ void set_varlen_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held,
 std::tuple<Tensor, Tensor> varlen_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seq_q,
                                           const Tensor& cu_seq_k, int64_t max_q, int64_t max_k, double scale,
                                           double softcap, int64_t window_left, int64_t window_right,
-                                          const OptTensor& seqused_k) {
+                                          const OptTensor& seqused_k, const OptTensor& block_table) {
   constexpr const char* op = "varlen_forward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
-  AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op);
+  AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op, block_table.has_value());
   set_scores(p, softcap, window_left, window_right, op);
+  if (block_table) {  // a paged KV cache: entries trusted as the offsets are (each used one a page of the pools)
+    check_same_device(*block_table, q, op, "block_table", "query");
+    TORCH_CHECK_VALUE(block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                          block_table->size(0) == p.batch && block_table->size(1) < INT32_MAX,
+                      "fast_attention._C.", op, ": block_table must be 2-D int32 (B = ", p.batch,
+                      ", pages per sequence), got ", block_table->scalar_type(), " of shape ", block_table->sizes());
+    TORCH_CHECK_VALUE(seqused_k.has_value(), "fast_attention._C.", op, ": block_table needs seqused_k, each "
+                      "sequence's number of keys in its pages");
+    TORCH_CHECK_VALUE(p.page_size > 0, "fast_attention._C.", op, ": key's pages must hold at least one row, got ",
+                      k.sizes());
+    in.block_table = block_table->contiguous();
+    p.block_table = in.block_table.data_ptr<int>();
+    p.block_table_stride = in.block_table.stride(0);
+  }
   if (seqused_k) {  // a KV cache's used keys, trusted as the offsets are: each at most its sequence's keys
     check_same_device(*seqused_k, q, op, "seqused_k", "query");
     TORCH_CHECK_VALUE(seqused_k->scalar_type() == at::kInt && seqused_k->dim() == 1 && seqused_k->size(0) == p.batch,
@@ -696,10 +717,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softcap") = 0.0, py::arg("window_left") = -1, py::arg("window_right") = -1);
   m.def("varlen_forward", &varlen_forward,
         "packed sequences -> (out (total_q, H, D), stats fp32 (2, H, total_q)); the window aligns bottom-right; "
-        "seqused_k: a KV cache's used keys per sequence",
+        "seqused_k: a KV cache's used keys per sequence; block_table: a paged cache's pages per sequence (key and "
+        "value then pools (pages, page size, Hkv, D); cu_seq_k unread)",
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("seqused_k") = py::none());
+        py::arg("window_right") = -1, py::arg("seqused_k") = py::none(), py::arg("block_table") = py::none());
   m.def("varlen_backward", &varlen_backward, "packed sequences -> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,

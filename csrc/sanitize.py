@@ -170,7 +170,7 @@ def window_and_cap():
 def packed():
     """Packed sequences (varlen): each block on its own sequence, partial tiles, a sequence without queries and one
     without keys, Lq > Lk and Lq < Lk, GQA, causal and a window aligned bottom-right, the cap; a KV cache's used
-    keys (seqused_k, forward only)."""
+    keys (seqused_k, forward only), also paged (block_table)."""
     lengths_q, lengths_k = [70, 0, 3, 130, 9], [40, 5, 90, 65, 0]
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
                   for n in (lengths_q, lengths_k))
@@ -196,6 +196,26 @@ def packed():
             ref = reference.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_k, scale=scale,
                                         window_size=(-1, 0), enable_gqa=True, seqused_k=used)
             check(f"packed {dtype} E={E} seqused_k fwd", out, ref, 3e-2)
+            pool_k, pool_v, table = _paged(k, v, cu_k, page_size=16)
+            out, _ = _C.varlen_forward(q, pool_k, pool_v, cu_q, cu_q, *longest, scale, 0.0, -1, 0, used, table)
+            check(f"packed {dtype} E={E} paged fwd", out, ref, 3e-2)
+
+
+def _paged(k, v, cu_k, page_size):
+    """Packed keys and values (total, Hkv, E), sequence b at rows cu_k[b] .., copied into pools of pages of
+    page_size rows in shuffled order: (k pool, v pool (pages, page_size, Hkv, E), block table int32 (B, pages))."""
+    lengths = cu_k.diff().tolist()
+    counts = [-(-n // page_size) for n in lengths]
+    order = torch.randperm(sum(counts) + 1).tolist()
+    pools = [t.new_zeros(len(order), page_size, *t.shape[1:]) for t in (k, v)]
+    table = torch.full((len(lengths), max(counts)), order[-1], dtype=torch.int32)
+    for b, (start, n) in enumerate(zip(cu_k.tolist(), lengths)):
+        for j in range(counts[b]):
+            table[b, j] = page = order.pop(0)
+            rows = min(page_size, n - j * page_size)
+            for pool, t in zip(pools, (k, v)):
+                pool[page, :rows] = t[start + j * page_size:start + j * page_size + rows]
+    return *pools, table.to(k.device)
 
 
 GROUPS = {"rows": rows, "attention": attention, "dropout": dropout, "decoding": decoding,

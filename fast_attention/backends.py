@@ -42,7 +42,7 @@ only: the op refuses a gradient). num_splits is torch's: None (the backend's cho
 keys: each output then independent of the batch, bit for bit) or n > 1; a backend that never splits ignores it.
 block_table is None or int32 (B, pages per sequence), a paged KV cache (with seqused_k; forward only): k and v are
 then pools of pages (pages, page_size, Hkv, .), sequence b's keys the first seqused_k[b] rows of its pages, in the
-table's order, and cu_seq_k is not read (a backend without paging says so in unsupported(): block_table).
+table's order, and cu_seq_k is not read.
 """
 from __future__ import annotations
 

@@ -81,8 +81,6 @@ def unsupported(op: str, **args) -> str | None:
     if op == "scaled_dot_product_attention":
         return _attention_reason(**args)
     if op == "varlen_attention":  # packed sequences: no mask or dropout to refuse
-        if args.get("block_table") is not None:
-            return _PAGED_REASON
         return _attention_reason(args["query"], args["key"], args["value"])
     return f"it has no kernel for {op}"
 
@@ -148,18 +146,13 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
 
 # Packed sequences (fa.varlen_attn): the tiled kernels with each block on its own sequence (csrc/attention/flash.h,
 # cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says. No split-KV for them
-# (num_splits is not needed: each output is batch-invariant). No paged caches: the tiles are copied with cp.async
-# from one base pointer per sequence.
-_PAGED_REASON = "its packed-sequence kernels read no paged KV cache (block_table); backend='triton' does"
-
-
+# (num_splits is not needed: each output is batch-invariant). A paged KV cache (block_table) is read by forward
+# kernels compiled for it, which gather each K and V tile's rows through the table.
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float, window=None,
                    softcap: float = 0.0, seqused_k=None, num_splits=None, block_table=None):
-    if block_table is not None:
-        raise NotImplementedError(f"fast_attention.varlen_attn: backend='cuda': {_PAGED_REASON}")
     left, right = _sides(window)
     return tuple(_C.varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, left, right,
-                                   seqused_k))
+                                   seqused_k, block_table))
 
 
 def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,

@@ -151,8 +151,8 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     block_table (B, pages per sequence) int32, torch's paged KV caches (with seqused_k; inference only): key and
     value are then pools of pages, (pages, page_size, Hkv, E) and (.., Ev), and sequence b's keys are the first
     seqused_k[b] rows of its pages block_table[b, 0], block_table[b, 1], .. (any page size; cu_seq_k is not read
-    and may be None, as in torch). The Triton kernels gather each key's row from its page, the reference unpages
-    them first; the CUDA kernels read no pages (backend=None takes Triton on a GPU).
+    and may be None, as in torch). Both backends' kernels gather each key's row from its page; the reference
+    unpages them first.
     """
     _varlen.check_num_splits(num_splits)
     scale, sides, softcap = _varlen.check(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size,

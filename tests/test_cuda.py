@@ -81,18 +81,21 @@ def test_cuda_is_not_available_without_a_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
 @pytest.mark.parametrize("op", ["softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention",
-                                "varlen_attn"])
+                                "varlen_attn", "varlen_attn paged"])
 def test_backend_cuda_on_cpu_tensors_is_a_clear_error(op):
     x = torch.randn(2, 3, 8, 64, dtype=torch.float16)
     cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+    pool, table, used = x.reshape(4, 4, 3, 64), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), cu.diff()
     call = {
         "softmax": lambda: fa.softmax(x, backend="cuda"),
         "layer_norm": lambda: fa.layer_norm(x, (64,), backend="cuda"),
         "rms_norm": lambda: fa.rms_norm(x, (64,), backend="cuda"),
         "scaled_dot_product_attention": lambda: fa.scaled_dot_product_attention(x, x, x, backend="cuda"),
         "varlen_attn": lambda: fa.varlen_attn(*[x[0].transpose(0, 1)] * 3, cu, cu, 5, 5, backend="cuda"),
+        "varlen_attn paged": lambda: fa.varlen_attn(x[0].transpose(0, 1), pool, pool, cu, None, 5, 5, seqused_k=used,
+                                                    block_table=table, backend="cuda"),
     }[op]
-    name = "varlen_attention" if op == "varlen_attn" else op  # the op's name (torch.ops.fast_attention.*)
+    name = "varlen_attention" if op.startswith("varlen_attn") else op  # the op's (torch.ops.fast_attention.*)
     with pytest.raises(RuntimeError, match=rf"fast_attention\.{name}: backend='cuda' cannot run this call: it runs "
                                            rf"on CUDA tensors and the inputs are on cpu"):
         call()
@@ -674,6 +677,29 @@ def test_packed_sequences_agree_with_triton(dtype, E, window, softcap):
     oracle = (r_out, *torch.autograd.grad(r_out, xs, dout.double()))
     for what, ours, theirs, r in zip(("out", "dq", "dk", "dv"), results["cuda"], results["triton"], oracle):
         assert_close(ours, theirs, r, what)
+
+
+@needs_gpu
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E,page_size,window,softcap", [(128, 16, (-1, 0), None), (64, 256, (-1, -1), None),
+                                                        (96, 1, (100, 0), 30.0)])
+def test_paged_kv_cache_agrees_with_triton(dtype, E, page_size, window, softcap):
+    """A paged KV cache (block_table) on the CUDA kernels against the Triton ones and float64: decoding rows and a
+    prefill chunk against caches of 1 to 4097 used keys, one empty, in shuffled pages of 1, 16 or 256 rows."""
+    from test_varlen import _pages
+
+    lengths_q, used = [1, 4, 1, 200, 16, 3], [4097, 1000, 1, 1500, 0, 127]
+    cu_q, cu_used = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
+                     for n in (lengths_q, used))
+    q = torch.randn(sum(lengths_q), 8, E, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(used), 2, E, device="cuda", dtype=dtype) for _ in range(2))
+    pool_k, pool_v, table = _pages(k, v, used, page_size)
+    args = dict(window_size=window, enable_gqa=True, softcap=softcap)
+    out = {name: fa.varlen_attn(q, pool_k, pool_v, cu_q, None, max(lengths_q), max(used), seqused_k=cu_used.diff(),
+                                block_table=table, **args, backend=name) for name in ("cuda", "triton")}
+    oracle = reference.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_used, **args)
+    assert_close(out["cuda"], out["triton"], oracle, "out")
 
 
 @needs_gpu

@@ -106,7 +106,7 @@ def test_paged_kv_cache_fuzz(backend, seqs, page_size, Hkv, group, dtype, window
     """Paged KV caches (block_table) of any page size, from one row to more than a sequence: sequences without
     queries or keys, part-filled last pages, windows, GQA and split keys; the output against the float64 reference
     on the used keys packed end to end (forward only: the caches take no gradient)."""
-    assume(backend != "cuda")  # the CUDA kernels read no pages (test_varlen checks that they say so)
+    assume(backend != "cuda" or dtype != torch.float32)  # the CUDA kernels' 16-bit
     lengths_q, used = (list(t) for t in zip(*seqs))
     H, D = Hkv * group, 16
     q = torch.randn(sum(lengths_q), H, D, dtype=dtype, device=DEVICE)

@@ -246,7 +246,7 @@ def _pages(k, v, used, page_size, spare=2):
 def test_varlen_paged_kv_cache(backend, window, dtype, num_splits, page_size):
     """torch's block_table: each sequence's cached keys spread over pages of a shared pool, in any order, the last
     page part filled; its window aligns to its seqused_k keys, and no other row is read (NaN here), split-KV or
-    not. The oracle is the plain call on the used keys packed end to end. The CUDA kernels refuse it."""
+    not. The oracle is the plain call on the used keys packed end to end."""
     lengths_q, used = [1, 3, 0, 20, 2], [33, 0, 7, 25, 8]
     H, Hkv, D = 4, 2, 16
     cu_q, cu_used = _offsets(lengths_q), _offsets(used)
@@ -257,11 +257,6 @@ def test_varlen_paged_kv_cache(backend, window, dtype, num_splits, page_size):
     pool_k, pool_v, table = _pages(k, v, used, page_size)
     kwargs = dict(window_size=window, enable_gqa=True)
     call = dict(seqused_k=seqused_k, block_table=table, num_splits=num_splits, backend=backend, **kwargs)
-    if backend == "cuda":
-        with pytest.raises(NotImplementedError, match="backend='cuda'.*no paged KV cache"):
-            fa.varlen_attn(q, pool_k, pool_v, cu_q, None, max(lengths_q), max(used), **call)
-        return
-
     out, lse = fa.varlen_attn(q, pool_k, pool_v, cu_q, None, max(lengths_q), max(used), return_aux=LSE(), **call)
     base = ref.varlen_attn(q, k, v, cu_q, cu_used, **kwargs)
     exact = ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_used, **kwargs)
@@ -446,12 +441,11 @@ def test_varlen_opcheck(backend, device):
     args = (q.detach(), k.detach(), v.detach(), _offsets([5, 7]), _offsets([10, 5]), 7, 10, 0.25, backend, -1, 0,
             None, 0.0, used)
     torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
-    if backend != "cuda":  # a paged cache, 3 pages of 5 rows (the CUDA kernels read none); cu_seq_k unread
-        pool = k.detach()[:15].reshape(3, 5, 2, 16)
-        table = torch.tensor([[2, 0], [1, 1]], dtype=torch.int32, device=device)
-        args = (q.detach(), pool, pool, _offsets([5, 7]), _offsets([5, 7]), 7, 10, 0.25, backend, -1, 0, None, 0.0,
-                used, None, table)
-        torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
+    pool = k.detach()[:15].reshape(3, 5, 2, 16)  # a paged cache, 3 pages of 5 rows; cu_seq_k unread
+    table = torch.tensor([[2, 0], [1, 1]], dtype=torch.int32, device=device)
+    args = (q.detach(), pool, pool, _offsets([5, 7]), _offsets([5, 7]), 7, 10, 0.25, backend, -1, 0, None, 0.0, used,
+            None, table)
+    torch.library.opcheck(torch.ops.fast_attention.varlen_attention.default, args)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager"])  # inductor runs a custom op as it is (test_ops.py compiles both)

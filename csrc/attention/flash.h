@@ -2,7 +2,8 @@
 // elements, sizes, flags); the binding fills it, the launchers pick the compiled instantiation.
 //
 // Shapes: q (B, H, Lq, D), k and v (B, Hkv, Lk, D), H % Hkv == 0 (query head h reads kv head h / (H / Hkv)); or
-// packed sequences (AttentionParams::cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D).
+// packed sequences (AttentionParams::cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D), or pools of pages
+// (pages, page_size, Hkv, D) with a block table (AttentionParams::block_table).
 // Preconditions the binding guarantees: dtype float16 or bfloat16, D in kHeadDims, last dim contiguous, every
 // other stride and every base 16-byte aligned (so tiles load with 16-byte cp.async), sizes positive.
 #pragma once
@@ -37,6 +38,13 @@ struct AttentionParams {
   // A KV cache's used keys (torch's seqused_k), forward only: B int32 counts on the device, sequence b's keys being
   // rows cu_seq_k[b] .. cu_seq_k[b] + seqused_k[b] - 1 (its Lk, to which its window aligns). nullptr: all of them.
   const int* seqused_k;
+  // A paged KV cache (torch's block_table), forward only, with seqused_k: k and v are pools of pages, each page
+  // page_size rows (k_row_stride apart) and pages k_page_stride (v_page_stride) elements apart; sequence b's key j
+  // is row j % page_size of page block_table[b * block_table_stride + j / page_size]. cu_seq_k is not read.
+  // nullptr: keys are rows of k and v.
+  const int* block_table;
+  int64_t block_table_stride, k_page_stride, v_page_stride;
+  int page_size;
   // window: a local window (FlashAttention's window_size), top-left aligned as causal: query i sees keys
   // i - window_left .. i + window_right; kNoWindow on a side bounds nothing. The kernels visit only the key (or
   // query) tiles that the window reaches. False (as zero-initialized params have it): no window, sides unread.

@@ -8,6 +8,8 @@
 // tiles a block visits (visible_keys). CAP: scale_and_mask caps the scores (softcap). Neither the cap nor the
 // window is compiled with DROPOUT, nor are packed sequences (AttentionParams::cu_seq_q), whose blocks each work on
 // their own sequence (for_sequence), sized by the longest: a block past its sequence's rows has nothing to do.
+// PAGED: K and V tiles come from a paged KV cache's pages (load_keys); a template flag, as the plain kernels near
+// 255 registers spill more with the indirection compiled in beside their own loads.
 // Copies overlap the math with one K and one V buffer: V_j lands while S = Q K_j^T and the softmax run, and
 // K_{j+1} while O += P V_j runs; the two barriers per step order each buffer's reads before its next copy.
 #pragma once
@@ -17,9 +19,10 @@
 
 namespace fa {
 
-template <typename T, int D, bool DROPOUT, bool CAP>
+template <typename T, int D, bool DROPOUT, bool CAP, bool PAGED = false>
 __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(const AttentionParams params) {
   static_assert(!(DROPOUT && CAP), "dropout and the logit cap are not compiled together");
+  static_assert(!(DROPOUT && PAGED), "nor dropout and a paged KV cache (inference)");
   constexpr bool WINDOW = !DROPOUT;  // nor dropout and the window
   using Tr = AttnTraits<D>;
   constexpr int MT = Tr::kFwdMTiles, BM = Tr::kFwdM, BN = Tr::kFwdN, P = Tr::kPitch, NT = Tr::kThreads;
@@ -49,7 +52,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   load_tile<T, D, BM, NT>(sQ, q, p.q_row_stride, m0, p.q_len);
   cp_async_commit();
   if (n_begin < n_end) {
-    load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n_begin, p.k_len);
+    load_keys<T, D, BN, NT, PAGED>(sK, params, b, k, p.k_row_stride, params.k_page_stride, n_begin, p.k_len);
     cp_async_commit();
   }
 
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
   for (int n0 = n_begin; n0 < n_end; n0 += BN) {
     cp_async_wait<0>();  // K_j (and Q at first) has landed ...
     __syncthreads();     // ... for every thread, and every warp is done with V_{j-1}: sV is free
-    load_tile<T, D, BN, NT>(sV, v, p.v_row_stride, n0, p.k_len);
+    load_keys<T, D, BN, NT, PAGED>(sV, params, b, v, p.v_row_stride, params.v_page_stride, n0, p.k_len);
     cp_async_commit();  // V_j lands during Q K_j^T and the softmax
 
     float s[MT][BN / 8][4] = {};  // S = Q K^T
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(AttnTraits<D>::kThreads) attention_fwd_kernel(
     cp_async_wait<0>();  // V_j has landed ...
     __syncthreads();     // ... for every thread, and every warp is done with K_j: sK is free
     if (n0 + BN < n_end) {
-      load_tile<T, D, BN, NT>(sK, k, p.k_row_stride, n0 + BN, p.k_len);
+      load_keys<T, D, BN, NT, PAGED>(sK, params, b, k, p.k_row_stride, params.k_page_stride, n0 + BN, p.k_len);
       cp_async_commit();  // K_{j+1} lands during O += P V_j
     }
     mma_cs_m<T, BN, D, P, MT>(acc, s, sV, lane);  // O += P V

@@ -53,6 +53,8 @@ int run_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   const auto launch = [&](auto kernel) {
     return detail::launch_with_smem(kernel, blocks, Tr::kThreads, Tr::template fwd_smem<T>(), stream, p);
   };
+  if (p.block_table != nullptr)  // a paged KV cache: never with dropout (inference)
+    return FA_BOOL_SWITCH(p.softcap != 0.f, CAP, [&] { return launch(attention_fwd_kernel<T, D, false, CAP, true>); });
   if (p.softcap != 0.f) return launch(attention_fwd_kernel<T, D, false, true>);  // never with dropout (the binding)
   return FA_BOOL_SWITCH(p.dropout_p > 0.f, DROPOUT, [&] { return launch(attention_fwd_kernel<T, D, DROPOUT, false>); });
 }

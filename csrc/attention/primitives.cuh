@@ -93,10 +93,11 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&lo)[4], c
   a[3] = pack2<T>(f(2 * kk + 1, 2, hi[2]), f(2 * kk + 1, 3, hi[3]));
 }
 
-// A ROWS x D tile (rows row0.. of a (L, D) matrix with row pitch `row_stride`) into shared memory with pitch
-// D + 8; rows at or past `len` become zeros. `base` is the matrix start, a valid address for the zero-fill.
-template <typename T, int D, int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int row0, int len) {
+// A ROWS x D tile into shared memory with pitch D + 8: rows row0.. of a matrix, row r at base + offset(r) (a
+// functor of the row index, called for rows below `len` only); rows at or past `len` become zeros, copied from
+// `base` (any valid address).
+template <typename T, int D, int ROWS, int THREADS, typename Offset>
+__device__ __forceinline__ void load_rows(T* smem, const T* base, Offset offset, int row0, int len) {
   constexpr int kChunks = D / 8;  // 16-byte pieces per row
   constexpr int kPieces = ROWS * kChunks, kIters = (kPieces + THREADS - 1) / THREADS;
 #pragma unroll
@@ -106,7 +107,31 @@ __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_st
     if (kPieces % THREADS != 0 && i >= kPieces) break;
     const int r = i / kChunks, c = (i % kChunks) * 8;
     const bool valid = row0 + r < len;
-    cp_async_16(smem + r * (D + 8) + c, valid ? base + (row0 + r) * row_stride + c : base, valid);
+    cp_async_16(smem + r * (D + 8) + c, valid ? base + offset(row0 + r) + c : base, valid);
+  }
+}
+
+// Rows row0.. of a (L, D) matrix starting at `base` with row pitch `row_stride` (load_rows).
+template <typename T, int D, int ROWS, int THREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, int row0, int len) {
+  load_rows<T, D, ROWS, THREADS>(smem, base, [=](int r) { return r * row_stride; }, row0, len);
+}
+
+// Keys row0.. of sequence b's K or V: with PAGED through a paged KV cache's block table (flash.h,
+// AttentionParams::block_table), key j being row j % page_size of page table[b][j / page_size], pages page_stride
+// apart from `base`; without, load_tile's rows of base. `params` is the kernel's own, unchanged: its fields are read
+// from the constant bank, not held in registers.
+template <typename T, int D, int ROWS, int THREADS, bool PAGED>
+__device__ __forceinline__ void load_keys(T* smem, const AttentionParams& params, int b, const T* base,
+                                          int64_t row_stride, int64_t page_stride, int row0, int len) {
+  if constexpr (PAGED) {
+    const int* table = params.block_table + b * params.block_table_stride;
+    const auto offset = [=, &params](int j) {
+      return table[j / params.page_size] * page_stride + (j % params.page_size) * row_stride;
+    };
+    load_rows<T, D, ROWS, THREADS>(smem, base, offset, row0, len);
+  } else {
+    load_tile<T, D, ROWS, THREADS>(smem, base, row_stride, row0, len);
   }
 }
 
@@ -302,14 +327,15 @@ __device__ __forceinline__ void* advanced(void* base, int64_t elements) {
 }
 
 // The params a block of packed sequence b works with (AttentionParams::cu_seq_q): the pointers at the sequence's
-// first rows, its own lengths, and its bottom-right window turned into the kernels' top-left one (query i of Lq
-// sees keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right). Dense calls get p itself, and so do kernels compiled
-// without PACKED (dropout's: packed sequences take no dropout), which then carry none of this code.
+// first rows (a paged KV cache's pool left at its start), its own lengths, and its bottom-right window
+// turned into the kernels' top-left one (query i of Lq sees keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right).
+// Dense calls get p itself, and so do kernels compiled without PACKED (dropout's: packed sequences take no
+// dropout), which then carry none of this code.
 template <typename T, bool PACKED = true>
 __device__ __forceinline__ AttentionParams for_sequence(const AttentionParams& p, int b) {
   if (!PACKED || p.cu_seq_q == nullptr) return p;
   AttentionParams s = p;
-  const int q0 = p.cu_seq_q[b], k0 = p.cu_seq_k[b];
+  const int q0 = p.cu_seq_q[b], k0 = p.block_table != nullptr ? 0 : p.cu_seq_k[b];  // pages: load_keys places keys
   s.q_len = p.cu_seq_q[b + 1] - q0;
   s.k_len = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seq_k[b + 1] - k0;
   s.q = advanced<T>(p.q, q0 * p.q_row_stride);

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdio>
 #include <iterator>
+#include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -343,13 +345,53 @@ void nan_row_in_decoding(const char* dtype) {
 // Packed sequences (flash.h: cu_seq_q): q (total_q, H, D), k and v (total_k, Hkv, D), sequence b at rows
 // cu_seq_q[b] .. and cu_seq_k[b] ..; the window aligns bottom-right in each sequence. The outputs start as NaN, so
 // a row no block writes fails. With used_k (a KV cache's seqused_k) sequence b attends to its first used_k[b] keys
-// only, the rest of its rows NaN (a row read fails); forward only, as in torch.
+// only, the rest of its rows NaN (a row read fails); forward only, as in torch. With page_size too, the cache is
+// paged (flash.h: block_table): each sequence's slot cut into pages, the pages shuffled into pools among unused
+// pages of NaN, K's pages one row apart and V's two (page strides other than page_size rows), the table's entries
+// past a sequence's pages an unused page's; cu_seq_k keeps the packed offsets, which the kernels must not read.
 struct VarlenCase {
   int H, Hkv, D;
   std::vector<int> lengths_q, lengths_k;
   float softcap = 0.f;
   int window_left = -1, window_right = -1;  // query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right
   std::vector<int> used_k = {};
+  int page_size = 0;
+};
+
+// The pools and block table of a paged cache holding the packed k and v (VarlenCase::page_size) in p.
+template <class T>
+struct PagedCache {
+  std::vector<T> k, v;
+  std::vector<int> table;
+
+  PagedCache(fa::AttentionParams& p, const std::vector<T>& k_rows, const std::vector<T>& v_rows,
+             const std::vector<int>& cu_k, int page_size) {
+    const int B = static_cast<int>(cu_k.size()) - 1;
+    const int64_t row = (int64_t)p.kv_heads * p.head_dim;
+    const int64_t k_page = (page_size + 1) * row, v_page = (page_size + 2) * row;
+    int per_seq = 0, pages = 3;  // 3 never used
+    for (int b = 0; b < B; ++b) {
+      const int n = (cu_k[b + 1] - cu_k[b] + page_size - 1) / page_size;
+      per_seq = std::max(per_seq, n), pages += n;
+    }
+    std::vector<int> order(pages);
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    k.assign(pages * k_page, fromf<T>(NAN)), v.assign(pages * v_page, fromf<T>(NAN));
+    table.assign((size_t)B * std::max(per_seq, 1), order.back());
+    int next = 0;
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < cu_k[b + 1] - cu_k[b]; ++j) {
+        if (j % page_size == 0) table[(size_t)b * per_seq + j / page_size] = order[next++];
+        const int64_t page = table[(size_t)b * per_seq + j / page_size], at = (int64_t)(cu_k[b] + j) * row;
+        std::copy_n(&k_rows[at], row, &k[page * k_page + (j % page_size) * row]);
+        std::copy_n(&v_rows[at], row, &v[page * v_page + (j % page_size) * row]);
+      }
+    p.k = k.data(), p.v = v.data();
+    p.k_row_stride = p.v_row_stride = row;  // the head strides stay D
+    p.k_page_stride = k_page, p.v_page_stride = v_page, p.page_size = page_size;
+    p.block_table = table.data(), p.block_table_stride = per_seq;
+  }
 };
 
 template <class T>
@@ -373,6 +415,7 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
     tag += " used keys";
     for (int u : used_k) tag += " " + std::to_string(u);
   }
+  if (c.page_size > 0) tag += " in pages of " + std::to_string(c.page_size);
   std::vector<T> q = random_normal<T>((size_t)total_q * H * D), k = random_normal<T>((size_t)total_k * Hkv * D),
                  v = random_normal<T>((size_t)total_k * Hkv * D), dout = random_normal<T>((size_t)total_q * H * D);
   for (int b = 0; b < B; ++b)  // a cache's rows past the used keys: never to be read
@@ -399,6 +442,8 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
   p.window_left = c.window_left < 0 ? fa::kNoWindow : c.window_left;
   p.window_right = c.window_right < 0 ? fa::kNoWindow : c.window_right;
   p.delta = delta.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
+  std::optional<PagedCache<T>> paged;
+  if (c.page_size > 0) paged.emplace(p, k, v, cu_k, c.page_size);
   expect(tag + " takes no decoding workspace", fa::attention_forward_workspace_floats(p), 0);
   if (int err = fa::attention_forward(p, nullptr)) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
@@ -503,6 +548,11 @@ int main() {
       {2, 1, 96, {33, 200, 7}, {150, 20, 7}, 0.f, 0, 0},
       // KV caches (seqused_k): decoding-like queries against partly used slots, one slot unused, one full; causal
       {4, 1, 64, {1, 3, 1, 70}, {100, 40, 64, 130}, 0.f, -1, 0, {77, 0, 64, 90}},
+      // paged (block_table): pages of 16 rows (a tile's keys span pages), of 1 row, and of 100 (a page past a
+      // tile); a slot unused, one full, GQA, causal, a window with the cap
+      {4, 2, 128, {1, 3, 1, 70}, {100, 40, 64, 130}, 0.f, -1, 0, {77, 0, 64, 90}, 16},
+      {2, 1, 32, {2, 5, 1}, {70, 9, 33}, 0.f, -1, -1, {70, 4, 1}, 1},
+      {4, 4, 64, {1, 4, 64}, {300, 30, 140}, 1.f, 50, 0, {201, 30, 133}, 100},
   };
   for (size_t i = 0; i < std::size(packed); ++i) {
     if (i % 2 == 0) run_varlen<__nv_bfloat16>(packed[i], "bf16", 2e-2);
