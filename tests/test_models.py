@@ -171,6 +171,62 @@ def test_generate_with_cache_equals_recomputing(case, sampling):
     assert model.training, "generate must restore training mode"
 
 
+@pytest.mark.parametrize("case", GENERATE_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "recomputed"])
+def test_generate_left_padded_prompts_as_each_alone(case, use_cache):
+    """Prompts of 6, 1 and 3 tokens left-padded into one batch (the padding random tokens, not a pad id): each
+    sequence's new tokens are those it generates alone, unpadded, with and without the cache (float64, greedy).
+    The query and output projections are scaled up, so that attention is far from uniform and moves the logits: at
+    initialization a padding key that leaked in moves them by about 1e-3, which rarely flips an argmax."""
+    model = Transformer(tiny(**case)).double()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.q.weight.mul_(20), module.out.weight.mul_(30)
+    lengths = [6, 1, 3]
+    prompts = tokens(3, 6)
+    padding = torch.arange(6) < 6 - torch.tensor(lengths)[:, None]  # (3, 6): True on the left of each prompt
+    src = tokens(3, 8) if case["kind"] == "encoder-decoder" else None
+    out = model.generate(prompts, 7, temperature=0.0, src=src, prompt_padding_mask=padding, use_cache=use_cache)
+    assert out.shape == (3, 13) and torch.equal(out[:, :6], prompts)
+    for b, n in enumerate(lengths):
+        alone = model.generate(prompts[b:b + 1, 6 - n:], 7, temperature=0.0,
+                               src=None if src is None else src[b:b + 1])
+        assert torch.equal(out[b, 6:], alone[0, n:]), f"sequence {b} ({n} prompt tokens)"
+
+
+def test_generate_stops_each_sequence_at_eos():
+    """A sequence that samples eos_token_id gets pad_token_id after it; the others go on as without eos; the call
+    returns once every sequence has finished."""
+    model = Transformer(tiny()).double()
+    prompts = tokens(3, 4)
+    free = model.generate(prompts, 10, temperature=0.0)[:, 4:]  # (3, 10) without eos
+    eos = int(free[0, 2])  # row 0 finishes at its third token at the latest
+    out = model.generate(prompts, 10, temperature=0.0, eos_token_id=eos, pad_token_id=VOCAB - 1)[:, 4:]
+    firsts = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in free]
+    for row, first, got in zip(free, firsts, out):
+        if first is None:
+            assert torch.equal(got, row)
+        else:
+            assert torch.equal(got[:first + 1], row[:first + 1]) and bool((got[first + 1:] == VOCAB - 1).all())
+    if all(first is not None for first in firsts):
+        assert out.shape[1] == max(firsts) + 1  # stopped once every row had finished
+
+
+def test_generate_refuses_bad_prompt_padding():
+    model = Transformer(tiny())
+    prompts = tokens(2, 4)
+    right = torch.tensor([[False] * 4, [False, False, True, True]])
+    with pytest.raises(ValueError, match="prompt_padding_mask must pad on the left"):
+        model.generate(prompts, 2, prompt_padding_mask=right)
+    with pytest.raises(ValueError, match=r"prompt_padding_mask must be bool of idx's shape \(2, 4\)"):
+        model.generate(prompts, 2, prompt_padding_mask=right.int())
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        model.generate(prompts, 2, prompt_padding_mask=torch.tensor([[False] * 4, [True] * 4]))
+    with pytest.raises(ValueError, match=rf"pad_token_id must be a token id in \[0, {VOCAB}\), got {VOCAB}"):
+        model.generate(prompts, 2, eos_token_id=1, pad_token_id=VOCAB)
+
+
 def test_cached_decoding_attends_one_query_to_the_cache(monkeypatch):
     """Prefill is one causal call over the prompt; each later step is Lq=1 against every cached key, unmasked;
     and the logits of each step match the full forward's in float32."""

@@ -92,7 +92,8 @@ def rotary_table(length: int, head_dim: int, base: float) -> tuple[Tensor, Tenso
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each (x_i, x_{i + hd/2}) pair of x (B, H, T, hd) by its position's angle; cos, sin (T, hd/2)."""
+    """Rotate each (x_i, x_{i + hd/2}) pair of x (B, H, T, hd) by its position's angle; cos, sin (T, hd/2), or
+    (B, 1, T, hd/2) where each sequence has positions of its own."""
     x1, x2 = x.float().chunk(2, dim=-1)  # each (B, H, T, hd/2)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
@@ -136,11 +137,12 @@ class Attention(nn.Module):
         q = q if rotary is None else apply_rotary(q, *rotary)
         k, v = self.keys_values(x if context is None else context, rotary, cache, cross=context is not None)
         is_causal, earlier = False, k.shape[2] - T  # `earlier`: cached positions before this call's queries
-        if self.causal and earlier == 0:
+        if self.causal and earlier == 0 and mask is None:
             is_causal = True  # no cache, or prefill: torch's top-left causal mask is right when T == S
         elif self.causal and T > 1:  # new queries after cached keys: query i sees keys 0 .. earlier + i
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(earlier)  # (T, S)
-        # and a single new query (T == 1) may see every cached key: no mask at all
+            causal = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(earlier)  # (T, S)
+            mask = causal if mask is None else mask & causal  # and the padding mask's keys, (B, 1, T, S)
+        # and a single new query (T == 1) may see every cached key the mask leaves
         attend = F.scaled_dot_product_attention_with_weights if self.keep_weights else F.scaled_dot_product_attention
         y = attend(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal,
                    enable_gqa=self.n_kv_heads != self.n_heads, backend=self.backend)  # (B, H, T, hd)
@@ -210,13 +212,15 @@ class Embedding(nn.Module):
                              if cfg.pos_encoding == "sinusoidal" else None, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: Tensor, start: int = 0) -> Tensor:
-        """idx (B, T) token ids at positions start .. start + T - 1 -> (B, T, C)."""
+    def forward(self, idx: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
+        """idx (B, T) token ids at positions start .. start + T - 1, or at `positions` (B, T) -> (B, T, C)."""
         x = self.tokens(idx) * self.scale
+        if positions is None:
+            positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         if self.positions is not None:
-            x = x + self.positions(torch.arange(start, start + idx.shape[1], device=idx.device))
+            x = x + self.positions(positions)
         elif self.sinusoids is not None:
-            x = x + self.sinusoids[start:start + idx.shape[1]].to(x.dtype)
+            x = x + self.sinusoids[positions].to(x.dtype)
         return self.drop(x)
 
 
@@ -291,18 +295,24 @@ class Transformer(nn.Module):
         return self.encoder_norm(x)
 
     def decode(self, idx: Tensor, memory: Tensor | None = None, memory_mask: Tensor | None = None,
-               caches: list | None = None, start: int = 0) -> Tensor:
+               caches: list | None = None, start: int = 0, positions: Tensor | None = None,
+               mask: Tensor | None = None) -> Tensor:
         """idx (B, T) at positions start.. -> logits (B, T, V); memory (B, S, C) from encode(); caches from
-        new_caches() hold the keys and values of positions before `start`."""
-        x, rotary = self.embed(idx, start), self._rotary(start, idx.shape[1])
+        new_caches() hold the keys and values of the columns before `start`. Left-padded prompts (generate's
+        prompt_padding_mask): positions (B, T), each sequence's own, and mask (B, 1, 1, S) bool, True at the keys
+        (cached ones first) that are tokens, not padding; causality is added to it."""
+        x = self.embed(idx, start, positions)
+        rotary = self._rotary(start, idx.shape[1], positions)
         for i, block in enumerate(self.decoder):
-            x = block(x, rotary=rotary, memory=memory, memory_mask=memory_mask,
+            x = block(x, mask=mask, rotary=rotary, memory=memory, memory_mask=memory_mask,
                       cache=None if caches is None else caches[i])
         return self.head(self.decoder_norm(x))
 
-    def _rotary(self, start: int, length: int) -> tuple[Tensor, Tensor] | None:
+    def _rotary(self, start: int, length: int, positions: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         if self.cfg.pos_encoding != "rope":
             return None
+        if positions is not None:  # each (B, 1, T, hd/2): a sequence's own positions, the same for every head
+            return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         return self.rope_cos[start:start + length], self.rope_sin[start:start + length]  # each (T, hd/2)
 
     def new_caches(self, max_len: int, src_len: int = 0) -> list[tuple[KVCache, KVCache]]:
@@ -311,17 +321,33 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
-                 src: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
-                 use_cache: bool = True) -> Tensor:
+                 src: Tensor | None = None, src_key_padding_mask: Tensor | None = None, use_cache: bool = True,
+                 prompt_padding_mask: Tensor | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> Tensor:
         """idx (B, T) prompt -> (B, T + max_new_tokens). temperature=0 takes the argmax. With use_cache the prompt
         is run once (prefill) and each new token attends, alone, to the cached keys; without, every step reruns
-        the whole sequence (the slow path, kept as the check of the fast one). Runs in eval mode (no dropout)."""
+        the whole sequence (the slow path, kept as the check of the fast one). Runs in eval mode (no dropout).
+
+        Prompts of different lengths: left-pad them to T and pass prompt_padding_mask (B, T) bool, True at the
+        padding (torch's key-padding convention), as Hugging Face generates from left-padded batches. Each
+        sequence then has its own positions (its first token at 0) and no query attends to padding, so each
+        sequence's tokens are those it would get alone. eos_token_id: a sequence that samples it is finished, and
+        gets pad_token_id (default: eos_token_id) from then on; generation stops early once every sequence is,
+        so the result may be shorter than T + max_new_tokens."""
         if self.decoder is None:
             raise ValueError("Transformer.generate: an encoder-only model does not generate")
         self._check_src(src)
         if idx.shape[1] + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"Transformer.generate: prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} "
                              f"exceeds max_seq_len {self.cfg.max_seq_len}")
+        for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if token is not None and not 0 <= token < self.cfg.vocab_size:
+                raise ValueError(f"Transformer.generate: {name} must be a token id in [0, {self.cfg.vocab_size}), "
+                                 f"got {token}")
+        padding = _left_padding(prompt_padding_mask, idx)  # (B,) padding columns of each prompt, or None
+        keys = None if padding is None else ~prompt_padding_mask  # (B, columns): True where a key is a token
+        pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         was_training = self.training
         self.eval()
         try:
@@ -329,12 +355,24 @@ class Transformer(nn.Module):
             memory_mask = _attend_mask(src_key_padding_mask)
             caches = self.new_caches(idx.shape[1] + max_new_tokens, 0 if src is None else src.shape[1]) \
                 if use_cache else None
-            seen = 0  # positions already in the caches
+            seen = 0  # columns already in the caches
             for _ in range(max_new_tokens):
-                fresh = idx if caches is None else idx[:, seen:]  # the prompt first, then one token at a time
-                logits = self.decode(fresh, memory, memory_mask, caches, 0 if caches is None else seen)[:, -1]
+                start = 0 if caches is None else seen  # the prompt first, then one token at a time
+                positions = mask = None
+                if padding is not None:
+                    positions = (torch.arange(start, idx.shape[1], device=idx.device) - padding[:, None]).clamp(min=0)
+                    mask = keys[:, None, None, :]  # (B, 1, 1, S)
+                logits = self.decode(idx[:, start:], memory, memory_mask, caches, start, positions, mask)[:, -1]
                 seen = idx.shape[1]
-                idx = torch.cat((idx, self._sample(logits, temperature, top_k)), dim=1)  # logits (B, V)
+                token = self._sample(logits, temperature, top_k)  # logits (B, V) -> (B, 1)
+                if eos_token_id is not None:
+                    token = token.masked_fill(finished[:, None], pad_token_id)
+                    finished |= token[:, 0] == eos_token_id
+                idx = torch.cat((idx, token), dim=1)
+                if keys is not None:
+                    keys = torch.cat((keys, torch.ones_like(keys[:, :1])), dim=1)
+                if eos_token_id is not None and bool(finished.all()):
+                    break
         finally:
             self.train(was_training)
         return idx
@@ -366,6 +404,26 @@ class Transformer(nn.Module):
         for attn in layers:
             attn.weights = None
         return maps
+
+
+def _left_padding(prompt_padding_mask: Tensor | None, idx: Tensor) -> Tensor | None:
+    """Each prompt's count of padding columns (B,), checking that the padding is on the left; None without a mask."""
+    if prompt_padding_mask is None:
+        return None
+    if prompt_padding_mask.dtype != torch.bool or prompt_padding_mask.shape != idx.shape:
+        raise ValueError(f"Transformer.generate: prompt_padding_mask must be bool of idx's shape {tuple(idx.shape)}, "
+                         f"True at padding; got {prompt_padding_mask.dtype} of shape "
+                         f"{tuple(prompt_padding_mask.shape)}")
+    if prompt_padding_mask.device != idx.device:
+        raise ValueError(f"Transformer.generate: prompt_padding_mask must be on idx's device ({idx.device}), got "
+                         f"{prompt_padding_mask.device}")
+    if bool((prompt_padding_mask[:, 1:] & ~prompt_padding_mask[:, :-1]).any()):
+        raise ValueError("Transformer.generate: prompt_padding_mask must pad on the left (each prompt's padding "
+                         "before its first token), as generation appends every sequence's tokens at the right")
+    if bool(prompt_padding_mask[:, -1].any()):
+        raise ValueError("Transformer.generate: every prompt needs at least one token (prompt_padding_mask has a row "
+                         "of padding only)")
+    return prompt_padding_mask.sum(1)
 
 
 def _attend_mask(key_padding_mask: Tensor | None) -> Tensor | None:
