@@ -548,7 +548,7 @@ int main() {
       {2, 1, 96, {33, 200, 7}, {150, 20, 7}, 0.f, 0, 0},
       // KV caches (seqused_k): decoding-like queries against partly used slots, one slot unused, one full; causal
       {4, 1, 64, {1, 3, 1, 70}, {100, 40, 64, 130}, 0.f, -1, 0, {77, 0, 64, 90}},
-      // paged (block_table): pages of 16 rows (a tile's keys span pages), of 1 row, and of 100 (a page past a
+      // paged (block_table): pages of 16 rows (a tile's keys span pages), of 1 row, and of 100 (longer than a
       // tile); a slot unused, one full, GQA, causal, a window with the cap
       {4, 2, 128, {1, 3, 1, 70}, {100, 40, 64, 130}, 0.f, -1, 0, {77, 0, 64, 90}, 16},
       {2, 1, 32, {2, 5, 1}, {70, 9, 33}, 0.f, -1, -1, {70, 4, 1}, 1},
