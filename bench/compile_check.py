@@ -248,9 +248,10 @@ def attention_jobs(full: bool, arch: int):
                     const = dict(_flags(dtype, D, False, 0, False, False, True, varlen=True), BLOCK_M=dc["BLOCK_M"],
                                  BLOCK_N=dc["BLOCK_N"], TMA=dc["TMA"], PACK_GQA=dc["PACK_GQA"], PDL=pdl,
                                  PAGED=page_size > 0)
+                    stages = A._paged_stages(dc["num_stages"]) if page_size else dc["num_stages"]  # as varlen_forward
                     jobs.append((f"attn_decode {_SHORT[dtype]} D{D}",
                                  f"M{dc['BLOCK_M']} N{dc['BLOCK_N']} varlen win{' paged' if page_size else ''}",
-                                 (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], dc["num_stages"], arch))
+                                 (A.__name__, "_attn_fwd"), values, const, dc["num_warps"], stages, arch))
             for splits, varlen in ((2, False), (128, False), (16, True)):
                 values = dict(PartOut=torch.float32, PartMax=torch.float32, PartLogSum=torch.float32, Out=dtype,
                               Max=torch.float32, LogSum=torch.float32, num_splits=splits, out_split_stride=16 * D,

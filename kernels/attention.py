@@ -1048,6 +1048,22 @@ def _launch(kind, grid, *args, fixed=False, **kwargs):
     plain[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
+# Paged decoding's extra pipeline stages. Triton's pipeliner gives the block table's load a stage of its own ahead of
+# the K and V loads that read through it, so a decoding tile of 3 stages kept one K/V tile fewer in flight than the
+# same tile on packed keys (one against two with 16 rows, two against three with 64); two more stages keep as many,
+# for at most 2 KB more shared memory (the table's buffers), so as many programs fit on an SM. Tiles of 2 stages
+# (fp32 from head dim 80, 16-bit at 256) keep one K/V tile either way, and more stages only cost registers (fp32
+# D128: 960-1188 bytes of spills against 828-840): they keep theirs. Read from the compiled TTGIR and ptxas, offline
+# for sm_90 with triton 3.6 (the GPU machine's) and 3.9, bf16 and fp32, head dims 64, 128 and 256, 1 and 16 queries
+# of a GQA group of 4 (bench/compile_check.py's paged decoding rows). Not yet timed.
+PAGED_EXTRA_STAGES = 2
+
+
+def _paged_stages(num_stages: int) -> int:
+    """A decoding tile's num_stages for a paged KV cache (PAGED_EXTRA_STAGES)."""
+    return num_stages + PAGED_EXTRA_STAGES if num_stages >= 3 else num_stages
+
+
 def _decode_config(block_d, elem_bytes, group_rows, heavy):
     """Decoding's fixed tile. 16-bit inputs pack a GQA group's query rows (GROUP * Lq = group_rows) into one
     program, BLOCK_M from 16 (the smallest tl.dot M) up to 64 as the rows need and registers allow; fp32's FMA
@@ -1383,6 +1399,8 @@ def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: f
                 *strides, 0, 0, keys_per_split=max_k, num_splits=1, PACK_GQA=False, fixed=num_splits == 1, **kwargs)
         return out, stats
     config, splits, keys = plan
+    if paged:
+        config = dict(config, num_stages=_paged_stages(config["num_stages"]))
     part_out = torch.empty((splits, total_q, H, Dv), dtype=torch.float32, device=q.device)
     part_max, part_log_sum = torch.empty((2, splits, H, total_q), dtype=torch.float32, device=q.device)
     pdl = _pdl(q.device)
