@@ -213,6 +213,20 @@ def test_generate_stops_each_sequence_at_eos():
         assert out.shape[1] == max(firsts) + 1  # stopped once every row had finished
 
 
+def test_top_p_samples_from_the_nucleus_only():
+    """Probabilities 0.5, 0.3, 0.15, 0.05 (and a token masked by top_k): top_p 0.7 keeps the first two, renormalized;
+    top_p 0.5 only the first; 1.0 all; a tiny top_p is the argmax."""
+    model = Transformer(tiny(vocab_size=5))
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05, 1e-9]]).log().expand(4000, 5)
+    for top_p, expected in ((0.7, [0.625, 0.375, 0, 0, 0]), (0.5, [1, 0, 0, 0, 0]), (1.0, [0.5, 0.3, 0.15, 0.05, 0])):
+        drawn = model._sample(logits, 1.0, 4, top_p)[:, 0]
+        freq = torch.bincount(drawn, minlength=5) / len(drawn)
+        torch.testing.assert_close(freq, torch.tensor(expected, dtype=torch.float32), atol=0.04, rtol=0)  # sd < 0.008
+    assert torch.equal(model._sample(logits[:3] * 7, 1.0, None, 1e-6), torch.zeros(3, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0.0"):
+        model.generate(tokens(1, 3) % 5, 2, top_p=0.0)
+
+
 def test_generate_refuses_bad_prompt_padding():
     model = Transformer(tiny())
     prompts = tokens(2, 4)

@@ -323,8 +323,10 @@ class Transformer(nn.Module):
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, *,
                  src: Tensor | None = None, src_key_padding_mask: Tensor | None = None, use_cache: bool = True,
                  prompt_padding_mask: Tensor | None = None, eos_token_id: int | None = None,
-                 pad_token_id: int | None = None) -> Tensor:
-        """idx (B, T) prompt -> (B, T + max_new_tokens). temperature=0 takes the argmax. With use_cache the prompt
+                 pad_token_id: int | None = None, top_p: float | None = None) -> Tensor:
+        """idx (B, T) prompt -> (B, T + max_new_tokens). temperature=0 takes the argmax; else the next token is
+        sampled from the softmax of logits / temperature, from its top_k tokens and, with top_p (nucleus sampling,
+        Holtzman et al. 2019), from the fewest most likely whose probabilities sum to top_p. With use_cache the prompt
         is run once (prefill) and each new token attends, alone, to the cached keys; without, every step reruns
         the whole sequence (the slow path, kept as the check of the fast one). Runs in eval mode (no dropout).
 
@@ -344,6 +346,8 @@ class Transformer(nn.Module):
             if token is not None and not 0 <= token < self.cfg.vocab_size:
                 raise ValueError(f"Transformer.generate: {name} must be a token id in [0, {self.cfg.vocab_size}), "
                                  f"got {token}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"Transformer.generate: top_p must be in (0, 1], got {top_p}")
         padding = _left_padding(prompt_padding_mask, idx)  # (B,) padding columns of each prompt, or None
         keys = None if padding is None else ~prompt_padding_mask  # (B, columns): True where a key is a token
         pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
@@ -364,7 +368,7 @@ class Transformer(nn.Module):
                     mask = keys[:, None, None, :]  # (B, 1, 1, S)
                 logits = self.decode(idx[:, start:], memory, memory_mask, caches, start, positions, mask)[:, -1]
                 seen = idx.shape[1]
-                token = self._sample(logits, temperature, top_k)  # logits (B, V) -> (B, 1)
+                token = self._sample(logits, temperature, top_k, top_p)  # logits (B, V) -> (B, 1)
                 if eos_token_id is not None:
                     token = token.masked_fill(finished[:, None], pad_token_id)
                     finished |= token[:, 0] == eos_token_id
@@ -377,7 +381,7 @@ class Transformer(nn.Module):
             self.train(was_training)
         return idx
 
-    def _sample(self, logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    def _sample(self, logits: Tensor, temperature: float, top_k: int | None, top_p: float | None = None) -> Tensor:
         """logits (B, V) -> next token ids (B, 1)."""
         if temperature == 0.0:
             return logits.argmax(-1, keepdim=True)
@@ -385,6 +389,11 @@ class Transformer(nn.Module):
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:  # drop the tokens after the smallest most-likely set whose probabilities reach top_p
+            ordered, order = logits.sort(-1, descending=True)
+            probs = F.softmax(ordered, -1, backend=self.cfg.backend)
+            before = probs.cumsum(-1) - probs  # each token's: the probability of the more likely ones
+            logits = logits.scatter(-1, order, ordered.masked_fill(before >= top_p, float("-inf")))
         return torch.multinomial(F.softmax(logits, -1, backend=self.cfg.backend), num_samples=1)
 
     @torch.no_grad()
