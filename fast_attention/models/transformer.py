@@ -215,12 +215,13 @@ class Embedding(nn.Module):
     def forward(self, idx: Tensor, start: int = 0, positions: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids at positions start .. start + T - 1, or at `positions` (B, T) -> (B, T, C)."""
         x = self.tokens(idx) * self.scale
-        if positions is None:
-            positions = torch.arange(start, start + idx.shape[1], device=idx.device)
         if self.positions is not None:
+            if positions is None:
+                positions = torch.arange(start, start + idx.shape[1], device=idx.device)
             x = x + self.positions(positions)
-        elif self.sinusoids is not None:
-            x = x + self.sinusoids[positions].to(x.dtype)
+        elif self.sinusoids is not None:  # a slice (a view) unless each sequence has positions of its own
+            table = self.sinusoids[start:start + idx.shape[1]] if positions is None else self.sinusoids[positions]
+            x = x + table.to(x.dtype)
         return self.drop(x)
 
 
