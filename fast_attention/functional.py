@@ -135,7 +135,7 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     window_size (left, right), -1 unbounded, aligns bottom-right in each sequence as FlashAttention's: query i sees
     keys i + (Lk - Lq) - left .. i + (Lk - Lq) + right; (-1, 0) is causal. enable_gqa: H a multiple of Hkv.
     return_aux: torch's AuxRequest; with lse=True also the natural logsumexp of each row's scores, (H, total_q)
-    float32, -inf for a row with no key to see (torch's flash kernels write +inf there), without gradient (and
+    float32, +inf for a row with no key to see (as torch's flash kernels write it), without gradient (and
     without the sink). Beyond torch, as scaled_dot_product_attention: sinks (H,), learned attention sinks, and
     softcap, the logit cap.
     The offsets must start at 0, never decrease and end at total_q / total_k; on a GPU they are trusted, as torch

@@ -47,7 +47,7 @@ def _torch_varlen(dtype):
 
 def _lse_reference(q, k, cu_q, cu_k, scale, window, softcap=None):
     """The natural logsumexp of each row's scores (H, total_q) in float64 (capped with softcap; the sinks are not
-    among them), -inf for a row with no key."""
+    among them), +inf for a row with no key (torch's)."""
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     for rows_q, rows_k in ref.sequences(cu_q, cu_k):
         qs, ks = q[rows_q].double().transpose(0, 1), k[rows_k].double().transpose(0, 1)
@@ -59,7 +59,16 @@ def _lse_reference(q, k, cu_q, cu_k, scale, window, softcap=None):
             keep = ref.window_mask(window, qs.shape[1], ks.shape[1], q.device, ks.shape[1] - qs.shape[1])
             s = s.masked_fill(~keep, float("-inf"))
         lse[:, rows_q] = torch.logsumexp(s, -1) if s.shape[-1] else float("-inf")
-    return lse
+    return lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
+def _check_lse(lse, expected):
+    """Our logsumexp (H, total_q) float32 against the float64 one: the same rows without keys (+inf), the others
+    close."""
+    assert lse.shape == expected.shape and lse.dtype == torch.float32
+    dead = torch.isposinf(expected)
+    assert torch.equal(torch.isposinf(lse), dead) and torch.isfinite(lse[~dead]).all()
+    torch.testing.assert_close(lse[~dead].double(), expected[~dead], atol=1e-4, rtol=1e-5)
 
 
 def _backward(out, grad):
@@ -96,8 +105,9 @@ def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1
     # in the inputs' dtype, the sinks too (as the dense tests' baseline), and contiguous: torch's kernels want that
     same = [t.detach().to(dtype).clone().requires_grad_() for t in leaves]
     theirs = _torch_varlen(dtype) if not (sinks or softcap) else None
+    t_lse = None
     if theirs is not None:
-        t_out = theirs(*same, cu_q, cu_k, max_q, max_k, **kwargs)
+        t_out, t_lse = theirs(*same, cu_q, cu_k, max_q, max_k, return_aux=LSE(), **kwargs)
     else:
         t_out = ref.varlen_attn(*same[:3], cu_q, cu_k, **kwargs, **dict(beyond, sinks=same[3] if sinks else None))
     _backward(t_out, grad)
@@ -113,10 +123,9 @@ def check_varlen(backend, lengths_q, lengths_k, H, Hkv, D, dtype, window=(-1, -1
         assert_close(ours.grad, _grad(base), _grad(exact), name)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     expected_lse = _lse_reference(q, k, cu_q, cu_k, scale, window, softcap)
-    assert lse.shape == (H, q.shape[0]) and lse.dtype == torch.float32
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
-    live = torch.isfinite(expected_lse)
-    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+    _check_lse(lse, expected_lse)
+    if t_lse is not None:  # torch's: the rows without keys +inf there too
+        _check_lse(t_lse.float(), expected_lse)
     return q, k, v, out
 
 
@@ -212,10 +221,7 @@ def test_varlen_kv_cache(backend, window, dtype, num_splits):
     assert torch.equal(ref.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_k, seqused_k=seqused_k,
                                        **kwargs), exact)
     assert_close(out, base, exact, "output")
-    expected_lse = _lse_reference(q, k[rows], cu_q, cu_used, 1 / math.sqrt(D), window)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
-    live = torch.isfinite(expected_lse)
-    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+    _check_lse(lse, _lse_reference(q, k[rows], cu_q, cu_used, 1 / math.sqrt(D), window))
 
 
 def _pages(k, v, used, page_size, spare=2):
@@ -263,10 +269,7 @@ def test_varlen_paged_kv_cache(backend, window, dtype, num_splits, page_size):
     assert torch.equal(ref.varlen_attn(q.double(), pool_k.double(), pool_v.double(), cu_q, None,
                                        seqused_k=seqused_k, block_table=table, **kwargs), exact)
     assert_close(out, base, exact, "output")
-    expected_lse = _lse_reference(q, k, cu_q, cu_used, 1 / math.sqrt(D), window)
-    assert torch.equal(torch.isneginf(lse), torch.isneginf(expected_lse))
-    live = torch.isfinite(expected_lse)
-    torch.testing.assert_close(lse[live].double(), expected_lse[live], atol=1e-4, rtol=1e-5)
+    _check_lse(lse, _lse_reference(q, k, cu_q, cu_used, 1 / math.sqrt(D), window))
 
 
 def test_varlen_kv_cache_is_for_inference():

@@ -273,6 +273,6 @@ varlen_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def logsumexp(stats: Tensor) -> Tensor:
-    """The natural logsumexp of each row's scores (H, total_q), from the base-2 statistics; -inf for a row with no
-    key (the log of an empty sum)."""
-    return (stats[0] + stats[1]) * LN2
+    """The natural logsumexp of each row's scores (H, total_q), from the base-2 statistics; +inf for a row with no
+    key, as torch's (FlashAttention's) kernels write it: the backward's exp(score - lse) is then 0 there."""
+    return torch.where(stats[0] == float("-inf"), float("inf"), (stats[0] + stats[1]) * LN2)
