@@ -608,13 +608,17 @@ void set_varlen_stats(fa::AttentionParams& p, const Tensor& stats, Tensor& held,
 std::tuple<Tensor, Tensor> varlen_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seq_q,
                                           const Tensor& cu_seq_k, int64_t max_q, int64_t max_k, double scale,
                                           double softcap, int64_t window_left, int64_t window_right,
-                                          const OptTensor& seqused_k, const OptTensor& block_table) {
+                                          const OptTensor& seqused_k, const OptTensor& block_table,
+                                          int64_t num_splits) {
   constexpr const char* op = "varlen_forward";
   fa::AttentionParams p{};
   check_cuda(q, op, "query");
   c10::DeviceGuard guard(q.device());
   AttentionInputs in = varlen_inputs(p, q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, op, block_table.has_value());
   set_scores(p, softcap, window_left, window_right, op);
+  TORCH_CHECK_VALUE(num_splits >= 0 && num_splits < INT32_MAX, "fast_attention._C.", op,
+                    ": num_splits must be 0 (the kernels choose) or a positive int, got ", num_splits);
+  p.num_splits = static_cast<int>(num_splits);
   if (block_table) {  // a paged KV cache: entries trusted as the offsets are (each used one a page of the pools)
     check_same_device(*block_table, q, op, "block_table", "query");
     TORCH_CHECK_VALUE(block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
@@ -648,6 +652,7 @@ std::tuple<Tensor, Tensor> varlen_forward(const Tensor& q, const Tensor& k, cons
   p.o_head_stride = out.stride(1), p.o_row_stride = out.stride(0);
   Tensor held;
   set_varlen_stats(p, stats, held, q, op);
+  const Tensor ws = float_workspace(fa::attention_forward_workspace_floats(p), q, p.split_out);  // decoding's parts
   check_launch(fa::attention_forward(p, current_stream(q)), op);
   return {out, stats};
 }
@@ -718,10 +723,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_forward", &varlen_forward,
         "packed sequences -> (out (total_q, H, D), stats fp32 (2, H, total_q)); the window aligns bottom-right; "
         "seqused_k: a KV cache's used keys per sequence; block_table: a paged cache's pages per sequence (key and "
-        "value then pools (pages, page size, Hkv, D); cu_seq_k unread)",
+        "value then pools (pages, page size, Hkv, D); cu_seq_k unread); num_splits: decoding's key splits (0: the "
+        "kernels choose, 1: never split)",
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,
-        py::arg("window_right") = -1, py::arg("seqused_k") = py::none(), py::arg("block_table") = py::none());
+        py::arg("window_right") = -1, py::arg("seqused_k") = py::none(), py::arg("block_table") = py::none(),
+        py::arg("num_splits") = 0);
   m.def("varlen_backward", &varlen_backward, "packed sequences -> (dq, dk, dv)", py::arg("dout"), py::arg("query"),
         py::arg("key"), py::arg("value"), py::arg("out"), py::arg("stats"), py::arg("cu_seq_q"), py::arg("cu_seq_k"),
         py::arg("max_q"), py::arg("max_k"), py::arg("scale"), py::arg("softcap") = 0.0, py::arg("window_left") = -1,

@@ -170,7 +170,8 @@ def window_and_cap():
 def packed():
     """Packed sequences (varlen): each block on its own sequence, partial tiles, a sequence without queries and one
     without keys, Lq > Lk and Lq < Lk, GQA, causal and a window aligned bottom-right, the cap; a KV cache's used
-    keys (seqused_k, forward only), also paged (block_table)."""
+    keys (seqused_k, forward only), also paged (block_table); decoding over packed caches (the split-KV kernel, its
+    splits cut from a sliding window's span), paged too."""
     lengths_q, lengths_k = [70, 0, 3, 130, 9], [40, 5, 90, 65, 0]
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
                   for n in (lengths_q, lengths_k))
@@ -199,6 +200,27 @@ def packed():
             pool_k, pool_v, table = _paged(k, v, cu_k, page_size=16)
             out, _ = _C.varlen_forward(q, pool_k, pool_v, cu_q, cu_q, *longest, scale, 0.0, -1, 0, used, table)
             check(f"packed {dtype} E={E} paged fwd", out, ref, 3e-2)
+            packed_decoding(dtype, E, scale)
+
+
+def packed_decoding(dtype, E, scale):
+    """packed()'s decoding calls: a few queries per sequence against 1024+ keys, one sequence without queries and
+    one without keys, causal and a sliding window, in a packed cache and in pages of 16 rows."""
+    lengths_q, lengths_k = [1, 4, 0, 16, 2], [1100, 1030, 1500, 1200, 0]
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
+                  for n in (lengths_q, lengths_k))
+    longest = max(lengths_q), max(lengths_k)
+    q, k, v = (torch.randn(sum(n), h, E, device="cuda", dtype=dtype)
+               for n, h in ((lengths_q, 8), (lengths_k, 2), (lengths_k, 2)))
+    used = cu_k.diff()
+    pool_k, pool_v, table = _paged(k, v, cu_k, page_size=16)
+    for window in ((-1, 0), (300, 0)):
+        ref = reference.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_k, scale=scale, window_size=window,
+                                    enable_gqa=True)
+        out, _ = _C.varlen_forward(q, k, v, cu_q, cu_k, *longest, scale, 0.0, *window)
+        check(f"packed decoding {dtype} E={E} window={window} fwd", out, ref, 3e-2)
+        out, _ = _C.varlen_forward(q, pool_k, pool_v, cu_q, cu_q, *longest, scale, 0.0, *window, used, table)
+        check(f"packed decoding {dtype} E={E} window={window} paged fwd", out, ref, 3e-2)
 
 
 def _paged(k, v, cu_k, page_size):

@@ -183,7 +183,8 @@ def resolve(op: str, backend: str | None, device: torch.device, **args) -> str:
 # change inside a capture, since the eager calls that warm a graph up must compile what the capture will launch.
 # Under torch.compile it stays Triton first, its graph being a candidate for CUDA-graph replay
 # (mode="reduce-overhead"). The shapes are those both backends give their split-KV kernels, where the two were
-# measured.
+# measured. Packed decoding (varlen_attention) stays Triton first: the CUDA kernels' packed split-KV path has not
+# been timed against Triton's yet (bench/README.md's GPU plan: `fa:cuda packed` and `fa:cuda paged`).
 _DECODING_ORDER = ("cuda", "triton", "reference")
 DECODE_MAX_LQ = 16     # the bounds of kernels/attention.py and csrc/attention/decode_kernel.cuh (a test checks)
 DECODE_MIN_LK = 1024

@@ -144,15 +144,16 @@ def attention_weights(q, k, stats, mask, is_causal: bool, scale: float, softcap:
     return _C.attention_weights(q, k, stats, mask, is_causal, scale, softcap, left, right)
 
 
-# Packed sequences (fa.varlen_attn): the tiled kernels with each block on its own sequence (csrc/attention/flash.h,
-# cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says. No split-KV for them
-# (num_splits is not needed: each output is batch-invariant). A paged KV cache (block_table) is read by forward
-# kernels compiled for it, which gather each K and V tile's rows through the table.
+# Packed sequences (fa.varlen_attn): the kernels with each block on its own sequence (csrc/attention/flash.h,
+# cu_seq_q); the window aligns bottom-right in each sequence, as the backend interface says. Decoding calls take the
+# split-KV kernel (decode_kernel.cuh) as dense ones do; num_splits=1 the tiled forward instead, whose tiles do not
+# depend on the batch's lengths. A paged KV cache (block_table) is read by kernels compiled for it, which gather
+# each K and V row through the table.
 def varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float, window=None,
                    softcap: float = 0.0, seqused_k=None, num_splits=None, block_table=None):
     left, right = _sides(window)
     return tuple(_C.varlen_forward(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, softcap, left, right,
-                                   seqused_k, block_table))
+                                   seqused_k, block_table, num_splits or 0))
 
 
 def varlen_backward(dout, q, k, v, out, stats, cu_seq_q, cu_seq_k, max_q: int, max_k: int, scale: float,

@@ -143,11 +143,11 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     seqused_k (B,) int32, torch's KV caches: sequence b attends to only the first seqused_k[b] of its keys (the
     window aligned to those), the rest of its rows in key and value never read; inference only, as torch's (with
     inputs that require grad it raises NotImplementedError, a RuntimeError as torch's error is).
-    num_splits, as torch's: None lets the Triton kernels split each sequence's keys over several programs where
-    the call is decoding (max_q <= 16 queries, max_k >= 1024 keys; merged after, as the dense split-KV path);
-    1 never splits and takes a tile not tuned by the batch's lengths, so each sequence's output is bitwise the
-    same whatever the other sequences in the batch; n > 1 splits n ways. The CUDA kernels (whose tiles depend on
-    the head dim alone) and the reference never split: their outputs are batch-invariant.
+    num_splits, as torch's: None lets the kernels split each sequence's keys over several programs where the call
+    is decoding (max_q <= 16 queries, max_k >= 1024 keys; merged after, as the dense split-KV path); 1 never splits
+    and takes a tile not tuned by the batch's lengths, so each sequence's output is bitwise the same whatever the
+    other sequences in the batch; n > 1 splits n ways (the CUDA kernels: decoding calls only, at most n ways in
+    whole tiles). The reference never splits.
     block_table (B, pages per sequence) int32, torch's paged KV caches (with seqused_k; inference only): key and
     value are then pools of pages, (pages, page_size, Hkv, E) and (.., Ev), and sequence b's keys are the first
     seqused_k[b] rows of its pages block_table[b, 0], block_table[b, 1], .. (any page size; cu_seq_k is not read

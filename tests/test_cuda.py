@@ -703,6 +703,35 @@ def test_paged_kv_cache_agrees_with_triton(dtype, E, page_size, window, softcap)
 
 
 @needs_gpu
+@pytest.mark.skipif("triton" not in fa.available_backends(), reason="needs the Triton backend")
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("E,page_size,window,softcap,num_splits", [
+    (128, None, (-1, 0), None, None), (64, 16, (-1, 0), None, None), (128, 256, (1000, 0), None, None),
+    (96, 1, (-1, -1), 30.0, 5), (80, None, (-1, 0), None, 1)])
+def test_packed_decoding_agrees_with_triton(dtype, E, page_size, window, softcap, num_splits):
+    """Decoding over packed KV caches (at most 16 queries per sequence against 1024 keys or more): the CUDA split-KV
+    kernel (num_splits 1: its tiled forward) against the Triton kernels and float64: caches of 1 to 4097 keys, one
+    empty, a sequence without queries, causal, a sliding window, the cap, packed or in shuffled pages."""
+    from test_varlen import _pages
+
+    lengths_q, used = [1, 4, 1, 16, 0, 3, 1], [4097, 1100, 1, 2000, 50, 0, 1024]
+    cu_q, cu_used = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device="cuda")
+                     for n in (lengths_q, used))
+    q = torch.randn(sum(lengths_q), 8, E, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(used), 2, E, device="cuda", dtype=dtype) for _ in range(2))
+    args = dict(window_size=window, enable_gqa=True, softcap=softcap)
+    if page_size is None:
+        cache = dict(key=k, value=v, cu_seq_k=cu_used)
+    else:
+        pool_k, pool_v, table = _pages(k, v, used, page_size)
+        cache = dict(key=pool_k, value=pool_v, cu_seq_k=None, seqused_k=cu_used.diff(), block_table=table)
+    out = {name: fa.varlen_attn(query=q, cu_seq_q=cu_q, max_q=max(lengths_q), max_k=max(used), **cache, **args,
+                                num_splits=num_splits, backend=name) for name in ("cuda", "triton")}
+    oracle = reference.varlen_attn(q.double(), k.double(), v.double(), cu_q, cu_used, **args)
+    assert_close(out["cuda"], out["triton"], oracle, "out")
+
+
+@needs_gpu
 def test_profiler_shows_the_cuda_ops():
     x = torch.randn(4, 64, 64, device="cuda", dtype=torch.float16)
     with torch.profiler.profile() as prof:

@@ -389,16 +389,17 @@ def test_varlen_takes_every_argument_of_torchs():
                                                         ((-1, 0), True, None, torch.float16),
                                                         ((40, 3), False, 2.0, torch.bfloat16)])
 def test_varlen_split_keys(backend, window, sinks, softcap, dtype):
-    """num_splits=3: each sequence's keys in three parts (Triton; the other backends never split), merged after:
-    sequences shorter than a part (empty parts), one without keys, one without queries, queries past 16 rows, GQA,
-    windows, sinks, the cap; values, logsumexp and gradients (from the merged statistics)."""
+    """num_splits=3: each sequence's keys in three parts (Triton; CUDA splits decoding calls only, which this batch
+    is not, and the reference never), merged after: sequences shorter than a part (empty parts), one without keys,
+    one without queries, queries past 16 rows, GQA, windows, sinks, the cap; values, logsumexp and gradients (from
+    the merged statistics)."""
     check_varlen(backend, [1, 3, 0, 5, 20, 2], [100, 7, 50, 0, 130, 64], 4, 2, 16, dtype, window, sinks=sinks,
                  softcap=softcap, num_splits=3)
 
 
 def test_varlen_num_splits(backend):
     """torch's num_splits on a decoding batch (a few queries against 1000+ keys), where None splits each sequence's
-    keys (Triton): 1 splits nothing, so a sequence's output is the same alone as in any batch, bit for bit; None
+    keys (Triton, CUDA): 1 splits nothing, so a sequence's output is the same alone as in any batch, bit for bit; None
     and 4 give the values within rounding."""
     dtype = {"reference": torch.float64, "cuda": torch.float16}.get(backend, torch.float32)
     lengths_q, lengths_k = [2, 1, 3], [1100, 1500, 1024]

@@ -9,17 +9,23 @@
 
 namespace fa {
 
-// Decoding takes a few queries against at least kDecodeMinKeys keys, not causal (top-left causal, those queries
-// see at most kDecodeMaxQ keys: one tile of the tiled forward), without a window (the tiled forward visits only the
-// key tiles it reaches), without dropout (the tiled forward has it), not packed sequences (the tiled forward's).
+// Decoding takes a few queries against at least kDecodeMinKeys keys, without dropout (the tiled forward has it).
+// Dense calls: not causal (top-left causal, those queries see at most kDecodeMaxQ keys: one tile of the tiled
+// forward) and without a window (the tiled forward visits only the key tiles it reaches). Packed sequences (q_len
+// and k_len the longest's): with their window too, aligned bottom-right in each sequence (causal is (-1, 0)), the
+// kernel splitting only the keys it reaches, so a bounded left side bounds the keys to split; num_splits as
+// AttentionParams says (1: the tiled forward).
 // The grid aims at kDecodeBlocksPerSm blocks per SM: the splits are as many as that takes, with at least
 // kDecodeMinSplitKeys keys each, cut at whole tiles. A function of the shape and the SM count only, so the bits do
 // not vary run to run.
 DecodePlan decode_plan(const AttentionParams& p) {
-  if (p.causal || p.window || p.dropout_p > 0.f || p.cu_seq_q != nullptr || p.q_len > kDecodeMaxQ ||
-      p.k_len < kDecodeMinKeys)
+  const bool packed = p.cu_seq_q != nullptr;
+  if (p.causal || (p.window && !packed) || p.dropout_p > 0.f || (packed && p.num_splits == 1) ||
+      p.q_len > kDecodeMaxQ || p.k_len < kDecodeMinKeys)
     return {0, 0, 0, 0};
-  const int64_t keys = p.k_len;
+  int64_t keys = p.k_len;
+  if (p.window && p.window_left != kNoWindow)  // a sequence's queries see at most q_len + left keys
+    keys = std::min<int64_t>(keys, int64_t{p.q_len} + p.window_left + kDecodeN);
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) || sms < 1) {
     cudaGetLastError();  // clear it: the launch checks cudaGetLastError
@@ -31,10 +37,12 @@ DecodePlan decode_plan(const AttentionParams& p) {
   plan.row_groups = (row_blocks + plan.warps - 1) / plan.warps;
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_groups;
   const int64_t most = std::min<int64_t>(kDecodeMaxSplits, (keys + kDecodeMinSplitKeys - 1) / kDecodeMinSplitKeys);
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(int64_t{kDecodeBlocksPerSm} * sms / blocks, most));
-  const int64_t per_split = (keys + splits - 1) / splits;
+  const int64_t splits = p.num_splits > 1 ? p.num_splits
+                                          : std::max<int64_t>(1, std::min<int64_t>(kDecodeBlocksPerSm * sms / blocks,
+                                                                                   most));
+  const int64_t per_split = (std::max<int64_t>(keys, 1) + splits - 1) / splits;
   plan.keys_per_split = static_cast<int>((per_split + kDecodeN - 1) / kDecodeN * kDecodeN);
-  plan.splits = static_cast<int>((keys + plan.keys_per_split - 1) / plan.keys_per_split);
+  plan.splits = static_cast<int>((std::max<int64_t>(keys, 1) + plan.keys_per_split - 1) / plan.keys_per_split);
   return plan;
 }
 

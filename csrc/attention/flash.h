@@ -27,11 +27,12 @@ struct AttentionParams {
   int batch, heads, kv_heads, q_len, k_len, head_dim;
   float scale;  // softmax scale (1 / sqrt(D) by default); scores are scale * q . k
   bool causal;  // top-left aligned: query i sees keys j <= i
-  // Packed sequences (fa.varlen_attn), tiled forward and backward only: B + 1 int32 offsets on the device, sequence
-  // b being rows cu_seq_q[b] .. cu_seq_q[b + 1] - 1 of q, out, dout and dq and rows cu_seq_k[b] .. of k, v, dk and
-  // dv. The batch strides are then 0, q_len and k_len the longest sequence's (they size the grid) and each block
-  // reads its own (for_sequence, primitives.cuh); the window aligns bottom-right in each sequence (FlashAttention's
-  // varlen convention); the statistics and delta are (H, total_q). No mask, dropout or decoding. nullptr: dense.
+  // Packed sequences (fa.varlen_attn): B + 1 int32 offsets on the device, sequence b being rows cu_seq_q[b] ..
+  // cu_seq_q[b + 1] - 1 of q, out, dout and dq and rows cu_seq_k[b] .. of k, v, dk and dv. The batch strides are then
+  // 0, q_len and k_len the longest sequence's (they size the grid) and each block reads its own (for_sequence,
+  // primitives.cuh); the window aligns bottom-right in each sequence (FlashAttention's varlen convention); the
+  // statistics and delta are (H, total_q). No mask or dropout; decoding (decode_kernel.cuh) as for a dense call.
+  // nullptr: dense.
   const int* cu_seq_q;
   const int* cu_seq_k;
   int total_q;
@@ -45,6 +46,10 @@ struct AttentionParams {
   const int* block_table;
   int64_t block_table_stride, k_page_stride, v_page_stride;
   int page_size;
+  // Packed sequences' key splits when decoding (torch's num_splits): 0 lets decode_plan choose; 1 never decodes,
+  // the tiled forward running instead, whose tiles do not depend on the batch's lengths (each sequence's output
+  // is then bitwise the same in any batch); n cuts the keys n ways (or fewer, in whole tiles). Dense calls: 0.
+  int num_splits;
   // window: a local window (FlashAttention's window_size), top-left aligned as causal: query i sees keys
   // i - window_left .. i + window_right; kNoWindow on a side bounds nothing. The kernels visit only the key (or
   // query) tiles that the window reaches. False (as zero-initialized params have it): no window, sides unread.

@@ -36,9 +36,14 @@ int run_attention_decode(const AttentionParams& p, const DecodePlan& plan, cudaS
     q.split_log_sum = q.split_max + plan.splits * rows;
   }
   const int64_t blocks = static_cast<int64_t>(p.batch) * p.kv_heads * plan.row_groups * plan.splits;
-  if (int err = detail::launch_with_smem(attention_decode_kernel<T, D>, blocks, 32 * plan.warps,
-                                         decode_smem_bytes<D>(plan.warps), stream, q, plan))
-    return err;
+  const auto launch = [&](auto kernel) {
+    return detail::launch_with_smem(kernel, blocks, 32 * plan.warps, decode_smem_bytes<D>(plan.warps), stream, q,
+                                    plan);
+  };
+  const int err = p.block_table != nullptr ? launch(attention_decode_kernel<T, D, true, true>)  // a paged KV cache
+                  : p.cu_seq_q != nullptr  ? launch(attention_decode_kernel<T, D, true, false>)
+                                           : launch(attention_decode_kernel<T, D, false, false>);
+  if (err) return err;
   if (plan.splits == 1) return cudaSuccess;
   if (!detail::grid_fits(rows)) return cudaErrorInvalidConfiguration;
   attention_decode_combine_kernel<T, D><<<static_cast<unsigned>(rows), 32, 0, stream>>>(q, plan);

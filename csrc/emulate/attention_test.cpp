@@ -349,6 +349,8 @@ void nan_row_in_decoding(const char* dtype) {
 // paged (flash.h: block_table): each sequence's slot cut into pages, the pages shuffled into pools among unused
 // pages of NaN, K's pages one row apart and V's two (page strides other than page_size rows), the table's entries
 // past a sequence's pages an unused page's; cu_seq_k keeps the packed offsets, which the kernels must not read.
+// Decoding shapes (the longest sequence's queries at most kDecodeMaxQ, its keys at least kDecodeMinKeys) take the
+// split-KV kernel unless num_splits is 1 (AttentionParams::num_splits).
 struct VarlenCase {
   int H, Hkv, D;
   std::vector<int> lengths_q, lengths_k;
@@ -356,6 +358,7 @@ struct VarlenCase {
   int window_left = -1, window_right = -1;  // query i of Lq sees keys i + Lk - Lq - left .. i + Lk - Lq + right
   std::vector<int> used_k = {};
   int page_size = 0;
+  int num_splits = 0;
 };
 
 // The pools and block table of a paged cache holding the packed k and v (VarlenCase::page_size) in p.
@@ -416,6 +419,7 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
     for (int u : used_k) tag += " " + std::to_string(u);
   }
   if (c.page_size > 0) tag += " in pages of " + std::to_string(c.page_size);
+  if (c.num_splits > 0) tag += " num_splits " + std::to_string(c.num_splits);
   std::vector<T> q = random_normal<T>((size_t)total_q * H * D), k = random_normal<T>((size_t)total_k * Hkv * D),
                  v = random_normal<T>((size_t)total_k * Hkv * D), dout = random_normal<T>((size_t)total_q * H * D);
   for (int b = 0; b < B; ++b)  // a cache's rows past the used keys: never to be read
@@ -441,10 +445,18 @@ void run_varlen(const VarlenCase& c, const char* dtype, double tol) {
   p.window = c.window_left >= 0 || c.window_right >= 0;
   p.window_left = c.window_left < 0 ? fa::kNoWindow : c.window_left;
   p.window_right = c.window_right < 0 ? fa::kNoWindow : c.window_right;
+  p.num_splits = c.num_splits;
   p.delta = delta.data(), p.dq = dq.data(), p.dk = dk.data(), p.dv = dv.data();
   std::optional<PagedCache<T>> paged;
   if (c.page_size > 0) paged.emplace(p, k, v, cu_k, c.page_size);
-  expect(tag + " takes no decoding workspace", fa::attention_forward_workspace_floats(p), 0);
+  const bool decoding = max_q <= 16 && max_k >= 1024 && c.num_splits != 1;  // kDecodeMaxQ, kDecodeMinKeys
+  const fa::DecodePlan plan = fa::decode_plan(p);
+  expect(tag + (decoding ? " takes the split-KV kernel" : " runs tiled"), (plan.splits > 0) == decoding ? 0 : 1, 0);
+  if (c.num_splits > 1)  // n ways, or fewer where n tiles would leave some empty
+    expect(tag + " splits at most num_splits ways", plan.splits > 1 && plan.splits <= c.num_splits ? 0 : 1, 0);
+  std::vector<float> workspace(fa::attention_forward_workspace_floats(p), NAN);  // decoding's split parts
+  expect(tag + " has a workspace for its splits", workspace.empty() == (plan.splits <= 1) ? 0 : 1, 0);
+  p.split_out = workspace.data();
   if (int err = fa::attention_forward(p, nullptr)) {
     expect(tag + " forward launch error " + std::to_string(err), 1, 0);
     return;
@@ -553,6 +565,15 @@ int main() {
       {4, 2, 128, {1, 3, 1, 70}, {100, 40, 64, 130}, 0.f, -1, 0, {77, 0, 64, 90}, 16},
       {2, 1, 32, {2, 5, 1}, {70, 9, 33}, 0.f, -1, -1, {70, 4, 1}, 1},
       {4, 4, 64, {1, 4, 64}, {300, 30, 140}, 1.f, 50, 0, {201, 30, 133}, 100},
+      // decoding (decode_kernel.cuh) over packed caches: GQA groups packed into rows, sequences with fewer queries
+      // than the longest (blocks past their rows), a sequence without queries, one without keys, caches shorter
+      // than a split; causal, a sliding window (its span split, not the cache), the cap; paged; num_splits
+      {8, 2, 64, {1, 3, 0, 16, 2}, {1100, 40, 1500, 1030, 0}, 0.f, -1, 0},
+      {4, 1, 128, {2, 1, 5}, {1500, 1024, 300}, 0.f, 600, 0, {1400, 1024, 77}},
+      {6, 2, 32, {1, 4, 1}, {1200, 1100, 700}, 1.f, -1, -1, {1200, 1090, 650}, 16},
+      {4, 2, 96, {3, 1}, {1030, 1100}, 0.f, 300, 2, {}, 0, 5},
+      {2, 2, 16, {1, 2}, {1024, 1800}, 0.f, -1, 0, {1000, 1800}, 100, 1},
+      {4, 1, 80, {1, 16}, {1050, 1300}, 0.f, -1, -1, {}, 0, 3},
   };
   for (size_t i = 0; i < std::size(packed); ++i) {
     if (i % 2 == 0) run_varlen<__nv_bfloat16>(packed[i], "bf16", 2e-2);
